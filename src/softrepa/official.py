@@ -1,0 +1,138 @@
+"""Convert the paper authors' released token files (`dc_tokens.pth`, `dc_t_tokens.pth`) to ours.
+
+Their files are pickles: `dc_tokens` is a tensor / Parameter — SD3 (L, m, 4096) in the
+text-encoder space or (L, m, 1536) in the block width, SD1.5 (m, 768), SDXL (m, 2048) — and
+`dc_t_tokens` a pickled `nn.Embedding(100, width * L)` (SD3; layer k owns columns
+[k*width, (k+1)*width)) or `nn.Embedding(100, 768)` (SD1.5), possibly saved from a CUDA device.
+
+This is the only place the project unpickles anything, and it does so with
+`torch.load(weights_only=True, map_location="cpu")` and an allow-list of exactly one class,
+`torch.nn.Embedding`: no arbitrary code can run.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .tokens import SoftTokens, SoftTokensError, TokenLayout
+
+#: Widths of the released models' cross-attention / block width, used when a file does not say.
+DEFAULT_MODEL_DIM = {"sd3": 1536, "sd15": 768, "sdxl": 2048}
+DEFAULT_TEXT_DIM = {"sd3": 4096}
+
+
+def load_official_tensor(path: str | os.PathLike, what: str) -> torch.Tensor:
+    """Read one tensor from an authors' `.pth` (a tensor, a Parameter, an `nn.Embedding` or a state dict).
+
+    Args:
+        path: the `.pth` file.
+        what: "dc_tokens" or "dc_t_tokens", for error messages.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SoftTokensError(f"{what}: no such file {path}")
+    try:
+        with torch.serialization.safe_globals([torch.nn.Embedding]):
+            obj: Any = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise SoftTokensError(
+            f"{what}: cannot read {path} as a weights-only PyTorch file ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:300]}). Only tensors and nn.Embedding are accepted."
+        ) from e
+    if isinstance(obj, torch.nn.Embedding):
+        obj = obj.weight
+    elif isinstance(obj, dict):
+        keys = [k for k in obj if k.endswith("weight") or k in ("dc_tokens", "dc_t_tokens")]
+        if len(keys) != 1:
+            raise SoftTokensError(f"{what}: {path} holds a dict with keys {list(obj)[:10]}; expected one tensor")
+        obj = obj[keys[0]]
+    if not isinstance(obj, torch.Tensor):
+        raise SoftTokensError(f"{what}: {path} holds a {type(obj).__name__}, expected a tensor or nn.Embedding")
+    t = obj.detach().float().cpu().contiguous()
+    if not torch.isfinite(t).all():
+        raise SoftTokensError(f"{what}: {path} holds NaN/inf values")
+    return t
+
+
+def convert_official(
+    family: str,
+    dc_tokens: torch.Tensor,
+    dc_t_tokens: torch.Tensor | None = None,
+    *,
+    layers: int | None = None,
+    blocks: tuple[str, ...] = ("down", "mid"),
+    model_dim: int | None = None,
+    model_depth: int = 0,
+) -> SoftTokens:
+    """Build `SoftTokens` that reproduce the authors' forward with their tensors.
+
+    Args:
+        family: "sd3", "sd15" or "sdxl".
+        dc_tokens: SD3 (L, m, 4096 | width); UNet (m, width).
+        dc_t_tokens: the embedding weight, SD3 (buckets, width * L); UNet (buckets, width); or None.
+        layers: SD3: expected L (checked against the tensor).
+        blocks: UNet block groups the tokens go to (authors trained on down + mid; their released
+            SD1.5 tokens were evaluated on down only).
+        model_dim: block width for SD3 text-space tokens without a time part (default 1536).
+        model_depth: number of transformer blocks of the target model, if known (0: unchecked).
+    """
+    if family not in DEFAULT_MODEL_DIM:
+        raise SoftTokensError(f"family must be one of {sorted(DEFAULT_MODEL_DIM)}, got {family!r}")
+    if family == "sd3":
+        if dc_tokens.dim() != 3:
+            raise SoftTokensError(f"dc_tokens: SD3 tokens must have shape (L, m, D), got {tuple(dc_tokens.shape)}")
+        n_layers, m, d_tok = dc_tokens.shape
+        if layers is not None and layers != n_layers:
+            raise SoftTokensError(f"dc_tokens: --layers {layers} but the file holds {n_layers} layers")
+        if dc_t_tokens is not None:
+            if dc_t_tokens.dim() != 2 or dc_t_tokens.shape[1] % n_layers:
+                raise SoftTokensError(f"dc_t_tokens: expected (buckets, width*{n_layers}), got {tuple(dc_t_tokens.shape)}")
+            width = dc_t_tokens.shape[1] // n_layers
+            if model_dim is not None and model_dim != width:
+                raise SoftTokensError(f"dc_t_tokens: width {width} != --model-dim {model_dim}")
+        else:
+            width = model_dim or (d_tok if d_tok != DEFAULT_TEXT_DIM["sd3"] else DEFAULT_MODEL_DIM["sd3"])
+        space = "block" if d_tok == width else "text"
+        buckets = 0 if dc_t_tokens is None else dc_t_tokens.shape[0]
+        layout = TokenLayout("sd3", d_tok, width, m, buckets, space, tuple(range(n_layers)), (), model_depth)
+        tokens = SoftTokens(layout)
+        with torch.no_grad():
+            tokens.base.copy_(dc_tokens)
+            if dc_t_tokens is not None:
+                # (buckets, L*width) -> (buckets, L, width): chunk k of the last dim is layer k.
+                tokens.time.copy_(dc_t_tokens.reshape(buckets, n_layers, width))
+        return tokens
+    if dc_tokens.dim() != 2:
+        raise SoftTokensError(f"dc_tokens: {family} tokens must have shape (m, D), got {tuple(dc_tokens.shape)}")
+    m, width = dc_tokens.shape
+    if model_dim is not None and model_dim != width:
+        raise SoftTokensError(f"dc_tokens: width {width} != --model-dim {model_dim}")
+    if dc_t_tokens is not None and (dc_t_tokens.dim() != 2 or dc_t_tokens.shape[1] != width):
+        raise SoftTokensError(f"dc_t_tokens: expected (buckets, {width}), got {tuple(dc_t_tokens.shape)}")
+    buckets = 0 if dc_t_tokens is None else dc_t_tokens.shape[0]
+    tokens = SoftTokens(TokenLayout(family, width, width, m, buckets, "block", (), tuple(blocks), 0))
+    with torch.no_grad():
+        tokens.base.copy_(dc_tokens.unsqueeze(0))
+        if dc_t_tokens is not None:
+            tokens.time.copy_(dc_t_tokens.unsqueeze(1))
+    return tokens
+
+
+def import_official(
+    family: str,
+    dc_tokens_path: str | os.PathLike,
+    dc_t_tokens_path: str | os.PathLike | None,
+    out: str | os.PathLike,
+    **kwargs: Any,
+) -> Path:
+    """Read the authors' files, convert, and save as a softrepa safetensors artefact."""
+    from .io import save_soft_tokens
+
+    dc = load_official_tensor(dc_tokens_path, "dc_tokens")
+    dct = load_official_tensor(dc_t_tokens_path, "dc_t_tokens") if dc_t_tokens_path else None
+    tokens = convert_official(family, dc, dct, **kwargs)
+    return save_soft_tokens(tokens, out, extra_metadata={"softrepa_source": "import-official"})

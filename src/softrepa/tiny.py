@@ -1,0 +1,226 @@
+"""Tiny diffusers components built from configs, for tests, benchmarks and the miniature.
+
+Nothing here downloads weights: every model is built from a config with random weights and
+every tokenizer from a character-level vocabulary generated in memory. The real-weight paths
+(`from_pretrained(hub_id_or_dir)`) stay in the rest of the library; the components built here
+are ordinary diffusers / transformers objects and can be saved with `save_pretrained` and loaded
+back with the stock `from_pretrained`.
+"""
+
+from __future__ import annotations
+
+import string
+from typing import Any
+
+import torch
+
+#: Characters the tiny tokenizer knows; anything else maps to the unknown token.
+_TOKENIZER_CHARS = string.ascii_lowercase + string.digits + " .,;:!?'-()"
+
+
+def make_clip_tokenizer(model_max_length: int = 32):
+    """A character-level `CLIPTokenizer` (BPE with no merges) built without any download.
+
+    Args:
+        model_max_length: maximum sequence length, BOS and EOS included.
+    """
+    from transformers import CLIPTokenizer
+
+    vocab: dict[str, int] = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for ch in _TOKENIZER_CHARS.replace(" ", ""):
+        vocab.setdefault(ch, len(vocab))
+        vocab.setdefault(ch + "</w>", len(vocab))
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=model_max_length)
+
+
+def make_t5_tokenizer(model_max_length: int = 32):
+    """A tiny unigram `T5TokenizerFast` with a character vocabulary (no download)."""
+    from transformers import T5TokenizerFast
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -1.0)]
+    vocab += [(ch, -2.0) for ch in _TOKENIZER_CHARS if ch != " "]
+    vocab += [("\u2581" + ch, -1.5) for ch in _TOKENIZER_CHARS if ch != " "]
+    return T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=model_max_length)
+
+
+def _clip_text_encoder(hidden: int, layers: int, vocab_size: int, max_len: int, seed: int, projection: bool):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    cfg = CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=max(1, hidden // 16),
+        max_position_embeddings=max_len,
+        projection_dim=hidden,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+        hidden_act="gelu",
+    )
+    cls = CLIPTextModelWithProjection if projection else CLIPTextModel
+    return cls(cfg).eval()
+
+
+def tiny_vae(latent_channels: int = 4, block_channels: tuple[int, ...] = (16, 32), seed: int = 0, **kw: Any):
+    """A tiny `AutoencoderKL` (downsampling factor 2 ** (len(block_channels) - 1))."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    n = len(block_channels)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=block_channels,
+        latent_channels=latent_channels,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=32,
+        **kw,
+    ).eval()
+
+
+def tiny_sd3_transformer(
+    num_layers: int = 4,
+    *,
+    joint_attention_dim: int = 64,
+    caption_projection_dim: int = 32,
+    pooled_projection_dim: int = 64,
+    in_channels: int = 16,
+    qk_norm: str | None = None,
+    dual_attention_layers: tuple[int, ...] = (),
+    sample_size: int = 16,
+    seed: int = 0,
+):
+    """A tiny `SD3Transformer2DModel` (SD3-medium layout; `qk_norm` / dual attention as SD3.5)."""
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(seed)
+    heads = 2
+    return SD3Transformer2DModel(
+        sample_size=sample_size,
+        patch_size=2,
+        in_channels=in_channels,
+        num_layers=num_layers,
+        attention_head_dim=caption_projection_dim // heads,
+        num_attention_heads=heads,
+        joint_attention_dim=joint_attention_dim,
+        caption_projection_dim=caption_projection_dim,
+        pooled_projection_dim=pooled_projection_dim,
+        out_channels=in_channels,
+        pos_embed_max_size=max(32, sample_size),
+        qk_norm=qk_norm,
+        dual_attention_layers=dual_attention_layers,
+    ).eval()
+
+
+def tiny_unet(
+    *,
+    cross_attention_dim: int = 32,
+    sdxl: bool = False,
+    pooled_dim: int = 16,
+    block_channels: tuple[int, ...] = (32, 64),
+    sample_size: int = 8,
+    in_channels: int = 4,
+    seed: int = 0,
+):
+    """A tiny `UNet2DConditionModel` in the SD1.5 layout, or SDXL's (text_time conditioning)."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    n = len(block_channels)
+    kw: dict[str, Any] = {}
+    if sdxl:
+        kw = dict(
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=pooled_dim + 6 * 8,
+            transformer_layers_per_block=(1,) * n,
+            use_linear_projection=True,
+        )
+    return UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=in_channels,
+        out_channels=in_channels,
+        layers_per_block=1,
+        block_out_channels=block_channels,
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1),
+        up_block_types=("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",),
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=8,
+        norm_num_groups=8,
+        **kw,
+    ).eval()
+
+
+def tiny_sd3_pipeline(num_layers: int = 4, *, with_t5: bool = False, seed: int = 0, **transformer_kw: Any):
+    """A complete tiny `StableDiffusion3Pipeline` (two CLIP encoders, optional T5)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    tok = make_clip_tokenizer(77)
+    te1 = _clip_text_encoder(32, 2, len(tok), 77, seed + 1, True)
+    te2 = _clip_text_encoder(32, 2, len(tok), 77, seed + 2, True)
+    te3 = tok3 = None
+    if with_t5:
+        from transformers import T5Config, T5EncoderModel
+
+        tok3 = make_t5_tokenizer(77)
+        torch.manual_seed(seed + 3)
+        te3 = T5EncoderModel(
+            T5Config(vocab_size=len(tok3), d_model=64, d_kv=16, d_ff=64, num_layers=1, num_heads=2)
+        ).eval()
+    transformer = tiny_sd3_transformer(num_layers, seed=seed, **transformer_kw)
+    vae = tiny_vae(latent_channels=transformer.config.in_channels, seed=seed + 4,
+                   shift_factor=0.0609, scaling_factor=1.5035)
+    return StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=vae,
+        text_encoder=te1,
+        tokenizer=tok,
+        text_encoder_2=te2,
+        tokenizer_2=make_clip_tokenizer(77),
+        text_encoder_3=te3,
+        tokenizer_3=tok3,
+    )
+
+
+def tiny_sd15_pipeline(seed: int = 0):
+    """A complete tiny `StableDiffusionPipeline` (no safety checker)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    tok = make_clip_tokenizer(77)
+    te = _clip_text_encoder(32, 2, len(tok), 77, seed + 1, False)
+    return StableDiffusionPipeline(
+        vae=tiny_vae(seed=seed + 4),
+        text_encoder=te,
+        tokenizer=tok,
+        unet=tiny_unet(cross_attention_dim=32, seed=seed),
+        scheduler=DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                clip_sample=False, set_alpha_to_one=False, steps_offset=1),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def tiny_sdxl_pipeline(seed: int = 0):
+    """A complete tiny `StableDiffusionXLPipeline` (two CLIP encoders, text_time conditioning)."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    tok = make_clip_tokenizer(77)
+    te1 = _clip_text_encoder(16, 2, len(tok), 77, seed + 1, False)
+    te2 = _clip_text_encoder(16, 2, len(tok), 77, seed + 2, True)
+    return StableDiffusionXLPipeline(
+        vae=tiny_vae(seed=seed + 4),
+        text_encoder=te1,
+        text_encoder_2=te2,
+        tokenizer=tok,
+        tokenizer_2=make_clip_tokenizer(77),
+        unet=tiny_unet(cross_attention_dim=32, sdxl=True, pooled_dim=16, seed=seed),
+        scheduler=EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012),
+    )
