@@ -11,7 +11,7 @@ Public API::
 
 __version__ = "0.1.0"
 
-from .attach import AttachHandle, attach, attached_handle
+from .hooks import AttachHandle, attach, attached_handle
 from .io import load_into, load_soft_tokens, save_soft_tokens
 from .tokens import SoftTokens, SoftTokensConfig, SoftTokensError, TokenLayout
 

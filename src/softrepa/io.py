@@ -143,7 +143,7 @@ def load_into(pipeline: Any, path: str | os.PathLike) -> "AttachHandle":  # noqa
     Returns:
         The `AttachHandle`; `handle.remove()` detaches.
     """
-    from .attach import attach, resolve_denoiser
+    from .hooks import attach, resolve_denoiser
 
     denoiser = resolve_denoiser(pipeline)
     try:

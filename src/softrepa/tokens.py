@@ -216,7 +216,7 @@ class SoftTokens(nn.Module):
                 `model` is a pipeline and this is None.
             seed: seed for the normal initialisation (None: torch's global RNG).
         """
-        from .attach import describe_model, resolve_denoiser
+        from .hooks import describe_model, resolve_denoiser
 
         config = config or SoftTokensConfig()
         denoiser = resolve_denoiser(model)

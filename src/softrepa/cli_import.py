@@ -1,0 +1,47 @@
+"""`softrepa import-official` and `softrepa info`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_import_official_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--family", required=True, choices=["sd3", "sd15", "sdxl"], help="backbone family of the tokens")
+    p.add_argument("--dc-tokens", required=True, help="authors' dc_tokens.pth")
+    p.add_argument("--dc-t-tokens", default=None, help="authors' dc_t_tokens.pth (pickled nn.Embedding), optional")
+    p.add_argument("--layers", type=int, default=None, help="SD3: number of token layers (checked against the file)")
+    p.add_argument("--blocks", default="down,mid",
+                   help="SD1.5/SDXL: UNet block groups for the tokens (authors trained down,mid; "
+                        "their released SD1.5 tokens were evaluated on down only)")
+    p.add_argument("--model-dim", type=int, default=None,
+                   help="SD3 block width when the file does not tell (default 1536, SD3-medium)")
+    p.add_argument("--out", required=True, help="output .safetensors")
+
+
+def run_import_official(args: argparse.Namespace) -> int:
+    from .official import import_official
+
+    kw = {"model_dim": args.model_dim}
+    if args.family == "sd3":
+        kw["layers"] = args.layers
+    else:
+        kw["blocks"] = tuple(b.strip() for b in args.blocks.split(",") if b.strip())
+    path = import_official(args.family, args.dc_tokens, args.dc_t_tokens, args.out, **kw)
+    print(f"wrote {path} (+ {path.with_suffix('.json').name})")
+    return 0
+
+
+def add_info_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("tokens", help="a softrepa .safetensors tokens file")
+
+
+def run_info(args: argparse.Namespace) -> int:
+    from .io import load_soft_tokens, read_metadata
+
+    tokens = load_soft_tokens(args.tokens)
+    meta = read_metadata(args.tokens)
+    print(json.dumps({"layout": tokens.layout.to_dict(),
+                      "parameters": sum(p.numel() for p in tokens.parameters()),
+                      "metadata": {k: v for k, v in meta.items() if k != "softrepa_layout"}}, indent=2))
+    return 0

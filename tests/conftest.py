@@ -1,0 +1,63 @@
+"""Shared fixtures: tiny models built from configs (no downloads, CPU)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture
+def sd3_model():
+    from softrepa.tiny import tiny_sd3_transformer
+
+    return tiny_sd3_transformer(num_layers=6)
+
+
+@pytest.fixture(params=["sd3-medium", "sd3.5"])
+def mmdit_model(request):
+    """SD3-medium layout, and SD3.5's (qk RMS-norm + dual attention in the first blocks)."""
+    from softrepa.tiny import tiny_sd3_transformer
+
+    if request.param == "sd3.5":
+        return tiny_sd3_transformer(num_layers=6, qk_norm="rms_norm", dual_attention_layers=(0, 1))
+    return tiny_sd3_transformer(num_layers=6)
+
+
+@pytest.fixture(params=["sd15", "sdxl"])
+def unet_model(request):
+    from softrepa.tiny import tiny_unet
+
+    return tiny_unet(sdxl=request.param == "sdxl")
+
+
+def mmdit_inputs(model, batch: int = 3, seed: int = 0, timesteps=None):
+    g = torch.Generator().manual_seed(seed)
+    cfg = model.config
+    size = 8
+    hs = torch.randn(batch, cfg.in_channels, size, size, generator=g)
+    ehs = torch.randn(batch, 7, cfg.joint_attention_dim, generator=g)
+    pooled = torch.randn(batch, cfg.pooled_projection_dim, generator=g)
+    t = torch.tensor(timesteps if timesteps is not None else [1000.0, 503.7, 9.0][:batch])
+    return dict(hidden_states=hs, encoder_hidden_states=ehs, pooled_projections=pooled, timestep=t)
+
+
+def unet_inputs(model, batch: int = 3, seed: int = 0, timesteps=None):
+    g = torch.Generator().manual_seed(seed)
+    cfg = model.config
+    sample = torch.randn(batch, cfg.in_channels, 8, 8, generator=g)
+    ehs = torch.randn(batch, 6, cfg.cross_attention_dim, generator=g)
+    t = torch.tensor(timesteps if timesteps is not None else [999, 503, 9][:batch])
+    kw = dict(sample=sample, timestep=t, encoder_hidden_states=ehs)
+    if cfg.addition_embed_type == "text_time":
+        pooled_dim = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+        kw["added_cond_kwargs"] = {
+            "text_embeds": torch.randn(batch, pooled_dim, generator=g),
+            "time_ids": torch.tensor([[32.0, 32, 0, 0, 32, 32]]).repeat(batch, 1),
+        }
+    return kw

@@ -1,0 +1,149 @@
+"""Soft tokens on MM-DiT (SD3 / SD3.5): exactness against Algorithm 1, clean detach, gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import softrepa
+from softrepa import SoftTokens, SoftTokensConfig, SoftTokensError, attach
+from tests.conftest import mmdit_inputs
+from tests.reference import ref_mmdit_forward
+
+
+def _hook_count(model) -> int:
+    return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
+
+
+def _randomize(tokens, seed=1, std=0.5):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in tokens.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    return tokens
+
+
+@pytest.mark.parametrize("space", ["text", "block"])
+@torch.no_grad()
+def test_attached_matches_reference_loop(mmdit_model, space):
+    model = mmdit_model
+    tokens = _randomize(SoftTokens.for_model(model, SoftTokensConfig(num_tokens=3, num_layers=3, token_space=space)))
+    # mixed per-sample timesteps, incl. t = 1000 (bucket clamp) and a fractional t
+    inp = mmdit_inputs(model, batch=3, timesteps=[1000.0, 503.7, 9.0])
+    ref = ref_mmdit_forward(model, tokens, **inp)
+    with attach(model, tokens):
+        out = model(**inp).sample
+    assert (out - ref).abs().max().item() <= 1e-5
+    plain = model(**inp).sample
+    assert (out - plain).abs().max().item() > 1e-3  # the tokens do something
+
+
+@torch.no_grad()
+def test_per_sample_buckets_are_used(sd3_model):
+    """A sample's output must not depend on the other samples' timesteps in the batch."""
+    tokens = _randomize(SoftTokens.for_model(sd3_model, SoftTokensConfig(num_layers=2)))
+    inp = mmdit_inputs(sd3_model, batch=3, timesteps=[1000.0, 503.7, 9.0])
+    with attach(sd3_model, tokens):
+        batched = sd3_model(**inp).sample
+        single = sd3_model(**{k: v[1:2] for k, v in inp.items()}).sample
+    assert torch.allclose(batched[1:2], single, atol=1e-5)
+
+
+@torch.no_grad()
+def test_detach_is_bit_exact_and_leaves_nothing(sd3_model):
+    inp = mmdit_inputs(sd3_model)
+    before = sd3_model(**inp).sample
+    hooks0 = _hook_count(sd3_model)
+    keys0 = list(sd3_model.state_dict())
+    procs0 = {k: type(v) for k, v in sd3_model.attn_processors.items()}
+    for _ in range(3):
+        h = attach(sd3_model, SoftTokens.for_model(sd3_model))
+        assert _hook_count(sd3_model) > hooks0
+        h.remove()
+    assert _hook_count(sd3_model) == hooks0
+    assert list(sd3_model.state_dict()) == keys0
+    assert {k: type(v) for k, v in sd3_model.attn_processors.items()} == procs0
+    assert softrepa.attached_handle(sd3_model) is None
+    after = sd3_model(**inp).sample
+    assert torch.equal(before, after)
+
+
+def test_gradients_reach_only_tokens(sd3_model):
+    sd3_model.requires_grad_(False)
+    tokens = SoftTokens.for_model(sd3_model, SoftTokensConfig(num_layers=2))
+    inp = mmdit_inputs(sd3_model)
+    with attach(sd3_model, tokens):
+        sd3_model(**inp).sample.square().mean().backward()
+    assert all(p.grad is None for p in sd3_model.parameters())
+    assert tokens.base.grad is not None and tokens.base.grad.abs().sum() > 0
+    assert tokens.time.grad is not None
+    # only the buckets of the batch's timesteps receive gradient
+    touched = (tokens.time.grad.abs().sum(dim=(1, 2)) > 0).nonzero().flatten().tolist()
+    assert touched == [0, 50, 99]
+
+
+def test_gradient_checkpointing_gives_same_gradients(sd3_model):
+    sd3_model.requires_grad_(False)
+    tokens = _randomize(SoftTokens.for_model(sd3_model, SoftTokensConfig(num_layers=3)), std=0.1)
+    inp = mmdit_inputs(sd3_model)
+    grads = []
+    for ckpt in (False, True):
+        if ckpt:
+            sd3_model.enable_gradient_checkpointing()
+        tokens.zero_grad(set_to_none=True)
+        with attach(sd3_model, tokens):
+            sd3_model.train()
+            sd3_model(**inp).sample.square().mean().backward()
+        grads.append(tokens.base.grad.clone())
+    sd3_model.disable_gradient_checkpointing()
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_last_block_context_pre_only(sd3_model):
+    """Tokens in the last (context_pre_only) block still reach the image stream."""
+    tokens = _randomize(SoftTokens.for_model(sd3_model, SoftTokensConfig(layers=(5,))))
+    inp = mmdit_inputs(sd3_model)
+    with torch.no_grad():
+        ref = ref_mmdit_forward(sd3_model, tokens, **inp)
+        with attach(sd3_model, tokens):
+            out = sd3_model(**inp).sample
+    assert (out - ref).abs().max() <= 1e-5
+
+
+def test_attach_twice_is_an_error(sd3_model):
+    tokens = SoftTokens.for_model(sd3_model)
+    h = attach(sd3_model, tokens)
+    with pytest.raises(SoftTokensError, match="already carries"):
+        attach(sd3_model, SoftTokens.for_model(sd3_model))
+    h.remove()
+    attach(sd3_model, tokens).remove()
+
+
+def test_bad_configs(sd3_model):
+    with pytest.raises(SoftTokensError, match="model depth"):
+        SoftTokens.for_model(sd3_model, SoftTokensConfig(num_layers=7))
+    with pytest.raises(SoftTokensError, match="num_tokens"):
+        SoftTokensConfig(num_tokens=0)
+    with pytest.raises(SoftTokensError, match="token_space"):
+        SoftTokensConfig(token_space="latent")
+    with pytest.raises(SoftTokensError, match="family"):
+        softrepa.TokenLayout("sd4", 8, 8, 4, layers=(0,))
+    with pytest.raises(SoftTokensError, match="unsupported model"):
+        SoftTokens.for_model(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_model_with_fp32_tokens(sd3_model, dtype):
+    """Tokens stay fp32 (trainable) and are cast into a half-precision model's dtype."""
+    tokens = _randomize(SoftTokens.for_model(sd3_model, SoftTokensConfig(num_layers=2)), std=0.1)
+    inp = mmdit_inputs(sd3_model)
+    with torch.no_grad():
+        ref = ref_mmdit_forward(sd3_model, tokens, **inp)
+    model = sd3_model.to(dtype)
+    half_inp = {k: (v.to(dtype) if v.is_floating_point() and k != "timestep" else v) for k, v in inp.items()}
+    with attach(model, tokens):
+        out = model(**half_inp).sample
+        out.float().square().mean().backward()
+    assert out.dtype == dtype and tokens.base.dtype == torch.float32
+    assert tokens.base.grad is not None and torch.isfinite(tokens.base.grad).all()
+    assert (out.float() - ref).abs().max() < 0.1 * ref.abs().max()

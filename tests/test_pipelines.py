@@ -1,0 +1,86 @@
+"""Stock diffusers pipelines generate with tokens attached, for all three families."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import softrepa
+from softrepa import SoftTokens, SoftTokensConfig, attach
+from softrepa.tiny import tiny_sd3_pipeline, tiny_sd15_pipeline, tiny_sdxl_pipeline
+
+BUILDERS = {"sd3": lambda: tiny_sd3_pipeline(num_layers=6), "sd15": tiny_sd15_pipeline, "sdxl": tiny_sdxl_pipeline}
+
+
+def _generate(pipe, ckpt=False):
+    out = pipe(["a red circle", "a blue square"], num_inference_steps=3, guidance_scale=4.0,
+               height=32, width=32, output_type="np", generator=torch.Generator().manual_seed(0))
+    return out.images
+
+
+def _randomize(tokens, std=1.0):
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in tokens.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    return tokens
+
+
+@pytest.mark.parametrize("family", ["sd3", "sd15", "sdxl"])
+def test_stock_pipeline_with_tokens(tmp_path, family):
+    pipe = BUILDERS[family]()
+    pipe.set_progress_bar_config(disable=True)
+    vanilla = _generate(pipe)
+    tokens = _randomize(SoftTokens.for_model(pipe, SoftTokensConfig()))
+    seen = []
+    denoiser = softrepa.hooks.resolve_denoiser(pipe)
+    with attach(pipe, tokens) as handle:
+        blk = denoiser.transformer_blocks[0] if family == "sd3" else denoiser.mid_block
+
+        def record(mod, args, kwargs):
+            ehs = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
+            seen.append(tuple(ehs.shape))
+
+        rec = blk.register_forward_pre_hook(record, with_kwargs=True)
+        with_tokens = _generate(pipe)
+        rec.remove()
+        denoiser.enable_gradient_checkpointing()
+        with_ckpt = _generate(pipe)
+        denoiser.disable_gradient_checkpointing()
+    assert handle.active is False
+    assert with_tokens.shape == vanilla.shape == (2, 32, 32, 3)
+    assert np.abs(with_tokens - vanilla).max() > 1e-3
+    np.testing.assert_array_equal(with_tokens, with_ckpt)
+    # both CFG branches (2 prompts x {uncond, cond}) receive the m extra tokens
+    assert seen and all(s[0] == 4 for s in seen)
+    assert np.array_equal(_generate(pipe), vanilla)  # detached: vanilla again
+    path = softrepa.save_soft_tokens(tokens, tmp_path / f"{family}.safetensors")
+    with softrepa.load_into(pipe, path):
+        reloaded = _generate(pipe)
+    np.testing.assert_array_equal(reloaded, with_tokens)
+
+
+def test_tokens_length_on_both_branches_sd3():
+    pipe = BUILDERS["sd3"]()
+    pipe.set_progress_bar_config(disable=True)
+    lengths = []
+    blk = pipe.transformer.transformer_blocks[0]
+    with attach(pipe, SoftTokens.for_model(pipe)):
+        h = blk.register_forward_pre_hook(lambda m, a, k: lengths.append(k["encoder_hidden_states"].shape[1]),
+                                          with_kwargs=True)
+        _generate(pipe)
+        h.remove()
+    plain = []
+    h = blk.register_forward_pre_hook(lambda m, a, k: plain.append(k["encoder_hidden_states"].shape[1]),
+                                      with_kwargs=True)
+    _generate(pipe)
+    h.remove()
+    assert all(a == b + 4 for a, b in zip(lengths, plain))
+
+
+def test_empty_prompt_init_sd15():
+    pipe = tiny_sd15_pipeline()
+    tokens = SoftTokens.for_model(pipe, SoftTokensConfig(init="empty_prompt"))
+    emb = pipe.encode_prompt([""], device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False)[0]
+    assert torch.allclose(tokens.base[0], emb[0, 0].expand(4, -1))
