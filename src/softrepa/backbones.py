@@ -95,11 +95,23 @@ class Backbone:
                 mod.requires_grad_(False)
 
     @torch.no_grad()
-    def encode_images(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """(B, 3, H, W) in [-1, 1] -> scaled latents (B, C, H/f, W/f) (a sample of the VAE posterior)."""
+    def encode_images(self, pixels: torch.Tensor,
+                      generator: torch.Generator | Sequence[torch.Generator] | None = None) -> torch.Tensor:
+        """(B, 3, H, W) in [-1, 1] -> scaled latents (B, C, H/f, W/f) (a sample of the VAE posterior).
+
+        Args:
+            pixels: images in [-1, 1].
+            generator: one generator for the batch, or one per image (so that an image's latent
+                does not depend on which batch or rank it is encoded in).
+        """
         vae = self.vae
         x = pixels.to(device=vae.device, dtype=vae.dtype)
-        z = vae.encode(x).latent_dist.sample(generator)
+        post = vae.encode(x).latent_dist
+        if isinstance(generator, (list, tuple)):
+            eps = torch.stack([torch.randn(post.mean.shape[1:], generator=g) for g in generator])
+            z = post.mean + post.std * eps.to(post.mean.device, post.mean.dtype)
+        else:
+            z = post.sample(generator)
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         return ((z - shift) * vae.config.scaling_factor).to(self.dtype)
 

@@ -17,6 +17,7 @@ from typing import Callable
 COMMANDS: dict[str, tuple[str, str]] = {
     "import-official": ("softrepa.cli_import", "convert the paper authors' released .pth token files"),
     "info": ("softrepa.cli_import", "print the layout of a softrepa tokens file"),
+    "train": ("softrepa.train_cli", "train soft tokens with the contrastive denoising-score loss"),
 }
 
 
@@ -36,14 +37,19 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
 
 def main(argv: list[str] | None = None) -> int:
     parser, runners = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not getattr(args, "accepts_overrides", False):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = extra
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     from .tokens import SoftTokensError
+    from .train import TrainingDiverged
 
     try:
         return int(runners[args.command](args) or 0)
-    except (SoftTokensError, FileNotFoundError, ValueError) as e:
+    except (SoftTokensError, FileNotFoundError, ValueError, TrainingDiverged) as e:
         print(f"softrepa {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -1,0 +1,142 @@
+"""Training checkpoints: tokens (safetensors) + optimiser/scheduler/RNG state, written atomically.
+
+Layout of `<run>/checkpoints/`:
+
+    step_000500/  tokens.safetensors  tokens.json  state.pt  config.yaml
+    latest        (text: the name of the newest complete checkpoint)
+
+A checkpoint folder is assembled under a temporary name and renamed into place, and `latest` is
+replaced atomically afterwards, so a crash at any moment leaves the previous checkpoint intact
+and `latest` always names a complete one. `state.pt` holds only tensors, numbers and dicts and is
+read back with `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .config import save_config
+from .io import atomic_write_bytes, load_soft_tokens, save_soft_tokens
+from .tokens import SoftTokens
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.random.get_rng_state(), "numpy": _np_state(), "python": _py_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _np_state() -> dict[str, Any]:
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "gauss": float(gauss)}
+
+
+def _py_state() -> dict[str, Any]:
+    version, internal, gauss = random.getstate()
+    return {"version": version, "internal": torch.tensor(internal, dtype=torch.int64), "gauss": gauss}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.random.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(int(x) for x in p["internal"].tolist()), p["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(
+    run_dir: str | os.PathLike,
+    step: int,
+    tokens: SoftTokens,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    config: Any,
+    extra: dict[str, Any] | None = None,
+    scaler: Any = None,
+    keep: int = 3,
+) -> Path:
+    """Write checkpoint `step_<step>` atomically, point `latest` at it, prune old ones.
+
+    Args:
+        run_dir: the run folder.
+        step: completed optimisation steps.
+        tokens, optimizer, scheduler: training state.
+        config: the resolved config (saved beside the tokens).
+        extra: more picklable-safe state (numbers, tensors, dicts), e.g. the metrics so far.
+        scaler: fp16 GradScaler or None.
+        keep: number of checkpoints to keep.
+    Returns:
+        The checkpoint folder.
+    """
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"step_{step:07d}"
+    final = root / name
+    tmp = root / f".{name}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    save_soft_tokens(tokens, tmp / "tokens.safetensors", extra_metadata={"step": str(step)})
+    state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "rng": rng_state(), "extra": extra or {}}
+    if scaler is not None:
+        state["scaler"] = scaler.state_dict()
+    torch.save(state, tmp / "state.pt")
+    save_config(config, tmp / "config.yaml")
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    atomic_write_bytes(root / "latest", (name + "\n").encode())
+    _prune(root, keep)
+    return final
+
+
+def _prune(root: Path, keep: int) -> None:
+    done = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_"))
+    for old in done[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint folder of a run, or None."""
+    root = Path(run_dir) / "checkpoints"
+    pointer = root / "latest"
+    if pointer.is_file():
+        cand = root / pointer.read_text().strip()
+        if (cand / "state.pt").is_file() and (cand / "tokens.safetensors").is_file():
+            return cand
+    done = sorted(p for p in root.glob("step_*") if (p / "state.pt").is_file())
+    return done[-1] if done else None
+
+
+def load_checkpoint(path: str | os.PathLike, tokens: SoftTokens, optimizer: torch.optim.Optimizer,
+                    scheduler: Any, scaler: Any = None) -> dict[str, Any]:
+    """Restore training state in place from a checkpoint folder; returns the state dict."""
+    path = Path(path)
+    if not (path / "state.pt").is_file():
+        raise FileNotFoundError(f"{path}: not a checkpoint folder (no state.pt)")
+    loaded = load_soft_tokens(path / "tokens.safetensors")
+    if loaded.layout != tokens.layout:
+        raise ValueError(f"{path}: checkpoint tokens layout {loaded.layout} differs from the run's {tokens.layout}")
+    with torch.no_grad():
+        tokens.base.copy_(loaded.base)
+        if tokens.time is not None:
+            tokens.time.copy_(loaded.time)
+    state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if scaler is not None and "scaler" in state:
+        scaler.load_state_dict(state["scaler"])
+    set_rng_state(state["rng"])
+    return state

@@ -1,0 +1,294 @@
+"""Typed training configuration: dataclasses with validation, loaded from YAML over defaults.
+
+`load_config(path, overrides)` reads a recipe (`configs/sd3.yaml`, ...) over the defaults below
+and applies `--key value` overrides with dotted keys (`--loss.tau 0.05`, `--tokens.num_tokens 8`).
+Unknown keys and wrong types are errors that name the key; the resolved config is what gets saved
+beside every checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .tokens import SoftTokensConfig
+
+
+class ConfigError(ValueError):
+    """A configuration value or file that cannot be used (the message names the key)."""
+
+
+@dataclass
+class LossConfig:
+    """Contrastive loss (defaults: the authors' tau = 0.07, scale = 4, exp logits, i2t only)."""
+
+    tau: float = 0.07
+    scale: float = 4.0
+    form: str = "exp"
+    symmetric: bool = False
+    denoise_weight: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.tau <= 0:
+            raise ConfigError(f"loss.tau must be > 0, got {self.tau}")
+        if self.form not in ("exp", "neg"):
+            raise ConfigError(f"loss.form must be 'exp' or 'neg', got {self.form!r}")
+        if self.denoise_weight < 0:
+            raise ConfigError(f"loss.denoise_weight must be >= 0, got {self.denoise_weight}")
+
+
+@dataclass
+class ScheduleConfig:
+    """CosineAnnealingWarmRestarts stepped every `step_every` iterations (authors: T_0 10, every 2500)."""
+
+    T_0: int = 10
+    T_mult: int = 1
+    eta_min: float = 1e-5
+    step_every: int = 2500
+
+    def __post_init__(self) -> None:
+        if self.T_0 < 1 or self.T_mult < 1 or self.step_every < 1:
+            raise ConfigError("schedule.T_0, schedule.T_mult and schedule.step_every must be >= 1")
+
+
+@dataclass
+class ValidationConfig:
+    """Every `every` steps: a grid of the same prompts and seeds without / with the tokens."""
+
+    prompts: list[str] = field(default_factory=lambda: [
+        "a photo of a cat sitting on a red sofa", "two dogs playing in the snow",
+        "a blue bus parked next to a yellow taxi", "a bowl of oranges on a wooden table"])
+    seeds: list[int] = field(default_factory=lambda: [0])
+    every: int = 1000
+    steps: int = 28
+    guidance_scale: float = 4.0
+    resolution: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.every < 0:
+            raise ConfigError("validation.every must be >= 0 (0 disables the grids)")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs; see `configs/*.yaml` for the paper's recipes.
+
+    Args (main ones):
+        model: hub id or local diffusers folder.
+        data: dataset path or spec (see `softrepa.data.build_dataset`).
+        output_dir: run folder (checkpoints, logs, grids).
+        batch_size: images per process per step; each step evaluates batch_size x (all prompts) pairs.
+        pair_chunk: pairs per forward pass (None: all at once); exact gradients either way.
+        mixed_precision: "no" | "bf16" | "fp16" (fp16 uses a GradScaler).
+        weights_dtype: dtype of the frozen model ("auto": half on GPU per mixed_precision, else fp32).
+    """
+
+    model: str = ""
+    data: Any = ""
+    data_images: str | None = None
+    output_dir: str = "runs/softrepa"
+    resolution: int = 512
+    batch_size: int = 16
+    max_steps: int = 30000
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    tokens: SoftTokensConfig = field(default_factory=SoftTokensConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    t_min: int = 0
+    t_max: int = 1000
+    shared_timestep: bool = True
+    shared_noise: bool = True
+    pair_chunk: int | None = None
+    mixed_precision: str = "no"
+    weights_dtype: str = "auto"
+    gradient_checkpointing: bool = False
+    max_sequence_length: int = 512
+    seed: int = 0
+    num_workers: int = 2
+    log_every: int = 10
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    log_with: str | None = None
+    latent_cache: str | None = None
+    max_items: int | None = None
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.resolution > 0 and self.resolution % 8 == 0, f"resolution must be a positive multiple of 8, got {self.resolution}"),
+            (self.batch_size >= 2, f"batch_size must be >= 2 (a contrastive batch needs negatives), got {self.batch_size}"),
+            (self.max_steps >= 1, f"max_steps must be >= 1, got {self.max_steps}"),
+            (self.lr > 0, f"lr must be > 0, got {self.lr}"),
+            (0 <= self.t_min < self.t_max <= 1000, f"need 0 <= t_min < t_max <= 1000, got {self.t_min}, {self.t_max}"),
+            (self.pair_chunk is None or self.pair_chunk >= 1, f"pair_chunk must be None or >= 1, got {self.pair_chunk}"),
+            (self.mixed_precision in ("no", "bf16", "fp16"), f"mixed_precision must be no|bf16|fp16, got {self.mixed_precision!r}"),
+            (self.weights_dtype in ("auto", "fp32", "bf16", "fp16"), f"weights_dtype must be auto|fp32|bf16|fp16, got {self.weights_dtype!r}"),
+            (self.checkpoint_every >= 1, "checkpoint_every must be >= 1"),
+            (self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1"),
+            (self.log_with in (None, "tensorboard", "wandb"), f"log_with must be null, tensorboard or wandb, got {self.log_with!r}"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ConfigError(msg)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------- loading
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Coerce a YAML / command-line value to the annotated type, or raise naming `key`."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        if isinstance(value, str) and value.lower() in ("null", "none") and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _convert(value, a, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{key}: cannot use {value!r} ({'; '.join(errors)})")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
+        return build_dataclass(tp, value, prefix=f"{key}.")
+    if origin in (list, tuple):
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        inner = args[0] if args else Any
+        out = [_convert(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(out) if origin is tuple else out
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "false", "no", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r}")
+        try:
+            num = float(value) if tp is float else value
+            if tp is int:
+                num = int(value) if isinstance(value, int) or (isinstance(value, str) and value.lstrip("-").isdigit()) else None
+                if num is None:
+                    raise ValueError
+            return num
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r}") from None
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def build_dataclass(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+    """Instantiate dataclass `cls` from a dict, converting and validating every field."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {[prefix + k for k in unknown]}; known: {sorted(names)}")
+    kwargs = {k: _convert(v, hints[k], prefix + k) for k, v in values.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except ValueError as e:  # validation errors of nested configs (e.g. SoftTokensError)
+        raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: {e}") from e
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    node = tree
+    parts = dotted.replace("-", "_").split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--{dotted}: '{p}' is not a section")
+    node[parts[-1]] = value
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """`["--loss.tau", "0.05", "--max_steps=10"]` -> nested dict (values parsed as YAML scalars)."""
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(items):
+        item = items[i]
+        if not item.startswith("--"):
+            raise ConfigError(f"unexpected argument {item!r}; overrides look like --key value")
+        key = item[2:]
+        if "=" in key:
+            key, raw = key.split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(items):
+                raise ConfigError(f"--{key} needs a value")
+            raw = items[i + 1]
+            i += 2
+        _set_dotted(out, key, yaml.safe_load(raw) if raw != "" else "")
+    return out
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None,
+                cls: type = TrainConfig) -> Any:
+    """Defaults <- YAML file <- overrides, validated into `cls`.
+
+    Args:
+        path: YAML recipe (None: defaults only).
+        overrides: nested dict, e.g. from `parse_overrides`.
+    """
+    values: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: invalid YAML: {e}") from e
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: expected a mapping at the top level")
+        values = loaded
+    values = _merge(values, overrides or {})
+    return build_dataclass(cls, values)
+
+
+def save_config(cfg: Any, path: str | os.PathLike) -> None:
+    """Write the resolved config as YAML, atomically."""
+    from .io import atomic_write_bytes
+
+    atomic_write_bytes(path, yaml.safe_dump(_plain(dataclasses.asdict(cfg)), sort_keys=False).encode())
+
+
+def _plain(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    return x

@@ -1,0 +1,314 @@
+"""The SoftREPA training loop: one loop for every backbone, single process or many (accelerate).
+
+Each step: encode B images and their captions with the frozen encoders, draw one t and one noise
+for the batch (defaults, as the paper), pool every rank's prompts, evaluate all image x prompt
+pairs with the tokens attached, and take an AdamW step on the tokens only. Every random draw of
+step k comes from generators seeded by (seed, k), and the data order from (seed, epoch), so a
+resumed run continues exactly as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from .backbones import Backbone, backbone_for, load_pipeline
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import TrainConfig, save_config
+from .data import build_dataset, collate_pairs
+from .hooks import attach
+from .io import save_soft_tokens
+from .pairs import PairBatch, all_reduce_grads, contrastive_backward, gather_prompts
+from .tokens import SoftTokens
+
+logger = logging.getLogger(__name__)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradients became NaN / inf; the last good checkpoint is left intact."""
+
+
+class StepBatches(torch.utils.data.Sampler):
+    """Index lists for steps start..: a (seed, epoch) permutation stream cut into global batches.
+
+    Yields, per step, this rank's slice of the global batch as indices `epoch * N + i`, so that the
+    dataset view knows which epoch's caption to draw (see `EpochView`).
+    """
+
+    def __init__(self, n: int, per_rank: int, world: int, rank: int, seed: int, start_step: int, max_steps: int):
+        self.n, self.per_rank, self.world, self.rank = n, per_rank, world, rank
+        self.seed, self.start, self.stop = seed, start_step, max_steps
+
+    def _perm(self, epoch: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self.n, generator=g)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        glob = self.per_rank * self.world
+        for step in range(self.start, self.stop):
+            lo = step * glob + self.rank * self.per_rank
+            out = []
+            for pos in range(lo, lo + self.per_rank):
+                epoch, i = divmod(pos, self.n)
+                out.append(epoch * self.n + int(self._perm(epoch)[i]))
+            yield out
+
+    def __len__(self) -> int:
+        return max(0, self.stop - self.start)
+
+
+class EpochView(torch.utils.data.Dataset):
+    """Dataset view whose index `epoch * N + i` selects item i with epoch `epoch`'s caption."""
+
+    def __init__(self, dataset: Any):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, k: int) -> Any:
+        epoch, i = divmod(int(k), len(self.dataset))
+        self.dataset.set_epoch(epoch)
+        return self.dataset[i]
+
+
+def _step_generator(seed: int, step: int, stream: int) -> torch.Generator:
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 16 + stream)
+
+
+class Trainer:
+    """Trains soft tokens for one backbone.
+
+    Args:
+        cfg: the resolved `TrainConfig`.
+        pipe: an already loaded pipeline (default: `load_pipeline(cfg.model)`).
+        dataset: an already built dataset (default: `build_dataset(cfg.data, ...)`).
+    """
+
+    def __init__(self, cfg: TrainConfig, pipe: Any = None, dataset: Any = None):
+        from accelerate import Accelerator
+
+        self.cfg = cfg
+        self.out = Path(cfg.output_dir)
+        self.acc = Accelerator(mixed_precision=cfg.mixed_precision, log_with=cfg.log_with,
+                               project_dir=str(self.out))
+        self.device = self.acc.device
+        if cfg.weights_dtype == "auto":
+            half = self.device.type == "cuda" and cfg.mixed_precision != "no"
+            wdtype = DTYPES[cfg.mixed_precision] if half else torch.float32
+        else:
+            wdtype = DTYPES[cfg.weights_dtype]
+        if pipe is None:
+            if not cfg.model:
+                raise ValueError("model: give a hub id or a local diffusers folder (--model ...)")
+            pipe = load_pipeline(cfg.model, wdtype, self.device)
+        self.pipe = pipe.to(self.device)
+        self.pipe.set_progress_bar_config(disable=True)
+        self.backbone: Backbone = backbone_for(pipe, max_sequence_length=cfg.max_sequence_length)
+        self.backbone.freeze()
+        self.backbone.denoiser.eval()
+        if cfg.gradient_checkpointing:
+            self.backbone.denoiser.enable_gradient_checkpointing()
+        self.tokens = SoftTokens.for_model(pipe, cfg.tokens, seed=cfg.seed).to(self.device)
+        self.handle = attach(pipe, self.tokens)
+        self.optimizer = torch.optim.AdamW(self.tokens.parameters(), lr=cfg.lr, betas=tuple(cfg.adam_betas),
+                                           weight_decay=cfg.weight_decay)
+        s = cfg.schedule
+        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
+            self.optimizer, T_0=s.T_0, T_mult=s.T_mult, eta_min=s.eta_min)
+        self.scaler = torch.amp.GradScaler(self.device.type) if cfg.mixed_precision == "fp16" else None
+        self.dataset = dataset if dataset is not None else build_dataset(
+            cfg.data, cfg.resolution, seed=cfg.seed, images=cfg.data_images, max_items=cfg.max_items)
+        self.cache = None
+        if cfg.latent_cache:
+            from .latent_cache import LatentCache
+
+            self.cache = LatentCache(cfg.latent_cache, meta={"model": cfg.model, "resolution": cfg.resolution})
+        self.step = 0
+        self.history: list[dict[str, Any]] = []
+
+    # ------------------------------------------------------------------ pieces of a step
+    def _autocast(self):
+        if self.cfg.mixed_precision == "no":
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=DTYPES[self.cfg.mixed_precision])
+
+    def _latents(self, batch: dict[str, Any], step: int) -> torch.Tensor:
+        pixels = batch["pixels"].to(self.device)
+        if self.cache is None:
+            # one generator per item, keyed by its stream position: same latent on any rank layout
+            gens = [_step_generator(self.cfg.seed, step, 1000 + int(i)) for i in batch["indices"]]
+            return self.backbone.encode_images(pixels, gens)
+        out = []
+        for k, key in enumerate(batch["keys"]):
+            lat = self.cache.get(key)
+            if lat is None:  # a fixed posterior sample per image, reused every epoch
+                g = torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(key.encode()).digest()[:7], "big"))
+                lat = self.backbone.encode_images(pixels[k:k + 1], g)[0]
+                self.cache.put(key, lat)
+            out.append(lat.to(self.device, self.backbone.dtype))
+        return torch.stack(out)
+
+    def _pair_batch(self, batch: dict[str, Any], step: int) -> PairBatch:
+        cfg, bb = self.cfg, self.backbone
+        B = batch["pixels"].shape[0]
+        with torch.no_grad(), self._autocast():
+            latents = self._latents(batch, step)
+            cond = bb.encode_prompts(batch["captions"], resolution=cfg.resolution)
+        shared = _step_generator(cfg.seed, step, 0)  # identical on every rank
+        local = _step_generator(cfg.seed, step, 1 + self.acc.process_index)
+        t = bb.sample_timesteps(B, shared if cfg.shared_timestep else local, shared=cfg.shared_timestep,
+                                t_min=cfg.t_min, t_max=cfg.t_max)
+        shape = (1 if cfg.shared_noise else B,) + tuple(latents.shape[1:])
+        noise = torch.randn(shape, generator=shared if cfg.shared_noise else local).to(self.device, latents.dtype)
+        cond_all, caps_all, t_all, offset = gather_prompts(cond, batch["captions"], t.to(self.device))
+        return PairBatch(latents, cond_all, caps_all, t.to(self.device), noise, offset, t_all)
+
+    def train_step(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """One optimisation step on a collated batch; returns the logged metrics."""
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        pb = self._pair_batch(batch, self.step)
+        distributed = self.acc.num_processes > 1
+        self.optimizer.zero_grad(set_to_none=True)
+        with self._autocast():
+            out = contrastive_backward(
+                self.backbone, pb, pair_chunk=cfg.pair_chunk, distributed=distributed,
+                loss_kwargs=dict(tau=cfg.loss.tau, scale=cfg.loss.scale, form=cfg.loss.form,
+                                 symmetric=cfg.loss.symmetric, denoise_weight=cfg.loss.denoise_weight),
+                grad_multiplier=self.scaler.get_scale() if self.scaler else 1.0)
+        all_reduce_grads(list(self.tokens.parameters()))
+        loss = float(out.loss)
+        finite_grads = all(p.grad is None or torch.isfinite(p.grad).all() for p in self.tokens.parameters())
+        if not math.isfinite(loss) or (self.scaler is None and not finite_grads):
+            last = latest_checkpoint(self.out)
+            raise TrainingDiverged(
+                f"loss became {loss} (gradients finite: {finite_grads}) at step {self.step + 1}; "
+                f"the last good checkpoint is {last or 'none (no checkpoint written yet)'}. "
+                "Lower lr, use bf16 instead of fp16, or raise loss.tau.")
+        if self.scaler is not None:  # skips the step itself when the scaled grads overflowed
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.step += 1
+        if self.step % cfg.schedule.step_every == 0:
+            self.scheduler.step()
+        dt = time.perf_counter() - t0
+        pairs = pb.latents.shape[0] * len(pb.cond) * self.acc.num_processes
+        return {"step": self.step, "loss": loss, "i2t": float(out.i2t), "accuracy": float(out.accuracy),
+                "denoise": float(out.denoise), "t": float(pb.t[0]), "lr": self.optimizer.param_groups[0]["lr"],
+                "pairs_per_s": pairs / dt, "step_s": dt}
+
+    # ------------------------------------------------------------------ the loop
+    def train(self, resume: bool | str | None = None) -> Path:
+        """Run to `cfg.max_steps`; `resume=True` continues from the run's latest checkpoint
+        (or a given checkpoint folder). Returns the final tokens file."""
+        from tqdm.auto import tqdm
+
+        cfg, main = self.cfg, self.acc.is_main_process
+        if main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.out / "config.yaml")
+        if resume:
+            ckpt = latest_checkpoint(self.out) if resume is True or resume == "latest" else Path(resume)
+            if ckpt is None:
+                raise FileNotFoundError(f"--resume: no checkpoint under {self.out / 'checkpoints'}")
+            state = load_checkpoint(ckpt, self.tokens, self.optimizer, self.scheduler, self.scaler)
+            self.step = int(state["step"])
+            self.history = list(state["extra"].get("history", []))
+            logger.info("resumed from %s at step %d", ckpt, self.step)
+        if cfg.log_with:
+            self.acc.init_trackers("softrepa", config=_flat(cfg.to_dict()))
+        sampler = StepBatches(len(self.dataset), cfg.batch_size, self.acc.num_processes, self.acc.process_index,
+                              cfg.seed, self.step, cfg.max_steps)
+        loader = torch.utils.data.DataLoader(EpochView(self.dataset), batch_sampler=sampler,
+                                             num_workers=cfg.num_workers, collate_fn=collate_pairs)
+        metrics_path = self.out / "metrics.jsonl"
+        bar = tqdm(total=cfg.max_steps, initial=self.step, desc="softrepa train", disable=not main, dynamic_ncols=True)
+        for batch in loader:
+            row = self.train_step(batch)
+            self.history.append({k: row[k] for k in ("step", "loss", "accuracy")})
+            bar.update(1)
+            bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['accuracy']:.2f}", lr=f"{row['lr']:.1e}",
+                            pairs_s=f"{row['pairs_per_s']:.1f}")
+            if main and (self.step % cfg.log_every == 0 or self.step == cfg.max_steps or self.step == 1):
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+                if cfg.log_with:
+                    self.acc.log({k: v for k, v in row.items() if k != "step"}, step=self.step)
+            if self.step % cfg.checkpoint_every == 0 or self.step == cfg.max_steps:
+                self.checkpoint()
+            if main and cfg.validation.every and (self.step % cfg.validation.every == 0 or self.step == cfg.max_steps):
+                self.validation_grid()
+        bar.close()
+        final = self.out / "tokens.safetensors"
+        if main:
+            save_soft_tokens(self.tokens, final, extra_metadata={"step": str(self.step)})
+            try:
+                from .viz import plot_training_curves
+
+                plot_training_curves(metrics_path, self.out / "curves.png")
+            except (ImportError, ValueError) as e:
+                logger.warning("no training curve written: %s", e)
+            skipped = dict(getattr(self.dataset, "skipped", {}) or {})
+            if skipped:
+                logger.warning("skipped samples during training (main process): %s", skipped)
+        if cfg.log_with:
+            self.acc.end_training()
+        self.acc.wait_for_everyone()
+        return final
+
+    def checkpoint(self) -> Path | None:
+        self.acc.wait_for_everyone()
+        path = None
+        if self.acc.is_main_process:
+            path = save_checkpoint(self.out, self.step, self.tokens, self.optimizer, self.scheduler, self.cfg,
+                                   extra={"history": self.history}, scaler=self.scaler,
+                                   keep=self.cfg.keep_checkpoints)
+        self.acc.wait_for_everyone()
+        return path
+
+    @torch.no_grad()
+    def validation_grid(self) -> Path:
+        """Same prompts and seeds without (top row) and with (bottom row) the tokens."""
+        from .viz import image_grid, to_pil
+
+        v = self.cfg.validation
+        res = v.resolution or self.cfg.resolution
+        rows, labels = [], []
+        for enabled in (False, True):
+            self.handle.enabled = enabled
+            ims = []
+            for seed in v.seeds:
+                gens = [torch.Generator().manual_seed(seed) for _ in v.prompts]
+                out = self.pipe(list(v.prompts), num_inference_steps=v.steps, guidance_scale=v.guidance_scale,
+                                height=res, width=res, generator=gens, output_type="np")
+                ims += to_pil(out.images)
+            rows.append(ims)
+            labels.append("tokens" if enabled else "vanilla")
+        self.handle.enabled = True
+        cols = [f"{p[:24]} s{s}" for s in v.seeds for p in v.prompts]
+        path = self.out / "validation" / f"step_{self.step:07d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image_grid(rows, labels, cols).save(path)
+        return path
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return out

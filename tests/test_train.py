@@ -1,0 +1,136 @@
+"""The training loop: CLI run artefacts, exact resume after a hard kill, divergence, bad data."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import softrepa
+from softrepa.cli import main
+
+COLOURS = {"red": (230, 20, 20), "blue": (20, 20, 230), "green": (20, 200, 20), "yellow": (230, 230, 20),
+           "black": (10, 10, 10), "purple": (150, 20, 200)}
+
+
+@pytest.fixture(scope="module")
+def toy_files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    from softrepa.tiny import tiny_sd15_pipeline
+
+    tiny_sd15_pipeline().save_pretrained(root / "sd15")
+    data = root / "data"
+    data.mkdir()
+    for i, (name, rgb) in enumerate(COLOURS.items()):
+        a = np.full((40, 40, 3), 255, np.uint8)
+        a[8 + i:28 + i, 10:30] = rgb
+        Image.fromarray(a).save(data / f"{i}.png")
+        (data / f"{i}.txt").write_text(f"a {name} square\na square in {name}\n")
+    return root
+
+
+def _args(root: Path, out: Path, steps: int, *extra: str) -> list[str]:
+    return ["train", "--model", str(root / "sd15"), "--data", str(root / "data"), "--output_dir", str(out),
+            "--resolution", "32", "--batch_size", "3", "--max_steps", str(steps), "--num_workers", "0",
+            "--checkpoint_every", "2", "--log_every", "1", "--validation.every", "0", "--tokens.init", "normal",
+            "--loss.tau", "2.0", "--loss.denoise_weight", "1.0", "--lr", "0.05", *extra]
+
+
+def test_cli_run_writes_checkpoint_log_and_grid(toy_files, tmp_path):
+    out = tmp_path / "run"
+    args = _args(toy_files, out, 3, "--validation.every", "3", "--validation.steps", "2",
+                 "--validation.resolution", "32", "--validation.prompts", "a red square,a blue square")
+    assert main(args) == 0
+    assert (out / "tokens.safetensors").is_file() and (out / "config.yaml").is_file()
+    ck = out / "checkpoints" / "step_0000003"
+    assert {p.name for p in ck.iterdir()} >= {"tokens.safetensors", "state.pt", "config.yaml", "tokens.json"}
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_0000003"
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert all({"loss", "accuracy", "lr", "pairs_per_s"} <= set(r) for r in rows)
+    grid = Image.open(out / "validation" / "step_0000003.png")
+    assert grid.size[0] > 2 * 32 and grid.size[1] >= 2 * 32
+    assert (out / "curves.png").is_file()
+    tokens = softrepa.load_soft_tokens(out / "tokens.safetensors")
+    assert tokens.layout.family == "sd15"
+
+
+def test_resume_after_hard_kill_equals_uninterrupted(toy_files, tmp_path):
+    full = tmp_path / "full"
+    assert main(_args(toy_files, full, 4)) == 0
+    part = tmp_path / "part"
+    # A separate process that dies with os._exit right after writing the step-2 checkpoint.
+    script = textwrap.dedent(f"""
+        import os, sys
+        import softrepa.train as T
+        orig = T.Trainer.checkpoint
+        def checkpoint(self):
+            path = orig(self)
+            if self.step == 2:
+                os._exit(137)
+            return path
+        T.Trainer.checkpoint = checkpoint
+        from softrepa.cli import main
+        sys.exit(main({_args(toy_files, part, 4)!r}))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert proc.returncode == 137, proc.stderr[-2000:]
+    assert not (part / "tokens.safetensors").exists()
+    assert main(_args(toy_files, part, 4, "--resume")) == 0
+    a = softrepa.load_soft_tokens(full / "tokens.safetensors")
+    b = softrepa.load_soft_tokens(part / "tokens.safetensors")
+    assert torch.equal(a.base, b.base) and torch.equal(a.time, b.time)
+    start = softrepa.load_soft_tokens(full / "checkpoints" / "step_0000002" / "tokens.safetensors")
+    assert not torch.equal(start.base, a.base)  # training moved the tokens
+    la = [json.loads(x)["loss"] for x in (full / "metrics.jsonl").read_text().splitlines()]
+    lb = [json.loads(x)["loss"] for x in (part / "metrics.jsonl").read_text().splitlines()]
+    assert la == lb
+
+
+def test_nan_loss_stops_and_keeps_last_checkpoint(toy_files, tmp_path, monkeypatch):
+    import softrepa.pairs as pairs
+
+    out = tmp_path / "nan"
+    assert main(_args(toy_files, out, 2)) == 0
+    good = (out / "checkpoints" / "step_0000002" / "tokens.safetensors").read_bytes()
+    orig = pairs.pair_errors
+    monkeypatch.setattr(pairs, "pair_errors", lambda *a, **k: orig(*a, **k) * float("nan"))
+    from softrepa.config import load_config, parse_overrides
+    from softrepa.train import Trainer, TrainingDiverged
+
+    cfg = load_config(None, parse_overrides(_args(toy_files, out, 4)[1:]))
+    with pytest.raises(TrainingDiverged, match="step 3.*step_0000002"):
+        Trainer(cfg).train(resume=True)
+    assert (out / "checkpoints" / "step_0000002" / "tokens.safetensors").read_bytes() == good
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_0000002"
+
+
+def test_bad_data_is_a_clear_error(toy_files, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    args = _args(toy_files, tmp_path / "r", 1)
+    args[args.index("--data") + 1] = str(empty)
+    assert main(args) == 2
+    assert str(empty) in capsys.readouterr().err
+    args[args.index("--data") + 1] = str(tmp_path / "missing")
+    assert main(args) == 2
+
+
+def test_corrupt_sample_does_not_stop_training(toy_files, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(toy_files / "data", data)
+    (data / "0.png").write_bytes(b"not a png at all")
+    (data / "1.txt").write_text("   \n")
+    args = _args(toy_files, tmp_path / "r", 2)
+    args[args.index("--data") + 1] = str(data)
+    assert main(args) == 0
