@@ -102,6 +102,14 @@ class Trainer:
         self.acc = Accelerator(mixed_precision=cfg.mixed_precision, log_with=cfg.log_with,
                                project_dir=str(self.out))
         self.device = self.acc.device
+        # Rank / world from torch.distributed itself: under torchrun on CPU, accelerate sets up the
+        # gloo process group but reports a single process (DistributedType.NO).
+        import torch.distributed as dist
+
+        self._dist = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        self.world = dist.get_world_size() if self._dist else self.acc.num_processes
+        self.rank = dist.get_rank() if self._dist else self.acc.process_index
+        self.is_main = self.rank == 0
         if cfg.weights_dtype == "auto":
             half = self.device.type == "cuda" and cfg.mixed_precision != "no"
             wdtype = DTYPES[cfg.mixed_precision] if half else torch.float32
@@ -165,7 +173,7 @@ class Trainer:
             latents = self._latents(batch, step)
             cond = bb.encode_prompts(batch["captions"], resolution=cfg.resolution)
         shared = _step_generator(cfg.seed, step, 0)  # identical on every rank
-        local = _step_generator(cfg.seed, step, 1 + self.acc.process_index)
+        local = _step_generator(cfg.seed, step, 1 + self.rank)
         t = bb.sample_timesteps(B, shared if cfg.shared_timestep else local, shared=cfg.shared_timestep,
                                 t_min=cfg.t_min, t_max=cfg.t_max)
         shape = (1 if cfg.shared_noise else B,) + tuple(latents.shape[1:])
@@ -178,7 +186,7 @@ class Trainer:
         cfg = self.cfg
         t0 = time.perf_counter()
         pb = self._pair_batch(batch, self.step)
-        distributed = self.acc.num_processes > 1
+        distributed = self.world > 1
         self.optimizer.zero_grad(set_to_none=True)
         with self._autocast():
             out = contrastive_backward(
@@ -204,7 +212,7 @@ class Trainer:
         if self.step % cfg.schedule.step_every == 0:
             self.scheduler.step()
         dt = time.perf_counter() - t0
-        pairs = pb.latents.shape[0] * len(pb.cond) * self.acc.num_processes
+        pairs = pb.latents.shape[0] * len(pb.cond) * self.world
         return {"step": self.step, "loss": loss, "i2t": float(out.i2t), "accuracy": float(out.accuracy),
                 "denoise": float(out.denoise), "t": float(pb.t[0]), "lr": self.optimizer.param_groups[0]["lr"],
                 "pairs_per_s": pairs / dt, "step_s": dt}
@@ -215,7 +223,7 @@ class Trainer:
         (or a given checkpoint folder). Returns the final tokens file."""
         from tqdm.auto import tqdm
 
-        cfg, main = self.cfg, self.acc.is_main_process
+        cfg, main = self.cfg, self.is_main
         if main:
             self.out.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out / "config.yaml")
@@ -229,7 +237,7 @@ class Trainer:
             logger.info("resumed from %s at step %d", ckpt, self.step)
         if cfg.log_with:
             self.acc.init_trackers("softrepa", config=_flat(cfg.to_dict()))
-        sampler = StepBatches(len(self.dataset), cfg.batch_size, self.acc.num_processes, self.acc.process_index,
+        sampler = StepBatches(len(self.dataset), cfg.batch_size, self.world, self.rank,
                               cfg.seed, self.step, cfg.max_steps)
         loader = torch.utils.data.DataLoader(EpochView(self.dataset), batch_sampler=sampler,
                                              num_workers=cfg.num_workers, collate_fn=collate_pairs)
@@ -265,17 +273,25 @@ class Trainer:
                 logger.warning("skipped samples during training (main process): %s", skipped)
         if cfg.log_with:
             self.acc.end_training()
-        self.acc.wait_for_everyone()
+        self._barrier()
         return final
 
+    def _barrier(self) -> None:
+        if self._dist:
+            import torch.distributed as dist
+
+            dist.barrier()
+        else:
+            self.acc.wait_for_everyone()
+
     def checkpoint(self) -> Path | None:
-        self.acc.wait_for_everyone()
+        self._barrier()
         path = None
-        if self.acc.is_main_process:
+        if self.is_main:
             path = save_checkpoint(self.out, self.step, self.tokens, self.optimizer, self.scheduler, self.cfg,
                                    extra={"history": self.history}, scaler=self.scaler,
                                    keep=self.cfg.keep_checkpoints)
-        self.acc.wait_for_everyone()
+        self._barrier()
         return path
 
     @torch.no_grad()
