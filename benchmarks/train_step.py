@@ -1,0 +1,139 @@
+"""Contrastive training step: pairs/s and peak memory, all-pairs vs chunked (random weights).
+
+    python benchmarks/train_step.py                    # reduced SD3 config on CPU
+    python benchmarks/train_step.py --full --dtype bf16 --batch 4 8 16 --text-len 256 512 --chunk none 32
+
+"all pairs" evaluates the B x B pairs in one forward + backward, the layout of the authors'
+trainer; "chunk K" is the exact two-pass scheme with K pairs per forward (softrepa.pairs). Each
+configuration runs in its own subprocess so that its peak memory (CUDA: max_memory_allocated;
+CPU: peak RSS) is its own. Prints a markdown table; `--out FILE` also writes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from attach_overhead import REDUCED, SD3_MEDIUM  # noqa: E402
+
+
+def one(args: argparse.Namespace) -> dict:
+    from diffusers import SD3Transformer2DModel
+
+    from softrepa import SoftTokens, SoftTokensConfig, attach
+    from softrepa.backbones import MMDiTBackbone, TextCond
+    from softrepa.pairs import PairBatch, contrastive_backward
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    cfg = SD3_MEDIUM if args.full else REDUCED
+    torch.manual_seed(0)
+    model = SD3Transformer2DModel(**cfg).to(device, dtype).eval().requires_grad_(False)
+    if args.ckpt:
+        model.enable_gradient_checkpointing()
+
+    class _Pipe:  # the backbone needs only the denoiser for the loss
+        transformer = model
+        vae = None
+
+    bb = MMDiTBackbone(_Pipe())
+    tokens = SoftTokens.for_model(model, SoftTokensConfig()).to(device)
+    attach(model, tokens)
+    B, lat = args.batch, args.resolution // 8
+    text_len = 77 + args.text_len
+    g = torch.Generator().manual_seed(0)
+    cond = TextCond(torch.randn(B, text_len, cfg["joint_attention_dim"], generator=g).to(device, dtype),
+                    torch.randn(B, cfg["pooled_projection_dim"], generator=g).to(device, dtype))
+    batch = PairBatch(torch.randn(B, 16, lat, lat, generator=g).to(device, dtype), cond,
+                      [f"caption {i}" for i in range(B)], torch.full((B,), 500.0, device=device),
+                      torch.randn(1, 16, lat, lat, generator=g).to(device, dtype))
+    chunk = None if args.chunk == "none" else int(args.chunk)
+    opt = torch.optim.AdamW(tokens.parameters(), lr=1e-3)
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else torch.autocast(device.type, enabled=False)
+    times = []
+    for i in range(args.warmup + args.iters):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        with autocast:
+            contrastive_backward(bb, batch, pair_chunk=chunk)
+        opt.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t0)
+    step = sorted(times)[len(times) // 2]
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2**30
+        name = torch.cuda.get_device_name(0)
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+        name = f"CPU {platform.machine()} ({torch.get_num_threads()} threads)"
+    return {"batch": B, "text_len": args.text_len, "chunk": args.chunk, "ckpt": args.ckpt, "step_s": step,
+            "pairs_per_s": B * B / step, "peak_gib": peak, "device": name}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--full", action="store_true", help="SD3-medium config (default: reduced, 8 blocks, width 384)")
+    ap.add_argument("--resolution", type=int, default=None, help="training px (default 512 full / 128 reduced)")
+    ap.add_argument("--batch", type=int, nargs="+", default=[4, 8])
+    ap.add_argument("--text-len", type=int, nargs="+", default=[256], help="T5 length (+77 CLIP tokens)")
+    ap.add_argument("--chunk", nargs="+", default=["none", "16"], help="'none' = all pairs at once, or pairs/forward")
+    ap.add_argument("--ckpt", action="store_true", help="gradient checkpointing on")
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    args.resolution = args.resolution or (512 if args.full else 128)
+    if args.one:
+        args.batch, args.text_len, args.chunk = args.batch[0], args.text_len[0], args.chunk[0]
+        print("RESULT " + json.dumps(one(args)))
+        return
+    rows = []
+    for B in args.batch:
+        for L in args.text_len:
+            for c in args.chunk:
+                cmd = [sys.executable, __file__, "--one", "--batch", str(B), "--text-len", str(L), "--chunk", c,
+                       "--dtype", args.dtype, "--iters", str(args.iters), "--warmup", str(args.warmup),
+                       "--resolution", str(args.resolution)] + (["--full"] if args.full else []) + (["--ckpt"] if args.ckpt else [])
+                proc = subprocess.run(cmd, capture_output=True, text=True)
+                line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+                if not line:
+                    err = (proc.stderr.strip().splitlines() or ["?"])[-1]
+                    rows.append({"batch": B, "text_len": L, "chunk": c, "error": err[:80]})
+                else:
+                    rows.append(json.loads(line[0][7:]))
+                print(rows[-1], file=sys.stderr)
+    dev = next((r["device"] for r in rows if "device" in r), "?")
+    head = (f"config: {'SD3-medium' if args.full else 'reduced SD3 (8 blocks, width 384)'}, random weights, "
+            f"{args.resolution} px, {args.dtype}, grad checkpointing {'on' if args.ckpt else 'off'}, device: {dev}")
+    lines = [head, "", "| B | pairs | T5 len | pairs/forward | step s | pairs/s | peak GiB |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        mode = "all (authors' layout)" if r["chunk"] == "none" else r["chunk"]
+        if "error" in r:
+            lines.append(f"| {r['batch']} | {r['batch'] ** 2} | {r['text_len']} | {mode} | failed: {r['error']} | | |")
+        else:
+            lines.append(f"| {r['batch']} | {r['batch'] ** 2} | {r['text_len']} | {mode} | {r['step_s']:.2f} | "
+                         f"{r['pairs_per_s']:.1f} | {r['peak_gib']:.2f} |")
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
