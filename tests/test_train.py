@@ -160,3 +160,12 @@ def test_two_process_gloo_equals_single_process_union_batch(toy_files, tmp_path,
     la = [json.loads(x)["loss"] for x in (dist_out / "metrics.jsonl").read_text().splitlines()]
     lb = [json.loads(x)["loss"] for x in (single_out / "metrics.jsonl").read_text().splitlines()]
     assert la == pytest.approx(lb, rel=1e-5)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_runs(toy_files, tmp_path, precision):
+    """bf16 autocast and fp16 autocast + GradScaler (chunked path) train and stay finite."""
+    out = tmp_path / precision
+    assert main(_args(toy_files, out, 2, "--mixed_precision", precision, "--pair_chunk", "4")) == 0
+    tokens = softrepa.load_soft_tokens(out / "tokens.safetensors")
+    assert torch.isfinite(tokens.base).all() and tokens.base.dtype == torch.float32

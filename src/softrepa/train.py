@@ -193,7 +193,7 @@ class Trainer:
                 self.backbone, pb, pair_chunk=cfg.pair_chunk, distributed=distributed,
                 loss_kwargs=dict(tau=cfg.loss.tau, scale=cfg.loss.scale, form=cfg.loss.form,
                                  symmetric=cfg.loss.symmetric, denoise_weight=cfg.loss.denoise_weight),
-                grad_multiplier=self.scaler.get_scale() if self.scaler else 1.0)
+                grad_multiplier=self._loss_scale())
         all_reduce_grads(list(self.tokens.parameters()))
         loss = float(out.loss)
         finite_grads = all(p.grad is None or torch.isfinite(p.grad).all() for p in self.tokens.parameters())
@@ -275,6 +275,12 @@ class Trainer:
             self.acc.end_training()
         self._barrier()
         return final
+
+    def _loss_scale(self) -> float:
+        """fp16: the GradScaler's current scale (scaling a unit tensor also initialises it)."""
+        if self.scaler is None:
+            return 1.0
+        return float(self.scaler.scale(torch.ones((), device=self.device)))
 
     def _barrier(self) -> None:
         if self._dist:
