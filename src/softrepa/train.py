@@ -99,8 +99,9 @@ class Trainer:
 
         self.cfg = cfg
         self.out = Path(cfg.output_dir)
-        self.acc = Accelerator(mixed_precision=cfg.mixed_precision, log_with=cfg.log_with,
-                               project_dir=str(self.out))
+        # Autocast / GradScaler are handled here (the contrastive backward is manual), so accelerate
+        # is used for device placement, process setup and trackers only.
+        self.acc = Accelerator(log_with=cfg.log_with, project_dir=str(self.out))
         self.device = self.acc.device
         # Rank / world from torch.distributed itself: under torchrun on CPU, accelerate sets up the
         # gloo process group but reports a single process (DistributedType.NO).
