@@ -61,3 +61,12 @@ def unet_inputs(model, batch: int = 3, seed: int = 0, timesteps=None):
             "time_ids": torch.tensor([[32.0, 32, 0, 0, 32, 32]]).repeat(batch, 1),
         }
     return kw
+
+
+def randomize_tokens(tokens, seed: int = 1, std: float = 0.5):
+    """Give tokens large random values so that their effect is far above float noise."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in tokens.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    return tokens

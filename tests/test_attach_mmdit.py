@@ -7,7 +7,7 @@ import torch
 
 import softrepa
 from softrepa import SoftTokens, SoftTokensConfig, SoftTokensError, attach
-from tests.conftest import mmdit_inputs
+from tests.conftest import mmdit_inputs, randomize_tokens
 from tests.reference import ref_mmdit_forward
 
 
@@ -15,19 +15,13 @@ def _hook_count(model) -> int:
     return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
 
 
-def _randomize(tokens, seed=1, std=0.5):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in tokens.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * std)
-    return tokens
 
 
 @pytest.mark.parametrize("space", ["text", "block"])
 @torch.no_grad()
 def test_attached_matches_reference_loop(mmdit_model, space):
     model = mmdit_model
-    tokens = _randomize(SoftTokens.for_model(model, SoftTokensConfig(num_tokens=3, num_layers=3, token_space=space)))
+    tokens = randomize_tokens(SoftTokens.for_model(model, SoftTokensConfig(num_tokens=3, num_layers=3, token_space=space)))
     # mixed per-sample timesteps, incl. t = 1000 (bucket clamp) and a fractional t
     inp = mmdit_inputs(model, batch=3, timesteps=[1000.0, 503.7, 9.0])
     ref = ref_mmdit_forward(model, tokens, **inp)
@@ -41,7 +35,7 @@ def test_attached_matches_reference_loop(mmdit_model, space):
 @torch.no_grad()
 def test_per_sample_buckets_are_used(sd3_model):
     """A sample's output must not depend on the other samples' timesteps in the batch."""
-    tokens = _randomize(SoftTokens.for_model(sd3_model, SoftTokensConfig(num_layers=2)))
+    tokens = randomize_tokens(SoftTokens.for_model(sd3_model, SoftTokensConfig(num_layers=2)))
     inp = mmdit_inputs(sd3_model, batch=3, timesteps=[1000.0, 503.7, 9.0])
     with attach(sd3_model, tokens):
         batched = sd3_model(**inp).sample
@@ -84,7 +78,7 @@ def test_gradients_reach_only_tokens(sd3_model):
 
 def test_gradient_checkpointing_gives_same_gradients(sd3_model):
     sd3_model.requires_grad_(False)
-    tokens = _randomize(SoftTokens.for_model(sd3_model, SoftTokensConfig(num_layers=3)), std=0.1)
+    tokens = randomize_tokens(SoftTokens.for_model(sd3_model, SoftTokensConfig(num_layers=3)), std=0.1)
     inp = mmdit_inputs(sd3_model)
     grads = []
     for ckpt in (False, True):
@@ -101,7 +95,7 @@ def test_gradient_checkpointing_gives_same_gradients(sd3_model):
 
 def test_last_block_context_pre_only(sd3_model):
     """Tokens in the last (context_pre_only) block still reach the image stream."""
-    tokens = _randomize(SoftTokens.for_model(sd3_model, SoftTokensConfig(layers=(5,))))
+    tokens = randomize_tokens(SoftTokens.for_model(sd3_model, SoftTokensConfig(layers=(5,))))
     inp = mmdit_inputs(sd3_model)
     with torch.no_grad():
         ref = ref_mmdit_forward(sd3_model, tokens, **inp)
@@ -135,7 +129,7 @@ def test_bad_configs(sd3_model):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_model_with_fp32_tokens(sd3_model, dtype):
     """Tokens stay fp32 (trainable) and are cast into a half-precision model's dtype."""
-    tokens = _randomize(SoftTokens.for_model(sd3_model, SoftTokensConfig(num_layers=2)), std=0.1)
+    tokens = randomize_tokens(SoftTokens.for_model(sd3_model, SoftTokensConfig(num_layers=2)), std=0.1)
     inp = mmdit_inputs(sd3_model)
     with torch.no_grad():
         ref = ref_mmdit_forward(sd3_model, tokens, **inp)

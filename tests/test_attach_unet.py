@@ -6,22 +6,16 @@ import pytest
 import torch
 
 from softrepa import SoftTokens, SoftTokensConfig, SoftTokensError, attach
-from tests.conftest import unet_inputs
+from tests.conftest import randomize_tokens, unet_inputs
 from tests.reference import ref_unet_forward
 
 
-def _randomize(tokens, seed=1, std=0.5):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in tokens.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * std)
-    return tokens
 
 
 @pytest.mark.parametrize("blocks", [("down", "mid"), ("down",), ("down", "mid", "up")])
 @torch.no_grad()
 def test_attached_matches_reference(unet_model, blocks):
-    tokens = _randomize(SoftTokens.for_model(unet_model, SoftTokensConfig(num_tokens=3, blocks=blocks)))
+    tokens = randomize_tokens(SoftTokens.for_model(unet_model, SoftTokensConfig(num_tokens=3, blocks=blocks)))
     inp = unet_inputs(unet_model, timesteps=[999, 503, 9])
     ref = ref_unet_forward(unet_model, tokens, **inp)
     with attach(unet_model, tokens):
@@ -33,7 +27,7 @@ def test_attached_matches_reference(unet_model, blocks):
 @torch.no_grad()
 def test_all_groups_equal_stock_unet_on_hand_built_context(unet_model):
     """With every group selected, attaching == feeding the stock UNet [BOS, tokens, rest]."""
-    tokens = _randomize(SoftTokens.for_model(unet_model, SoftTokensConfig(blocks=("down", "mid", "up"))))
+    tokens = randomize_tokens(SoftTokens.for_model(unet_model, SoftTokensConfig(blocks=("down", "mid", "up"))))
     inp = unet_inputs(unet_model, timesteps=[640, 640, 640])
     s = tokens(torch.tensor(640), 3)[:, 0]  # (B, m, D)
     ctx = inp["encoder_hidden_states"]
@@ -46,7 +40,7 @@ def test_all_groups_equal_stock_unet_on_hand_built_context(unet_model):
 
 @torch.no_grad()
 def test_scalar_timestep_and_attention_mask(unet_model):
-    tokens = _randomize(SoftTokens.for_model(unet_model))
+    tokens = randomize_tokens(SoftTokens.for_model(unet_model))
     inp = unet_inputs(unet_model)
     inp["timestep"] = 321  # pipelines may pass a scalar
     mask = torch.ones(3, inp["encoder_hidden_states"].shape[1])
@@ -69,7 +63,7 @@ def test_detach_is_bit_exact(unet_model):
 
 def test_gradients_only_on_tokens_with_and_without_checkpointing(unet_model):
     unet_model.requires_grad_(False)
-    tokens = _randomize(SoftTokens.for_model(unet_model), std=0.1)
+    tokens = randomize_tokens(SoftTokens.for_model(unet_model), std=0.1)
     inp = unet_inputs(unet_model)
     grads = []
     for ckpt in (False, True):
