@@ -255,6 +255,21 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+RECIPES_DIR = Path(__file__).parent / "recipes"
+
+
+def resolve_recipe(path: str | os.PathLike) -> Path:
+    """A YAML path, or the name of a packaged recipe (`sd3`, `sd15`, `sdxl`, `toy_sd3`, `toy_sd15`)."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    packaged = RECIPES_DIR / f"{p.stem if p.suffix in ('.yaml', '.yml') else p.name}.yaml"
+    if packaged.is_file() and (p.parent == Path(".") or p.parent.name in ("configs", "recipes")):
+        return packaged
+    known = sorted(q.stem for q in RECIPES_DIR.glob("*.yaml"))
+    raise ConfigError(f"config file {p} does not exist (packaged recipes: {known})")
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None,
                 cls: type = TrainConfig) -> Any:
     """Defaults <- YAML file <- overrides, validated into `cls`.
@@ -265,9 +280,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any]
     """
     values: dict[str, Any] = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {p} does not exist")
+        p = resolve_recipe(path)
         try:
             loaded = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:
