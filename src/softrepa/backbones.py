@@ -266,6 +266,16 @@ def load_pipeline(model: str, dtype: torch.dtype = torch.float32, device: str | 
     kw: dict[str, Any] = {"torch_dtype": dtype}
     if variant:
         kw["variant"] = variant
+    index = os.path.join(model, "model_index.json")
+    if os.path.isfile(index):
+        import json
+
+        # Components saved as null (e.g. SD3 without T5) must be passed as None explicitly,
+        # otherwise diffusers refuses to load the folder it wrote itself.
+        with open(index) as f:
+            for name, value in json.load(f).items():
+                if isinstance(value, list) and value and all(v is None for v in value):
+                    kw[name] = None
     try:
         pipe = DiffusionPipeline.from_pretrained(model, safety_checker=None, requires_safety_checker=False, **kw)
     except TypeError:
