@@ -1,0 +1,254 @@
+"""CLIP-family scores: CLIP score, PickScore and HPSv2, all on transformers' `CLIPModel`.
+
+* CLIP score: the SoftREPA authors' eval.py calls ImageReward's `CLIPScore` (OpenAI CLIP ViT-L/14),
+  whose score is the plain cosine similarity of the L2-normalised image and text embeddings: no
+  x100, no clamp. That is the scale of the paper's table (~0.26). Hessel et al.'s CLIPScore
+  (w * max(cos, 0), w = 2.5) is available through the `w` / `clamp_zero` options.
+* PickScore (Kirstain et al.): `exp(logit_scale) * cos` with the PickScore_v1 CLIP-H model, the
+  reference code's formula (~21-23 on COCO prompts).
+* HPSv2 (Wu et al.): `cos` of an open_clip ViT-H-14 fine-tuned on human preferences (~0.25-0.29).
+  The published `HPS_v2_compressed.pt` is an open_clip state dict; the open_clip package imports
+  torchvision at import time (which does not import beside our CPU torch), so the checkpoint is
+  converted key by key into transformers' `CLIPModel`, which has the same architecture (pre-LN
+  ViT, causal text transformer pooled at the EOT token, bias-free projections). The expected
+  open_clip key -> shape table is `openclip_state_shapes`; tests load that table with strict=True.
+
+Every score uses the reference preprocessing (`common.clip_pixels`: bicubic resize of the shorter
+side, centre crop, OpenAI mean / std) and prompts truncated to the 77-token context.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .common import (CLIP_MEAN, CLIP_STD, WeightsError, clip_pixels, load_on_meta, load_state_dict, resolve_file,
+                     resolve_pretrained)
+
+#: open_clip architecture presets (open_clip's model_configs JSON format).
+OPENCLIP_PRESETS = {
+    "ViT-H-14": {"embed_dim": 1024,
+                 "vision_cfg": {"image_size": 224, "layers": 32, "width": 1280, "head_width": 80, "patch_size": 14},
+                 "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 1024, "heads": 16, "layers": 24}},
+}
+HPS_URL = "https://huggingface.co/xswu/HPSv2/resolve/main/HPS_v2_compressed.pt"
+CLIP_URL = "https://huggingface.co/openai/clip-vit-large-patch14"
+PICKSCORE_URL = "https://huggingface.co/yuvalkirstain/PickScore_v1"
+LAION_H14_URL = "https://huggingface.co/laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+
+
+def _arch(arch: str | dict) -> dict:
+    if isinstance(arch, str):
+        if arch not in OPENCLIP_PRESETS:
+            raise WeightsError(f"hps: unknown open_clip architecture {arch!r}; give one of "
+                               f"{sorted(OPENCLIP_PRESETS)} or the model config dict")
+        arch = OPENCLIP_PRESETS[arch]
+    v = {"head_width": 64, "mlp_ratio": 4.0, **arch["vision_cfg"]}
+    t = {"context_length": 77, "vocab_size": 49408, "heads": 8, "mlp_ratio": 4.0, **arch["text_cfg"]}
+    return {"embed_dim": arch["embed_dim"], "vision": v, "text": t, "quick_gelu": arch.get("quick_gelu", False)}
+
+
+def openclip_state_shapes(arch: str | dict) -> dict[str, tuple]:
+    """Key -> shape of an open_clip `CLIP` state dict (ViT image tower, default text tower).
+
+    Derived from open_clip's `VisionTransformer` / text `Transformer` (nn.MultiheadAttention with a
+    fused in_proj, `c_fc` / `c_proj` MLP, `ln_pre` / `ln_post`, `proj`, `text_projection`).
+
+    Args:
+        arch: preset name (e.g. "ViT-H-14") or an open_clip model config dict.
+    """
+    a = _arch(arch)
+    v, t, e = a["vision"], a["text"], a["embed_dim"]
+    out: dict[str, tuple] = {"positional_embedding": (t["context_length"], t["width"]),
+                             "text_projection": (t["width"], e), "logit_scale": (),
+                             "token_embedding.weight": (t["vocab_size"], t["width"]),
+                             "ln_final.weight": (t["width"],), "ln_final.bias": (t["width"],)}
+    grid = v["image_size"] // v["patch_size"]
+    out.update({"visual.class_embedding": (v["width"],),
+                "visual.positional_embedding": (grid * grid + 1, v["width"]),
+                "visual.proj": (v["width"], e),
+                "visual.conv1.weight": (v["width"], 3, v["patch_size"], v["patch_size"])})
+    for ln in ("ln_pre", "ln_post"):
+        out.update({f"visual.{ln}.weight": (v["width"],), f"visual.{ln}.bias": (v["width"],)})
+    for prefix, c in (("visual.transformer", v), ("transformer", t)):
+        w, hid = c["width"], int(c["width"] * c["mlp_ratio"])
+        for i in range(c["layers"]):
+            p = f"{prefix}.resblocks.{i}."
+            out.update({p + "ln_1.weight": (w,), p + "ln_1.bias": (w,), p + "ln_2.weight": (w,), p + "ln_2.bias": (w,),
+                        p + "attn.in_proj_weight": (3 * w, w), p + "attn.in_proj_bias": (3 * w,),
+                        p + "attn.out_proj.weight": (w, w), p + "attn.out_proj.bias": (w,),
+                        p + "mlp.c_fc.weight": (hid, w), p + "mlp.c_fc.bias": (hid,),
+                        p + "mlp.c_proj.weight": (w, hid), p + "mlp.c_proj.bias": (w,)})
+    return out
+
+
+def hf_clip_config(arch: str | dict):
+    """The transformers `CLIPConfig` of an open_clip architecture.
+
+    The text `eos_token_id` is 2, which makes transformers pool at `input_ids.argmax(-1)`, exactly
+    open_clip's `text.argmax(dim=-1)` (the EOT token has the highest id in the CLIP vocabulary).
+
+    Args:
+        arch: preset name or open_clip model config dict.
+    """
+    from transformers import CLIPConfig
+
+    a = _arch(arch)
+    v, t = a["vision"], a["text"]
+    act = "quick_gelu" if a["quick_gelu"] else "gelu"
+    return CLIPConfig(
+        text_config=dict(vocab_size=t["vocab_size"], hidden_size=t["width"], num_hidden_layers=t["layers"],
+                         intermediate_size=int(t["width"] * t["mlp_ratio"]), num_attention_heads=t["heads"],
+                         max_position_embeddings=t["context_length"], hidden_act=act, layer_norm_eps=1e-5,
+                         eos_token_id=2, bos_token_id=t["vocab_size"] - 2, pad_token_id=0),
+        vision_config=dict(hidden_size=v["width"], num_hidden_layers=v["layers"],
+                           intermediate_size=int(v["width"] * v["mlp_ratio"]),
+                           num_attention_heads=v["width"] // v["head_width"], image_size=v["image_size"],
+                           patch_size=v["patch_size"], hidden_act=act, layer_norm_eps=1e-5),
+        projection_dim=a["embed_dim"])
+
+
+_BLOCK = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2",
+          "attn.out_proj": "self_attn.out_proj"}
+
+
+def openclip_to_hf(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename / reshape an open_clip CLIP state dict into transformers `CLIPModel` keys.
+
+    Args:
+        sd: open_clip state dict (keys as in `openclip_state_shapes`).
+    Returns:
+        A state dict for `CLIPModel(hf_clip_config(arch))`.
+    """
+    out = {}
+    for k, val in sd.items():
+        if k.startswith(("visual.transformer.resblocks.", "transformer.resblocks.")):
+            tower = "vision_model" if k.startswith("visual.") else "text_model"
+            i = k.split("resblocks.")[1].split(".")[0]
+            rest = k.split(f"resblocks.{i}.")[1]
+            base = f"{tower}.encoder.layers.{i}."
+            if rest.startswith("attn.in_proj_"):
+                kind = rest.rsplit("_", 1)[1]
+                for name, part in zip(("q_proj", "k_proj", "v_proj"), val.chunk(3, dim=0)):
+                    out[f"{base}self_attn.{name}.{kind}"] = part
+                continue
+            mod, kind = rest.rsplit(".", 1)
+            if mod not in _BLOCK:
+                out["?" + k] = val  # surfaces as an unexpected key in check_keys
+                continue
+            out[f"{base}{_BLOCK[mod]}.{kind}"] = val
+            continue
+        simple = {"positional_embedding": "text_model.embeddings.position_embedding.weight",
+                  "token_embedding.weight": "text_model.embeddings.token_embedding.weight",
+                  "ln_final.weight": "text_model.final_layer_norm.weight",
+                  "ln_final.bias": "text_model.final_layer_norm.bias", "logit_scale": "logit_scale",
+                  "visual.class_embedding": "vision_model.embeddings.class_embedding",
+                  "visual.positional_embedding": "vision_model.embeddings.position_embedding.weight",
+                  "visual.conv1.weight": "vision_model.embeddings.patch_embedding.weight",
+                  "visual.ln_pre.weight": "vision_model.pre_layrnorm.weight",
+                  "visual.ln_pre.bias": "vision_model.pre_layrnorm.bias",
+                  "visual.ln_post.weight": "vision_model.post_layernorm.weight",
+                  "visual.ln_post.bias": "vision_model.post_layernorm.bias"}
+        if k in simple:
+            out[simple[k]] = val
+        elif k == "visual.proj":  # x @ proj  ==  Linear(weight=proj.T)
+            out["visual_projection.weight"] = val.t().contiguous()
+        elif k == "text_projection":
+            out["text_projection.weight"] = val.t().contiguous()
+        else:
+            out["?" + k] = val
+    return out
+
+
+class CLIPScorer:
+    """Per-image text-image score `w * cos(image, text)` (optionally clamped) from a `CLIPModel`.
+
+    Args:
+        model: a transformers `CLIPModel`.
+        tokenizer: its CLIP tokenizer.
+        name: metric name (messages, progress bars).
+        w: multiplier; "logit_scale" uses `exp(model.logit_scale)` (PickScore).
+        clamp_zero: apply max(cos, 0) first (Hessel et al.'s CLIPScore).
+        image_mean, image_std: preprocessing normalisation.
+        device, dtype: where / how the model runs.
+    """
+
+    per_image = True
+    needs_prompts = True
+
+    def __init__(self, model, tokenizer, *, name: str, w: float | str = 1.0, clamp_zero: bool = False,
+                 image_mean=CLIP_MEAN, image_std=CLIP_STD, device="cpu", dtype=torch.float32):
+        self.name, self.tokenizer, self.device, self.dtype = name, tokenizer, torch.device(device), dtype
+        self.model = model.to(self.device, dtype).eval()
+        self.scale = float(model.logit_scale.detach().float().exp()) if w == "logit_scale" else float(w)
+        self.clamp_zero = clamp_zero
+        self.mean, self.std = tuple(image_mean), tuple(image_std)
+        self.size = int(model.config.vision_config.image_size)
+        self.max_length = int(min(model.config.text_config.max_position_embeddings,
+                                  getattr(tokenizer, "model_max_length", 77) or 77, 77))
+
+    @torch.no_grad()
+    def score(self, images, prompts) -> np.ndarray:
+        """Scores of a batch of (PIL image, prompt) pairs, as float64."""
+        m = self.model
+        pix = clip_pixels(images, self.size, self.mean, self.std).to(self.device, self.dtype)
+        tok = self.tokenizer(list(prompts), padding="max_length", truncation=True, max_length=self.max_length,
+                             return_tensors="pt").to(self.device)
+        # Towers + projections called directly: `get_*_features` changed return type in transformers 5.
+        img = m.visual_projection(m.vision_model(pixel_values=pix).pooler_output)
+        txt = m.text_projection(m.text_model(input_ids=tok["input_ids"],
+                                             attention_mask=tok.get("attention_mask")).pooler_output)
+        cos = (F.normalize(img.float(), dim=-1) * F.normalize(txt.float(), dim=-1)).sum(-1)
+        if self.clamp_zero:
+            cos = cos.clamp_min(0)
+        return (self.scale * cos).double().cpu().numpy()
+
+
+def _tokenizer(spec, *, metric, url, offline):
+    from transformers import AutoTokenizer
+
+    return resolve_pretrained(AutoTokenizer.from_pretrained, spec, metric=metric, what="tokenizer", url=url,
+                              offline=offline)
+
+
+def load_clip_score(cfg: dict, *, device="cpu", dtype=torch.float32, offline=True) -> CLIPScorer:
+    """CLIP score from `cfg` = {model, tokenizer (default: model), w (1.0), clamp_zero (false)}."""
+    from transformers import CLIPModel
+
+    model = resolve_pretrained(CLIPModel.from_pretrained, cfg.get("model"), metric="clip", what="CLIP model",
+                               url=CLIP_URL, offline=offline)
+    tok = _tokenizer(cfg.get("tokenizer") or cfg.get("model"), metric="clip", url=CLIP_URL, offline=offline)
+    return CLIPScorer(model, tok, name="clip", w=cfg.get("w", 1.0), clamp_zero=bool(cfg.get("clamp_zero", False)),
+                      image_mean=cfg.get("image_mean", CLIP_MEAN), image_std=cfg.get("image_std", CLIP_STD),
+                      device=device, dtype=dtype)
+
+
+def load_pickscore(cfg: dict, *, device="cpu", dtype=torch.float32, offline=True) -> CLIPScorer:
+    """PickScore from `cfg` = {model: PickScore_v1, tokenizer: the CLIP-H processor's tokenizer}."""
+    from transformers import CLIPModel
+
+    model = resolve_pretrained(CLIPModel.from_pretrained, cfg.get("model"), metric="pickscore",
+                               what="PickScore model", url=PICKSCORE_URL, offline=offline)
+    tok = _tokenizer(cfg.get("tokenizer") or cfg.get("model"), metric="pickscore", url=LAION_H14_URL,
+                     offline=offline)
+    return CLIPScorer(model, tok, name="pickscore", w="logit_scale", image_mean=cfg.get("image_mean", CLIP_MEAN),
+                      image_std=cfg.get("image_std", CLIP_STD), device=device, dtype=dtype)
+
+
+def load_hps(cfg: dict, *, device="cpu", dtype=torch.float32, offline=True) -> CLIPScorer:
+    """HPSv2 from `cfg` = {weights (file / folder / hub repo), filename, architecture, tokenizer}."""
+    from transformers import CLIPModel
+
+    path = resolve_file(cfg.get("weights"), metric="hps", what="HPSv2 checkpoint",
+                        filename=cfg.get("filename", "HPS_v2_compressed.pt"), url=HPS_URL, offline=offline)
+    arch = cfg.get("architecture", "ViT-H-14")
+    sd = openclip_to_hf(load_state_dict(path, metric="hps", key="state_dict"))
+    model = load_on_meta(lambda: CLIPModel(hf_clip_config(arch)), sd, metric="hps", path=path)
+    tok = _tokenizer(cfg.get("tokenizer"), metric="hps", url=LAION_H14_URL, offline=offline)
+    return CLIPScorer(model, tok, name="hps", w=1.0, image_mean=cfg.get("image_mean", CLIP_MEAN),
+                      image_std=cfg.get("image_std", CLIP_STD), device=device, dtype=dtype)
+
+
+__all__ = ["CLIPScorer", "OPENCLIP_PRESETS", "hf_clip_config", "load_clip_score", "load_hps", "load_pickscore",
+           "openclip_state_shapes", "openclip_to_hf"]
