@@ -9,6 +9,7 @@ model is the same object with the same parameters and the same outputs, bit for 
 
 from __future__ import annotations
 
+import functools
 import inspect
 import weakref
 from typing import Any, Callable
@@ -85,9 +86,20 @@ def check_fits(layout: TokenLayout, denoiser: nn.Module) -> None:
             )
 
 
-def call_arguments(module: nn.Module, args: tuple, kwargs: dict) -> inspect.BoundArguments:
-    """Bind a forward call's positional and keyword arguments to parameter names."""
-    return inspect.signature(module.forward).bind_partial(*args, **kwargs)
+@functools.lru_cache(maxsize=None)
+def _forward_params(cls: type) -> tuple[str, ...]:
+    """Positional parameter names of `cls.forward` (cached: hooks run on every call)."""
+    names = list(inspect.signature(cls.forward).parameters)
+    return tuple(names[1:])  # drop self
+
+
+def call_argument(module: nn.Module, args: tuple, kwargs: dict, name: str) -> Any:
+    """The value of forward argument `name` in a call, whether passed by position or keyword."""
+    if name in kwargs:
+        return kwargs[name]
+    params = _forward_params(type(module))
+    pos = params.index(name) if name in params else len(args)
+    return args[pos] if pos < len(args) else None
 
 
 def replace_argument(module: nn.Module, args: tuple, kwargs: dict, name: str, value: Any) -> tuple[tuple, dict]:
@@ -96,7 +108,7 @@ def replace_argument(module: nn.Module, args: tuple, kwargs: dict, name: str, va
         kwargs = dict(kwargs)
         kwargs[name] = value
         return args, kwargs
-    params = list(inspect.signature(module.forward).parameters)
+    params = _forward_params(type(module))
     pos = params.index(name)
     if pos < len(args):
         args = args[:pos] + (value,) + args[pos + 1:]
@@ -197,9 +209,8 @@ def model_pre_hook(handle: AttachHandle, projection: Callable | None, sample_arg
         if not handle.enabled:
             handle.current = None
             return None
-        bound = call_arguments(module, args, kwargs).arguments
-        sample = bound[sample_arg]
-        timestep = bound.get("timestep")
+        sample = call_argument(module, args, kwargs, sample_arg)
+        timestep = call_argument(module, args, kwargs, "timestep")
         if timestep is None:
             raise SoftTokensError(f"{type(module).__name__} was called without a timestep")
         handle.current = handle.tokens(timestep, sample.shape[0], projection=projection,

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import AttachHandle, call_arguments, model_pre_hook, replace_argument
+from . import AttachHandle, call_argument, model_pre_hook, replace_argument
 
 
 def install_mmdit_hooks(model: nn.Module, handle: AttachHandle) -> None:
@@ -32,7 +32,7 @@ def _prepend(handle: AttachHandle, set_index: int):
         toks = handle.current
         if toks is None:
             return None
-        ehs = call_arguments(block, args, kwargs).arguments["encoder_hidden_states"]  # (B, n_txt, D)
+        ehs = call_argument(block, args, kwargs, "encoder_hidden_states")  # (B, n_txt, D)
         if ehs.shape[0] != toks.shape[0]:
             raise RuntimeError(
                 f"soft tokens were computed for a batch of {toks.shape[0]} but block received {ehs.shape[0]}"
