@@ -1,0 +1,206 @@
+"""Shared pieces of the miniature pretraining: world data in memory, tokens, schedules, EMA, timing.
+
+The miniature pipelines (`pretrain.py`) are trained from scratch on the world's train split on a
+small CPU. Everything here serves that: images are rendered once into a uint8 tensor (rendering
+is cheaper than decoding files and keeps the run self-contained), captions are redrawn every
+step from the scene with the world's own caption templates (more text variety at no cost),
+prompts are tokenized once per distinct string, and the learning rate, EMA and timing helpers
+keep the three training loops short and alike.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .world import WorldDataset, caption
+
+#: Token budget of the miniature CLIP tokenizers: the longest caption the world's templates can
+#: produce is 54 character tokens (BOS/EOS included); 64 leaves room for a few extra words.
+TOKENIZER_MAX_LENGTH = 64
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (CPU) so a pretraining run is a function of its seed.
+
+    Args:
+        seed: the run's seed.
+    """
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def set_threads(n: int | None) -> None:
+    """Pin torch's intra-op threads.
+
+    On a small shared machine one thread per process is the robust choice: with other jobs
+    running, OpenMP workers spin-wait on each other and two threads measured 2-10x *slower* than
+    one on this 2-core box (see benchmarks/toy_pretrain.md).
+
+    Args:
+        n: thread count; None leaves torch's default.
+    """
+    if n:
+        torch.set_num_threads(int(n))
+
+
+def autocast(enabled: bool):
+    """bf16 autocast on CPU (about 2x faster matmuls/convs here), or a no-op context.
+
+    Weights, optimiser state and losses stay fp32; only the forward's matmuls run in bf16.
+
+    Args:
+        enabled: whether to autocast.
+    """
+    if enabled:
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class WorldImages:
+    """Train-split world scenes rendered once into memory, with captions redrawn per draw.
+
+    Args:
+        n: number of scenes (item i is `WorldDataset(n, seed, "train")[i]`).
+        seed: dataset seed.
+        size: image side in pixels.
+        p_two: probability of a two-object scene.
+    """
+
+    def __init__(self, n: int, seed: int, size: int = 32, p_two: float = 0.5):
+        ds = WorldDataset(n, seed, "train", size, p_two=p_two)
+        self.scenes = [ds.scene(i) for i in range(n)]
+        arr = np.stack([s.to_array(size) for s in self.scenes])  # (N, H, W, 3) uint8
+        self.pixels = torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
+
+    def __len__(self) -> int:
+        return len(self.scenes)
+
+    def images(self, idx: torch.Tensor) -> torch.Tensor:
+        """Images idx as float in [-1, 1], (B, 3, H, W): the range diffusers VAEs work in."""
+        return self.pixels[idx].float() / 127.5 - 1.0
+
+    def captions(self, idx: torch.Tensor, rng: np.random.Generator, drop: float = 0.0) -> list[str]:
+        """A fresh random caption per item; with probability `drop` the empty prompt instead.
+
+        The empty prompt is exactly what the stock pipelines encode as the negative prompt, so
+        training on it is what makes classifier-free guidance work at sampling time.
+
+        Args:
+            idx: item indices.
+            rng: numpy generator for the templates and the dropout.
+            drop: caption-dropout probability.
+        """
+        out = []
+        for i in idx.tolist():
+            out.append("" if rng.random() < drop else caption(self.scenes[i], rng))
+        return out
+
+
+class TokenCache:
+    """Token ids for prompts, padded/truncated exactly as the stock pipelines do, cached per text.
+
+    Args:
+        tokenizer: a transformers tokenizer (the pipeline's own).
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self._ids: dict[str, torch.Tensor] = {}
+
+    def __call__(self, texts: list[str]) -> torch.Tensor:
+        missing = [t for t in dict.fromkeys(texts) if t not in self._ids]
+        if missing:
+            enc = self.tokenizer(missing, padding="max_length", max_length=self.tokenizer.model_max_length,
+                                 truncation=True, return_tensors="pt").input_ids
+            self._ids.update(zip(missing, enc))
+        return torch.stack([self._ids[t] for t in texts])
+
+
+def lr_factor(step: int, total: int, warmup: int, floor: float = 0.1) -> float:
+    """Linear warm-up then cosine decay to `floor` of the peak (short runs end on a low lr,
+    which sharpens what a few thousand steps can learn).
+
+    Args:
+        step: current optimiser step (0-based).
+        total: total steps.
+        warmup: warm-up steps.
+        floor: final fraction of the peak learning rate.
+    """
+    if step < warmup:
+        return (step + 1) / warmup
+    p = min(1.0, (step - warmup) / max(1, total - warmup))
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * p))
+
+
+class EMA:
+    """Exponential moving average of parameters, with the usual warm-up of the decay.
+
+    Diffusion samples from the averaged weights are markedly cleaner than from the last
+    iterate, most of all after short, noisy CPU runs. Decay at update n is
+    min(decay, (1 + n) / (10 + n)), so the average does not drag in the random init.
+
+    Args:
+        modules: the modules whose parameters are averaged.
+        decay: the asymptotic decay.
+    """
+
+    def __init__(self, modules: list[torch.nn.Module], decay: float = 0.999):
+        self.params = [p for m in modules for p in m.parameters() if p.requires_grad]
+        self.shadow = [p.detach().clone() for p in self.params]
+        self.decay, self.n = decay, 0
+
+    @torch.no_grad()
+    def update(self) -> None:
+        d = min(self.decay, (1 + self.n) / (10 + self.n))
+        self.n += 1
+        for s, p in zip(self.shadow, self.params):
+            s.lerp_(p.detach(), 1 - d)
+
+    @torch.no_grad()
+    def copy_to(self) -> None:
+        """Write the averaged weights into the live parameters (end of training)."""
+        for s, p in zip(self.shadow, self.params):
+            p.copy_(s)
+
+
+@dataclass
+class Timer:
+    """Wall-clock seconds per named stage, printed as they finish (reported in the benchmark)."""
+
+    stages: dict[str, float] = field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def stage(self, name: str):
+        t0 = time.perf_counter()
+        print(f"[toy pretrain] {name} ...", flush=True)
+        try:
+            yield
+        finally:
+            self.stages[name] = time.perf_counter() - t0
+            print(f"[toy pretrain] {name}: {self.stages[name]:.1f} s", flush=True)
+
+
+def param_count(*modules: torch.nn.Module | None) -> int:
+    """Total number of parameters of the given modules (None skipped)."""
+    return sum(p.numel() for m in modules if m is not None for p in m.parameters())
+
+
+def folder_megabytes(path: str | os.PathLike) -> float:
+    """Size of all files under a folder in MB (10^6 bytes), as `du` would count the payload."""
+    total = 0
+    for root, _, files in os.walk(path):
+        total += sum(os.path.getsize(os.path.join(root, f)) for f in files)
+    return total / 1e6
+
+
+__all__ = ["EMA", "TOKENIZER_MAX_LENGTH", "Timer", "TokenCache", "WorldImages", "autocast",
+           "folder_megabytes", "lr_factor", "param_count", "seed_everything", "set_threads"]
