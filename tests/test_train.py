@@ -64,12 +64,25 @@ def test_cli_run_writes_checkpoint_log_and_grid(toy_files, tmp_path):
 
 
 def test_resume_after_hard_kill_equals_uninterrupted(toy_files, tmp_path):
+    # One thread in every process: bit-equality must not depend on how a machine's OpenMP
+    # splits reductions between the killed child and this process.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _resume_equals_uninterrupted(toy_files, tmp_path)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _resume_equals_uninterrupted(toy_files, tmp_path):
     full = tmp_path / "full"
     assert main(_args(toy_files, full, 4)) == 0
     part = tmp_path / "part"
     # A separate process that dies with os._exit right after writing the step-2 checkpoint.
     script = textwrap.dedent(f"""
         import os, sys
+        import torch
+        torch.set_num_threads(1)
         import softrepa.train as T
         orig = T.Trainer.checkpoint
         def checkpoint(self):
@@ -81,7 +94,8 @@ def test_resume_after_hard_kill_equals_uninterrupted(toy_files, tmp_path):
         from softrepa.cli import main
         sys.exit(main({_args(toy_files, part, 4)!r}))
     """)
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 137, proc.stderr[-2000:]
     assert not (part / "tokens.safetensors").exists()
     assert main(_args(toy_files, part, 4, "--resume")) == 0
