@@ -125,7 +125,7 @@ def contrastive_backward(
     kw = dict(loss_kwargs or {})
     B, P = batch.latents.shape[0], len(batch.cond)
     t_loss = batch.t_all if batch.t_all is not None else batch.t
-    if not distributed and pair_chunk is None:
+    if not distributed and (pair_chunk is None or pair_chunk >= B * P):  # one chunk: no need for two passes
         if P != B:
             raise ValueError(f"{B} images but {P} prompts on a single process")
         E = error_matrix(backbone, batch)  # (B, B) with graph
