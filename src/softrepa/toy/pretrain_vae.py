@@ -30,21 +30,10 @@ def build_vae(block_channels: tuple[int, ...] = (16, 32, 64), latent_channels: i
         latent_channels: latent channels (4 = the SD1.5 layout; SD3's transformer takes 4 too).
         seed: init seed.
     """
-    from diffusers import AutoencoderKL
+    from ..tiny import tiny_vae
 
-    torch.manual_seed(seed)
-    n = len(block_channels)
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * n,
-        up_block_types=("UpDecoderBlock2D",) * n,
-        block_out_channels=tuple(block_channels),
-        latent_channels=latent_channels,
-        layers_per_block=1,
-        norm_num_groups=8,
-        sample_size=32,
-    )
+    # Same construction and seeding as the test components; train_vae switches to train mode.
+    return tiny_vae(latent_channels=latent_channels, block_channels=tuple(block_channels), seed=seed)
 
 
 def train_vae(vae, data: WorldImages, steps: int, batch_size: int = 32, lr: float = 1e-3,
