@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -14,6 +16,7 @@ from softrepa.backbones import backbone_for
 from softrepa.cli import main
 from softrepa.edit import (EditConds, FlowEditParams, edit_image, edit_latents, encode_source, flowedit_latents,
                            guide, image_to_pixels, load_source_image, pixels_to_image, size_multiple, working_size)
+from softrepa.edit_cli import add_edit_arguments
 
 FAST = dict(steps=4, n_max=3, src_cfg=2.0, tar_cfg=2.0)
 
@@ -30,6 +33,13 @@ def sd15():
     from softrepa.tiny import tiny_sd15_pipeline
 
     return tiny_sd15_pipeline()
+
+
+@pytest.fixture(scope="module")
+def sdxl():
+    from softrepa.tiny import tiny_sdxl_pipeline
+
+    return tiny_sdxl_pipeline()
 
 
 def _image(w, h, seed=0):
@@ -84,7 +94,7 @@ def test_guidance_conventions_and_validation():
 
 
 # ----------------------------------------------------------------------------- real (tiny) models
-@pytest.mark.parametrize("family", ["sd3", "sd15"])
+@pytest.mark.parametrize("family", ["sd3", "sd15", "sdxl"])
 def test_identities_on_models(family, request):
     """n_max = 0 is the VAE round trip; target == source (equal CFGs) keeps the latent."""
     pipe = request.getfixturevalue(family)
@@ -123,6 +133,48 @@ def test_seeds_tokens_and_guidance_sd3(sd3):
     assert torch.equal(a, run())  # detached: vanilla again
 
 
+def _time_ids_seen(pipe):
+    """A forward pre-hook on the UNet recording every time_ids (N, 6) it is called with; returns (list, handle)."""
+    seen = []
+
+    def hook(module, args, kwargs):
+        seen.append(kwargs["added_cond_kwargs"]["time_ids"].clone())
+
+    return seen, pipe.unet.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def test_sdxl_size_conditioning_and_output_size(sdxl):
+    """A non-square image is conditioned on its (H, W), not a square, and comes back at its own size."""
+    img = _image(14, 10)  # 10 x 14 px: within the native 16 px, size multiple 2 -> works at 10 x 14
+    seen, handle = _time_ids_seen(sdxl)
+    try:
+        out = edit_image(sdxl, img, "a red circle", "a blue square", FlowEditParams(steps=3, n_max=2))
+        z = _latents(sdxl, 14, 10)  # (1, 4, 5, 7): edit_latents' default is the latent's pixel size
+        edit_latents(sdxl, z, ["a red circle"], ["a blue square"], FlowEditParams(steps=3, n_max=1))
+    finally:
+        handle.remove()
+    assert out.size == img.size
+    want = torch.tensor([10.0, 14.0, 0.0, 0.0, 10.0, 14.0])  # (original H, W, crop top, left, target H, W)
+    assert len(seen) >= 3 and all(torch.equal(t, want.expand_as(t)) for t in seen)
+    # an explicit resolution is honoured, square or (H, W)
+    cond = backbone_for(sdxl).encode_prompts(["a"], resolution=(24, 8))
+    assert cond.extra["time_ids"].tolist() == [[24.0, 8.0, 0.0, 0.0, 24.0, 8.0]]
+    square = backbone_for(sdxl).encode_prompts(["a"], resolution=12).extra["time_ids"]
+    assert square.tolist() == [[12.0, 12.0, 0.0, 0.0, 12.0, 12.0]]
+
+
+def test_long_prompts_warn(sd15, caplog):
+    """A prompt longer than the text encoder reads is reported, as in generation; short ones are not."""
+    z = _latents(sd15, 16, 12)
+    p = FlowEditParams(steps=2, n_max=1)
+    with caplog.at_level(logging.WARNING, logger="softrepa.sample"):
+        edit_latents(sd15, z, ["a red circle"], ["a blue square"], p)
+        assert not [r for r in caplog.records if r.name == "softrepa.sample"]
+        edit_image(sd15, _image(16, 12), "a red circle", "a blue square " + "x" * 100, p)
+    msgs = [r.getMessage() for r in caplog.records if r.name == "softrepa.sample"]
+    assert len(msgs) == 1 and "1 prompt(s)" in msgs[0] and "77" in msgs[0]
+
+
 def test_resize_and_image_errors(sd15, tmp_path):
     img = _image(30, 20)  # not a multiple of the size unit, larger than the native 16 px
     out = edit_image(sd15, img, "a red circle", "a blue square", FlowEditParams(steps=3, n_max=2))
@@ -137,6 +189,18 @@ def test_resize_and_image_errors(sd15, tmp_path):
 
 
 # ----------------------------------------------------------------------------- CLI
+def test_cli_cfg_flag_spellings():
+    """--target-cfg / --source-cfg (the issue's names) and the --tar-cfg / --src-cfg aliases agree."""
+    p = argparse.ArgumentParser()
+    add_edit_arguments(p)
+    base = ["--model", "m", "--out", "o"]
+    new = p.parse_args(base + ["--target-cfg", "9,11,13", "--source-cfg", "2.5"])
+    old = p.parse_args(base + ["--tar-cfg", "9,11,13", "--src-cfg", "2.5"])
+    assert (new.tar_cfg, new.src_cfg) == (old.tar_cfg, old.src_cfg) == ("9,11,13", 2.5)
+    assert p.parse_args(base).src_cfg == 3.5 and p.parse_args(base).tar_cfg is None
+    assert "--target-cfg" in p.format_help() and "--source-cfg" in p.format_help()
+
+
 @pytest.fixture(scope="module")
 def sd15_dir(sd15, tmp_path_factory):
     root = tmp_path_factory.mktemp("edit")
@@ -186,3 +250,16 @@ def test_cli_manifest_sweep_resumes(sd15_dir, tmp_path):
     assert all(p.stat().st_mtime_ns == t for p, t in mtimes.items() if p.name != "00001_b.png" or "cfg_2" in str(p))
     assert len((out / "cfg_4" / "metadata.jsonl").read_text().splitlines()) == 2
     assert not list(out.rglob(".*.tmp"))
+
+
+def test_cli_manifest_warns_long_prompts_once(sd15_dir, tmp_path, caplog):
+    """Manifest mode checks every pending prompt up front: one warning per run, not per row or CFG."""
+    _image(16, 12).save(tmp_path / "a.png")
+    long = "a blue square " + "x" * 100
+    rows = [{"image": "a.png", "source_prompt": "a red circle", "target_prompt": t} for t in (long, "a red star")]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with caplog.at_level(logging.WARNING, logger="softrepa.sample"):
+        assert main(["edit", "--model", str(sd15_dir), "--manifest", str(tmp_path / "m.jsonl"), "--target-cfg",
+                     "2,3", "--steps", "2", "--n-max", "1", "--no-progress", "--out", str(tmp_path / "out")]) == 0
+    msgs = [r.getMessage() for r in caplog.records if r.name == "softrepa.sample"]
+    assert len(msgs) == 1 and "1 prompt(s)" in msgs[0] and "xxxx" in msgs[0]

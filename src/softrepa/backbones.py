@@ -236,11 +236,22 @@ class SDXLBackbone(UNetBackbone):
     family = "sdxl"
 
     @torch.no_grad()
-    def encode_prompts(self, prompts: Sequence[str], resolution: int | None = None) -> TextCond:
+    def encode_prompts(self, prompts: Sequence[str], resolution: int | tuple[int, int] | None = None) -> TextCond:
+        """Prompts -> TextCond with SDXL's micro-conditioning in `extra["time_ids"]` (N, 6).
+
+        Args:
+            prompts: N prompts.
+            resolution: the image size the model works at: a side (square) or (H, W); default the
+                native square. Used as both original and target size (as the SDXL pipeline does).
+        """
         out = self.pipe.encode_prompt(**self._encode_kwargs(prompts))
-        res = resolution or self.pipe.default_sample_size * self.pipe.vae_scale_factor
-        # (original size, crop top-left, target size) of a centre-cropped training image
-        time_ids = torch.tensor([[res, res, 0, 0, res, res]], dtype=self.dtype, device=self.device)
+        if resolution is None:
+            resolution = self.pipe.default_sample_size * self.pipe.vae_scale_factor
+        pair = isinstance(resolution, (tuple, list))
+        h, w = (int(resolution[0]), int(resolution[1])) if pair else (int(resolution), int(resolution))
+        # (original H, W, crop top, left, target H, W), the order of the pipeline's _get_add_time_ids:
+        # a non-square image must not be conditioned as a square one
+        time_ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=self.dtype, device=self.device)
         return TextCond(out[0].to(self.dtype), out[2].to(self.dtype), {"time_ids": time_ids.repeat(len(prompts), 1)})
 
 

@@ -304,8 +304,9 @@ def model_for_edit(pipe: Any, steps: int, latent_shape: tuple[int, ...]) -> tupl
 
 @torch.no_grad()
 def edit_latents(pipe: Any, z_src: torch.Tensor, source_prompts: list[str], target_prompts: list[str],
-                 params: FlowEditParams, *, resolution: int | None = None, generator: torch.Generator | None = None,
-                 max_sequence_length: int = 256, progress: bool = False) -> torch.Tensor:
+                 params: FlowEditParams, *, resolution: int | tuple[int, int] | None = None,
+                 generator: torch.Generator | None = None, max_sequence_length: int = 256, progress: bool = False,
+                 warn_long: bool = True) -> torch.Tensor:
     """FlowEdit on latents with a pipeline's model (and whatever tokens are attached to it).
 
     Args:
@@ -313,18 +314,27 @@ def edit_latents(pipe: Any, z_src: torch.Tensor, source_prompts: list[str], targ
         z_src: (B, C, h, w) source latents (`encode_source`).
         source_prompts, target_prompts: B prompts each.
         params: FlowEdit settings.
-        resolution: image size for SDXL's size conditioning (default: native).
+        resolution: image size, a side or (H, W), for SDXL's size conditioning (default: the pixel
+            size of `z_src`, (h, w) times the VAE factor).
         generator: forward-noise generator (default: CPU, seeded with params.seed).
         max_sequence_length: SD3 T5 prompt length (the pipeline's default 256, as FlowEdit).
         progress: progress bar over the steps.
+        warn_long: log a warning for prompts the text encoder truncates (as generation does);
+            callers that already checked a whole manifest turn it off.
     Returns:
         (B, C, h, w) float32 edited latents.
     """
     from .backbones import TextCond
+    from .sample import warn_long_prompts
 
     params.validate()
     if not (len(source_prompts) == len(target_prompts) == z_src.shape[0]):
         raise ValueError("source_prompts, target_prompts and z_src must have the same batch size")
+    if warn_long:
+        warn_long_prompts(pipe, list(dict.fromkeys([*source_prompts, *target_prompts])))
+    if resolution is None:  # condition on the size actually edited, not the native square
+        f = int(pipe.vae_scale_factor)
+        resolution = (z_src.shape[-2] * f, z_src.shape[-1] * f)
     bb, denoise, sigmas, add_noise = model_for_edit(pipe, params.steps, tuple(z_src.shape))
     bb.max_sequence_length = max_sequence_length
     b = z_src.shape[0]
@@ -411,8 +421,14 @@ def pixels_to_image(pixels: torch.Tensor) -> Image.Image:
 @torch.no_grad()
 def edit_image(pipe: Any, image: Image.Image | str, source_prompt: str, target_prompt: str,
                params: FlowEditParams | None = None, *, size: tuple[int, int] | None = None,
-               max_sequence_length: int = 256, progress: bool = False) -> Image.Image:
+               max_sequence_length: int = 256, progress: bool = False, warn_long: bool = True) -> Image.Image:
     """Edit one image with FlowEdit; the result has the source image's size.
+
+    The whole image is edited: it is resized (bicubic, never cropped) to a working size the model
+    accepts, edited there, and the result is resized back (Lanczos) to the source's exact size. With
+    the default size the aspect ratio changes only by the rounding of each side to the size multiple;
+    an explicit `size` of another aspect ratio stretches the image and the result is stretched back.
+    SDXL is size-conditioned on the working (H, W).
 
     Args:
         pipe: a loaded SD3 / SD1.5 / SDXL pipeline (attach soft tokens first to edit with them).
@@ -421,11 +437,12 @@ def edit_image(pipe: Any, image: Image.Image | str, source_prompt: str, target_p
         target_prompt: describes the wanted edit.
         params: FlowEdit settings (default `FlowEditParams()`).
         size: working (H, W); default: the image's size, longer side capped at the model's native
-            resolution, rounded to the model's size multiple. The output is resized back.
+            resolution, each side rounded to the model's size multiple (`size_multiple`).
         max_sequence_length: SD3 T5 prompt length.
         progress: progress bar over the steps.
+        warn_long: log a warning when a prompt is longer than the text encoder reads.
     Returns:
-        The edited PIL image.
+        The edited PIL image, of the source image's size.
     """
     from .backbones import backbone_for
     from .sample import native_resolution
@@ -435,8 +452,8 @@ def edit_image(pipe: Any, image: Image.Image | str, source_prompt: str, target_p
     h, w = working_size(src.width, src.height, size_multiple(pipe), size, max_side=native_resolution(pipe))
     bb = backbone_for(pipe)
     z_src = encode_source(bb, image_to_pixels(src, (h, w)))  # (1, C, h/f, w/f)
-    z = edit_latents(pipe, z_src, [source_prompt], [target_prompt], params, resolution=max(h, w),
-                     max_sequence_length=max_sequence_length, progress=progress)
+    z = edit_latents(pipe, z_src, [source_prompt], [target_prompt], params, resolution=(h, w),
+                     max_sequence_length=max_sequence_length, progress=progress, warn_long=warn_long)
     with vae_upcast(bb.vae):
         out = pixels_to_image(bb.decode_latents(z))  # decode_latents casts to the VAE's dtype
     return out if out.size == src.size else out.resize(src.size, Image.LANCZOS)

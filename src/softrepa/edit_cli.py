@@ -2,11 +2,13 @@
 
     softrepa edit --model stabilityai/stable-diffusion-3-medium-diffusers --tokens tokens.safetensors \\
         --image cat.png --source-prompt "a cat on a sofa" --target-prompt "a dog on a sofa" --out edits/
-    softrepa edit --model ... --tokens ... --manifest div2k.jsonl --tar-cfg 9,11,13 --out edits/
+    softrepa edit --model ... --tokens ... --manifest div2k.jsonl --target-cfg 9,11,13 --out edits/
 
 A manifest is a .jsonl file (or a .json list) of rows {"image", "source_prompt", "target_prompt"};
-relative image paths are resolved against the manifest's folder. Several --tar-cfg values write one
-subfolder per value (`cfg_9/`, `cfg_11/`, ...). Every output folder has a `metadata.jsonl`; images
+relative image paths are resolved against the manifest's folder. Several --target-cfg values write one
+subfolder per value (`cfg_9/`, `cfg_11/`, ...); `--tar-cfg` / `--src-cfg` are accepted as aliases of
+`--target-cfg` / `--source-cfg`. Images are resized (never cropped) to a size the model accepts and
+the edit is resized back to the source image's size. Every output folder has a `metadata.jsonl`; images
 are written atomically and their row only afterwards, so a re-run resumes where it stopped.
 Paper defaults: 50 steps, source CFG 3.5; vanilla n_max 33 and target CFG 13.5; with --tokens
 n_max 30 and target CFG 9 (the paper's SoftREPA setting, Tables 5-6). The authors' editing script
@@ -47,15 +49,19 @@ def add_edit_arguments(p: argparse.ArgumentParser) -> None:
                     help="edit over the last n_max steps (default 33; 30 with --tokens)")
     fe.add_argument("--n-min", type=int, default=0, help="final steps done as plain target sampling (default 0)")
     fe.add_argument("--n-avg", type=int, default=1, help="velocity samples averaged per step (default 1)")
-    fe.add_argument("--src-cfg", type=float, default=3.5, help="source CFG scale (default 3.5)")
-    fe.add_argument("--tar-cfg", default=None,
-                    help="target CFG scale, or a comma list for a sweep (default 13.5; 9 with --tokens)")
+    # the issue's spellings first; the short FlowEdit-repo names stay as aliases (same dest)
+    fe.add_argument("--source-cfg", "--src-cfg", dest="src_cfg", metavar="CFG", type=float, default=3.5,
+                    help="source CFG scale (default 3.5)")
+    fe.add_argument("--target-cfg", "--tar-cfg", dest="tar_cfg", metavar="CFG[,CFG...]", default=None,
+                    help="target CFG scale, or a comma list for a sweep, e.g. 9,11,13: one subfolder per value "
+                         "(default 13.5; 9 with --tokens)")
     fe.add_argument("--guidance", choices=["standard", "authors"], default="standard",
                     help="CFG form of the target: standard u+s(c-u), or the SoftREPA authors' c+s(c-u)")
     fe.add_argument("--seed", type=int, default=0, help="forward-noise seed (default 0)")
     p.add_argument("--size", default=None,
                    help="working size H or HxW (default: the image's own, longer side capped at the model's "
-                        "native resolution); the output keeps the source image's size")
+                        "native resolution); images are resized, not cropped, and the output keeps the source "
+                        "image's size")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--out", required=True, help="output folder")
 
@@ -108,9 +114,9 @@ def parse_cfgs(spec: str | None, default: float) -> list[float]:
     try:
         vals = [float(v) for v in str(spec).split(",") if v.strip()]
     except ValueError as e:
-        raise ValueError(f"--tar-cfg: cannot parse {spec!r} (use e.g. 13.5 or 9,11,13)") from e
+        raise ValueError(f"--target-cfg: cannot parse {spec!r} (use e.g. 13.5 or 9,11,13)") from e
     if not vals:
-        raise ValueError(f"--tar-cfg: no values in {spec!r}")
+        raise ValueError(f"--target-cfg: no values in {spec!r}")
     return list(dict.fromkeys(vals))
 
 
@@ -124,7 +130,7 @@ def run_edit(args: argparse.Namespace) -> int:
     from . import __version__
     from .edit import FlowEditParams, load_source_image
     from .hooks import describe_model, resolve_denoiser
-    from .sample import finished_rows, parse_size, tokens_record
+    from .sample import finished_rows, parse_size, tokens_record, warn_long_prompts
 
     if args.manifest:
         if args.image or args.source_prompt or args.target_prompt:
@@ -166,6 +172,9 @@ def run_edit(args: argparse.Namespace) -> int:
         todo = [(i, r) for i, r in enumerate(rows) if output_name(i, r["image"], bool(args.manifest)) not in done]
         log.info("tar_cfg %g: %d to edit, %d already done in %s", cfg, len(todo), len(rows) - len(todo), out)
         plan.append((out, params, settings, todo))
+    pending = {p for _, _, _, todo in plan for _, r in todo for p in (r["source_prompt"], r["target_prompt"])}
+    if pending:  # once for the whole run, before hours of editing, instead of once per row
+        warn_long_prompts(pipe, sorted(pending))
     total = 0
     for out, params, settings, todo in plan:
         out.mkdir(parents=True, exist_ok=True)
@@ -186,7 +195,8 @@ def _edit_rows(pipe: Any, todo: list[tuple[int, dict]], out: Path, params: Any, 
     for i, r in tqdm(todo, desc=f"edit tar_cfg={params.tar_cfg:g}", unit="img", disable=not progress):
         src = load_source_image(r["image"])
         edited = edit_image(pipe, src, r["source_prompt"], r["target_prompt"], params, size=size,
-                            max_sequence_length=settings["max_sequence_length"] or 256)
+                            max_sequence_length=settings["max_sequence_length"] or 256,
+                            warn_long=False)  # checked once for all rows in run_edit
         name = output_name(i, r["image"], manifest)
         atomic_write_bytes(out / name, png_bytes(edited))  # the image first, then its row
         append_row(out / "metadata.jsonl", {"file": name, "index": i, **r, "width": src.width,
