@@ -305,9 +305,21 @@ def test_fid_inception_loads_the_published_file_layout(tmp_path):
     sd = _random_sd(fid_inception_state_shapes(with_num_batches_tracked=False), 11, scale=0.05)
     torch.save(sd, tmp_path / "pt_inception-2015-12-05-6726825d.pth")
     ext = load_fid({"weights": str(tmp_path)})
-    feats = ext.features(_images(2, size=48))  # one pass only: a 299 px Inception is slow on 2 CPU cores
-    assert feats.shape == (2, 2048) and np.isfinite(feats).all() and not np.allclose(feats[0], feats[1])
-    # (FID of a set with itself is 0 on any features: test_fid_math; 2048-d eigh is too slow here)
+    feats = ext.features(_images(3, size=48))  # one pass only: a 299 px Inception is slow on 2 CPU cores
+    assert feats.shape == (3, 2048) and np.isfinite(feats).all() and not np.allclose(feats[0], feats[1])
+    # FID(X, X) = 0 through the real extractor, whatever the image order; X vs a subset is not 0
+    assert fid_from_features(feats, feats[::-1]) == pytest.approx(0.0, abs=1e-6 * np.abs(feats).max() ** 2)
+    assert fid_from_features(feats, feats[:2]) > 1e-6
+
+
+def test_fid_low_rank_path_equals_the_eigh_path():
+    rng = np.random.default_rng(3)
+    for n1, n2, d in [(5, 7, 40), (12, 3, 64), (30, 30, 31)]:
+        a, b = rng.normal(size=(n1, d)), rng.normal(0.3, 1.5, size=(n2, d))
+        full = frechet_from_stats(*feature_stats(a), *feature_stats(b))
+        # the D x D path takes square roots of round-off eigenvalues of rank-deficient
+        # covariances (sqrt(1e-15) ~ 3e-8 each), so the two agree to ~1e-7 relative, not 1e-12
+        assert fid_from_features(a, b) == pytest.approx(full, rel=1e-6)
 
 
 # ---------------------------------------------------------------------------------------- FID math

@@ -45,6 +45,10 @@ def test_stock_pipeline_with_tokens(tmp_path, family):
         rec = blk.register_forward_pre_hook(record, with_kwargs=True)
         with_tokens = _generate(pipe)
         rec.remove()
+        # The pipeline must still run with the model's checkpointing flag on. diffusers only
+        # checkpoints when grad is enabled (pipelines run under no_grad), so this equality is
+        # about the flag not breaking the hooks; the checkpointed *gradient* path is compared
+        # with the plain one in test_attach_mmdit.py / test_attach_unet.py.
         denoiser.enable_gradient_checkpointing()
         with_ckpt = _generate(pipe)
         denoiser.disable_gradient_checkpointing()
