@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -109,6 +111,102 @@ def _resume_equals_uninterrupted(toy_files, tmp_path):
     assert la == lb
 
 
+def _steps_losses(run: Path) -> tuple[list[int], list[float]]:
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r["step"] for r in rows], [r["loss"] for r in rows]
+
+
+def test_resume_past_a_checkpoint_logs_each_step_once(toy_files, tmp_path):
+    """A run stopped at step 3 (checkpoint at 2) and resumed logs steps 1..5 once, as an uninterrupted run."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        full, part = tmp_path / "full", tmp_path / "part"
+        assert main(_args(toy_files, full, 5)) == 0
+        # the stopped run got one step past its step-2 checkpoint, and logged it
+        assert main(_args(toy_files, part, 3)) == 0
+        assert main(_args(toy_files, part, 5, "--resume", str(part / "checkpoints" / "step_0000002"))) == 0
+    finally:
+        torch.set_num_threads(threads)
+    steps, losses = _steps_losses(part)
+    assert steps == sorted(set(steps))  # strictly increasing: no step twice
+    assert (steps, losses) == _steps_losses(full)
+    assert steps == [1, 2, 3, 4, 5]
+
+
+def test_trim_metrics_drops_later_and_cut_rows(tmp_path):
+    from softrepa.train import trim_metrics
+
+    log = tmp_path / "metrics.jsonl"
+    log.write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 0.9}\n{"step": 3, "loss": 0.8}\n{"step": 4, "lo')
+    assert trim_metrics(log, 2) == 2  # step 3, and the row the kill cut short
+    assert log.read_text() == '{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 0.9}\n'
+    assert trim_metrics(log, 2) == 0 and trim_metrics(tmp_path / "missing.jsonl", 2) == 0
+
+
+def test_checkpoint_state_does_not_grow_with_the_step(toy_files, tmp_path):
+    """No per-step history in state.pt: the step-6 state is no larger than the step-2 one."""
+    out = tmp_path / "run"
+    assert main(_args(toy_files, out, 6, "--keep_checkpoints", "3")) == 0
+    sizes = {s: (out / "checkpoints" / f"step_{s:07d}" / "state.pt").stat().st_size for s in (2, 4, 6)}
+    assert sizes[6] == sizes[2], sizes
+    state = torch.load(out / "checkpoints" / "step_0000006" / "state.pt", weights_only=True)
+    assert state["extra"] == {}
+
+
+def _has_tensorboard() -> bool:
+    # accelerate's TensorBoard tracker takes either package
+    return any(importlib.util.find_spec(m) is not None for m in ("tensorboard", "tensorboardX"))
+
+
+@pytest.mark.skipif(_has_tensorboard(), reason="tensorboard is installed: the error path cannot happen")
+def test_log_with_tensorboard_without_the_package_is_an_error(tmp_path):
+    from softrepa.config import load_config
+    from softrepa.train import Trainer
+
+    cfg = load_config(None, {"log_with": "tensorboard", "output_dir": str(tmp_path / "run"), "model": "unused"})
+    # raised before the (here non-existent) model is loaded: accelerate itself only warns
+    with pytest.raises(RuntimeError, match=r"log_with.*pip install tensorboard.*softrepa\[tensorboard\]"):
+        Trainer(cfg)
+
+
+@pytest.mark.skipif(not _has_tensorboard(), reason="needs tensorboard (pip install 'softrepa[tensorboard]')")
+def test_log_with_tensorboard_writes_events(toy_files, tmp_path):
+    out = tmp_path / "run"
+    assert main(_args(toy_files, out, 2, "--log_with", "tensorboard")) == 0
+    assert list(out.rglob("events.out.tfevents*"))
+
+
+def test_linear_tau_schedule_reaches_the_loss(toy_files, tmp_path, monkeypatch):
+    """`loss.tau_schedule: linear`: the logged i2t loss is the formula with tau(t) = tau_min + (tau_max - tau_min) t / 1000."""
+    import softrepa.pairs as pairs
+    from softrepa.loss import linear_tau
+
+    seen = []
+    orig = pairs.softrepa_loss
+
+    def spy(E, t, **kw):
+        seen.append((E.detach().double(), torch.as_tensor(t).double(), kw))
+        return orig(E, t, **kw)
+
+    monkeypatch.setattr(pairs, "softrepa_loss", spy)
+    out = tmp_path / "run"
+    # "neg" logits and small temperatures: the tiny model's errors differ by ~1e-3 between prompts,
+    # so only a tau of that order moves the loss visibly away from log(3)
+    assert main(_args(toy_files, out, 1, "--loss.form", "neg", "--loss.tau_schedule", "linear",
+                      "--loss.tau_min", "0.001", "--loss.tau_max", "0.01")) == 0
+    (E, t, kw), = seen
+    assert isinstance(kw["tau"], linear_tau)
+
+    def i2t(tau):  # CE of each image row over the prompts; captions all differ, so nothing masked
+        logits = -E / tau
+        return float((torch.logsumexp(logits, 1) - logits.diagonal()).mean())
+
+    logged = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["i2t"]
+    assert logged == pytest.approx(i2t((0.001 + 0.009 * t / 1000).reshape(-1, 1)), rel=1e-5)
+    assert logged != pytest.approx(i2t(2.0), rel=1e-2)  # the config's constant tau gives another loss
+
+
 def test_nan_loss_stops_and_keeps_last_checkpoint(toy_files, tmp_path, monkeypatch):
     import softrepa.pairs as pairs
 
@@ -150,12 +248,16 @@ def test_corrupt_sample_does_not_stop_training(toy_files, tmp_path):
     assert main(args) == 0
 
 
+def _union_common(toy_files: Path) -> list[str]:
+    return ["--resolution", "32", "--max_steps", "2", "--num_workers", "0", "--validation.every", "0",
+            "--tokens.init", "normal", "--loss.tau", "2.0", "--loss.symmetric", "true", "--lr", "0.05",
+            "--model", str(toy_files / "sd15"), "--data", str(toy_files / "data")]
+
+
 @pytest.mark.parametrize("chunk", ["3", "null"])
 def test_two_process_gloo_equals_single_process_union_batch(toy_files, tmp_path, chunk):
     """torchrun, 2 CPU ranks x 2 images (negatives gathered across ranks) == 1 process x 4 images."""
-    common = ["--resolution", "32", "--max_steps", "2", "--num_workers", "0", "--validation.every", "0",
-              "--tokens.init", "normal", "--loss.tau", "2.0", "--loss.symmetric", "true", "--lr", "0.05",
-              "--model", str(toy_files / "sd15"), "--data", str(toy_files / "data")]
+    common = _union_common(toy_files)
     dist_out, single_out = tmp_path / "dist", tmp_path / "single"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
@@ -164,6 +266,43 @@ def test_two_process_gloo_equals_single_process_union_batch(toy_files, tmp_path,
                           capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert main(["train", "--output_dir", str(single_out), "--batch_size", "4", *common]) == 0
+    _assert_union_batch_equal(dist_out, single_out)
+
+
+def test_accelerate_launch_two_processes_equal_single_process_union_batch(toy_files, tmp_path):
+    """`accelerate launch`, 2 CPU processes x 2 images == 1 process x 4 images (as under torchrun).
+
+    accelerate's `--cpu` starts ONE process whatever `--num_processes` says (its simple launcher;
+    several CPU processes need MPI), so the two CPU ranks come from `--multi_gpu` with no visible
+    GPU: accelerate's torch.distributed launcher, and gloo since CUDA is hidden.
+    """
+    common = _union_common(toy_files)
+    dist_out, single_out = tmp_path / "dist", tmp_path / "single"
+    # no accelerate config file may be read (nor written) from the user's home: a fresh HF_HOME
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", HF_HOME=str(tmp_path / "hf"))
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                           "--main_process_port", str(30500 + os.getpid() % 1000),
+                           "-m", "softrepa.cli", "train", "--output_dir", str(dist_out), "--batch_size", "2", *common],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert main(["train", "--output_dir", str(single_out), "--batch_size", "4", *common]) == 0
+    _assert_union_batch_equal(dist_out, single_out)
+
+
+def test_accelerate_cpu_single_process_launch_warns(monkeypatch, caplog):
+    from softrepa.train import _warn_single_process_launch
+
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    with caplog.at_level(logging.WARNING, logger="softrepa.train"):
+        _warn_single_process_launch(world=2)
+        assert not caplog.records  # really distributed: nothing to say
+        _warn_single_process_launch(world=1)
+    assert "single process" in caplog.text and "torchrun" in caplog.text
+
+
+def _assert_union_batch_equal(dist_out: Path, single_out: Path) -> None:
     a = softrepa.load_soft_tokens(dist_out / "tokens.safetensors")
     b = softrepa.load_soft_tokens(single_out / "tokens.safetensors")
     # Same math, different float summation order across ranks; Adam's g / sqrt(v) turns that noise

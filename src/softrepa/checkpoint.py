@@ -7,8 +7,11 @@ Layout of `<run>/checkpoints/`:
 
 A checkpoint folder is assembled under a temporary name and renamed into place, and `latest` is
 replaced atomically afterwards, so a crash at any moment leaves the previous checkpoint intact
-and `latest` always names a complete one. `state.pt` holds only tensors, numbers and dicts and is
-read back with `torch.load(weights_only=True)`.
+and `latest` always names a complete one; re-saving an existing step keeps that true (see
+`save_checkpoint`). Hidden `.step_*` folders are leftovers of a crashed save and are removed by
+the next one. `state.pt` holds only tensors, numbers and dicts and is read back with
+`torch.load(weights_only=True)`; its size does not grow with the step (the per-step metrics
+live in the run's `metrics.jsonl`).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -73,9 +77,9 @@ def save_checkpoint(
         step: completed optimisation steps.
         tokens, optimizer, scheduler: training state.
         config: the resolved config (saved beside the tokens).
-        extra: more picklable-safe state (numbers, tensors, dicts), e.g. the metrics so far.
+        extra: more weights_only-loadable state (numbers, tensors, dicts) of bounded size.
         scaler: fp16 GradScaler or None.
-        keep: number of checkpoints to keep.
+        keep: number of checkpoints to keep (the one written now always among them).
     Returns:
         The checkpoint folder.
     """
@@ -83,9 +87,9 @@ def save_checkpoint(
     root.mkdir(parents=True, exist_ok=True)
     name = f"step_{step:07d}"
     final = root / name
-    tmp = root / f".{name}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    # a unique name: a leftover of a crashed save may be the folder `latest` names right now
+    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = root / f".{name}.{tag}.tmp"
     tmp.mkdir()
     save_soft_tokens(tokens, tmp / "tokens.safetensors", extra_metadata={"step": str(step)})
     state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
@@ -95,16 +99,36 @@ def save_checkpoint(
     torch.save(state, tmp / "state.pt")
     save_config(config, tmp / "config.yaml")
     if final.exists():
-        shutil.rmtree(final)
+        # Re-saving a step (a run resumed from an older checkpoint reaches it again). A folder
+        # cannot be renamed over a non-empty one, so the old one moves aside first, and `latest`
+        # follows a complete folder at every moment: the new one under its temporary name, the
+        # old one aside, then the new one in place. Deleting the old folder before the rename
+        # would leave `latest` naming nothing if the process died in between.
+        aside = root / f".{name}.{tag}.old"
+        _point_latest(root, tmp.name)
+        os.replace(final, aside)
+        _point_latest(root, aside.name)
     os.replace(tmp, final)
-    atomic_write_bytes(root / "latest", (name + "\n").encode())
-    _prune(root, keep)
+    _point_latest(root, name)
+    for left in root.glob(".step_*"):  # this save's aside folder, and leftovers of crashed saves
+        if left.is_dir():
+            shutil.rmtree(left, ignore_errors=True)
+    _prune(root, keep, protect=name)
     return final
 
 
-def _prune(root: Path, keep: int) -> None:
-    done = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_"))
-    for old in done[:-keep]:
+def _point_latest(root: Path, name: str) -> None:
+    atomic_write_bytes(root / "latest", (name + "\n").encode())
+
+
+def _prune(root: Path, keep: int, protect: str) -> None:
+    """Keep `protect` (what `latest` names) and the newest `keep - 1` other checkpoints.
+
+    `protect` is not always the newest: a run resumed from an older checkpoint re-saves steps
+    below the ones it left behind, and pruning by name alone would delete the new checkpoint.
+    """
+    others = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and p.name != protect)
+    for old in others[:max(0, len(others) - (keep - 1))]:
         shutil.rmtree(old, ignore_errors=True)
 
 

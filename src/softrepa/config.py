@@ -24,11 +24,26 @@ class ConfigError(ValueError):
     """A configuration value or file that cannot be used (the message names the key)."""
 
 
+TAU_SCHEDULES = ("constant", "linear")
+
+
 @dataclass
 class LossConfig:
-    """Contrastive loss (defaults: the authors' tau = 0.07, scale = 4, exp logits, i2t only)."""
+    """Contrastive loss (defaults: the authors' tau = 0.07, scale = 4, exp logits, i2t only).
+
+    Args:
+        tau: the temperature of the "constant" schedule.
+        tau_schedule: "constant" (tau for every t, the authors' choice) or "linear"
+            (`softrepa.loss.linear_tau`: tau_min at t = 0 rising to tau_max at t = 1000).
+        tau_min, tau_max: the ends of the "linear" schedule (both required there, > 0; not
+            accepted with "constant", where they would be silently unused).
+        scale, form, symmetric, denoise_weight: see `softrepa.loss.softrepa_loss`.
+    """
 
     tau: float = 0.07
+    tau_schedule: str = "constant"
+    tau_min: float | None = None
+    tau_max: float | None = None
     scale: float = 4.0
     form: str = "exp"
     symmetric: bool = False
@@ -37,6 +52,17 @@ class LossConfig:
     def __post_init__(self) -> None:
         if self.tau <= 0:
             raise ConfigError(f"loss.tau must be > 0, got {self.tau}")
+        if self.tau_schedule not in TAU_SCHEDULES:
+            raise ConfigError(f"loss.tau_schedule must be one of {'|'.join(TAU_SCHEDULES)}, got {self.tau_schedule!r}")
+        for name in ("tau_min", "tau_max"):
+            value = getattr(self, name)
+            if self.tau_schedule == "linear" and value is None:
+                raise ConfigError(f"loss.{name} is required with loss.tau_schedule: linear")
+            if self.tau_schedule == "constant" and value is not None:
+                raise ConfigError(f"loss.{name} is only used with loss.tau_schedule: linear "
+                                  f"(the constant schedule uses loss.tau); got {value}")
+            if value is not None and not value > 0:
+                raise ConfigError(f"loss.{name} must be > 0, got {value}")
         if self.form not in ("exp", "neg"):
             raise ConfigError(f"loss.form must be 'exp' or 'neg', got {self.form!r}")
         if self.denoise_weight < 0:

@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -22,10 +23,11 @@ import torch
 
 from .backbones import Backbone, backbone_for, load_pipeline
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import TrainConfig, save_config
+from .config import LossConfig, TrainConfig, save_config
 from .data import build_dataset, collate_pairs
 from .hooks import attach
-from .io import save_soft_tokens
+from .io import atomic_write_bytes, save_soft_tokens
+from .loss import linear_tau
 from .pairs import PairBatch, all_reduce_grads, contrastive_backward, gather_prompts
 from .tokens import SoftTokens
 
@@ -102,6 +104,9 @@ class Trainer:
         # Autocast / GradScaler are handled here (the contrastive backward is manual), so accelerate
         # is used for device placement, process setup and trackers only.
         self.acc = Accelerator(log_with=cfg.log_with, project_dir=str(self.out))
+        # accelerate only warns when the tracker's package is missing and then logs nothing;
+        # fail here, before the model is loaded, instead of after a run without its logs.
+        _check_trackers(cfg.log_with, self.acc.log_with)
         self.device = self.acc.device
         # Rank / world from torch.distributed itself: under torchrun on CPU, accelerate sets up the
         # gloo process group but reports a single process (DistributedType.NO).
@@ -111,6 +116,7 @@ class Trainer:
         self.world = dist.get_world_size() if self._dist else self.acc.num_processes
         self.rank = dist.get_rank() if self._dist else self.acc.process_index
         self.is_main = self.rank == 0
+        _warn_single_process_launch(self.world)
         if cfg.weights_dtype == "auto":
             half = self.device.type == "cuda" and cfg.mixed_precision != "no"
             wdtype = DTYPES[cfg.mixed_precision] if half else torch.float32
@@ -143,7 +149,7 @@ class Trainer:
 
             self.cache = LatentCache(cfg.latent_cache, meta={"model": cfg.model, "resolution": cfg.resolution})
         self.step = 0
-        self.history: list[dict[str, Any]] = []
+        self.loss_kwargs = loss_kwargs(cfg.loss)
 
     # ------------------------------------------------------------------ pieces of a step
     def _autocast(self):
@@ -192,8 +198,7 @@ class Trainer:
         with self._autocast():
             out = contrastive_backward(
                 self.backbone, pb, pair_chunk=cfg.pair_chunk, distributed=distributed,
-                loss_kwargs=dict(tau=cfg.loss.tau, scale=cfg.loss.scale, form=cfg.loss.form,
-                                 symmetric=cfg.loss.symmetric, denoise_weight=cfg.loss.denoise_weight),
+                loss_kwargs=self.loss_kwargs,
                 grad_multiplier=self._loss_scale())
         all_reduce_grads(list(self.tokens.parameters()))
         loss = float(out.loss)
@@ -203,7 +208,7 @@ class Trainer:
             raise TrainingDiverged(
                 f"loss became {loss} (gradients finite: {finite_grads}) at step {self.step + 1}; "
                 f"the last good checkpoint is {last or 'none (no checkpoint written yet)'}. "
-                "Lower lr, use bf16 instead of fp16, or raise loss.tau.")
+                "Lower lr, use bf16 instead of fp16, or raise loss.tau (loss.tau_min with the linear schedule).")
         if self.scaler is not None:  # skips the step itself when the scaled grads overflowed
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -234,10 +239,13 @@ class Trainer:
                 raise FileNotFoundError(f"--resume: no checkpoint under {self.out / 'checkpoints'}")
             state = load_checkpoint(ckpt, self.tokens, self.optimizer, self.scheduler, self.scaler)
             self.step = int(state["step"])
-            self.history = list(state["extra"].get("history", []))
             logger.info("resumed from %s at step %d", ckpt, self.step)
+            if main:
+                # rows past the checkpoint were logged by the killed run and are logged again
+                trim_metrics(self.out / "metrics.jsonl", self.step)
         if cfg.log_with:
             self.acc.init_trackers("softrepa", config=_flat(cfg.to_dict()))
+            _check_trackers(cfg.log_with, self.acc.trackers)
         sampler = StepBatches(len(self.dataset), cfg.batch_size, self.world, self.rank,
                               cfg.seed, self.step, cfg.max_steps)
         loader = torch.utils.data.DataLoader(EpochView(self.dataset), batch_sampler=sampler,
@@ -246,7 +254,6 @@ class Trainer:
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc="softrepa train", disable=not main, dynamic_ncols=True)
         for batch in loader:
             row = self.train_step(batch)
-            self.history.append({k: row[k] for k in ("step", "loss", "accuracy")})
             bar.update(1)
             bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['accuracy']:.2f}", lr=f"{row['lr']:.1e}",
                             pairs_s=f"{row['pairs_per_s']:.1f}")
@@ -296,7 +303,7 @@ class Trainer:
         path = None
         if self.is_main:
             path = save_checkpoint(self.out, self.step, self.tokens, self.optimizer, self.scheduler, self.cfg,
-                                   extra={"history": self.history}, scaler=self.scaler,
+                                   scaler=self.scaler,
                                    keep=self.cfg.keep_checkpoints)
         self._barrier()
         return path
@@ -325,6 +332,68 @@ class Trainer:
         path.parent.mkdir(parents=True, exist_ok=True)
         image_grid(rows, labels, cols).save(path)
         return path
+
+
+def loss_kwargs(loss: LossConfig) -> dict[str, Any]:
+    """Keyword arguments of `softrepa_loss` for a `LossConfig` (tau: a float or `linear_tau`)."""
+    # the constant schedule passes the float itself: the authors' path, bit for bit as before
+    tau: Any = loss.tau if loss.tau_schedule == "constant" else linear_tau(loss.tau_min, loss.tau_max)
+    return dict(tau=tau, scale=loss.scale, form=loss.form, symmetric=loss.symmetric,
+                denoise_weight=loss.denoise_weight)
+
+
+def trim_metrics(path: str | os.PathLike, step: int) -> int:
+    """Keep only the rows of a metrics JSONL log with `row["step"] <= step`, rewritten atomically.
+
+    A run killed after its last checkpoint has logged steps that the resumed run logs again;
+    without trimming, the log (and the curves drawn from it) would hold them twice. Lines that do
+    not parse (a row cut short by the kill) are dropped too.
+
+    Args:
+        path: the log; nothing happens when it does not exist.
+        step: the step the run resumes from.
+    Returns:
+        The number of rows dropped.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+            keep = int(row["step"]) <= step
+        except (ValueError, KeyError, TypeError):
+            keep = False
+        if keep:
+            kept.append(line)
+        else:
+            dropped += line.strip() != ""
+    if dropped:
+        atomic_write_bytes(path, "".join(x + "\n" for x in kept).encode())
+        logger.info("%s: dropped %d row(s) logged after step %d", path, dropped, step)
+    return dropped
+
+
+def _check_trackers(requested: str | None, got: list[Any]) -> None:
+    if requested and not got:
+        extra = " (or pip install 'softrepa[tensorboard]')" if requested == "tensorboard" else ""
+        raise RuntimeError(
+            f"log_with: {requested!r} was requested but accelerate could not set up that tracker, most likely "
+            f"because the {requested} package is not installed: pip install {requested}{extra}, "
+            "or set log_with: null to log to metrics.jsonl only")
+
+
+def _warn_single_process_launch(world: int) -> None:
+    # `accelerate launch --cpu --num_processes N` without --mpirun_hostfile starts ONE process
+    # (accelerate's simple launcher) and only leaves MASTER_ADDR behind: a run that looks
+    # distributed but trains on 1/N of the intended batch.
+    env = os.environ
+    if world == 1 and env.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true") and "MASTER_ADDR" in env:
+        logger.warning(
+            "accelerate launch --cpu started a single process (it needs --mpirun_hostfile for several CPU "
+            "processes); for multi-process CPU training use torchrun --nproc_per_node N, or accelerate launch "
+            "--multi_gpu --num_processes N with CUDA_VISIBLE_DEVICES=''")
 
 
 def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
