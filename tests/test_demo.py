@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from softrepa.cli import main
 
 
@@ -19,3 +21,7 @@ def test_demo_smoke(tmp_path):
     assert set(res) == {"vanilla", "tokens"}
     assert res["vanilla"]["count"] == 4 and 0.0 <= res["tokens"]["accuracy"] <= 1.0
     assert (out / "train" / "tokens.safetensors").is_file()
+    # rerunning into the same folder with another recipe must not reuse the old tokens
+    with pytest.raises(SystemExit, match=r"another recipe \(max_steps: 2 -> 3\).*--fresh"):
+        main(["demo", "--out", str(out), "--train-images", "32", "--max-steps", "3", "--seeds", "0",
+              "--max-prompts", "4", "--validation.steps", "4"])

@@ -68,6 +68,12 @@ class LossConfig:
         if self.denoise_weight < 0:
             raise ConfigError(f"loss.denoise_weight must be >= 0, got {self.denoise_weight}")
 
+    def describe_tau(self) -> str:
+        """The temperature as a run actually uses it, e.g. "tau 0.07" or "tau linear 0.05 -> 0.2"."""
+        if self.tau_schedule == "linear":
+            return f"tau linear {self.tau_min:g} -> {self.tau_max:g}"
+        return f"tau {self.tau:g}"
+
 
 @dataclass
 class ScheduleConfig:
@@ -318,11 +324,16 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any]
     return build_dataclass(cls, values)
 
 
+def config_dict(cfg: Any) -> dict[str, Any]:
+    """The config as plain YAML-safe data (what `save_config` writes; tuples become lists)."""
+    return _plain(dataclasses.asdict(cfg))
+
+
 def save_config(cfg: Any, path: str | os.PathLike) -> None:
     """Write the resolved config as YAML, atomically."""
     from .io import atomic_write_bytes
 
-    atomic_write_bytes(path, yaml.safe_dump(_plain(dataclasses.asdict(cfg)), sort_keys=False).encode())
+    atomic_write_bytes(path, yaml.safe_dump(config_dict(cfg), sort_keys=False).encode())
 
 
 def _plain(x: Any) -> Any:

@@ -245,7 +245,8 @@ class Trainer:
                 trim_metrics(self.out / "metrics.jsonl", self.step)
         if cfg.log_with:
             self.acc.init_trackers("softrepa", config=_flat(cfg.to_dict()))
-            _check_trackers(cfg.log_with, self.acc.trackers)
+            if self.acc.is_main_process:  # init_trackers runs on the main process only
+                _check_trackers(cfg.log_with, self.acc.trackers)
         sampler = StepBatches(len(self.dataset), cfg.batch_size, self.world, self.rank,
                               cfg.seed, self.step, cfg.max_steps)
         loader = torch.utils.data.DataLoader(EpochView(self.dataset), batch_sampler=sampler,

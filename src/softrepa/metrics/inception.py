@@ -312,8 +312,10 @@ def fid_from_features(a: np.ndarray, b: np.ndarray) -> float:
     number follows exactly from the N1 x N2 cross-Gram matrix (`_fid_low_rank`), which is what
     we use then. Both paths are compared on random features in the tests.
     """
-    feature_stats(a), feature_stats(b)  # validates shapes (N >= 2, 2-d)
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    for x in (a, b):
+        if x.ndim != 2 or len(x) < 2:
+            raise MetricError(f"FID needs at least 2 images per set, got features of shape {x.shape}")
     if a.shape[1] != b.shape[1]:
         raise MetricError(f"FID features differ in dimension: {a.shape[1]} vs {b.shape[1]}")
     if max(len(a), len(b)) < a.shape[1]:

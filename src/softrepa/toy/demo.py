@@ -99,6 +99,7 @@ def run_demo(args: argparse.Namespace) -> int:
     cfg = load_config(f"toy_{args.backbone}", overrides)
     with timer(f"train soft tokens ({cfg.max_steps} steps, batch {cfg.batch_size})"):
         tokens_file = out / "train" / "tokens.safetensors"
+        _check_same_recipe(out / "train" / "config.yaml", cfg)
         if not tokens_file.is_file():
             trainer = Trainer(cfg, pipe=pipe)
             resume = (out / "train" / "checkpoints" / "latest").is_file()
@@ -119,6 +120,31 @@ def run_demo(args: argparse.Namespace) -> int:
     _report(out, args, cfg, prompts, seeds, results, table, timer.rows, gen)
     print(f"\nreport: {out / 'report.md'}")
     return 0
+
+
+def _check_same_recipe(saved: Path, cfg: Any) -> None:
+    """Refuse to reuse / resume a training folder that was made with another recipe.
+
+    Without --fresh the demo continues what is in its output folder; after a recipe change (or
+    different overrides) that would report old tokens under the new recipe's name.
+    """
+    if not saved.is_file():
+        return
+    import yaml
+
+    from ..config import config_dict
+
+    old, new = yaml.safe_load(saved.read_text()), config_dict(cfg)
+
+    def diff(a: Any, b: Any, prefix: str = "") -> list[str]:
+        if isinstance(a, dict) and isinstance(b, dict):
+            return [d for k in sorted(set(a) | set(b)) for d in diff(a.get(k), b.get(k), f"{prefix}{k}.")]
+        return [] if a == b else [f"{prefix[:-1]}: {a!r} -> {b!r}"]
+
+    changed = diff(old, new)
+    if changed:
+        raise SystemExit(f"{saved.parent} was trained with another recipe ({'; '.join(changed[:5])}); "
+                         "rerun with --fresh, or choose another --out")
 
 
 def _render_reference(ref: Path, heldout_scenes: Any, seeds: list[int], size: int, n: int) -> None:
@@ -183,7 +209,7 @@ def _report(out: Path, args: argparse.Namespace, cfg: Any, prompts: list[str], s
         f"Held-out prompts: {len(prompts)} (declared in `softrepa.toy.world.heldout_prompts`), seeds {seeds}, "
         f"{cfg.validation.steps} steps, CFG {cfg.validation.guidance_scale}, same seeds with and without tokens.",
         f"Training: recipe `toy_{args.backbone}` ({cfg.max_steps} steps, batch {cfg.batch_size}, lr {cfg.lr}, "
-        f"tau {cfg.loss.tau}, scale {cfg.loss.scale}, {cfg.tokens.num_tokens} tokens).", "",
+        f"{cfg.loss.describe_tau()}, scale {cfg.loss.scale}, {cfg.tokens.num_tokens} tokens).", "",
         table, "",
         "Alignment accuracy: share of images whose every prompt attribute the judge reads correctly; "
         "quality proxy: Fréchet distance of judge features to real renders of the same prompts (lower is better).", "",
