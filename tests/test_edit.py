@@ -263,3 +263,24 @@ def test_cli_manifest_warns_long_prompts_once(sd15_dir, tmp_path, caplog):
                      "2,3", "--steps", "2", "--n-max", "1", "--no-progress", "--out", str(tmp_path / "out")]) == 0
     msgs = [r.getMessage() for r in caplog.records if r.name == "softrepa.sample"]
     assert len(msgs) == 1 and "1 prompt(s)" in msgs[0] and "xxxx" in msgs[0]
+
+
+def test_cli_sdxl_folders_record_size_conditioning(sdxl, tmp_path, capsys):
+    """SDXL edits record their (H, W) size conditioning; a folder made before it is not resumed into."""
+    sdxl.save_pretrained(tmp_path / "sdxl")
+    _image(14, 10).save(tmp_path / "a.png")
+    out = tmp_path / "out"
+    args = ["edit", "--model", str(tmp_path / "sdxl"), "--image", str(tmp_path / "a.png"), "--source-prompt",
+            "a red circle", "--target-prompt", "a blue circle", "--steps", "2", "--n-max", "1", "--no-progress",
+            "--out", str(out)]
+    assert main(args) == 0
+    meta = out / "metadata.jsonl"
+    (row,) = [json.loads(x) for x in meta.read_text().splitlines()]
+    assert row["size_conditioning"] == "hw" and row["family"] == "sdxl"
+    del row["size_conditioning"]  # what a folder edited before the fix looks like
+    meta.write_text(json.dumps(row) + "\n")
+    (out / row["file"]).unlink()
+    capsys.readouterr()
+    assert main(args) == 2  # refused with a message naming size_conditioning, nothing mixed in
+    assert "size_conditioning" in capsys.readouterr().err
+    assert not (out / row["file"]).exists()

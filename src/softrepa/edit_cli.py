@@ -32,7 +32,10 @@ log = logging.getLogger(__name__)
 N_MAX_DEFAULT = (33, 30)
 TAR_CFG_DEFAULT = (13.5, 9.0)
 RESUME_KEYS = ("model", "tokens_sha256", "family", "dtype", "steps", "n_max", "n_min", "n_avg", "src_cfg",
-               "tar_cfg", "guidance", "seed", "size", "max_sequence_length")
+               "tar_cfg", "guidance", "seed", "size", "max_sequence_length", "size_conditioning")
+#: SDXL's added time ids: "hw" = the real (H, W) of the input since softrepa 0.1.0's edit fix;
+#: folders edited before it carry no such key and are not resumed into (outputs would mix).
+SDXL_SIZE_CONDITIONING = "hw"
 
 
 def add_edit_arguments(p: argparse.ArgumentParser) -> None:
@@ -156,6 +159,8 @@ def run_edit(args: argparse.Namespace) -> int:
                               "dtype": str(pipe.dtype).replace("torch.", ""), "size": args.size,
                               "max_sequence_length": args.max_sequence_length,
                               "softrepa_version": __version__}
+    if common["family"] == "sdxl":
+        common["size_conditioning"] = SDXL_SIZE_CONDITIONING
     if args.max_sequence_length is not None and common["family"] != "sd3":
         raise ValueError(f"--max-sequence-length applies to SD3 models, not {common['family']}")
     out_root = Path(args.out)
