@@ -208,7 +208,7 @@ def sd15_dir(sd15, tmp_path_factory):
     return root / "sd15"
 
 
-def test_cli_single_image_and_errors(sd15_dir, tmp_path, capsys):
+def test_cli_single_image_and_errors(sd15_dir, tmp_path, capsys, monkeypatch):
     _image(16, 12).save(tmp_path / "cat.png")
     base = ["edit", "--model", str(sd15_dir), "--source-prompt", "a cat", "--target-prompt", "a dog",
             "--no-progress", "--out", str(tmp_path / "out")]
@@ -223,6 +223,11 @@ def test_cli_single_image_and_errors(sd15_dir, tmp_path, capsys):
             "model", "tokens", "tokens_sha256", "family", "softrepa_version"} <= set(rows[0])
     with Image.open(tmp_path / "out" / "cat.png") as im:
         assert im.size == (16, 12)
+    # a relative --image is recorded absolute: `evaluate` pairs edits with sources from any directory
+    monkeypatch.chdir(tmp_path)
+    assert main(base[:-1] + [str(tmp_path / "out2"), "--image", "cat.png", "--steps", "3", "--n-max", "2"]) == 0
+    (row,) = [json.loads(x) for x in (tmp_path / "out2" / "metadata.jsonl").read_text().splitlines()]
+    assert row["image"] == str((tmp_path / "cat.png").resolve())
 
 
 def test_cli_manifest_sweep_resumes(sd15_dir, tmp_path):

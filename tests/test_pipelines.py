@@ -88,3 +88,17 @@ def test_empty_prompt_init_sd15():
     tokens = SoftTokens.for_model(pipe, SoftTokensConfig(init="empty_prompt"))
     emb = pipe.encode_prompt([""], device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False)[0]
     assert torch.allclose(tokens.base[0], emb[0, 0].expand(4, -1))
+
+
+def test_assets_prefix_names_the_bundled_miniatures():
+    """Packaged recipes say `model: "@assets/toy_sd3"`, so they work from any directory."""
+    from pathlib import Path
+
+    from softrepa.backbones import resolve_model_path
+
+    path = Path(resolve_model_path("@assets/toy_sd3"))
+    assert path.is_absolute() and (path / "model_index.json").is_file()
+    assert resolve_model_path("stabilityai/stable-diffusion-3-medium-diffusers") == (
+        "stabilityai/stable-diffusion-3-medium-diffusers")
+    with pytest.raises(FileNotFoundError, match="no bundled pipeline"):
+        resolve_model_path("@assets/nope")

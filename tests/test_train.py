@@ -18,6 +18,7 @@ from PIL import Image
 
 import softrepa
 from softrepa.cli import main
+from softrepa.config import ConfigError
 
 COLOURS = {"red": (230, 20, 20), "blue": (20, 20, 230), "green": (20, 200, 20), "yellow": (230, 230, 20),
            "black": (10, 10, 10), "purple": (150, 20, 200)}
@@ -166,7 +167,7 @@ def test_log_with_tensorboard_without_the_package_is_an_error(tmp_path):
 
     cfg = load_config(None, {"log_with": "tensorboard", "output_dir": str(tmp_path / "run"), "model": "unused"})
     # raised before the (here non-existent) model is loaded: accelerate itself only warns
-    with pytest.raises(RuntimeError, match=r"log_with.*pip install tensorboard.*softrepa\[tensorboard\]"):
+    with pytest.raises(ConfigError, match=r"log_with.*pip install tensorboard.*softrepa\[tensorboard\]"):
         Trainer(cfg)
 
 
@@ -322,3 +323,21 @@ def test_mixed_precision_runs(toy_files, tmp_path, precision):
     assert main(_args(toy_files, out, 2, "--mixed_precision", precision, "--pair_chunk", "4")) == 0
     tokens = softrepa.load_soft_tokens(out / "tokens.safetensors")
     assert torch.isfinite(tokens.base).all() and tokens.base.dtype == torch.float32
+
+
+def test_resume_uses_the_saved_config_and_refuses_a_different_one(toy_files, tmp_path, capsys):
+    """`--resume` without --config continues the run as configured; a config that trains
+    differently is refused (naming the field) instead of silently mixing two recipes."""
+    out = tmp_path / "run"
+    assert main(_args(toy_files, out, 2)) == 0
+    # only the run folder and a longer max_steps: everything else comes from out/config.yaml
+    assert main(["train", "--output_dir", str(out), "--resume", "--max_steps", "3"]) == 0
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    capsys.readouterr()
+    assert main(_args(toy_files, out, 4, "--resume", "--batch_size", "2")) == 2
+    err = capsys.readouterr().err
+    assert "batch_size: 3 -> 2" in err and "Resume without --config" in err
+    assert main(["train", "--resume"]) == 2
+    assert "needs the run's folder" in capsys.readouterr().err
+    assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]

@@ -329,6 +329,13 @@ def config_dict(cfg: Any) -> dict[str, Any]:
     return _plain(dataclasses.asdict(cfg))
 
 
+def config_diff(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Fields that differ between two plain config dicts, as "dotted.key: old -> new" lines."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for k in sorted(set(old) | set(new)) for d in config_diff(old.get(k), new.get(k), f"{prefix}{k}.")]
+    return [] if old == new else [f"{prefix[:-1]}: {old!r} -> {new!r}"]
+
+
 def save_config(cfg: Any, path: str | os.PathLike) -> None:
     """Write the resolved config as YAML, atomically."""
     from .io import atomic_write_bytes

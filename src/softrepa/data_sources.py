@@ -133,7 +133,7 @@ def guess_coco_images_dir(annotations: Path) -> Path:
     tried = ", ".join(repr(str(c)) for c in candidates)
     raise DatasetError(
         f"no image folder found for COCO annotations {str(annotations)!r}; tried {tried}. "
-        "Pass the folder explicitly (images=...)."
+        "Pass the folder explicitly: --data_images DIR (data_images: in the config)."
     )
 
 

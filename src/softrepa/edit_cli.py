@@ -102,7 +102,9 @@ def read_manifest(path: str | Path) -> list[dict[str, str]]:
         image = image if image.is_absolute() else path.parent / image
         if not image.is_file():
             missing.append(str(image))
-        rows.append({"image": str(image), "source_prompt": r["source_prompt"], "target_prompt": r["target_prompt"]})
+        # absolute, so that `evaluate` (LPIPS against the source) finds it from any directory
+        rows.append({"image": str(image.resolve()), "source_prompt": r["source_prompt"],
+                     "target_prompt": r["target_prompt"]})
     if missing:  # checked up front: a run must not stop half-way over a typo
         raise FileNotFoundError(f"{path}: {len(missing)} source image(s) not found, e.g. {missing[:3]}")
     if not rows:
@@ -144,7 +146,7 @@ def run_edit(args: argparse.Namespace) -> int:
             if not getattr(args, opt):
                 raise ValueError(f"--{opt.replace('_', '-')} is required (or use --manifest)")
         load_source_image(args.image)  # missing / unreadable image: fail before loading the model
-        rows = [{"image": str(Path(args.image).expanduser()), "source_prompt": args.source_prompt,
+        rows = [{"image": str(Path(args.image).expanduser().resolve()), "source_prompt": args.source_prompt,
                  "target_prompt": args.target_prompt}]
     k = 1 if args.tokens else 0
     n_max = N_MAX_DEFAULT[k] if args.n_max is None else args.n_max

@@ -23,7 +23,7 @@ import torch
 
 from .backbones import Backbone, backbone_for, load_pipeline
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import LossConfig, TrainConfig, save_config
+from .config import ConfigError, LossConfig, TrainConfig, save_config
 from .data import build_dataset, collate_pairs
 from .hooks import attach
 from .io import atomic_write_bytes, save_soft_tokens
@@ -379,7 +379,7 @@ def trim_metrics(path: str | os.PathLike, step: int) -> int:
 def _check_trackers(requested: str | None, got: list[Any]) -> None:
     if requested and not got:
         extra = " (or pip install 'softrepa[tensorboard]')" if requested == "tensorboard" else ""
-        raise RuntimeError(
+        raise ConfigError(
             f"log_with: {requested!r} was requested but accelerate could not set up that tracker, most likely "
             f"because the {requested} package is not installed: pip install {requested}{extra}, "
             "or set log_with: null to log to metrics.jsonl only")
