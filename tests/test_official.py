@@ -138,8 +138,13 @@ def test_bad_official_files(tmp_path):
             return (print, ("pwned",))
 
     torch.save({"payload": Evil()}, tmp_path / "evil.pth")
-    with pytest.raises(SoftTokensError, match="weights-only"):
+    with pytest.raises(SoftTokensError, match="weights-only") as info:
         load_official_tensor(tmp_path / "evil.pth", "dc_tokens")
+    assert "\x1b[" not in str(info.value)  # no terminal colour codes from torch's message
+    torch.save(torch.nn.Linear(2, 2), tmp_path / "linear.pth")  # a module outside the allow-list
+    with pytest.raises(SoftTokensError, match=r"contains torch\.nn\.modules\.linear\.Linear.*Only tensors") as info:
+        load_official_tensor(tmp_path / "linear.pth", "dc_t_tokens")
+    assert "\x1b[" not in str(info.value)
     with pytest.raises(SoftTokensError, match="no such file"):
         load_official_tensor(tmp_path / "nope.pth", "dc_tokens")
     with pytest.raises(SoftTokensError, match="--layers 3"):

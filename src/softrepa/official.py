@@ -13,6 +13,7 @@ This is the only place the project unpickles anything, and it does so with
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,9 @@ from .tokens import SoftTokens, SoftTokensError, TokenLayout
 #: Widths of the released models' cross-attention / block width, used when a file does not say.
 DEFAULT_MODEL_DIM = {"sd3": 1536, "sd15": 768, "sdxl": 2048}
 DEFAULT_TEXT_DIM = {"sd3": 4096}
+
+# torch colours parts of its unpickling errors; our message goes to logs and terminals alike
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def load_official_tensor(path: str | os.PathLike, what: str) -> torch.Tensor:
@@ -39,9 +43,12 @@ def load_official_tensor(path: str | os.PathLike, what: str) -> torch.Tensor:
         with torch.serialization.safe_globals([torch.nn.Embedding]):
             obj: Any = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:
+        text = _ANSI.sub("", str(e))
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        detail = f"it contains {found.group(1)}" if found else f"{type(e).__name__}: {text.splitlines()[0][:300]}"
         raise SoftTokensError(
-            f"{what}: cannot read {path} as a weights-only PyTorch file ({type(e).__name__}: "
-            f"{str(e).splitlines()[0][:300]}). Only tensors and nn.Embedding are accepted."
+            f"{what}: cannot read {path} as a weights-only PyTorch file ({detail}). "
+            "Only tensors and nn.Embedding are accepted."
         ) from e
     if isinstance(obj, torch.nn.Embedding):
         obj = obj.weight
