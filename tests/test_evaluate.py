@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
+import os
 import string
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -118,7 +121,7 @@ def _toy_folder(path, n=6, seed=0, cfg_scale=7.0, with_metadata=True):
 
 # ----------------------------------------------------------------------------------- end to end
 
-def test_evaluate_cli_end_to_end(tmp_path, assets):
+def test_evaluate_cli_end_to_end(tmp_path, assets, capsys):
     root, cfg = assets
     rows = _toy_folder(tmp_path / "gen", n=6, seed=0)
     _toy_folder(tmp_path / "ref", n=6, seed=1, with_metadata=False)  # same file names, other scenes
@@ -143,6 +146,15 @@ def test_evaluate_cli_end_to_end(tmp_path, assets):
     md = (tmp_path / "out" / "results.md").read_text()
     assert "| clip |" in md and "95% CI" in md and "World alignment by category" in md
     assert (tmp_path / "out" / "results.csv").read_text().startswith("metric,mean,std,ci95_low,ci95_high,count")
+    # the world quality proxy is a row of its own everywhere a summary is shown: value, n, no CI
+    q = res["metrics"]["world"]["quality_proxy"]
+    assert f"| world_quality_proxy | {q:.4f} |  |  | 6 |" in md
+    with open(tmp_path / "out" / "results.csv") as f:
+        qrow = next(r for r in csv.DictReader(f) if r["metric"] == "world_quality_proxy")
+    assert float(qrow["mean"]) == pytest.approx(q) and qrow["count"] == "6" and qrow["ci95_low"] == ""
+    printed = capsys.readouterr().out
+    assert any(line.split()[:2] == ["world_quality_proxy", f"{q:.4f}"] and "(n=6)" in line and "CI" not in line
+               for line in printed.splitlines())
 
 
 def test_world_metrics_are_exact_on_rendered_scenes(tmp_path):
@@ -177,6 +189,36 @@ def test_missing_weights_are_named_and_other_metrics_still_run(tmp_path, assets)
     assert "ERROR" in (tmp_path / "out" / "results.md").read_text()
     with pytest.raises(WeightsError, match="offline"):
         load_metric("clip", load_config(overrides={"offline": True, "clip": {"model": "openai/clip-vit-large-patch14"}}))
+
+
+def test_missing_local_weights_are_reported_as_local_paths_not_hub_ids(tmp_path, monkeypatch):
+    """metrics.yaml values as docs/evaluation.md writes them, with the files absent."""
+    monkeypatch.chdir(tmp_path)
+    cwd = str(Path.cwd())
+    note = f"(relative paths are relative to the current directory {cwd})"
+    cases = {  # metric -> (config, the local path the message must name)
+        "fid": ({"weights": "weights/pt_inception-2015-12-05-6726825d.pth"},
+                "weights/pt_inception-2015-12-05-6726825d.pth"),
+        "hps": ({"weights": "HPS_v2_compressed.pt"}, "HPS_v2_compressed.pt"),  # suffix, no slash: still local
+        "clip": ({"model": "weights/models/clip-vit-large-patch14"}, "weights/models/clip-vit-large-patch14"),
+        "lpips": ({"backbone_weights": "./weights/vgg16"}, "weights/vgg16"),
+    }
+    for name, (section, rel) in cases.items():
+        with pytest.raises(WeightsError) as err:
+            load_metric(name, load_config(overrides={"offline": True, name: section}))
+        msg = str(err.value)
+        assert f"local path not found: {os.path.join(cwd, rel)} {note}" in msg, msg
+        assert "hub id" not in msg and "hub repo" not in msg and "offline" not in msg, msg
+        assert "http" in msg  # the "download it from / published at <url>" hint is kept
+    # a genuine "org/name" shape is still tried as a hub id, and the message says it is not a folder either
+    with pytest.raises(WeightsError) as err:
+        load_metric("pickscore", load_config(overrides={"offline": True, "pickscore": {"model": "weights/PickScore_v1"}}))
+    msg = str(err.value)
+    assert "hub id 'weights/PickScore_v1'" in msg and "offline" in msg
+    assert f"no local folder {os.path.join(cwd, 'weights', 'PickScore_v1')} exists either {note}" in msg
+    assert "huggingface.co/yuvalkirstain/PickScore_v1" in msg
+    with pytest.raises(WeightsError, match="no local folder .*ImageReward exists either"):
+        load_metric("imagereward", load_config(overrides={"offline": True, "imagereward": {"weights": "weights/ImageReward"}}))
 
 
 # ------------------------------------------------------------------------------- score definitions
@@ -385,6 +427,70 @@ def test_prompt_file_and_summary_statistics(tmp_path):
     s = summarize([1.0, 2.0, 3.0])
     assert s["mean"] == 2.0 and s["std"] == 1.0 and s["count"] == 3
     assert s["ci95"] == pytest.approx([2 - 4.303 / 3 ** 0.5, 2 + 4.303 / 3 ** 0.5])
+
+
+def test_world_ci_is_the_wilson_interval_inside_0_1(tmp_path):
+    from softrepa.evaluate import evaluate, summarize
+
+    _toy_folder(tmp_path / "gen", n=2, seed=4)
+    Image.new("RGB", Image.open(tmp_path / "gen" / "0001.png").size, (255, 255, 255)).save(tmp_path / "gen" / "0001.png")
+    res = evaluate(tmp_path / "gen", tmp_path / "out", metrics=["world"], progress=False)  # one hit, one blank miss
+    w = res["metrics"]["world"]
+    assert w["count"] == 2 and w["mean"] == 0.5 and w["ci95_method"] == "wilson"
+    z, n, p = 1.959964, 2, 0.5
+    center = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    assert w["ci95"] == pytest.approx([center - half, center + half], abs=1e-12)
+    assert 0.0 <= w["ci95"][0] < 0.5 < w["ci95"][1] <= 1.0
+    # the t interval of the same values is what reached [-5.85, 6.85]; continuous metrics keep it
+    assert summarize([0.0, 1.0])["ci95"] == pytest.approx([-5.853, 6.853], abs=1e-3)
+    # all hits / all misses: the interval still has width and touches the bound it should
+    lo, hi = summarize([1.0] * 5, binary=True)["ci95"]
+    assert hi == 1.0 and 0.5 < lo < 1.0
+    lo, hi = summarize([0.0], binary=True)["ci95"]
+    assert lo == 0.0 and 0.5 < hi < 1.0
+
+
+def test_world_quality_proxy_is_reported_and_compared(tmp_path):
+    from softrepa.evaluate import evaluate
+
+    _toy_folder(tmp_path / "ref", n=6, seed=9, with_metadata=False)
+    res = {}
+    for name, seed in (("a", 1), ("b", 2)):
+        _toy_folder(tmp_path / name, n=4, seed=seed)
+        res[name] = evaluate(tmp_path / name, tmp_path / f"eval_{name}", metrics=["world"],
+                             reference=tmp_path / "ref", progress=False)
+    qa, qb = (res[k]["metrics"]["world"]["quality_proxy"] for k in ("a", "b"))
+    assert qa != qb
+    assert f"| world_quality_proxy | {qa:.4f} |  |  | 4 |" in (tmp_path / "eval_a" / "results.md").read_text()
+    assert cli_main(["compare", str(tmp_path / "eval_a"), str(tmp_path / "eval_b"), "--out", str(tmp_path / "cmp")]) == 0
+    md = (tmp_path / "cmp" / "compare.md").read_text()
+    assert "world_quality_proxy ↓" in md and f"{qb:.4f} ({qb - qa:+.4f})" in md
+    with open(tmp_path / "cmp" / "compare.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert float(rows[1]["delta_world_quality_proxy"]) == pytest.approx(qb - qa)
+
+
+def test_compare_warns_when_a_sweep_lacks_the_curve_metrics(tmp_path, caplog):
+    from softrepa.metrics.compare import compare_runs
+
+    runs = []
+    for cfg in (9.0, 11.0):
+        d = tmp_path / f"cfg{cfg:g}"
+        d.mkdir()
+        m = {"imagereward": {"mean": cfg / 10, "ci95": None, "count": 3}, "clip": {"mean": 0.26, "ci95": None, "count": 3}}
+        (d / "results.json").write_text(json.dumps({"n_images": 3, "metrics": m, "errors": {}, "run": {"cfg": cfg}}))
+        runs.append(d)
+    with caplog.at_level(logging.WARNING, logger="softrepa.metrics.compare"):
+        res = compare_runs(runs, tmp_path / "cmp")
+    assert res["sweep"] and not (tmp_path / "cmp" / "cfg_sweep.png").exists()
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1 and "no lpips values" in warned[0] and "cfg_sweep.png" in warned[0]
+    assert "--curve-x / --curve-y" in warned[0] and "imagereward, clip" in warned[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="softrepa.metrics.compare"):
+        compare_runs(runs, tmp_path / "cmp2", curve_x="imagereward", curve_y="clip")
+    assert (tmp_path / "cmp2" / "cfg_sweep.png").is_file() and not caplog.records
 
 
 def test_compare_writes_table_bars_and_cfg_sweep(tmp_path):

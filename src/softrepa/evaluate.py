@@ -21,11 +21,20 @@ is recorded under "errors" with its message and the others still run.
   each COCO-prompt sample with the COCO image it was captioned from. Every image needs a pair; the
   pairing used is recorded.
 * world: the miniature's analytic judge (`softrepa.toy.metrics.alignment_report`: accuracy overall,
-  per category and per prompt kind) and, with `--reference`, the Fréchet quality proxy.
+  per category and per prompt kind) and, with `--reference`, the Fréchet quality proxy (reported
+  as its own row, `world_quality_proxy`).
 
 Outputs in `--out`: results.json, results.csv, results.md (per metric mean, std, 95% CI, count)
-and per_image.csv. 95% CIs are mean +- t(0.975, n-1) * std / sqrt(n) over images (FID, a set
-statistic, has none).
+and per_image.csv. 95% CIs, over images:
+
+* continuous scores (imagereward, pickscore, clip, hps, lpips): the Student t interval
+  mean +- t(0.975, n-1) * std / sqrt(n). It assumes the mean is roughly normal, which holds for
+  the hundreds to thousands of images an evaluation uses; with a handful of images it is wide
+  and, for bounded scores, may reach past the score's range.
+* per-image 0/1 outcomes (world: every prompt attribute satisfied or not): the Wilson score
+  interval, which stays inside [0, 1] and keeps its coverage for small n and accuracies near 0
+  or 1, where the t interval (n=2, one hit: [-5.85, 6.85]) is meaningless.
+* set statistics (fid, world_quality_proxy): one value over all images, no CI.
 """
 
 from __future__ import annotations
@@ -59,8 +68,12 @@ NOTES = {
     "hps": "HPSv2: cosine of the HPS-tuned open_clip ViT-H-14 embeddings",
     "fid": "FID vs the reference set (lower = closer)",
     "lpips": "LPIPS v0.1 vs the paired image (lower = more similar)",
-    "world": "miniature alignment: fraction of images satisfying every prompt attribute",
+    "world": "miniature alignment: fraction of images satisfying every prompt attribute (Wilson 95% CI)",
+    "world_quality_proxy": "miniature Fréchet distance of judge features vs the --reference renders "
+                           "(lower = closer; a set statistic, no CI)",
 }
+#: Metrics whose per-image values are 0/1 outcomes: their CI is the Wilson score interval.
+BINARY_METRICS = ("world",)
 
 
 @dataclass
@@ -191,21 +204,56 @@ def run_info(items: Sequence[EvalItem]) -> dict:
     return info
 
 
-def summarize(values: Sequence[float]) -> dict:
-    """mean, std (ddof=1), 95% CI (t interval) and count of per-image values."""
+def wilson_interval(successes: float, n: int, z: float = 1.959964) -> list[float]:
+    """Wilson score interval of a binomial proportion (95% for the default z).
+
+    (p + z^2/2n) / (1 + z^2/n) +- z / (1 + z^2/n) * sqrt(p(1-p)/n + z^2/4n^2), p = successes / n.
+    Unlike the t (Wald) interval it never leaves [0, 1] and does not collapse to a point at p = 0
+    or 1, so it stays meaningful for the few images of a smoke run.
+
+    Args:
+        successes: number of 1 outcomes.
+        n: number of outcomes (>= 1).
+        z: normal quantile of the two-sided level.
+    """
+    p = successes / n
+    denom = 1 + z * z / n
+    center = (p + z * z / (2 * n)) / denom
+    half = z / denom * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    # exact arithmetic keeps p inside [center - half, center + half] within [0, 1]; the clamps only
+    # remove round-off (p = 1 otherwise gives an upper bound of 0.9999999999999999 < mean)
+    return [max(0.0, min(center - half, p)), min(1.0, max(center + half, p))]
+
+
+def summarize(values: Sequence[float], binary: bool = False) -> dict:
+    """mean, std (ddof=1), 95% CI and count of per-image values.
+
+    Args:
+        values: one value per image.
+        binary: the values are 0/1 outcomes (world): the CI is the Wilson score interval (defined
+            from n = 1). Otherwise it is the Student t interval mean +- t(0.975, n-1) * std / sqrt(n)
+            (n >= 2), see the module docstring.
+    Returns:
+        {"mean", "std", "ci95": [low, high] or None, "ci95_method": "wilson" / "t" / None, "count"}.
+    """
     v = np.asarray(values, np.float64)
     n = int(v.size)
     if n == 0:
-        return {"mean": None, "std": None, "ci95": None, "count": 0}
+        return {"mean": None, "std": None, "ci95": None, "ci95_method": None, "count": 0}
     mean = float(v.mean())
+    std = float(v.std(ddof=1)) if n > 1 else None
+    if binary:
+        if not np.isin(v, (0.0, 1.0)).all():
+            raise ValueError("binary=True needs 0/1 values")
+        return {"mean": mean, "std": std, "ci95": wilson_interval(float(v.sum()), n), "ci95_method": "wilson",
+                "count": n}
     if n == 1:
-        return {"mean": mean, "std": None, "ci95": None, "count": 1}
-    std = float(v.std(ddof=1))
+        return {"mean": mean, "std": None, "ci95": None, "ci95_method": None, "count": 1}
     df = n - 1
     z = 1.959964
     t = _T975[df - 1] if df <= 30 else z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
     half = t * std / math.sqrt(n)
-    return {"mean": mean, "std": std, "ci95": [mean - half, mean + half], "count": n}
+    return {"mean": mean, "std": std, "ci95": [mean - half, mean + half], "ci95_method": "t", "count": n}
 
 
 def _load_batch(paths: Sequence[Path]):
@@ -351,7 +399,8 @@ def evaluate(images: str | Path, out: str | Path, *, metrics: Sequence[str] = PA
                 else:
                     vals, extra = _prompt_metric(name, scorer, items, batch_size, progress), {}
             per_image[name] = vals
-            results["metrics"][name] = {**summarize(vals), **extra, "note": NOTES[name]}
+            results["metrics"][name] = {**summarize(vals, binary=name in BINARY_METRICS), **extra,
+                                        "note": NOTES[name]}
         except Exception as e:  # noqa: BLE001 - one metric's failure must not stop the others
             msg = f"{type(e).__name__}: {e}"
             log.error("evaluate: %s failed: %s", name, msg)
@@ -382,6 +431,29 @@ def _jsonable(x):
     return x
 
 
+def summary_rows(results: dict) -> list[tuple[str, dict]]:
+    """The rows of every summary (console, results.csv / .md, compare): each metric, in order, plus
+    the set statistics that ride on another metric as rows of their own.
+
+    The world metric's Fréchet quality proxy (with `--reference`) lives in results.json under
+    metrics.world.quality_proxy; as a row `world_quality_proxy` (value, count, no CI, like FID) it
+    is seen next to the accuracy instead of only in the JSON.
+
+    Args:
+        results: the results dict (see `evaluate`) or a loaded results.json.
+    Returns:
+        (name, metric dict with mean / std / ci95 / count / note, or error) pairs.
+    """
+    rows = []
+    for name, m in results["metrics"].items():
+        rows.append((name, m))
+        if name == "world" and m.get("quality_proxy") is not None:
+            q = m["quality_proxy"]
+            rows.append(("world_quality_proxy", {"value": q, "mean": q, "std": None, "ci95": None,
+                                                 "count": m.get("count"), "note": NOTES["world_quality_proxy"]}))
+    return rows
+
+
 def write_results(results: dict, items: Sequence[EvalItem], per_image: dict[str, np.ndarray], out: str | Path) -> None:
     """Write results.json, results.csv, results.md and per_image.csv.
 
@@ -394,8 +466,9 @@ def write_results(results: dict, items: Sequence[EvalItem], per_image: dict[str,
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(_jsonable(results), indent=2) + "\n")
+    summary = summary_rows(results)
     rows = []
-    for name, m in results["metrics"].items():
+    for name, m in summary:
         ci = m.get("ci95") or [None, None]
         rows.append({"metric": name, "mean": m.get("mean"), "std": m.get("std"), "ci95_low": ci[0], "ci95_high": ci[1],
                      "count": m.get("count"), "error": m.get("error", "")})
@@ -407,7 +480,7 @@ def write_results(results: dict, items: Sequence[EvalItem], per_image: dict[str,
           + (f", reference `{results['reference']}`" if results["reference"] else "")
           + (f", run settings: {results['run']}" if results["run"] else ""), "",
           "| metric | mean | std | 95% CI | count | notes |", "|---|---|---|---|---|---|"]
-    for r, (name, m) in zip(rows, results["metrics"].items()):
+    for r, (name, m) in zip(rows, summary):
         if r["error"]:
             md.append(f"| {name} | ERROR | | | | {r['error'][:300].replace('|', '/')} |")
             continue
@@ -428,5 +501,5 @@ def write_results(results: dict, items: Sequence[EvalItem], per_image: dict[str,
             w.writerow([it.file, it.prompt or "", *(repr(float(per_image[n][i])) for n in names)])
 
 
-__all__ = ["CFG_KEYS", "EvalItem", "coco_image_order", "evaluate", "lpips_pairs", "read_items", "run_info",
-           "summarize", "write_results"]
+__all__ = ["BINARY_METRICS", "CFG_KEYS", "EvalItem", "coco_image_order", "evaluate", "lpips_pairs", "read_items",
+           "run_info", "summarize", "summary_rows", "wilson_interval", "write_results"]

@@ -51,7 +51,7 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_evaluate(args: argparse.Namespace) -> int:
     """Run `softrepa evaluate`; returns the exit code."""
-    from .evaluate import evaluate
+    from .evaluate import evaluate, summary_rows
 
     metrics = _csv_list(args.metrics)
     unknown = [m for m in metrics if m not in METRIC_NAMES]
@@ -62,13 +62,16 @@ def run_evaluate(args: argparse.Namespace) -> int:
     res = evaluate(args.images, args.out, metrics=metrics, reference=args.reference, prompts=args.prompts,
                    reference_captions=args.reference_captions, config=args.metrics_config,
                    batch_size=args.batch_size, device=args.device, dtype=args.dtype, progress=not args.no_progress)
-    for name, m in res["metrics"].items():
+    rows = summary_rows(res)  # the metrics plus derived rows such as world_quality_proxy, as in results.md
+    width = max([12] + [len(name) for name, _ in rows])
+    for name, m in rows:
         if "error" in m:
-            print(f"{name:12s} ERROR  {m['error']}")
+            print(f"{name:{width}s} ERROR  {m['error']}")
         else:
             ci = m.get("ci95")
             ci_text = f"  95% CI [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else ""
-            print(f"{name:12s} {m['mean']:.4f}{ci_text}  (n={m['count']})")
+            mean = "n/a" if m.get("mean") is None else f"{m['mean']:.4f}"
+            print(f"{name:{width}s} {mean}{ci_text}  (n={m['count']})")
     print(f"wrote {args.out}/results.json, results.csv, results.md, per_image.csv")
     if res["errors"]:
         print(f"{len(res['errors'])} metric(s) failed: {', '.join(res['errors'])}", file=sys.stderr)

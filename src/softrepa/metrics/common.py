@@ -3,8 +3,11 @@
 Weights. Every metric names its weights in `metrics.yaml` as either a local path (file or folder)
 or a Hugging Face hub id. `resolve_file` / `resolve_pretrained` turn that into something loadable
 and, when they cannot, raise `WeightsError` with the file or id, the URL where it is published and
-(for hub ids) whether the machine is offline. Nothing is ever substituted: a metric whose weights
-are missing fails, the evaluator records the failure and moves on to the next metric.
+(for hub ids) whether the machine is offline. A value with a file suffix (.pt, .pth, .safetensors,
+...), a ./ ../ / ~ prefix or more than one "/" is always a local path, reported as "local path not
+found" (with the absolute path and the current directory relative paths are read from) when it is
+missing; only a bare "org/name" is tried as a hub id. Nothing is ever substituted: a metric whose
+weights are missing fails, the evaluator records the failure and moves on to the next metric.
 
 Checkpoints published as pickles (`.pt` / `.pth`) are read with `torch.load(weights_only=True)`,
 which only rebuilds tensors and plain containers, so a tampered file cannot run code.
@@ -53,12 +56,48 @@ def hub_offline(cfg: dict | None = None) -> bool:
     return any(v in env for v in ("1", "true", "yes", "on"))
 
 
+#: Suffixes of checkpoint / config files. A value ending in one is a local file, never a hub repo id.
+#: (Only these: hub names themselves may hold dots, e.g. "stable-diffusion-3.5-large".)
+_FILE_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".ckpt", ".pkl", ".pickle", ".npz", ".npy", ".json",
+                  ".yaml", ".yml", ".txt", ".onnx", ".h5", ".msgpack", ".gguf")
+
+
+def _is_local_path(spec: str) -> bool:
+    """Whether a weights entry can only mean a path on this machine (it is never tried as a hub id).
+
+    Hub ids are exactly "org/name". A file suffix, a ./ ../ / ~ prefix (or any leading dot), a
+    backslash or more than one "/" (e.g. "weights/ImageReward/ImageReward.pt") rule that out, so a
+    missing file is reported as a missing file instead of as an unavailable hub repo.
+
+    Args:
+        spec: the metrics.yaml value (after `~` expansion).
+    """
+    return (spec.startswith(("/", ".", "~")) or "\\" in spec or spec.count("/") > 1
+            or Path(spec).suffix.lower() in _FILE_SUFFIXES)
+
+
 def _looks_like_hub_id(spec: str) -> bool:
-    # "org/name" (one slash, no drive / dot / tilde prefix) that is not a path on this machine.
-    if spec.startswith(("/", ".", "~")) or "\\" in spec or Path(spec).exists():
+    # "org/name" (one slash, both parts non-empty) that is neither local-path-shaped nor on this machine.
+    if _is_local_path(spec) or Path(spec).exists():
         return False
     parts = spec.split("/")
     return len(parts) == 2 and all(parts)
+
+
+def _cwd_note() -> str:
+    # Relative metrics.yaml paths are opened from the directory `softrepa evaluate` runs in, not the
+    # yaml's folder; saying so is the usual fix for "the file is right there".
+    return f"relative paths are relative to the current directory {Path.cwd()}"
+
+
+def _local_missing(spec: str) -> str:
+    """The message for a local path that does not exist (absolute, with the cwd rule)."""
+    return f"local path not found: {os.path.abspath(spec)} ({_cwd_note()})"
+
+
+def _no_local_folder(spec: str) -> str:
+    """Appended when an "org/name" value failed as a hub id: it was not a local folder either."""
+    return f"no local folder {os.path.abspath(spec)} exists either ({_cwd_note()})"
 
 
 def _offline_note(offline: bool) -> str:
@@ -72,7 +111,8 @@ def resolve_file(spec: str | os.PathLike | None, *, metric: str, what: str, file
     """Turn a weights entry into a local file path, or raise `WeightsError`.
 
     Args:
-        spec: a local file, a folder holding `filename`, or a hub repo id holding `filename`.
+        spec: a local file, a folder holding `filename`, or a hub repo id ("org/name") holding
+            `filename`; relative paths are read from the current directory.
         metric: metric name, for the message.
         what: what the file is (e.g. "ImageReward checkpoint"), for the message.
         filename: the file inside a folder / hub repo.
@@ -99,8 +139,9 @@ def resolve_file(spec: str | os.PathLike | None, *, metric: str, what: str, file
             return Path(hf_hub_download(spec, filename, local_files_only=offline))
         except Exception as e:  # noqa: BLE001 - every hub failure becomes one clear message
             raise WeightsError(f"{metric}: {what} {filename!r} from hub repo {spec!r} is not available: "
-                               f"{_offline_note(offline)}; {hint} ({type(e).__name__})") from e
-    raise WeightsError(f"{metric}: {what} not found: {spec}; {hint}")
+                               f"{_offline_note(offline)}; {_no_local_folder(spec)}; {hint} "
+                               f"({type(e).__name__})") from e
+    raise WeightsError(f"{metric}: {what}: {_local_missing(spec)}; {hint}")
 
 
 def resolve_pretrained(loader, spec: str | None, *, metric: str, what: str, url: str, offline: bool, **kw):
@@ -108,7 +149,7 @@ def resolve_pretrained(loader, spec: str | None, *, metric: str, what: str, url:
 
     Args:
         loader: e.g. `CLIPModel.from_pretrained`.
-        spec: local folder or hub id.
+        spec: local folder (relative to the current directory) or hub id ("org/name").
         metric, what, url: for the message.
         offline: pass `local_files_only=True` for hub ids.
         **kw: extra keyword arguments for the loader.
@@ -118,12 +159,16 @@ def resolve_pretrained(loader, spec: str | None, *, metric: str, what: str, url:
         raise WeightsError(f"{metric}: no {what} configured; {hint}")
     spec = os.path.expanduser(str(spec))
     local = Path(spec).is_dir()
+    if not local and Path(spec).exists():
+        raise WeightsError(f"{metric}: {what} must be a folder (from_pretrained layout), not the file "
+                           f"{os.path.abspath(spec)}; {hint}")
     if not local and not _looks_like_hub_id(spec):
-        raise WeightsError(f"{metric}: {what} folder not found: {spec}; {hint}")
+        raise WeightsError(f"{metric}: {what} folder: {_local_missing(spec)}; {hint}")
     try:
         return loader(spec, local_files_only=offline or local, **kw)
     except Exception as e:  # noqa: BLE001
-        where = f"folder {spec}" if local else f"hub id {spec!r} ({_offline_note(offline)})"
+        where = (f"folder {spec}" if local else
+                 f"hub id {spec!r} ({_offline_note(offline)}; {_no_local_folder(spec)})")
         raise WeightsError(f"{metric}: could not load {what} from {where}; {hint} "
                            f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from e
 

@@ -4,19 +4,24 @@ Each run is an `softrepa evaluate` output folder (or its results.json). The tabl
 metric's mean per run with the delta to the first run (the baseline); the bar chart shows means
 with 95% CIs; when the runs span several guidance scales (their metadata's target CFG, recorded
 by `evaluate` as run["cfg"], or an explicit `--sweep` list) the CLIP-vs-LPIPS curve of the paper's
-Fig. 5 is drawn: one line per method (vanilla / SoftREPA), points labelled with their CFG.
+Fig. 5 is drawn: one line per method (vanilla / SoftREPA), points labelled with their CFG. A sweep
+whose runs lack one of the curve's metrics (`--curve-x` / `--curve-y`) gets no curve and a warning
+naming them. Set statistics stored inside another metric (the world metric's quality proxy) are
+compared as rows of their own (`softrepa.evaluate.summary_rows`).
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import logging
 from pathlib import Path
 from typing import Sequence
 
+log = logging.getLogger(__name__)
 #: Direction of "better" for each metric (used only for the table's arrows).
 HIGHER_IS_BETTER = {"imagereward": True, "pickscore": True, "clip": True, "hps": True, "fid": False,
-                    "lpips": False, "world": True}
+                    "lpips": False, "world": True, "world_quality_proxy": False}
 
 
 def load_run(path: str | Path) -> dict:
@@ -62,7 +67,12 @@ def compare_runs(runs: Sequence[str | Path], out: str | Path, *, labels: Sequenc
 
     if len(runs) < 1:
         raise ValueError("compare needs at least one run")
+    from ..evaluate import summary_rows
+
     data = [load_run(r) for r in runs]
+    # every run's metrics as the summaries list them (adds world_quality_proxy next to world)
+    for d in data:
+        d["metrics"] = dict(summary_rows(d))
     labels = list(labels) if labels else [Path(r).name if Path(r).is_dir() else Path(r).parent.name for r in runs]
     for name, n in (("labels", labels), ("sweep", sweep), ("groups", groups)):
         if n is not None and len(n) != len(runs):
@@ -132,7 +142,16 @@ def compare_runs(runs: Sequence[str | Path], out: str | Path, *, labels: Sequenc
 
     distinct = {c for c in cfgs if c is not None}
     is_sweep = len(distinct) >= 2 and all(c is not None for c in cfgs)
-    if is_sweep and curve_x in metrics and curve_y in metrics:
+    absent = [m for m in dict.fromkeys((curve_x, curve_y))
+              if m not in metrics or all(r[m] is None for r in rows)]
+    if is_sweep and absent:
+        # a CFG sweep is what the curve is for: say why it is missing instead of skipping it silently
+        log.warning("compare: the runs span CFG %s but have no %s values, so no cfg_sweep.png was written; "
+                    "choose the plot's axes among the evaluated metrics (%s) with --curve-x / --curve-y "
+                    "(now --curve-x %s --curve-y %s)", sorted(distinct), " / ".join(absent),
+                    ", ".join(m for m in metrics if any(r[m] is not None for r in rows)) or "none",
+                    curve_x, curve_y)
+    if is_sweep and not absent:
         fig, ax = plt.subplots(figsize=(4.5, 3.6))
         for gi, g in enumerate(dict.fromkeys(groups)):
             pts = sorted((float(r["cfg"]), r[curve_x], r[curve_y]) for r in rows

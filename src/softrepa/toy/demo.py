@@ -132,16 +132,9 @@ def _check_same_recipe(saved: Path, cfg: Any) -> None:
         return
     import yaml
 
-    from ..config import config_dict
+    from ..config import config_dict, config_diff
 
-    old, new = yaml.safe_load(saved.read_text()), config_dict(cfg)
-
-    def diff(a: Any, b: Any, prefix: str = "") -> list[str]:
-        if isinstance(a, dict) and isinstance(b, dict):
-            return [d for k in sorted(set(a) | set(b)) for d in diff(a.get(k), b.get(k), f"{prefix}{k}.")]
-        return [] if a == b else [f"{prefix[:-1]}: {a!r} -> {b!r}"]
-
-    changed = diff(old, new)
+    changed = config_diff(yaml.safe_load(saved.read_text()), config_dict(cfg))
     if changed:
         raise SystemExit(f"{saved.parent} was trained with another recipe ({'; '.join(changed[:5])}); "
                          "rerun with --fresh, or choose another --out")
@@ -167,20 +160,26 @@ def _world_metrics(images_dir: Path, reference: Path, out: Path) -> dict[str, An
 
 
 def _table(results: dict[str, dict[str, Any]]) -> str:
-    """Before / after markdown table from the two evaluations."""
+    """Before / after markdown table from the two evaluations.
+
+    Rows for a category or prompt kind with no prompts (n = 0 on either side, e.g. no two-object
+    prompt among a smoke run's first few) are left out: their accuracy is NaN ("nan%").
+
+    Args:
+        results: {"vanilla": world metrics, "tokens": world metrics}, each as `softrepa evaluate`
+            records them (accuracy, categories / by_kind {name: {n, accuracy}}, quality_proxy).
+    """
     a, b = results["vanilla"], results["tokens"]
     rows = ["| held-out prompts | vanilla | + SoftREPA tokens | delta |", "|---|---|---|---|",
             f"| alignment accuracy (all attributes) | {100 * a['accuracy']:.1f}% | {100 * b['accuracy']:.1f}% "
             f"| {100 * (b['accuracy'] - a['accuracy']):+.1f} pts |"]
-    for cat, ca in a["categories"].items():
-        cb = b["categories"][cat]
-        if ca["n"]:
-            rows.append(f"| {cat} (n={ca['n']}) | {100 * ca['accuracy']:.1f}% | {100 * cb['accuracy']:.1f}% "
-                        f"| {100 * (cb['accuracy'] - ca['accuracy']):+.1f} pts |")
-    for kind, ka in a["by_kind"].items():
-        kb = b["by_kind"][kind]
-        rows.append(f"| {kind}-object prompts (n={ka['n']}) | {100 * ka['accuracy']:.1f}% | {100 * kb['accuracy']:.1f}% "
-                    f"| {100 * (kb['accuracy'] - ka['accuracy']):+.1f} pts |")
+    for group, label in (("categories", "{} (n={})"), ("by_kind", "{}-object prompts (n={})")):
+        for name, ta in a[group].items():
+            tb = b[group].get(name, {"n": 0})
+            if not ta["n"] or not tb["n"]:
+                continue
+            rows.append(f"| {label.format(name, ta['n'])} | {100 * ta['accuracy']:.1f}% | {100 * tb['accuracy']:.1f}% "
+                        f"| {100 * (tb['accuracy'] - ta['accuracy']):+.1f} pts |")
     qa, qb = a.get("quality_proxy"), b.get("quality_proxy")
     if qa is not None and qb is not None:
         rows.append(f"| quality proxy: Fréchet distance to real renders (lower is better) | {qa:.4f} | {qb:.4f} "
