@@ -293,7 +293,10 @@ def load_pipeline(model: str, dtype: torch.dtype = torch.float32, device: str | 
 
     from diffusers import DiffusionPipeline
 
-    kw: dict[str, Any] = {"torch_dtype": dtype}
+    from diffusers.utils import deprecation_utils
+
+    # newer diffusers call it `dtype` and warn about `torch_dtype`; older ones know only the latter
+    kw: dict[str, Any] = {"dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype": dtype}
     if variant:
         kw["variant"] = variant
     model = resolve_model_path(model)

@@ -56,6 +56,12 @@ def load_model(args: argparse.Namespace) -> tuple[Any, Any]:
         raise ValueError("--cpu-offload needs a CUDA --device")
     if args.tokens:
         load_soft_tokens(args.tokens)  # a bad tokens file fails before the (slow) model load
+    if getattr(args, "no_progress", False):  # also the libraries' "Loading ..." bars
+        import diffusers.utils.logging as dlog
+        import transformers.utils.logging as tlog
+
+        dlog.disable_progress_bar()
+        tlog.disable_progress_bar()
     # with offload the weights stay on the CPU and accelerate moves each model in when it runs
     pipe = load_pipeline(args.model, dtype, "cpu" if args.cpu_offload else device)
     if args.cpu_offload:
