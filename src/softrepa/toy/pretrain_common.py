@@ -141,6 +141,26 @@ def lr_factor(step: int, total: int, warmup: int, floor: float = 0.1) -> float:
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * p))
 
 
+def optimizer_step(loss: torch.Tensor, opt: torch.optim.Optimizer, params, sched, ema: "EMA") -> float:
+    """One step of the miniatures' pretraining: backward, clip to norm 1, step, lr schedule, EMA.
+
+    Args:
+        loss: the scalar loss of the step.
+        opt, sched: optimiser and its lr scheduler.
+        params: the parameters whose gradient norm is clipped.
+        ema: the running average updated after the step.
+    Returns:
+        The loss as a float (for the run's log).
+    """
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    sched.step()
+    ema.update()
+    return loss.item()
+
+
 class EMA:
     """Exponential moving average of parameters, with the usual warm-up of the decay.
 
@@ -202,5 +222,5 @@ def folder_megabytes(path: str | os.PathLike) -> float:
     return total / 1e6
 
 
-__all__ = ["EMA", "TOKENIZER_MAX_LENGTH", "Timer", "TokenCache", "WorldImages", "autocast",
+__all__ = ["EMA", "TOKENIZER_MAX_LENGTH", "Timer", "TokenCache", "WorldImages", "autocast", "optimizer_step",
            "folder_megabytes", "lr_factor", "param_count", "seed_everything", "set_threads"]

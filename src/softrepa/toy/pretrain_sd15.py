@@ -27,7 +27,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..tiny import _clip_text_encoder, make_clip_tokenizer
-from .pretrain_common import EMA, TOKENIZER_MAX_LENGTH, TokenCache, WorldImages, autocast, lr_factor
+from .pretrain_common import (EMA, TOKENIZER_MAX_LENGTH, TokenCache, WorldImages, autocast, lr_factor,
+                              optimizer_step)
 
 #: DDPM's linear noise schedule (the one DDPM used for 32x32 CIFAR images, which is what an 8x8x4
 #: latent is closer to). SD1.5's scaled-linear schedule leaves sqrt(abar_999) = 0.068 of the signal
@@ -142,13 +143,7 @@ def train_sd15(parts: dict, latents: tuple[torch.Tensor, torch.Tensor], data: Wo
         target = eps if prediction_type == "epsilon" else a.sqrt() * eps - (1 - a).sqrt() * x0
         per_sample = (pred.float() - target).pow(2).mean(dim=(1, 2, 3))
         loss = (weight[t] * per_sample).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        ema.update()
-        losses.append(loss.item())
+        losses.append(optimizer_step(loss, opt, params, sched, ema))
     ema.copy_to()
     for m in modules:
         m.eval().requires_grad_(False)

@@ -35,7 +35,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..tiny import _clip_text_encoder, make_clip_tokenizer
-from .pretrain_common import EMA, TOKENIZER_MAX_LENGTH, TokenCache, WorldImages, autocast, lr_factor
+from .pretrain_common import (EMA, TOKENIZER_MAX_LENGTH, TokenCache, WorldImages, autocast, lr_factor,
+                              optimizer_step)
 
 
 class CollapsedNullAttnProcessor:
@@ -201,13 +202,7 @@ def train_sd3(parts: dict, latents: tuple[torch.Tensor, torch.Tensor], data: Wor
             pred = tr(hidden_states=x_s, encoder_hidden_states=ctx, pooled_projections=pooled,
                       timestep=s.flatten() * 1000).sample
         loss = F.mse_loss(pred.float(), eps - x0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        ema.update()
-        losses.append(loss.item())
+        losses.append(optimizer_step(loss, opt, params, sched, ema))
     ema.copy_to()
     from diffusers.models.attention_processor import JointAttnProcessor2_0
 

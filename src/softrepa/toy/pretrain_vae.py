@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .metrics import alignment_report
-from .pretrain_common import EMA, WorldImages, autocast, lr_factor
+from .pretrain_common import EMA, WorldImages, autocast, lr_factor, optimizer_step
 from .world import WorldDataset
 
 
@@ -75,13 +75,7 @@ def train_vae(vae, data: WorldImages, steps: int, batch_size: int = 32, lr: floa
         err = rec - x
         kl = post.kl().float().mean() / n_latent
         loss = err.abs().mean() + err.pow(2).mean() + kl_weight * kl
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        ema.update()
-        losses.append(loss.item())
+        losses.append(optimizer_step(loss, opt, vae.parameters(), sched, ema))
     ema.copy_to()
     vae.eval().requires_grad_(False)
     return {"steps": steps, "seconds": time.perf_counter() - t0, "loss": float(np.mean(losses[-50:]))}
