@@ -17,6 +17,8 @@ import time
 
 import torch
 
+from report import emit
+
 from softrepa import SoftTokens, SoftTokensConfig, attach
 
 SD3_MEDIUM = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
@@ -93,11 +95,7 @@ def main() -> None:
         "|---|---|---|",
     ]
     lines += [f"| {name} | {sec * 1e3:.1f} | {ov:+.2f} |" for name, sec, ov in rows]
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    emit(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from report import emit
 
 from softrepa.backbones import load_pipeline
 from softrepa.edit import FlowEditParams, edit_image
@@ -101,10 +102,7 @@ def main() -> None:
              "| mode | n_max | target CFG | edit | success % | mean abs change | background change |",
              "|---|---|---|---|---|---|---|"]
     lines += [f"| {m} | {n} | {c:g} | {k} | {100 * s:.1f} | {l:.4f} | {b:.4f} |" for m, n, c, k, s, l, b in rows]
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit(lines, args.out)
 
 
 if __name__ == "__main__":

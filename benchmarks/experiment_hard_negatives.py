@@ -10,7 +10,10 @@ E becomes (B, B + K) and the image -> text cross-entropy runs over all columns. 
 
 Result on the validation seeds: no gain (benchmarks/demo_time.md, "Choosing the miniature recipe").
 """
-import re, sys, time, math, random
+import random
+import re
+import sys
+import time
 import torch, torch.nn.functional as F
 from softrepa import train as T
 from softrepa.backbones import TextCond

@@ -24,6 +24,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from attach_overhead import REDUCED, SD3_MEDIUM  # noqa: E402
+from report import emit  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -99,11 +100,7 @@ def main() -> None:
              "| autocast | forward rel. max error vs fp32 | token-grad cosine vs fp32 | chunked vs all-pairs grad rel. diff | finite |",
              "|---|---|---|---|---|"]
     lines += [f"| {n} | {e:.2e} | {c:.5f} | {d:.2e} | {f} |" for n, e, c, d, f in rows]
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    emit(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from report import emit
 
 from softrepa import SoftTokens, SoftTokensConfig, attach
 from softrepa.backbones import load_pipeline
@@ -69,10 +70,7 @@ def main() -> None:
              f"{args.dtype}, device: {name}; detach restores vanilla images exactly: {bool(np.array_equal(vanilla, after))}",
              "", "| pipeline call | median s | overhead % |", "|---|---|---|",
              f"| stock | {b:.3f} | +0.00 |", f"| with tokens | {t:.3f} | {100 * (t / b - 1):+.2f} |"]
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit(lines, args.out)
 
 
 if __name__ == "__main__":

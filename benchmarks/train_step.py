@@ -24,6 +24,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from attach_overhead import REDUCED, SD3_MEDIUM  # noqa: E402
+from report import emit  # noqa: E402
 
 
 def one(args: argparse.Namespace) -> dict:
@@ -130,11 +131,7 @@ def main() -> None:
         else:
             lines.append(f"| {r['batch']} | {r['batch'] ** 2} | {r['text_len']} | {mode} | {r['step_s']:.2f} | "
                          f"{r['pairs_per_s']:.1f} | {r['peak_gib']:.2f} |")
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    emit(lines, args.out)
 
 
 if __name__ == "__main__":
