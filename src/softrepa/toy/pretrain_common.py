@@ -141,6 +141,22 @@ def lr_factor(step: int, total: int, warmup: int, floor: float = 0.1) -> float:
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * p))
 
 
+def diffusion_optimizer(modules: list[torch.nn.Module], lr: float, steps: int):
+    """AdamW, warm-up + cosine lr schedule and EMA shared by the SD3 and SD1.5 miniatures.
+
+    Args:
+        modules: the trained modules (all their parameters are optimised and averaged).
+        lr: peak learning rate.
+        steps: total optimiser steps (sets the schedule).
+    Returns:
+        (params, optimizer, scheduler, ema).
+    """
+    params = [p for m in modules for p in m.parameters()]
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps, min(200, steps // 10 + 1)))
+    return params, opt, sched, EMA(modules, decay=0.999)
+
+
 def optimizer_step(loss: torch.Tensor, opt: torch.optim.Optimizer, params, sched, ema: "EMA") -> float:
     """One step of the miniatures' pretraining: backward, clip to norm 1, step, lr schedule, EMA.
 
@@ -222,5 +238,5 @@ def folder_megabytes(path: str | os.PathLike) -> float:
     return total / 1e6
 
 
-__all__ = ["EMA", "TOKENIZER_MAX_LENGTH", "Timer", "TokenCache", "WorldImages", "autocast", "optimizer_step",
+__all__ = ["EMA", "TOKENIZER_MAX_LENGTH", "Timer", "TokenCache", "WorldImages", "autocast", "diffusion_optimizer", "optimizer_step",
            "folder_megabytes", "lr_factor", "param_count", "seed_everything", "set_threads"]

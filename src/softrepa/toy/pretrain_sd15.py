@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..tiny import _clip_text_encoder, make_clip_tokenizer
-from .pretrain_common import (EMA, TOKENIZER_MAX_LENGTH, TokenCache, WorldImages, autocast, lr_factor,
+from .pretrain_common import (TOKENIZER_MAX_LENGTH, TokenCache, WorldImages, autocast, diffusion_optimizer,
                               optimizer_step)
 
 #: DDPM's linear noise schedule (the one DDPM used for 32x32 CIFAR images, which is what an 8x8x4
@@ -117,10 +117,7 @@ def train_sd15(parts: dict, latents: tuple[torch.Tensor, torch.Tensor], data: Wo
     for m in modules:
         m.train().requires_grad_(True)
     tokens = TokenCache(parts["tokenizer"])
-    params = [p for m in modules for p in m.parameters()]
-    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=1e-2)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps, min(200, steps // 10 + 1)))
-    ema = EMA(modules, decay=0.999)
+    params, opt, sched, ema = diffusion_optimizer(modules, lr, steps)
     abar = _alphas_cumprod()
     snr = abar / (1 - abar)
     w_x0 = snr.clamp(min=snr_floor or 0.0, max=min_snr_gamma or float("inf"))

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..tiny import _clip_text_encoder, make_clip_tokenizer
-from .pretrain_common import (EMA, TOKENIZER_MAX_LENGTH, TokenCache, WorldImages, autocast, lr_factor,
+from .pretrain_common import (TOKENIZER_MAX_LENGTH, TokenCache, WorldImages, autocast, diffusion_optimizer,
                               optimizer_step)
 
 
@@ -180,10 +180,7 @@ def train_sd3(parts: dict, latents: tuple[torch.Tensor, torch.Tensor], data: Wor
     proc = CollapsedNullAttnProcessor()
     tr.set_attn_processor(proc)
     tokens = TokenCache(parts["tokenizer"])
-    params = [p for m in modules for p in m.parameters()]
-    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=1e-2)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps, min(200, steps // 10 + 1)))
-    ema = EMA(modules, decay=0.999)
+    params, opt, sched, ema = diffusion_optimizer(modules, lr, steps)
     g = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng([seed, 3])
     mean, std = latents
