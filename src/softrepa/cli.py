@@ -1,4 +1,4 @@
-"""`softrepa` command line: train | generate | edit | evaluate | demo | import-official | info.
+"""`softrepa` command line: train | generate | edit | evaluate | diagnose | demo | import-official | info.
 
 Each subcommand lives in its own module and registers itself here through `COMMANDS`; this file
 only parses arguments and turns library errors into one clear line and a non-zero exit code.
@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "edit": ("softrepa.edit_cli", "FlowEdit text-guided image editing with soft tokens"),
     "evaluate": ("softrepa.evaluate_cli", "score generated / edited images (ImageReward, PickScore, CLIP, HPS, FID, LPIPS, world)"),
     "compare": ("softrepa.evaluate_cli", "compare evaluated runs: table with deltas, bar chart, CFG-sweep curves"),
+    "diagnose": ("softrepa.diagnose_cli", "loss-regime diagnosis per timestep: errors, logits, gradient shares, calibrated tau"),
     "toy": ("softrepa.toy.cli", "the miniature world: pretrain the bundled tiny pipelines"),
     "demo": ("softrepa.toy.demo", "offline miniature demo: train tokens, generate held-out prompts, judge"),
 }

@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from .negatives import NegativesConfig
 from .tokens import SoftTokensConfig
 
 
@@ -24,7 +25,7 @@ class ConfigError(ValueError):
     """A configuration value or file that cannot be used (the message names the key)."""
 
 
-TAU_SCHEDULES = ("constant", "linear")
+TAU_SCHEDULES = ("constant", "linear", "calibrated")
 
 
 @dataclass
@@ -35,32 +36,55 @@ class LossConfig:
         tau: the temperature of the "constant" schedule.
         tau_schedule: "constant" (tau for every t, the authors' choice) or "linear"
             (`softrepa.loss.linear_tau`: tau_min at t = 0 rising to tau_max at t = 1000).
+            Or "calibrated" (`softrepa.loss.binned_tau`): one temperature per timestep bin,
+            `tau_table`, estimated from the model's own errors before the first step when not
+            given (`softrepa.diagnose.calibrate_tau`) and saved in the run's config.yaml.
         tau_min, tau_max: the ends of the "linear" schedule (both required there, > 0; not
             accepted with "constant", where they would be silently unused).
-        scale, form, symmetric, denoise_weight: see `softrepa.loss.softrepa_loss`.
+        tau_table: the "calibrated" schedule's temperatures, one per equal bin of 0..1000.
+        tau_bins: bins of the calibration (used when tau_table is not given).
+        calibration_batches: batches drawn from the training data to calibrate tau_table.
+        scale, form, symmetric, denoise_weight, contrastive_weight: see
+            `softrepa.loss.softrepa_loss` (contrastive_weight 0 with denoise_weight 1: the
+            positive-only control).
     """
 
     tau: float = 0.07
     tau_schedule: str = "constant"
     tau_min: float | None = None
     tau_max: float | None = None
+    tau_table: list[float] | None = None
+    tau_bins: int = 10
+    calibration_batches: int = 20
     scale: float = 4.0
     form: str = "exp"
     symmetric: bool = False
     denoise_weight: float = 0.0
+    contrastive_weight: float = 1.0
 
     def __post_init__(self) -> None:
         if self.tau <= 0:
             raise ConfigError(f"loss.tau must be > 0, got {self.tau}")
         if self.tau_schedule not in TAU_SCHEDULES:
             raise ConfigError(f"loss.tau_schedule must be one of {'|'.join(TAU_SCHEDULES)}, got {self.tau_schedule!r}")
+        if self.tau_table is not None:
+            if self.tau_schedule != "calibrated":
+                raise ConfigError("loss.tau_table is only used with loss.tau_schedule: calibrated")
+            if not self.tau_table or not all(v > 0 for v in self.tau_table):
+                raise ConfigError(f"loss.tau_table must be a non-empty list of values > 0, got {self.tau_table}")
+        if self.tau_bins < 1:
+            raise ConfigError(f"loss.tau_bins must be >= 1, got {self.tau_bins}")
+        if self.calibration_batches < 1:
+            raise ConfigError(f"loss.calibration_batches must be >= 1, got {self.calibration_batches}")
+        if self.contrastive_weight < 0:
+            raise ConfigError(f"loss.contrastive_weight must be >= 0, got {self.contrastive_weight}")
         for name in ("tau_min", "tau_max"):
             value = getattr(self, name)
             if self.tau_schedule == "linear" and value is None:
                 raise ConfigError(f"loss.{name} is required with loss.tau_schedule: linear")
-            if self.tau_schedule == "constant" and value is not None:
+            if self.tau_schedule != "linear" and value is not None:
                 raise ConfigError(f"loss.{name} is only used with loss.tau_schedule: linear "
-                                  f"(the constant schedule uses loss.tau); got {value}")
+                                  f"(the {self.tau_schedule} schedule does not read it); got {value}")
             if value is not None and not value > 0:
                 raise ConfigError(f"loss.{name} must be > 0, got {value}")
         if self.form not in ("exp", "neg"):
@@ -72,6 +96,10 @@ class LossConfig:
         """The temperature as a run actually uses it, e.g. "tau 0.07" or "tau linear 0.05 -> 0.2"."""
         if self.tau_schedule == "linear":
             return f"tau linear {self.tau_min:g} -> {self.tau_max:g}"
+        if self.tau_schedule == "calibrated":
+            if self.tau_table is None:
+                return f"tau calibrated ({self.tau_bins} bins, to be estimated)"
+            return f"tau calibrated {min(self.tau_table):.3g}..{max(self.tau_table):.3g} ({len(self.tau_table)} bins)"
         return f"tau {self.tau:g}"
 
 
@@ -134,6 +162,7 @@ class TrainConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     tokens: SoftTokensConfig = field(default_factory=SoftTokensConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    negatives: NegativesConfig = field(default_factory=NegativesConfig)
     t_min: int = 0
     t_max: int = 1000
     shared_timestep: bool = True

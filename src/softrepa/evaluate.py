@@ -50,6 +50,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .metrics import METRIC_NAMES, PAPER_METRICS, MetricError, load_config, load_metric
+from .stats import wilson_interval
 from .metrics.common import batched, load_rgb, torch_dtype
 
 log = logging.getLogger(__name__)
@@ -202,27 +203,6 @@ def run_info(items: Sequence[EvalItem]) -> dict:
     if cfg is not None:
         info["cfg"] = float(cfg)
     return info
-
-
-def wilson_interval(successes: float, n: int, z: float = 1.959964) -> list[float]:
-    """Wilson score interval of a binomial proportion (95% for the default z).
-
-    (p + z^2/2n) / (1 + z^2/n) +- z / (1 + z^2/n) * sqrt(p(1-p)/n + z^2/4n^2), p = successes / n.
-    Unlike the t (Wald) interval it never leaves [0, 1] and does not collapse to a point at p = 0
-    or 1, so it stays meaningful for the few images of a smoke run.
-
-    Args:
-        successes: number of 1 outcomes.
-        n: number of outcomes (>= 1).
-        z: normal quantile of the two-sided level.
-    """
-    p = successes / n
-    denom = 1 + z * z / n
-    center = (p + z * z / (2 * n)) / denom
-    half = z / denom * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    # exact arithmetic keeps p inside [center - half, center + half] within [0, 1]; the clamps only
-    # remove round-off (p = 1 otherwise gives an upper bound of 0.9999999999999999 < mean)
-    return [max(0.0, min(center - half, p)), min(1.0, max(center + half, p))]
 
 
 def summarize(values: Sequence[float], binary: bool = False) -> dict:

@@ -19,11 +19,16 @@ Definitions (all exact; `CE(z, k) = logsumexp(z) - z[k]` over the unmasked entri
     logits[i, j] = -inf where mask[i, j] (j != i; e.g. caption_j == caption_i): such a prompt
         is not a negative for image i, nor image i a negative for prompt j. The diagonal is
         never masked.
-    i2t_i = CE(logits[i, :], i)      image i classifies the prompts        (rows)
-    t2i_j = CE(logits[:, j], j)      prompt j classifies the images        (columns)
+    H (B, K), optional: errors of image i under K hard-negative captions of its own (e.g. its
+        caption with two colour words swapped); they become K extra columns of row i only,
+        with logits from the same formula and -inf where `negatives_valid[i, k]` is False.
+    i2t_i = CE([logits[i, :], hard_logits[i, :]], i)   image i classifies the prompts (rows)
+    t2i_j = CE(logits[:, j], j)      prompt j classifies the images (columns; batch images only)
     contrastive_i = i2t_i                          (symmetric=False; the paper's loss)
                   = 0.5 * (i2t_i + t2i_i)          (symmetric=True)
-    loss_i = contrastive_i + denoise_weight * E[i, i]
+    loss_i = contrastive_weight * contrastive_i + denoise_weight * E[i, i]
+        (contrastive_weight = 1: the paper; 0: the "positive-only" control, whose loss is the
+        denoising term alone, the contrastive term left out of the graph entirely)
     loss = mean_i loss_i ("mean", default) | sum_i loss_i ("sum") | (loss_i)_i ("none")
 
 `i2t`, `t2i` and `denoise` in `LossOutput` are reduced the same way as `loss` (so with
@@ -94,6 +99,44 @@ class linear_tau:  # noqa: N801
 
     def __repr__(self) -> str:
         return f"linear_tau({self.tau_min}, {self.tau_max}, t_max={self.t_max})"
+
+
+class binned_tau:  # noqa: N801
+    """tau(t) = table[k] for t in the k-th of len(table) equal bins of [0, t_max).
+
+    The paper writes the temperature as tau(t); `calibrate_tau` (softrepa.diagnose) fills the
+    table from the model's own errors so that every timestep's logits sit in their sensitive
+    range. A table of one repeated value is exactly `constant_tau(value)`.
+
+    Args:
+        table: one temperature per bin, each > 0.
+        t_max: the end of the timestep scale (softrepa uses 0..1000).
+
+    Example:
+        >>> tau = binned_tau([0.5, 0.4]); float(tau(100.0)), float(tau(999.0))
+        (0.5, 0.4)
+    """
+
+    def __init__(self, table: Sequence[float], t_max: float = T_MAX):
+        table = [float(v) for v in table]
+        if not table or not all(v > 0 for v in table) or not t_max > 0:
+            raise ValueError(f"binned_tau needs a non-empty table of values > 0 and t_max > 0, got {table}, {t_max}")
+        self.table, self.t_max = table, float(t_max)
+
+    def bin_of(self, t: torch.Tensor | float) -> torch.Tensor:
+        """Bin index of t (clamped into the table)."""
+        t = torch.as_tensor(t).to(torch.float64)  # keeps t's device
+        k = torch.floor(t * len(self.table) / self.t_max).long()
+        return k.clamp(0, len(self.table) - 1)
+
+    def __call__(self, t: torch.Tensor | float) -> torch.Tensor:
+        if t is None:
+            raise ValueError("binned_tau needs the timestep t")
+        k = self.bin_of(t)
+        return torch.tensor(self.table, dtype=torch.float64, device=k.device)[k]
+
+    def __repr__(self) -> str:
+        return f"binned_tau({[round(v, 4) for v in self.table]})"
 
 
 def _tau_column(E: torch.Tensor, t, tau: TauLike) -> torch.Tensor:
@@ -186,8 +229,11 @@ class LossOutput:
         i2t: image -> text cross-entropy (rows).
         t2i: text -> image cross-entropy (columns), None unless symmetric.
         denoise: the diagonal errors E[i, i], reduced (mean by default).
-        logits: (B, B) masked logits (-inf at masked pairs).
-        accuracy: share of images whose lowest error is their own caption (0-d float, no grad).
+        logits: (B, B) masked logits (-inf at masked pairs); (B, B + K) with hard negatives.
+        accuracy: share of images whose lowest error is their own caption among the batch's
+            prompts (0-d float, no grad).
+        hard_accuracy: share of images whose own caption beats all of its hard negatives
+            (None without hard negatives).
     """
 
     loss: torch.Tensor
@@ -196,6 +242,7 @@ class LossOutput:
     denoise: torch.Tensor
     logits: torch.Tensor
     accuracy: torch.Tensor
+    hard_accuracy: torch.Tensor | None = None
 
     def detach(self) -> "LossOutput":
         """A copy whose tensors are detached from the graph (for logging)."""
@@ -206,6 +253,7 @@ class LossOutput:
             denoise=self.denoise.detach(),
             logits=self.logits.detach(),
             accuracy=self.accuracy.detach(),
+            hard_accuracy=None if self.hard_accuracy is None else self.hard_accuracy.detach(),
         )
 
 
@@ -267,8 +315,11 @@ def softrepa_loss(
     form: str = "exp",
     symmetric: bool = False,
     denoise_weight: float = 0.0,
+    contrastive_weight: float = 1.0,
     captions: Sequence[str] | None = None,
     mask: torch.Tensor | None = None,
+    negatives: torch.Tensor | None = None,
+    negatives_valid: torch.Tensor | None = None,
     reduction: str = "mean",
 ) -> LossOutput:
     """SoftREPA contrastive loss of an error matrix (exact definition in the module docstring).
@@ -282,9 +333,12 @@ def softrepa_loss(
         symmetric: average the image->text and text->image cross-entropies.
         denoise_weight: weight w of the denoising term w * E[i, i] (authors: 0 for SD3,
             10 for SD1.5 / SDXL).
+        contrastive_weight: weight of the contrastive term (1: the paper; 0: positive-only).
         captions: the batch captions; identical captions are masked as non-negatives.
         mask: optional (B, B) bool of extra pairs that are not negatives (OR-ed with the caption
             mask; the diagonal is ignored).
+        negatives: optional (B, K) errors of image i under its own K hard-negative captions.
+        negatives_valid: (B, K) bool, False for padding slots (required with `negatives`).
         reduction: "mean" | "sum" | "none" over the B images.
 
     Returns:
@@ -295,29 +349,66 @@ def softrepa_loss(
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     pair_mask = _combined_mask(B, captions, mask, E.device)  # (B, B) bool or None
 
+    if contrastive_weight < 0:
+        raise ValueError(f"contrastive_weight must be >= 0, got {contrastive_weight}")
     logits = contrastive_logits(E, t, tau=tau, scale=scale, form=form)  # (B, B)
     if pair_mask is not None:
         # masked_fill (not arithmetic) so masked entries get an exactly zero gradient
         logits = logits.masked_fill(pair_mask, float("-inf"))
     target = torch.arange(B, device=E.device)  # (B,)
+    row_logits = logits
+    hard_acc = None
+    if negatives is not None:
+        H, valid = _check_negatives(negatives, negatives_valid, B)  # (B, K), (B, K)
+        # padding slots hold an arbitrary finite error; -inf logits take them out exactly
+        hard = contrastive_logits(H.masked_fill(~valid, 0.0), t, tau=tau, scale=scale, form=form)
+        hard = hard.masked_fill(~valid, float("-inf"))  # (B, K)
+        row_logits = torch.cat([logits, hard], dim=1)  # (B, B + K)
+        beaten = (H.detach() <= E.detach().diagonal()[:, None]) & valid  # (B, K)
+        hard_acc = (~beaten.any(dim=1)).float().mean()
 
-    i2t = F.cross_entropy(logits, target, reduction="none")  # (B,) rows: image -> prompts
+    i2t = F.cross_entropy(row_logits, target, reduction="none")  # (B,) rows: image -> prompts
     t2i = F.cross_entropy(logits.T, target, reduction="none") if symmetric else None  # (B,)
     contrastive = 0.5 * (i2t + t2i) if symmetric else i2t  # (B,)
     diag = E.diagonal()  # (B,)
-    per_item = contrastive + denoise_weight * diag if denoise_weight else contrastive  # (B,)
+    if contrastive_weight == 0:  # positive-only: the contrastive term is not in the graph at all
+        per_item = denoise_weight * diag
+    else:
+        per_item = contrastive if contrastive_weight == 1 else contrastive_weight * contrastive
+        per_item = per_item + denoise_weight * diag if denoise_weight else per_item  # (B,)
 
     return LossOutput(
         loss=_reduce(per_item, reduction),
         i2t=_reduce(i2t, reduction),
         t2i=None if t2i is None else _reduce(t2i, reduction),
         denoise=_reduce(diag, reduction),
-        logits=logits,
+        logits=row_logits,
         accuracy=retrieval_accuracy(E, pair_mask),
+        hard_accuracy=hard_acc,
     )
 
 
+def _check_negatives(negatives: torch.Tensor, valid: torch.Tensor | None, B: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if negatives.ndim != 2 or negatives.shape[0] != B:
+        raise ValueError(f"negatives must be (B={B}, K) errors, got shape {tuple(negatives.shape)}")
+    if valid is None:
+        raise ValueError("negatives_valid (B, K) bool is required with negatives")
+    valid = torch.as_tensor(valid, dtype=torch.bool, device=negatives.device)
+    if valid.shape != negatives.shape:
+        raise ValueError(f"negatives_valid must have shape {tuple(negatives.shape)}, got {tuple(valid.shape)}")
+    return negatives, valid
+
+
 def loss_grad_wrt_E(E: torch.Tensor, t: torch.Tensor | float | None = None, **kwargs) -> tuple[LossOutput, torch.Tensor]:
+    """Like `loss_grads`, for a loss without hard negatives: returns (LossOutput, dL/dE)."""
+    if kwargs.get("negatives") is not None:
+        raise ValueError("loss_grad_wrt_E: use loss_grads for a loss with hard negatives")
+    out, dE, _ = loss_grads(E, t, **kwargs)
+    return out, dE
+
+
+def loss_grads(E: torch.Tensor, t: torch.Tensor | float | None = None, **kwargs
+               ) -> tuple[LossOutput, torch.Tensor, torch.Tensor | None]:
     """The loss and its gradient dL/dE, computed on a detached leaf copy of E.
 
     This enables exact chunked backprop through the B^2 forward passes without holding all of
@@ -337,14 +428,23 @@ def loss_grad_wrt_E(E: torch.Tensor, t: torch.Tensor | float | None = None, **kw
         E: (B, B) errors (any requires_grad state; it is detached).
         t: timestep(s), as for `softrepa_loss`.
         **kwargs: keyword arguments of `softrepa_loss`; reduction must be "mean" or "sum".
+            `negatives` (B, K), when given, is detached the same way and gets its own gradient.
 
     Returns:
-        (LossOutput with detached tensors, dL/dE of shape (B, B) in E's dtype).
+        (LossOutput with detached tensors, dL/dE of shape (B, B) in E's dtype, dL/dH of shape
+        (B, K) for the hard negatives or None).
     """
     if kwargs.get("reduction", "mean") == "none":
         raise ValueError("loss_grad_wrt_E needs a scalar loss (reduction 'mean' or 'sum')")
     leaf = E.detach().clone().requires_grad_(True)  # (B, B) leaf, independent of E's graph
+    neg = kwargs.pop("negatives", None)
+    neg_leaf = None if neg is None else neg.detach().clone().requires_grad_(True)  # (B, K)
     with torch.enable_grad():
-        out = softrepa_loss(leaf, t, **kwargs)
-        (grad,) = torch.autograd.grad(out.loss, leaf)
-    return out.detach(), grad
+        out = softrepa_loss(leaf, t, negatives=neg_leaf, **kwargs)
+        leaves = [leaf] if neg_leaf is None else [leaf, neg_leaf]
+        if not out.loss.requires_grad:  # e.g. positive-only with denoise_weight 0: no gradient at all
+            grads = [torch.zeros_like(x) for x in leaves]
+        else:
+            grads = list(torch.autograd.grad(out.loss, leaves, allow_unused=True))
+            grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, leaves)]
+    return out.detach(), grads[0], (grads[1] if neg_leaf is not None else None)

@@ -5,6 +5,8 @@ loss needs E[i, j] = mean || pred(x_t(i), t_i | y_j) - target_i ||^2 for all B*P
 all their graphs at once is what makes the authors' trainer need two GPUs for B = 4. Here:
 
 * `pair_chunk=None` and one process: one forward over every pair, then backward (the plain way).
+* optional hard negatives: K captions per image made from its own caption (`softrepa.negatives`),
+  evaluated against that image only -> H (B, K); they add B*K pairs and K columns to row i.
 * otherwise, two passes: (1) every pair without a graph, in chunks -> E; gather E across ranks;
   dL/dE from the full matrix; (2) each chunk recomputed with a graph and back-propagated with
   `E_chunk.backward(dL/dE[chunk])`. L depends on the tokens only through E, so the accumulated
@@ -21,7 +23,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .backbones import Backbone, TextCond
-from .loss import LossOutput, loss_grad_wrt_E, softrepa_loss
+from .loss import LossOutput, loss_grads, softrepa_loss
 
 
 @dataclass
@@ -36,6 +38,11 @@ class PairBatch:
         noise: (1 | B, C, h, w) noise; one draw shared by every image by default (authors).
         offset: global index of this process's first image.
         t_all: (P,) timesteps of all images (per-image timestep schedules of tau need them).
+        negatives: N hard-negative prompts of this process's images (None: none).
+        negative_rows: (N,) local image index of each negative prompt.
+        negative_slots: (N,) its column in 0..num_negatives-1 of the image's row of H.
+        num_negatives: K, the fixed number of negative slots per image (padding where an image
+            has fewer); the same on every rank so that H rows can be gathered.
     """
 
     latents: torch.Tensor
@@ -45,22 +52,29 @@ class PairBatch:
     noise: torch.Tensor
     offset: int = 0
     t_all: torch.Tensor | None = None
+    negatives: TextCond | None = None
+    negative_rows: torch.Tensor | None = None
+    negative_slots: torch.Tensor | None = None
+    num_negatives: int = 0
 
 
-def pair_errors(backbone: Backbone, batch: PairBatch, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+def pair_errors(backbone: Backbone, batch: PairBatch, rows: torch.Tensor, cols: torch.Tensor,
+                cond: TextCond | None = None) -> torch.Tensor:
     """Errors of the pairs (rows[k], cols[k]): (K,) float32.
 
     Args:
         backbone: family interface (its denoiser may carry soft tokens).
         batch: the step's inputs.
-        rows: (K,) local image indices; cols: (K,) global prompt indices.
+        rows: (K,) local image indices; cols: (K,) indices into `cond`.
+        cond: the prompts `cols` index (default: `batch.cond`, the global prompts).
     """
+    cond = batch.cond if cond is None else cond
     x0 = batch.latents[rows]  # (K, C, h, w)
     noise = batch.noise[rows] if batch.noise.shape[0] > 1 else batch.noise.expand_as(x0)
     t = batch.t.to(x0.device)[rows]  # (K,)
     x_t = backbone.add_noise(x0, noise, t)
     target = backbone.target(x0, noise, t)  # (K, C, h, w) float32
-    pred = backbone.denoise(x_t, t, batch.cond.index(cols))
+    pred = backbone.denoise(x_t, t, cond.index(cols))
     return (pred.float() - target).pow(2).mean(dim=(1, 2, 3))  # (K,)
 
 
@@ -82,6 +96,30 @@ def error_matrix(backbone: Backbone, batch: PairBatch, chunk: int | None = None)
     dev = batch.latents.device
     parts = [pair_errors(backbone, batch, r, c) for r, c in _pair_chunks(B, P, chunk, dev)]
     return torch.cat(parts).view(B, P)  # (B, P)
+
+
+def negative_errors(backbone: Backbone, batch: PairBatch, chunk: int | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """H (B, K) errors of each image under its own hard-negative prompts, and the (B, K) valid mask.
+
+    Padding slots (an image with fewer than K negatives) hold 0 and are False in the mask.
+    Runs under the caller's grad mode.
+    """
+    B, K = batch.latents.shape[0], batch.num_negatives
+    dev = batch.latents.device
+    H = torch.zeros(B, K, device=dev, dtype=torch.float32)
+    valid = torch.zeros(B, K, device=dev, dtype=torch.bool)
+    if batch.negatives is None or len(batch.negatives) == 0:
+        return H, valid
+    rows, slots = batch.negative_rows.to(dev), batch.negative_slots.to(dev)  # (N,), (N,)
+    n = len(batch.negatives)
+    chunk = chunk or n
+    parts = [pair_errors(backbone, batch, rows[k:k + chunk], torch.arange(k, min(k + chunk, n), device=dev),
+                         cond=batch.negatives) for k in range(0, n, chunk)]
+    errs = torch.cat(parts)  # (N,)
+    valid[rows, slots] = True
+    H = H.index_put((rows, slots), errs)  # out of place: keeps the graph to errs
+    return H, valid
 
 
 def _all_gather_rows(E_local: torch.Tensor) -> torch.Tensor:
@@ -125,28 +163,49 @@ def contrastive_backward(
     kw = dict(loss_kwargs or {})
     B, P = batch.latents.shape[0], len(batch.cond)
     t_loss = batch.t_all if batch.t_all is not None else batch.t
-    if not distributed and (pair_chunk is None or pair_chunk >= B * P):  # one chunk: no need for two passes
+    hard = batch.num_negatives > 0
+    n_neg = 0 if batch.negatives is None else len(batch.negatives)
+    if not distributed and (pair_chunk is None or pair_chunk >= B * P + n_neg):  # one chunk: one pass
         if P != B:
             raise ValueError(f"{B} images but {P} prompts on a single process")
         E = error_matrix(backbone, batch)  # (B, B) with graph
+        if hard:
+            H, valid = negative_errors(backbone, batch)  # (B, K) with graph
+            kw.update(negatives=H, negatives_valid=valid)
         out = softrepa_loss(E, t_loss, captions=list(batch.captions), **kw)
-        loss = out.loss * grad_multiplier if grad_multiplier != 1.0 else out.loss
-        (backward or torch.Tensor.backward)(loss)
+        if out.loss.requires_grad:  # positive-only with denoise_weight 0 has nothing to train
+            loss = out.loss * grad_multiplier if grad_multiplier != 1.0 else out.loss
+            (backward or torch.Tensor.backward)(loss)
         return out.detach()
 
-    chunk = pair_chunk or B * P
+    chunk = pair_chunk or B * P + n_neg
     with torch.no_grad():
         E_local = error_matrix(backbone, batch, chunk)  # (B, P), pass 1
+        H_local, valid_local = negative_errors(backbone, batch, chunk) if hard else (None, None)  # (B, K)
     E_full = _all_gather_rows(E_local) if distributed else E_local  # (P, P)
     if E_full.shape[0] != P:
         raise ValueError(f"gathered {E_full.shape[0]} image rows for {P} prompts; ranks must hold equal batches")
-    out, dLdE = loss_grad_wrt_E(E_full, t_loss, captions=list(batch.captions), **kw)
+    if hard:
+        H_full = _all_gather_rows(H_local) if distributed else H_local  # (P, K)
+        valid_full = (_all_gather_rows(valid_local.float()) > 0.5) if distributed else valid_local
+        kw.update(negatives=H_full, negatives_valid=valid_full)
+    out, dLdE, dLdH = loss_grads(E_full, t_loss, captions=list(batch.captions), **kw)
     dLdE_local = dLdE[batch.offset:batch.offset + B] * grad_multiplier  # (B, P)
     for rows, cols in _pair_chunks(B, P, chunk, batch.latents.device):  # pass 2
         g = dLdE_local[rows, cols]
         if not torch.any(g != 0):
             continue  # masked / zero-gradient pairs need no recomputation
         pair_errors(backbone, batch, rows, cols).backward(g.to(torch.float32))
+    if hard and n_neg:
+        dev = batch.latents.device
+        dLdH_local = dLdH[batch.offset:batch.offset + B] * grad_multiplier  # (B, K)
+        rows_all, slots_all = batch.negative_rows.to(dev), batch.negative_slots.to(dev)
+        for k in range(0, n_neg, chunk):
+            idx = torch.arange(k, min(k + chunk, n_neg), device=dev)
+            g = dLdH_local[rows_all[idx], slots_all[idx]]
+            if not torch.any(g != 0):
+                continue
+            pair_errors(backbone, batch, rows_all[idx], idx, cond=batch.negatives).backward(g.to(torch.float32))
     return out
 
 

@@ -27,7 +27,8 @@ from .config import ConfigError, LossConfig, TrainConfig, save_config
 from .data import build_dataset, collate_pairs
 from .hooks import attach
 from .io import atomic_write_bytes, save_soft_tokens
-from .loss import linear_tau
+from .loss import binned_tau, linear_tau
+from .negatives import CaptionNegatives
 from .pairs import PairBatch, all_reduce_grads, contrastive_backward, gather_prompts
 from .tokens import SoftTokens
 
@@ -94,9 +95,12 @@ class Trainer:
         cfg: the resolved `TrainConfig`.
         pipe: an already loaded pipeline (default: `load_pipeline(cfg.model)`).
         dataset: an already built dataset (default: `build_dataset(cfg.data, ...)`).
+        keep_negative: optional predicate on hard-negative captions (`cfg.negatives`); those it
+            rejects are not used (the miniature demo keeps held-out compositions out of training).
     """
 
-    def __init__(self, cfg: TrainConfig, pipe: Any = None, dataset: Any = None):
+    def __init__(self, cfg: TrainConfig, pipe: Any = None, dataset: Any = None,
+                 keep_negative: Any = None):
         from accelerate import Accelerator
 
         self.cfg = cfg
@@ -149,7 +153,10 @@ class Trainer:
 
             self.cache = LatentCache(cfg.latent_cache, meta={"model": cfg.model, "resolution": cfg.resolution})
         self.step = 0
-        self.loss_kwargs = loss_kwargs(cfg.loss)
+        self.negatives = (CaptionNegatives.from_config(cfg.negatives, keep=keep_negative)
+                          if cfg.negatives.per_image else None)
+        # a calibrated tau without its table is estimated at the start of `train`
+        self.loss_kwargs = loss_kwargs(cfg.loss) if _tau_ready(cfg.loss) else None
 
     # ------------------------------------------------------------------ pieces of a step
     def _autocast(self):
@@ -186,11 +193,49 @@ class Trainer:
         shape = (1 if cfg.shared_noise else B,) + tuple(latents.shape[1:])
         noise = torch.randn(shape, generator=shared if cfg.shared_noise else local).to(self.device, latents.dtype)
         cond_all, caps_all, t_all, offset = gather_prompts(cond, batch["captions"], t.to(self.device))
-        return PairBatch(latents, cond_all, caps_all, t.to(self.device), noise, offset, t_all)
+        pb = PairBatch(latents, cond_all, caps_all, t.to(self.device), noise, offset, t_all)
+        if self.negatives is not None:
+            import random
+
+            K = cfg.negatives.per_image
+            rng = random.Random((cfg.seed * 1_000_003 + step) * 16 + 2 + self.rank)
+            texts, rows, slots = self.negatives.for_batch(batch["captions"], K, rng)
+            if texts:
+                with torch.no_grad(), self._autocast():
+                    pb.negatives = bb.encode_prompts(texts, resolution=cfg.resolution)
+                pb.negative_rows = torch.tensor(rows, device=self.device)
+                pb.negative_slots = torch.tensor(slots, device=self.device)
+            pb.num_negatives = K
+        return pb
+
+    def calibrate(self) -> list[float]:
+        """Estimate the calibrated tau table (`softrepa.diagnose.calibrate_tau`) and use it.
+
+        Runs on the training data with the tokens as they are now (a new run: their
+        initialisation). Every rank computes it; rank 0's table is broadcast so all agree.
+        """
+        from .diagnose import calibrate_tau
+
+        cfg = self.cfg
+        table = calibrate_tau(self.backbone, self.dataset, bins=cfg.loss.tau_bins,
+                              batches=cfg.loss.calibration_batches, batch_size=cfg.batch_size,
+                              resolution=cfg.resolution, seed=cfg.seed)
+        if self._dist:
+            import torch.distributed as dist
+
+            box = [table]
+            dist.broadcast_object_list(box, src=0)
+            table = box[0]
+        cfg.loss.tau_table = [float(v) for v in table]
+        self.loss_kwargs = loss_kwargs(cfg.loss)
+        logger.info("calibrated tau per timestep bin: %s", [round(v, 4) for v in table])
+        return table
 
     def train_step(self, batch: dict[str, Any]) -> dict[str, Any]:
         """One optimisation step on a collated batch; returns the logged metrics."""
         cfg = self.cfg
+        if self.loss_kwargs is None:
+            self.calibrate()
         t0 = time.perf_counter()
         pb = self._pair_batch(batch, self.step)
         distributed = self.world > 1
@@ -218,10 +263,14 @@ class Trainer:
         if self.step % cfg.schedule.step_every == 0:
             self.scheduler.step()
         dt = time.perf_counter() - t0
-        pairs = pb.latents.shape[0] * len(pb.cond) * self.world
-        return {"step": self.step, "loss": loss, "i2t": float(out.i2t), "accuracy": float(out.accuracy),
-                "denoise": float(out.denoise), "t": float(pb.t[0]), "lr": self.optimizer.param_groups[0]["lr"],
-                "pairs_per_s": pairs / dt, "step_s": dt}
+        n_neg = 0 if pb.negatives is None else len(pb.negatives)
+        pairs = (pb.latents.shape[0] * len(pb.cond) + n_neg) * self.world
+        row = {"step": self.step, "loss": loss, "i2t": float(out.i2t), "accuracy": float(out.accuracy),
+               "denoise": float(out.denoise), "t": float(pb.t[0]), "lr": self.optimizer.param_groups[0]["lr"],
+               "pairs_per_s": pairs / dt, "step_s": dt}
+        if out.hard_accuracy is not None:
+            row["hard_accuracy"] = float(out.hard_accuracy)
+        return row
 
     # ------------------------------------------------------------------ the loop
     def train(self, resume: bool | str | None = None) -> Path:
@@ -230,6 +279,13 @@ class Trainer:
         from tqdm.auto import tqdm
 
         cfg, main = self.cfg, self.is_main
+        if self.loss_kwargs is None:
+            saved = _saved_tau_table(self.out / "config.yaml") if resume else None
+            if saved is not None:  # a resumed calibrated run keeps the table it started with
+                cfg.loss.tau_table = saved
+                self.loss_kwargs = loss_kwargs(cfg.loss)
+            else:
+                self.calibrate()
         if main:
             self.out.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out / "config.yaml")
@@ -336,11 +392,37 @@ class Trainer:
 
 
 def loss_kwargs(loss: LossConfig) -> dict[str, Any]:
-    """Keyword arguments of `softrepa_loss` for a `LossConfig` (tau: a float or `linear_tau`)."""
+    """Keyword arguments of `softrepa_loss` for a `LossConfig` (tau: a float, `linear_tau` or `binned_tau`)."""
     # the constant schedule passes the float itself: the authors' path, bit for bit as before
-    tau: Any = loss.tau if loss.tau_schedule == "constant" else linear_tau(loss.tau_min, loss.tau_max)
-    return dict(tau=tau, scale=loss.scale, form=loss.form, symmetric=loss.symmetric,
-                denoise_weight=loss.denoise_weight)
+    if loss.tau_schedule == "constant":
+        tau: Any = loss.tau
+    elif loss.tau_schedule == "linear":
+        tau = linear_tau(loss.tau_min, loss.tau_max)
+    else:
+        if loss.tau_table is None:
+            raise ConfigError("loss.tau_schedule: calibrated needs loss.tau_table (Trainer.calibrate() estimates it)")
+        tau = binned_tau(loss.tau_table)
+    kw = dict(tau=tau, scale=loss.scale, form=loss.form, symmetric=loss.symmetric,
+              denoise_weight=loss.denoise_weight)
+    if loss.contrastive_weight != 1.0:
+        kw["contrastive_weight"] = loss.contrastive_weight
+    return kw
+
+
+def _tau_ready(loss: LossConfig) -> bool:
+    return loss.tau_schedule != "calibrated" or loss.tau_table is not None
+
+
+def _saved_tau_table(path: Path) -> list[float] | None:
+    import yaml
+
+    if not path.is_file():
+        return None
+    try:
+        table = (yaml.safe_load(path.read_text()) or {}).get("loss", {}).get("tau_table")
+    except yaml.YAMLError:
+        return None
+    return [float(v) for v in table] if table else None
 
 
 def trim_metrics(path: str | os.PathLike, step: int) -> int:

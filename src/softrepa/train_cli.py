@@ -54,7 +54,11 @@ def run_train(args: argparse.Namespace) -> int:
     else:
         cfg = load_config(args.config, overrides)
     if saved is not None:
-        changed = [d for d in config_diff(yaml.safe_load(saved.read_text()), config_dict(cfg))
+        old = yaml.safe_load(saved.read_text())
+        table = (old.get("loss") or {}).get("tau_table")
+        if cfg.loss.tau_schedule == "calibrated" and cfg.loss.tau_table is None and table:
+            cfg.loss.tau_table = [float(v) for v in table]  # estimated by the run itself: keep it
+        changed = [d for d in config_diff(old, config_dict(cfg))
                    if d.split(":")[0].split(".")[0] not in RESUMABLE_FIELDS]
         if changed:
             raise ConfigError(

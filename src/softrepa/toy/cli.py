@@ -39,6 +39,8 @@ def add_toy_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--images", type=int, default=None, help="training scenes rendered (default 16384)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads (default 1: fastest on a shared 2-core machine)")
+    p.add_argument("--caption-noise", type=float, default=None,
+                   help="share of two-object captions describing a corrupted scene (web-like noise; default: the bundle's)")
     p.add_argument("--no-amp", action="store_true", help="fp32 VAE training instead of bf16 autocast")
     p.add_argument("--sequential", action="store_true",
                    help="with --backbone both, train one after the other instead of in two processes")
@@ -69,7 +71,8 @@ def _run_pretrain(args) -> int:
         over.update(sd3_steps=args.steps, sd15_steps=args.steps)
     if args.vae_steps is not None:
         over["vae_steps"] = args.vae_steps
-    for key, attr in (("seed", "seed"), ("batch_size", "batch_size"), ("n_images", "images"), ("threads", "threads")):
+    for key, attr in (("seed", "seed"), ("batch_size", "batch_size"), ("n_images", "images"), ("threads", "threads"),
+                      ("caption_noise", "caption_noise")):
         if getattr(args, attr) is not None:
             over[key] = getattr(args, attr)
     if args.no_amp:

@@ -60,6 +60,10 @@ class PretrainConfig:
         batch_size: diffusion batch size.
         lr: peak diffusion learning rate (AdamW, warm-up + cosine to 10%).
         caption_dropout: empty-prompt probability (classifier-free guidance).
+        caption_noise: share of two-object captions that describe a corrupted scene (colours
+            swapped between the objects, or the relation reversed): web-like caption noise, so
+            that SoftREPA, trained on clean captions, has alignment to teach
+            (`pretrain_common.web_noise`; see benchmarks/toy_pretrain.md).
         sd3: `build_sd3_components` keyword arguments.
         sd15: `build_sd15_components` keyword arguments.
         sd15_prediction: "v_prediction" (default; see `pretrain_sd15` for why) or "epsilon".
@@ -83,6 +87,7 @@ class PretrainConfig:
     batch_size: int = 32
     lr: float = 1e-3
     caption_dropout: float = 0.1
+    caption_noise: float = 0.0
     sd3: dict = field(default_factory=lambda: dict(width=64, layers=6, heads=4, text_width=64, text_layers=3,
                                                    patch_size=2))
     sd15: dict = field(default_factory=lambda: dict(channels=(32, 64, 64), heads=4, layers_per_block=1,
@@ -172,7 +177,7 @@ def pretrain(backbone: str, out: str | Path, cfg: PretrainConfig | None = None) 
     summary: dict = {"config": asdict(cfg), "backbones": {}}
 
     with timer.stage("render"):
-        data = WorldImages(cfg.n_images, cfg.seed)
+        data = WorldImages(cfg.n_images, cfg.seed, caption_noise=cfg.caption_noise)
     with timer.stage("vae"):
         vae = build_vae(cfg.vae_channels, seed=cfg.seed)
         summary["vae_train"] = train_vae(vae, data, cfg.vae_steps, cfg.vae_batch_size, cfg.vae_lr,

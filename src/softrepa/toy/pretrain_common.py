@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .world import WorldDataset, caption
+from .world import INVERSE, Scene, WorldDataset, caption, is_heldout
 
 #: Token budget of the miniature CLIP tokenizers: the longest caption the world's templates can
 #: produce is 54 character tokens (BOS/EOS included); 64 leaves room for a few extra words.
@@ -73,9 +73,15 @@ class WorldImages:
         seed: dataset seed.
         size: image side in pixels.
         p_two: probability of a two-object scene.
+        caption_noise: share of two-object captions drawn for a corrupted scene (`web_noise`):
+            the "alt-text" noise of web-scale pretraining data, which SoftREPA's clean captions
+            then correct (0: every caption describes its image).
     """
 
-    def __init__(self, n: int, seed: int, size: int = 32, p_two: float = 0.5):
+    def __init__(self, n: int, seed: int, size: int = 32, p_two: float = 0.5, caption_noise: float = 0.0):
+        if not 0.0 <= caption_noise <= 1.0:
+            raise ValueError(f"caption_noise must be in [0, 1], got {caption_noise}")
+        self.caption_noise = float(caption_noise)
         ds = WorldDataset(n, seed, "train", size, p_two=p_two)
         self.scenes = [ds.scene(i) for i in range(n)]
         arr = np.stack([s.to_array(size) for s in self.scenes])  # (N, H, W, 3) uint8
@@ -101,8 +107,36 @@ class WorldImages:
         """
         out = []
         for i in idx.tolist():
-            out.append("" if rng.random() < drop else caption(self.scenes[i], rng))
+            if rng.random() < drop:
+                out.append("")
+                continue
+            scene = self.scenes[i]
+            # only draw from rng when noise is on: noise 0 keeps the caption stream of older bundles
+            if self.caption_noise and len(scene.objects) == 2 and rng.random() < self.caption_noise:
+                scene = web_noise(scene, rng)
+            out.append(caption(scene, rng))
         return out
+
+
+def web_noise(scene: Scene, rng: np.random.Generator) -> Scene:
+    """The scene a noisy web caption would describe: colours swapped between the two objects
+    (a binding error) or the relation reversed, whichever is drawn first and names no held-out
+    composition (held-out text stays out of training); the scene itself when neither qualifies.
+
+    Args:
+        scene: a two-object scene.
+        rng: numpy generator choosing the corruption.
+    """
+    from dataclasses import replace
+
+    a, b = scene.objects
+    options = [replace(scene, objects=(replace(a, colour=b.colour), replace(b, colour=a.colour))),
+               replace(scene, relation=INVERSE[scene.relation])]
+    first = int(rng.integers(2))
+    for wrong in (options[first], options[1 - first]):
+        if not is_heldout(wrong):
+            return wrong
+    return scene
 
 
 class TokenCache:
