@@ -30,7 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     from softrepa.backbones import load_pipeline, resolve_model_path
     from softrepa.config import load_config
     from softrepa.toy.effect import (POSITIVE_ONLY, PROMPT_SETS, TEST_SEEDS, VALIDATION_SEEDS, Arm,
-                                     comparison_table, judge_arm, reference_images, summary, train_arm)
+                                     comparison_table, judge_arm, reference_images, sampling_length, summary,
+                                     train_arm)
     from softrepa.toy.world import export_image_folder
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         results[arm.name] = {
             name: judge_arm(pipe, prompts, s, out / "images" / _slug(arm.name) / name, tokens=tokens,
                             cfg=arm.guidance_scale or cfg5, steps=base.validation.steps, size=base.resolution,
-                            reference=refs[name])
+                            reference=refs[name], max_sequence_length=sampling_length(pipe, base))
             for name, (prompts, s) in sets.items()}
         timing[arm.name] = {"train_s": round(t1 - t0, 1), "generate_judge_s": round(time.perf_counter() - t1, 1)}
         print(f"{arm.name}: " + ", ".join(f"{k} {100 * v['accuracy']:.1f}%" for k, v in results[arm.name].items())

@@ -12,35 +12,41 @@ from softrepa.cli import main
 def test_demo_smoke(tmp_path):
     out = tmp_path / "demo"
     rc = main(["demo", "--out", str(out), "--train-images", "32", "--max-steps", "2", "--seeds", "0",
-               "--max-prompts", "4", "--validation.steps", "4"])
+               "--max-prompts", "3", "--validation.steps", "4", "--loss.calibration_batches", "2"])
     assert rc == 0
     report = (out / "report.md").read_text()
-    assert "alignment accuracy" in report and "quality proxy" in report
+    assert "McNemar p" in report and "quality proxy" in report and "positive-only" in report
     assert (out / "grid.png").is_file() and (out / "curves.png").is_file()
-    res = json.loads((out / "results.json").read_text())["results"]
-    assert set(res) == {"vanilla", "tokens"}
-    assert res["vanilla"]["count"] == 4 and 0.0 <= res["tokens"]["accuracy"] <= 1.0
+    js = json.loads((out / "results.json").read_text())
+    res = js["results"]
+    assert set(res) == {"vanilla", "positive-only", "SoftREPA"}
+    for arm in res.values():  # every arm judged on the same 3 + 3 (prompt, seed) pairs
+        assert {k: len(v["outcomes"]) for k, v in arm.items()} == {"train_pairs": 3, "heldout_pairs": 3}
+    s = js["summary"]["vs_vanilla"]
+    assert s["n"] == 6 and 0.0 <= s["p_mcnemar"] <= 1.0
     assert (out / "train" / "tokens.safetensors").is_file()
+    assert (out / "train_positive_only" / "tokens.safetensors").is_file()
     # rerunning into the same folder with another recipe must not reuse the old tokens
     with pytest.raises(SystemExit, match=r"another recipe \(max_steps: 2 -> 3\).*--fresh"):
         main(["demo", "--out", str(out), "--train-images", "32", "--max-steps", "3", "--seeds", "0",
-              "--max-prompts", "4", "--validation.steps", "4"])
+              "--max-prompts", "3", "--validation.steps", "4", "--loss.calibration_batches", "2"])
 
 
-def test_table_skips_categories_and_prompt_kinds_without_prompts():
-    """A smoke run's first prompts may all be one-object: no 'nan%' rows for pair / binding."""
-    from softrepa.toy.demo import _table
+def test_comparison_table_counts_and_tests_pairs():
+    """The demo / controls table: accuracy, paired delta, up/down counts and McNemar p from outcomes."""
+    from softrepa.stats import mcnemar_exact
+    from softrepa.toy.effect import comparison_table, summary
 
-    def world(acc, single, colour):
-        nan = float("nan")
-        return {"accuracy": acc, "quality_proxy": 1.0,
-                "categories": {"colour": {"n": 4, "accuracy": colour}, "binding": {"n": 0, "accuracy": nan},
-                               "relation": {"n": 0, "accuracy": nan}},
-                "by_kind": {"single": {"n": 4, "accuracy": single}, "pair": {"n": 0, "accuracy": nan}}}
+    def arm(a, b):
+        return {"train_pairs": {"outcomes": a, "quality_proxy": 1.0}, "heldout_pairs": {"outcomes": b, "quality_proxy": 2.0}}
 
-    table = _table({"vanilla": world(0.25, 0.25, 0.5), "tokens": world(0.75, 0.75, 1.0)})
-    assert "nan" not in table.lower()
-    assert "pair-object" not in table and "binding" not in table and "relation" not in table
-    assert "| single-object prompts (n=4) | 25.0% | 75.0% | +50.0 pts |" in table
-    assert "| colour (n=4) | 50.0% | 100.0% | +50.0 pts |" in table
-    assert "quality proxy" in table
+    van = arm([False] * 10, [True] * 5 + [False] * 5)
+    pos = arm([True] + [False] * 9, [True] * 5 + [False] * 5)
+    sr = arm([True] * 6 + [False] * 4, [True] * 4 + [False] * 6)  # +6 up on train, 1 down on held-out
+    res = {"vanilla": van, "positive-only": pos, "SoftREPA": sr}
+    table = comparison_table(res, ["train_pairs", "heldout_pairs"])
+    assert "| pooled | SoftREPA | 50.0% " in table
+    assert "+25.0 pts" in table and "6/1" in table and f"p = {mcnemar_exact(6, 1):.3g}" in table
+    h = summary(res, ["train_pairs", "heldout_pairs"], "SoftREPA")
+    assert h["vs_vanilla"]["b_only"] == 6 and h["vs_vanilla"]["a_only"] == 1
+    assert h["vs_positive-only"]["delta"] == 0.2 and h["quality_proxy_change"] == 0.0

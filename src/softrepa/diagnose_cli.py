@@ -25,7 +25,8 @@ def add_diagnose_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batches-per-bin", type=int, default=2, help="batches drawn per bin")
     p.add_argument("--batch-size", type=int, default=16, help="images (= captions) per batch (paper: 16)")
     p.add_argument("--resolution", type=int, default=None, help="image side (default: the pipeline's native size)")
-    p.add_argument("--tau", type=float, default=0.07, help="temperature the table's logits use (authors: 0.07)")
+    p.add_argument("--tau", default="0.07",
+                   help="temperature the table's logits use (authors: 0.07), or 'calibrated': each bin at its tau*")
     p.add_argument("--scale", type=float, default=4.0, help="logit scale (authors: 4)")
     p.add_argument("--hard-negatives", type=int, default=0,
                    help="also score K hard-negative captions per image (colour swaps, spatial flips)")
@@ -66,7 +67,7 @@ def run_diagnose(args: argparse.Namespace) -> int:
             negatives.swap = [[w.strip() for w in g.split(",") if w.strip()] for g in args.swap]
             negatives.__post_init__()
     report = diagnose(pipe, dataset, args.tokens, bins=args.bins, batches_per_bin=args.batches_per_bin,
-                      batch_size=args.batch_size, loss=LossConfig(tau=args.tau, scale=args.scale),
+                      batch_size=args.batch_size, loss=_loss(args.tau, args.scale),
                       negatives=negatives, resolution=res, max_sequence_length=args.max_sequence_length,
                       seed=args.seed, grad_share=not args.no_grad_share, progress=not args.no_progress,
                       pair_chunk=args.pair_chunk)
@@ -75,6 +76,18 @@ def run_diagnose(args: argparse.Namespace) -> int:
     print(f"\ncalibrated tau table (loss.tau_table): {[round(v, 4) for v in report.tau_table]}")
     print(f"written: {args.out}/diagnosis.md, diagnosis.json, diagnosis.png")
     return 0
+
+
+def _loss(tau: str, scale: float):
+    from .config import LossConfig
+
+    if tau == "calibrated":
+        return LossConfig(tau_schedule="calibrated", scale=scale)
+    try:
+        value = float(tau)
+    except ValueError:
+        raise ValueError(f"--tau must be a number or 'calibrated', got {tau!r}") from None
+    return LossConfig(tau=value, scale=scale)
 
 
 __all__ = ["add_diagnose_arguments", "run_diagnose"]

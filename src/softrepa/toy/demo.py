@@ -1,15 +1,16 @@
-"""`softrepa demo`: SoftREPA end to end on the bundled miniature, offline, on a CPU, in minutes.
+"""`softrepa demo`: SoftREPA's effect end to end on the bundled miniature, offline, on a CPU.
 
 Stages (each one the project's ordinary code path, run on an ordinary diffusers folder):
 1. load the bundled tiny pipeline with the stock `from_pretrained`;
-2. render the world's training split into an image folder with .txt captions;
-3. train soft tokens with `softrepa.train.Trainer` and the scaled-down paper recipe
-   (`recipes/toy_<backbone>.yaml`);
-4. generate the declared held-out prompts without and with the tokens, same seeds and CFG
-   (`softrepa.sample.generate_comparison`);
-5. judge both sets with the evaluator's `world` metrics and the Fréchet quality proxy against
-   real renders of the same prompts;
-6. print the before / after table and write `demo_out/report.md` with the grid and the curves.
+2. render the world's training split (clean captions) into an image folder with .txt captions;
+3. train soft tokens with `softrepa.train.Trainer` and the miniature recipe
+   (`recipes/toy_<backbone>.yaml`), and the positive-only control (same recipe, denoising term
+   only: does the *contrastive* part matter?);
+4. sample the same (prompt, seed) pairs of two-object prompts — training-distribution and
+   declared held-out compositions, test seeds — with each arm (`softrepa.toy.effect`);
+5. judge every image with the world's analytic judge, compare the arms pair by pair (McNemar's
+   exact test, paired confidence intervals) and against real renders (Fréchet quality proxy);
+6. print the table and write `demo_out/report.md` with the grid and the training curves.
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
-DEFAULT_SEEDS = "0-3"
+DEFAULT_SEEDS = "0-4"
+#: prompts per set: 36 held-out + the first 36 training-distribution pairs = 72 x 5 seeds = 360 pairs per arm
+DEMO_PROMPTS_PER_SET = 36
 
 
 def add_demo_arguments(p: argparse.ArgumentParser) -> None:
@@ -33,11 +36,11 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="demo_out", help="output folder")
     p.add_argument("--model", default=None, help="pipeline folder (default: the bundled miniature)")
     p.add_argument("--train-images", type=int, default=2000, help="training images rendered from the world")
-    p.add_argument("--seeds", default=DEFAULT_SEEDS, help="generation seeds per held-out prompt (e.g. 0-3)")
+    p.add_argument("--seeds", default=DEFAULT_SEEDS, help="generation (test) seeds per prompt (e.g. 0-4)")
     p.add_argument("--max-steps", type=int, default=None, help="override the recipe's training steps")
     p.add_argument("--fresh", action="store_true", help="delete the output folder first (default: resume)")
     p.add_argument("--max-prompts", type=int, default=None,
-                   help="only the first N held-out prompts (smoke tests; the reported table uses all)")
+                   help="only the first N prompts of each set (smoke tests; the reported table uses 36 each)")
     p.set_defaults(accepts_overrides=True, overrides=[])
     p.epilog = "Extra --key value pairs override the training recipe (e.g. --loss.tau 0.1)."
 
@@ -65,9 +68,10 @@ class StageTimer:
 def run_demo(args: argparse.Namespace) -> int:
     from ..backbones import load_pipeline
     from ..config import load_config, parse_overrides
-    from ..sample import generate_comparison, parse_seeds
-    from ..train import Trainer
-    from .world import export_image_folder, heldout_prompts, heldout_scenes
+    from ..sample import parse_seeds
+    from .effect import (POSITIVE_ONLY, heldout_pair_prompts, judge_arm, reference_images, sampling_length,
+                         train_arm, train_pair_prompts)
+    from .world import export_image_folder
 
     from diffusers.utils import logging as dlogging
 
@@ -83,7 +87,8 @@ def run_demo(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"bundled miniature {model_dir} is missing; build it with `softrepa toy pretrain`")
     timer = StageTimer()
     seeds = parse_seeds(args.seeds)
-    prompts = heldout_prompts()[: args.max_prompts] if args.max_prompts else heldout_prompts()
+    n = args.max_prompts or DEMO_PROMPTS_PER_SET
+    sets = {"train_pairs": train_pair_prompts()[:n], "heldout_pairs": heldout_pair_prompts()[:n]}
 
     with timer("load the bundled pipeline (stock from_pretrained)"):
         pipe = load_pipeline(str(model_dir))
@@ -93,128 +98,120 @@ def run_demo(args: argparse.Namespace) -> int:
             export_image_folder(data, args.train_images, seed=0, split="train", write_scenes=False)
             (data / "DONE").write_text("ok\n")
     overrides = parse_overrides(args.overrides)
-    overrides.update({"model": str(model_dir), "data": str(data), "output_dir": str(out / "train")})
+    overrides["model"] = str(model_dir)
     if args.max_steps is not None:
         overrides["max_steps"] = args.max_steps
-    cfg = load_config(f"toy_{args.backbone}", overrides)
-    with timer(f"train soft tokens ({cfg.max_steps} steps, batch {cfg.batch_size})"):
-        tokens_file = out / "train" / "tokens.safetensors"
-        _check_same_recipe(out / "train" / "config.yaml", cfg)
-        if not tokens_file.is_file():
-            trainer = Trainer(cfg, pipe=pipe)
-            resume = (out / "train" / "checkpoints" / "latest").is_file()
-            trainer.train(resume=resume or None)
-            trainer.handle.remove()
-    gen = out / "generate"
-    with timer(f"generate {len(prompts)} held-out prompts x {len(seeds)} seeds, without / with tokens"):
-        generate_comparison(pipe, prompts, seeds, gen, tokens=tokens_file, steps=cfg.validation.steps,
-                            cfg=cfg.validation.guidance_scale, height=cfg.resolution, width=cfg.resolution,
-                            batch_size=len(seeds) * 4)
-    with timer("judge both sets (world metrics + quality proxy vs real renders)"):
-        ref = out / "reference"
-        if not (ref / "DONE").is_file():
-            _render_reference(ref, heldout_scenes, seeds, cfg.resolution, len(prompts))
-        results = {name: _world_metrics(gen / name, ref, out / "evaluate" / name) for name in ("vanilla", "tokens")}
-    table = _table(results)
+    recipe = f"toy_{args.backbone}"
+    cfg = load_config(recipe, {**overrides, "data": str(data), "output_dir": str(out / "train")})
+    arms = {"vanilla": None, "positive-only": None, "SoftREPA": None}
+    with timer(f"train SoftREPA tokens ({cfg.max_steps} steps, batch {cfg.batch_size}, {cfg.loss.describe_tau()}, "
+               f"{cfg.negatives.per_image} hard negatives per image)"):
+        arms["SoftREPA"] = train_arm(pipe, recipe, overrides, data, out / "train")
+    with timer("train the positive-only control (same recipe, denoising term only)"):
+        arms["positive-only"] = train_arm(pipe, recipe, _merge(overrides, POSITIVE_ONLY), data,
+                                          out / "train_positive_only")
+    n_pairs = sum(len(p) for p in sets.values()) * len(seeds)
+    results: dict[str, dict[str, Any]] = {}
+    with timer(f"generate and judge {n_pairs} (prompt, seed) pairs x 3 arms"):
+        for name, tokens in arms.items():
+            results[name] = {
+                key: judge_arm(pipe, prompts, seeds, out / "generate" / _slug(name) / key, tokens=tokens,
+                               cfg=cfg.validation.guidance_scale, steps=cfg.validation.steps, size=cfg.resolution,
+                               reference=reference_images(prompts, seeds, cfg.resolution),
+                               max_sequence_length=sampling_length(pipe, cfg))
+                for key, prompts in sets.items()}
+    from .effect import comparison_table, summary
+
+    table = comparison_table(results, list(sets))
+    headline = summary(results, list(sets), "SoftREPA")
     print("\n" + table)
-    _report(out, args, cfg, prompts, seeds, results, table, timer.rows, gen)
+    _report(out, args, cfg, sets, seeds, results, table, headline, timer.rows)
+    print("\n" + _headline(headline))
     print(f"\nreport: {out / 'report.md'}")
     return 0
 
 
-def _check_same_recipe(saved: Path, cfg: Any) -> None:
-    """Refuse to reuse / resume a training folder that was made with another recipe.
+def _headline(h: dict[str, Any]) -> str:
+    from ..stats import format_p
 
-    Without --fresh the demo continues what is in its output folder; after a recipe change (or
-    different overrides) that would report old tokens under the new recipe's name.
-    """
-    if not saved.is_file():
-        return
-    import yaml
-
-    from ..config import config_dict, config_diff
-
-    changed = config_diff(yaml.safe_load(saved.read_text()), config_dict(cfg))
-    if changed:
-        raise SystemExit(f"{saved.parent} was trained with another recipe ({'; '.join(changed[:5])}); "
-                         "rerun with --fresh, or choose another --out")
+    v, c = h["vs_vanilla"], h.get("vs_positive-only")
+    line = (f"SoftREPA vs vanilla: {100 * v['acc_a']:.1f}% -> {100 * v['acc_b']:.1f}% "
+            f"({100 * v['delta']:+.1f} pts, 95% CI {100 * v['delta_ci95'][0]:+.1f} to {100 * v['delta_ci95'][1]:+.1f}; "
+            f"{v['b_only']} pairs better, {v['a_only']} worse; McNemar p = {format_p(v['p_mcnemar'])}; n = {v['n']})")
+    if c:
+        line += (f"\nSoftREPA vs the positive-only control: {100 * c['delta']:+.1f} pts "
+                 f"(McNemar p = {format_p(c['p_mcnemar'])})")
+    line += f"\nquality proxy (Fréchet distance to real renders) change vs vanilla: {100 * h['quality_proxy_change']:+.1f}%"
+    return line
 
 
-def _render_reference(ref: Path, heldout_scenes: Any, seeds: list[int], size: int, n: int) -> None:
-    """Real renders of the held-out scenes (one layout per seed) for the quality proxy."""
-    ref.mkdir(parents=True, exist_ok=True)
-    for seed in seeds:
-        for i, scene in enumerate(heldout_scenes(seed=seed)[:n]):
-            scene.render(size=size).save(ref / f"{i:05d}_s{seed}.png")
-    (ref / "DONE").write_text("ok\n")
+def _slug(name: str) -> str:
+    return "".join(ch if ch.isalnum() else "_" for ch in name.lower()).strip("_")
 
 
-def _world_metrics(images_dir: Path, reference: Path, out: Path) -> dict[str, Any]:
-    """The evaluator's `world` metrics (the same code `softrepa evaluate --metrics world` runs)."""
-    from ..evaluate import evaluate
+def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    from .effect import _merge as merge
 
-    res = evaluate(images_dir, out, metrics=["world"], reference=reference, progress=False)
-    if res.get("errors"):
-        raise RuntimeError(f"world metrics failed: {res['errors']}")
-    return res["metrics"]["world"]
+    return merge(a, b)
 
 
-def _table(results: dict[str, dict[str, Any]]) -> str:
-    """Before / after markdown table from the two evaluations.
-
-    Rows for a category or prompt kind with no prompts (n = 0 on either side, e.g. no two-object
-    prompt among a smoke run's first few) are left out: their accuracy is NaN ("nan%").
-
-    Args:
-        results: {"vanilla": world metrics, "tokens": world metrics}, each as `softrepa evaluate`
-            records them (accuracy, categories / by_kind {name: {n, accuracy}}, quality_proxy).
-    """
-    a, b = results["vanilla"], results["tokens"]
-    rows = ["| held-out prompts | vanilla | + SoftREPA tokens | delta |", "|---|---|---|---|",
-            f"| alignment accuracy (all attributes) | {100 * a['accuracy']:.1f}% | {100 * b['accuracy']:.1f}% "
-            f"| {100 * (b['accuracy'] - a['accuracy']):+.1f} pts |"]
-    for group, label in (("categories", "{} (n={})"), ("by_kind", "{}-object prompts (n={})")):
-        for name, ta in a[group].items():
-            tb = b[group].get(name, {"n": 0})
-            if not ta["n"] or not tb["n"]:
-                continue
-            rows.append(f"| {label.format(name, ta['n'])} | {100 * ta['accuracy']:.1f}% | {100 * tb['accuracy']:.1f}% "
-                        f"| {100 * (tb['accuracy'] - ta['accuracy']):+.1f} pts |")
-    qa, qb = a.get("quality_proxy"), b.get("quality_proxy")
-    if qa is not None and qb is not None:
-        rows.append(f"| quality proxy: Fréchet distance to real renders (lower is better) | {qa:.4f} | {qb:.4f} "
-                    f"| {qb - qa:+.4f} ({100 * (qb - qa) / max(qa, 1e-12):+.1f}%) |")
-    return "\n".join(rows)
-
-
-def _report(out: Path, args: argparse.Namespace, cfg: Any, prompts: list[str], seeds: list[int],
-            results: dict[str, Any], table: str, stages: list[tuple[str, float]], gen: Path) -> None:
-    from PIL import Image
-
-    from ..viz import image_grid
-
-    picks = list(range(0, len(prompts), max(1, len(prompts) // 8)))[:8]
-    rows, labels = [], []
-    for k in picks:
-        for name in ("vanilla", "tokens"):
-            rows.append([Image.open(gen / name / f"{k:05d}_s{s}.png").convert("RGB") for s in seeds])
-            labels.append(f"{name}: {prompts[k][:40]}")
-    image_grid(rows, labels, [f"seed {s}" for s in seeds]).save(out / "grid.png")
+def _report(out: Path, args: argparse.Namespace, cfg: Any, sets: dict[str, list[str]], seeds: list[int],
+            results: dict[str, Any], table: str, headline: dict[str, Any], stages: list[tuple[str, float]]) -> None:
+    _grid(out, sets, seeds, results)
     curves = out / "train" / "curves.png"
     if curves.is_file():
         shutil.copy(curves, out / "curves.png")
+    n = {k: len(v) for k, v in sets.items()}
     lines = [
         f"# softrepa demo — miniature {args.backbone}", "",
-        f"Held-out prompts: {len(prompts)} (declared in `softrepa.toy.world.heldout_prompts`), seeds {seeds}, "
-        f"{cfg.validation.steps} steps, CFG {cfg.validation.guidance_scale}, same seeds with and without tokens.",
-        f"Training: recipe `toy_{args.backbone}` ({cfg.max_steps} steps, batch {cfg.batch_size}, lr {cfg.lr}, "
-        f"{cfg.loss.describe_tau()}, scale {cfg.loss.scale}, {cfg.tokens.num_tokens} tokens).", "",
+        f"Two-object prompts: {n['train_pairs']} training-distribution compositions (`train_pairs`) and "
+        f"{n['heldout_pairs']} declared held-out compositions (`heldout_pairs`), seeds {seeds[0]}-{seeds[-1]} (test "
+        f"seeds; the recipe was chosen on validation seeds 100-109), {cfg.validation.steps} steps, CFG "
+        f"{cfg.validation.guidance_scale:g}; every arm samples the same (prompt, seed) pairs.",
+        f"SoftREPA: recipe `toy_{args.backbone}` ({cfg.max_steps} steps, batch {cfg.batch_size}, lr {cfg.lr:g}, "
+        f"{cfg.loss.describe_tau()}, scale {cfg.loss.scale:g}, {cfg.tokens.num_tokens} tokens x "
+        f"{cfg.tokens.num_layers} layers, {cfg.negatives.per_image} hard-negative captions per image). "
+        "Positive-only: the same tokens, recipe and data, trained on the denoising term alone "
+        "(loss.contrastive_weight 0, loss.denoise_weight 1).", "",
+        "**" + _headline(headline).replace("\n", "**  \n**") + "**", "",
         table, "",
-        "Alignment accuracy: share of images whose every prompt attribute the judge reads correctly; "
-        "quality proxy: Fréchet distance of judge features to real renders of the same prompts (lower is better).", "",
+        "Alignment: share of images whose every prompt attribute (both colours, both shapes, both bindings, "
+        "the relation) the analytic judge reads correctly; 95% CI: Wilson (arm), Newcombe (paired delta); "
+        "up/down: pairs the arm gets right and vanilla wrong / the reverse; quality proxy: Fréchet distance of "
+        "judge features to real renders of the same prompts (lower is better).", "",
         "| stage | wall time (s) |", "|---|---|",
         *[f"| {name} | {sec:.1f} |" for name, sec in stages], "",
-        "![grid](grid.png)", "", "![training curves](curves.png)", "",
+        "![grid](grid.png)", "",
+        "Grid: the first held-out prompts, seeds in columns; per prompt the rows are vanilla, positive-only, "
+        "SoftREPA (same seed = same starting noise). Green / red corner: the judge's verdict.", "",
+        "![training curves](curves.png)", "",
     ]
     (out / "report.md").write_text("\n".join(lines))
-    (out / "results.json").write_text(json.dumps({"results": results, "stages": stages}, indent=2, default=str))
+    js = {"results": results, "summary": headline, "stages": stages,
+          "sets": {k: {"prompts": v, "seeds": seeds} for k, v in sets.items()}}
+    (out / "results.json").write_text(json.dumps(js, indent=2, default=str))
+
+
+def _grid(out: Path, sets: dict[str, list[str]], seeds: list[int], results: dict[str, Any]) -> None:
+    """Fixed picks (the first prompts of the held-out set, first 4 seeds): never chosen by outcome."""
+    from PIL import Image, ImageDraw
+
+    from ..sample import image_name
+    from ..viz import image_grid
+
+    key = "heldout_pairs"
+    prompts = sets[key]
+    cols = seeds[:4]
+    rows, labels = [], []
+    for k in range(min(6, len(prompts))):
+        for name in results:
+            row = []
+            for s in cols:
+                with Image.open(out / "generate" / _slug(name) / key / image_name(k, s)) as im:
+                    cell = im.convert("RGB").resize((96, 96), Image.NEAREST)
+                ok = results[name][key]["outcomes"][seeds.index(s) * len(prompts) + k]
+                ImageDraw.Draw(cell).rectangle([0, 0, 9, 9], fill=(30, 160, 60) if ok else (210, 40, 40))
+                row.append(cell)
+            rows.append(row)
+            labels.append(f"{name}: {prompts[k][:34]}")
+    image_grid(rows, labels, [f"seed {s}" for s in cols]).save(out / "grid.png")

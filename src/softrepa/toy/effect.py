@@ -116,6 +116,13 @@ def train_arm(pipe: Any, recipe: str, overrides: dict[str, Any], data: Path, out
     return tokens
 
 
+def sampling_length(pipe: Any, cfg: Any) -> int | None:
+    """The training config's T5 length for pipelines that take one (SD3 family), else None."""
+    import inspect
+
+    return cfg.max_sequence_length if "max_sequence_length" in inspect.signature(pipe.__call__).parameters else None
+
+
 def reference_images(prompts: Sequence[str], seeds: Sequence[int], size: int) -> list[Any]:
     """Real renders of the prompts (one placement per seed) for the Fréchet quality proxy."""
     return [place_scene(parse_prompt(p), np.random.default_rng([s, i, 7])).render(size=size)
@@ -124,8 +131,11 @@ def reference_images(prompts: Sequence[str], seeds: Sequence[int], size: int) ->
 
 def judge_arm(pipe: Any, prompts: Sequence[str], seeds: Sequence[int], out: Path, *, tokens: Path | None,
               cfg: float, steps: int, size: int, reference: Sequence[Any], batch_size: int = 40,
-              progress: bool = False) -> dict[str, Any]:
+              max_sequence_length: int | None = None, progress: bool = False) -> dict[str, Any]:
     """Generate (resumable PNGs in `out`) and judge one arm on every (prompt, seed) pair.
+
+    `max_sequence_length` (SD3 family): sample with the T5 length the tokens were trained with,
+    so that the text sequence the tokens share attention with is the one they saw in training.
 
     Returns:
         {"outcomes": [bool per pair, order (seed, prompt)], "accuracy", "categories", "quality_proxy"}.
@@ -139,7 +149,8 @@ def judge_arm(pipe: Any, prompts: Sequence[str], seeds: Sequence[int], out: Path
     handle = load_into(pipe, tokens) if tokens is not None else None
     try:
         rows = generate_images(pipe, prompts, seeds, out, steps=steps, cfg=cfg, height=size, width=size,
-                               batch_size=batch_size, tokens=tokens, progress=progress)
+                               batch_size=batch_size, tokens=tokens, progress=progress,
+                               max_sequence_length=max_sequence_length)
     finally:
         if handle is not None:
             handle.remove()
@@ -231,5 +242,5 @@ def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
 
 
 __all__ = ["Arm", "POSITIVE_ONLY", "PROMPT_SETS", "TEST_SEEDS", "VALIDATION_SEEDS", "comparison_table",
-           "heldout_pair_prompts", "judge_arm", "reference_images", "summary", "train_arm",
+           "heldout_pair_prompts", "judge_arm", "reference_images", "sampling_length", "summary", "train_arm",
            "train_pair_prompts", "training_text_allowed"]
