@@ -3,6 +3,7 @@
 Arms (each judged on the same (prompt, seed) pairs of two declared prompt sets):
   vanilla               the frozen miniature, the recipe's CFG
   vanilla CFG x1.5 / x2 is a gain just stronger guidance?
+  tokens at init        the recipe's tokens untrained (what does training add?)
   positive-only         the same tokens and recipe trained on the denoising term alone (no negatives)
   SoftREPA (paper)      the recipe with the authors' loss settings: tau 0.07 constant, no hard negatives
   SoftREPA (calibrated tau)  calibrated tau, in-batch negatives only (which part carries the gain?)
@@ -30,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     from softrepa.backbones import load_pipeline, resolve_model_path
     from softrepa.config import load_config
     from softrepa.toy.effect import (POSITIVE_ONLY, PROMPT_SETS, TEST_SEEDS, VALIDATION_SEEDS, Arm,
-                                     comparison_table, judge_arm, reference_images, sampling_length, summary,
+                                     comparison_table, initial_tokens, judge_arm, reference_images, sampling_length, summary,
                                      train_arm)
     from softrepa.toy.world import export_image_folder
 
@@ -55,12 +56,19 @@ def main(argv: list[str] | None = None) -> int:
         Arm("vanilla", None, note="frozen miniature"),
         Arm(f"vanilla CFG {1.5 * cfg5:g}", None, 1.5 * cfg5, "stronger guidance alone"),
         Arm(f"vanilla CFG {2 * cfg5:g}", None, 2 * cfg5, "stronger guidance alone"),
+        Arm("tokens at initialisation", {}, untrained=True,
+            note="the recipe's tokens before training (empty-prompt init): what does training add?"),
         Arm("positive-only", POSITIVE_ONLY, note="same tokens, denoising term only, no negatives"),
         Arm("SoftREPA (paper loss)", {"loss": {"tau_schedule": "constant", "tau": 0.07}, "negatives": {"per_image": 0}},
             note="authors' tau 0.07, in-batch negatives"),
-        Arm("SoftREPA (calibrated tau)", {"negatives": {"per_image": 0}}, note="calibrated tau, in-batch negatives"),
+        Arm("SoftREPA (calibrated tau)", {"loss": {"tau_schedule": "calibrated"}, "negatives": {"per_image": 0}},
+            note="calibrated tau, in-batch negatives"),
         Arm("SoftREPA (recipe)", {}, note=f"recipes/{recipe}.yaml as shipped"),
+        Arm("SoftREPA (calibrated tau + hard negatives)",
+            {"loss": {"tau_schedule": "calibrated"}, "negatives": {"per_image": 2, "swap": TOY_SWAPS}},
+            note="calibrated tau, 2 hard-negative captions per image"),
     ]
+    arms = _distinct(arms, recipe)
     if a.arms:
         keep = {x.strip() for x in a.arms.split(",")}
         arms = [arm for arm in arms if arm.name in keep or arm.name == "vanilla"]
@@ -82,7 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     for arm in arms:
         t0 = time.perf_counter()
         tokens = None
-        if arm.overrides is not None:
+        if arm.untrained:
+            tokens = initial_tokens(pipe, recipe, {**arm.overrides, "model": model}, out / "train" / _slug(arm.name))
+        elif arm.overrides is not None:
             tokens = train_arm(pipe, recipe, {**arm.overrides, "model": model}, data, out / "train" / _slug(arm.name))
         t1 = time.perf_counter()
         results[arm.name] = {
@@ -112,6 +122,25 @@ def main(argv: list[str] | None = None) -> int:
         js["summary"] = summary(results, names, recipe_arm)
     (out / "controls.json").write_text(json.dumps(js, indent=1))
     return 0
+
+
+TOY_SWAPS = [["red", "green", "blue", "yellow"], ["circle", "square", "triangle", "cross"]]
+
+
+def _distinct(arms: list, recipe: str) -> list:
+    """Drop a trained arm whose resolved config equals an earlier one's (e.g. the recipe itself)."""
+    from softrepa.config import config_dict, load_config
+
+    seen, out = {}, []
+    for arm in arms:
+        if arm.overrides is not None and not arm.untrained:
+            key = repr(config_dict(load_config(recipe, arm.overrides)))
+            if key in seen:
+                print(f"{arm.name}: same training config as {seen[key]}, not run twice", flush=True)
+                continue
+            seen[key] = arm.name
+        out.append(arm)
+    return out
 
 
 def _slug(name: str) -> str:

@@ -375,3 +375,38 @@ def test_prepare_batch_is_deterministic_and_shares_one_noise_and_t(sd3, data_dir
     assert a.noise.shape[0] == 1 and torch.equal(a.t, torch.full((3,), 250.0))
     texts, rows, _ = CaptionNegatives.from_config(NEG).for_batch(a.captions, 1, random.Random(11))
     assert a.num_negatives == 1 and a.negative_rows.tolist() == rows and len(a.negatives) == len(texts)
+
+
+def test_cli_bad_options_are_one_line_errors(tmp_path, capsys):
+    """`softrepa diagnose` with 0 bins, a dataset smaller than a batch, or tokens of another family:
+    exit code 2 and one line naming the option / the mismatch (no traceback)."""
+    import numpy as np
+    from PIL import Image
+
+    from softrepa import SoftTokens, SoftTokensConfig, save_soft_tokens
+    from softrepa.cli import main
+    from softrepa.tiny import tiny_sd3_pipeline, tiny_sd15_pipeline
+
+    model = tmp_path / "sd3"
+    tiny_sd3_pipeline(num_layers=6).save_pretrained(model)
+    data = tmp_path / "data"
+    data.mkdir()
+    for i, rgb in enumerate([(220, 40, 40), (40, 70, 215), (40, 170, 60)]):
+        a = np.full((32, 32, 3), 255, np.uint8)
+        a[8:24, 8:24] = rgb
+        Image.fromarray(a).save(data / f"{i}.png")
+        (data / f"{i}.txt").write_text(f"a square number {i}\n")
+    sd15_tokens = tmp_path / "sd15.safetensors"
+    save_soft_tokens(SoftTokens.for_model(tiny_sd15_pipeline(), SoftTokensConfig(init="normal")), sd15_tokens)
+    base = ["diagnose", "--model", str(model), "--data", str(data), "--resolution", "32", "--no-progress",
+            "--out", str(tmp_path / "out"), "--max-sequence-length", "8"]
+    cases = [(["--bins", "0"], "--bins"), (["--batch-size", "8"], "batch_size"),
+             (["--batch-size", "2", "--tokens", str(sd15_tokens)], "sd15.safetensors")]
+    capsys.readouterr()
+    for extra, needle in cases:
+        assert main(base + extra) == 2, extra
+        err = capsys.readouterr().err
+        lines = [x for x in err.splitlines() if x.startswith("softrepa diagnose: error:")]
+        assert len(lines) == 1 and needle in lines[0] and "Traceback" not in err, err
+    assert main(base + ["--batch-size", "2", "--bins", "2", "--batches-per-bin", "1"]) == 0
+    assert (tmp_path / "out" / "diagnosis.md").is_file()

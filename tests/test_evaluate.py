@@ -87,7 +87,7 @@ def assets(tmp_path_factory):
                            image_size=32, patch_size=8), projection_dim=16))
     clip.save_pretrained(root / "clip")
     tok.save_pretrained(root / "clip")
-    torch.save({"state_dict": _random_sd(openclip_state_shapes(TINY_OC), 1)}, root / "HPS_v2_compressed.pt")
+    torch.save({"state_dict": _random_sd(openclip_state_shapes(TINY_OC), 1)}, root / "HPS_v2.1_compressed.pt")  # the default version, v2.1
     torch.save(_random_sd(imagereward_state_shapes(TINY_MED, TINY_VIT), 2), root / "ImageReward.pt")
     (root / "med_config.json").write_text(json.dumps(TINY_MED))
     _bert_tokenizer().save_pretrained(root / "bert")

@@ -107,8 +107,8 @@ def test_unet_import_reproduces_authors_forward(tmp_path, family):
     assert main(args) == 0
     inp = unet_inputs(model, timesteps=[700, 700, 700])
     tokens = softrepa.load_soft_tokens(tmp_path / "t.safetensors")
-    assert tokens.layout.blocks == ("down", "mid")
-    # authors: [BOS, dc_tokens + dc_t(int(t)//10), rest] for down + mid
+    assert tokens.layout.blocks == ("down",)  # the authors' scripts: --apply_dc True False False
+    # authors: [BOS, dc_tokens + dc_t(int(t)//10), rest] in the down blocks
     s = dc + (emb.weight[70] if emb is not None else 0)
     assert torch.allclose(tokens(torch.tensor([700.0]), 1)[0, 0], s, atol=1e-6)
     with torch.no_grad():

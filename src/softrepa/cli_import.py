@@ -11,9 +11,10 @@ def add_import_official_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dc-tokens", required=True, help="authors' dc_tokens.pth")
     p.add_argument("--dc-t-tokens", default=None, help="authors' dc_t_tokens.pth (pickled nn.Embedding), optional")
     p.add_argument("--layers", type=int, default=None, help="SD3: number of token layers (checked against the file)")
-    p.add_argument("--blocks", default="down,mid",
-                   help="SD1.5/SDXL: UNet block groups for the tokens (authors trained down,mid; "
-                        "their released SD1.5 tokens were evaluated on down only)")
+    p.add_argument("--blocks", default="down",
+                   help="SD1.5/SDXL: comma-separated UNet block groups for the tokens, from down,mid,up "
+                        "(default down: the authors' scripts, --apply_dc True False False; the paper's text "
+                        "says down,mid)")
     p.add_argument("--model-dim", type=int, default=None,
                    help="SD3 block width when the file does not tell (default 1536, SD3-medium)")
     p.add_argument("--out", required=True, help="output .safetensors")
@@ -26,7 +27,11 @@ def run_import_official(args: argparse.Namespace) -> int:
     if args.family == "sd3":
         kw["layers"] = args.layers
     else:
-        kw["blocks"] = tuple(b.strip() for b in args.blocks.split(",") if b.strip())
+        blocks = tuple(b.strip() for b in args.blocks.split(",") if b.strip())
+        bad = [b for b in blocks if b not in ("down", "mid", "up")]
+        if bad or not blocks:
+            raise ValueError(f"--blocks: expected a comma-separated subset of down,mid,up, got {args.blocks!r}")
+        kw["blocks"] = blocks
     path = import_official(args.family, args.dc_tokens, args.dc_t_tokens, args.out, **kw)
     print(f"wrote {path} (+ {path.with_suffix('.json').name})")
     return 0

@@ -258,7 +258,7 @@ class Diagnosis:
         ax[0].axhline(self.setup.get("tau_value", float("nan")), color="grey", lw=0.8, label="tau used")
         ax[0].set_xlabel("t"); ax[0].legend(fontsize=7); ax[0].set_title("errors")
         ax[1].plot(t, [r["loss"] for r in self.rows], "o-", label="loss")
-        ax[1].axhline(self.rows[0]["ln_b"], color="grey", ls="--", label="ln B")
+        ax[1].axhline(self.rows[0]["ln_b"], color="grey", ls="--", label="chance: ln N")
         ax[1].set_xlabel("t"); ax[1].legend(fontsize=7); ax[1].set_title("loss vs chance")
         ax[2].plot(t, [r["dlde_neg_share"] for r in self.rows], "o-", label="|dL/dE| on negatives")
         if any(r.get("grad_neg_share") is not None for r in self.rows):
@@ -303,7 +303,7 @@ def diagnose(pipe: Any, data: Any, tokens: Any = None, *, bins: int = 10, batche
     from .io import load_soft_tokens
     from .negatives import CaptionNegatives
     from .sample import native_resolution
-    from .tokens import SoftTokens, SoftTokensConfig
+    from .tokens import SoftTokensError
     from .train import loss_kwargs as make_loss_kwargs
 
     if bins < 1:
@@ -319,9 +319,13 @@ def diagnose(pipe: Any, data: Any, tokens: Any = None, *, bins: int = 10, batche
     backbone.freeze()
     if attached_handle(pipe) is not None:
         raise ValueError("the pipeline already carries soft tokens; pass them as `tokens` (or remove them) instead")
+    source = None
     if isinstance(tokens, (str, Path)):
-        tokens = load_soft_tokens(tokens, device=backbone.device)
-    handle = attach(pipe, tokens) if tokens is not None else None
+        source, tokens = tokens, load_soft_tokens(tokens, device=backbone.device)
+    try:
+        handle = attach(pipe, tokens) if tokens is not None else None
+    except SoftTokensError as e:  # name the file, as load_into does
+        raise SoftTokensError(f"{source}: {e}" if source else str(e)) from e
     cal_tau = loss.tau_schedule == "calibrated" and loss.tau_table is None
     neg_maker = CaptionNegatives.from_config(negatives) if negatives is not None and negatives.per_image else None
     per_image = negatives.per_image if neg_maker is not None else 0

@@ -56,6 +56,16 @@ def run_diagnose(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     dtype = dtypes[args.dtype] if args.dtype else (torch.float16 if device.startswith("cuda") else torch.float32)
+    if args.no_progress:  # also the libraries' "Loading ..." bars
+        import diffusers.utils.logging as dlog
+        import transformers.utils.logging as tlog
+
+        dlog.disable_progress_bar()
+        tlog.disable_progress_bar()
+    if args.tokens:
+        from .io import load_soft_tokens
+
+        load_soft_tokens(args.tokens)  # a bad tokens file fails before the (slow) model load
     pipe = load_pipeline(args.model, dtype, device)
     pipe.set_progress_bar_config(disable=True)
     res = args.resolution or native_resolution(pipe)
@@ -71,6 +81,10 @@ def run_diagnose(args: argparse.Namespace) -> int:
                       negatives=negatives, resolution=res, max_sequence_length=args.max_sequence_length,
                       seed=args.seed, grad_share=not args.no_grad_share, progress=not args.no_progress,
                       pair_chunk=args.pair_chunk)
+    import shlex
+    import sys
+
+    report.setup["command"] = "softrepa " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     report.save(args.out)
     print(report.table())
     print(f"\ncalibrated tau table (loss.tau_table): {[round(v, 4) for v in report.tau_table]}")

@@ -66,7 +66,7 @@ NOTES = {
     "imagereward": "ImageReward-v1.0 standardised reward (higher = preferred)",
     "pickscore": "PickScore_v1: exp(logit_scale) * cosine (higher = preferred)",
     "clip": "CLIP score = w * cosine of L2-normalised embeddings (paper: ViT-L/14, w=1, no clamp, no x100)",
-    "hps": "HPSv2: cosine of the HPS-tuned open_clip ViT-H-14 embeddings",
+    "hps": "HPS (default v2.1, as the authors): cosine of the HPS-tuned open_clip ViT-H-14 embeddings",
     "fid": "FID vs the reference set (lower = closer)",
     "lpips": "LPIPS v0.1 vs the paired image (lower = more similar)",
     "world": "miniature alignment: fraction of images satisfying every prompt attribute (Wilson 95% CI)",
@@ -254,20 +254,28 @@ def _features(extractor, paths, batch_size, desc):
 
 
 def _fid(scorer, items, reference: Path | None, batch_size: int, progress: bool) -> dict:
-    from .metrics.inception import feature_stats, frechet_from_stats, load_stats
+    """FID of the items against `reference`; records which computation ran ("fid_path").
+
+    A reference folder: `fid_with_path` on both feature sets (the exact low-rank path when both
+    sets have fewer images than feature dimensions, else the D x D eigen path). A statistics .npz
+    (mu, sigma) only allows the eigen path.
+    """
+    from .metrics.inception import FID_PATHS, feature_stats, fid_path, fid_with_path, frechet_from_stats, load_stats
 
     if reference is None:
         raise MetricError("fid needs --reference (a folder of real images or a pytorch-fid .npz of mu/sigma)")
     gen = _features(scorer, [it.path for it in items], batch_size, "fid (generated)" if progress else None)
     if reference.is_file() and reference.suffix == ".npz":
-        ref_stats, n_ref = load_stats(reference), None
+        n_ref, path = None, fid_path(len(gen), None, gen.shape[1])
+        value = frechet_from_stats(*feature_stats(gen), *load_stats(reference))
     else:
         ref_paths = list_images(reference)
         ref = _features(scorer, ref_paths, batch_size, "fid (reference)" if progress else None)
-        ref_stats, n_ref = feature_stats(ref), len(ref_paths)
-    value = frechet_from_stats(*feature_stats(gen), *ref_stats)
+        n_ref = len(ref_paths)
+        value, path = fid_with_path(gen, ref)
     return {"value": value, "mean": value, "std": None, "ci95": None, "count": len(items), "n_reference": n_ref,
-            "features": scorer.label, "reference": str(reference)}
+            "features": scorer.label, "reference": str(reference), "fid_path": path,
+            "fid_path_note": FID_PATHS[path]}
 
 
 def lpips_pairs(items: Sequence[EvalItem], reference: Path | None) -> tuple[list[Path], str]:
@@ -377,7 +385,9 @@ def evaluate(images: str | Path, out: str | Path, *, metrics: Sequence[str] = PA
                 if name == "lpips":
                     vals, extra = _lpips(scorer, items, ref, batch_size, progress)
                 else:
-                    vals, extra = _prompt_metric(name, scorer, items, batch_size, progress), {}
+                    vals = _prompt_metric(name, scorer, items, batch_size, progress)
+                    extra = {k: getattr(scorer, k) for k in ("preprocess", "text_cleaning", "checkpoint")
+                             if getattr(scorer, k, None)}
             per_image[name] = vals
             results["metrics"][name] = {**summarize(vals, binary=name in BINARY_METRICS), **extra,
                                         "note": NOTES[name]}

@@ -71,7 +71,7 @@ def convert_official(
     dc_t_tokens: torch.Tensor | None = None,
     *,
     layers: int | None = None,
-    blocks: tuple[str, ...] = ("down", "mid"),
+    blocks: tuple[str, ...] = ("down",),
     model_dim: int | None = None,
     model_depth: int = 0,
 ) -> SoftTokens:
@@ -82,8 +82,9 @@ def convert_official(
         dc_tokens: SD3 (L, m, 4096 | width); UNet (m, width).
         dc_t_tokens: the embedding weight, SD3 (buckets, width * L); UNet (buckets, width); or None.
         layers: SD3: expected L (checked against the tensor).
-        blocks: UNet block groups the tokens go to (authors trained on down + mid; their released
-            SD1.5 tokens were evaluated on down only).
+        blocks: UNet block groups the tokens go to. Default down only: every one of the
+            authors' SD1.5 scripts (train default, run_train, run_train_dist, run_eval) passes
+            `--apply_dc True False False`; the paper's text says Down + Mid.
         model_dim: block width for SD3 text-space tokens without a time part (default 1536).
         model_depth: number of transformer blocks of the target model, if known (0: unchecked).
     """

@@ -7,14 +7,22 @@
 * PickScore (Kirstain et al.): `exp(logit_scale) * cos` with the PickScore_v1 CLIP-H model, the
   reference code's formula (~21-23 on COCO prompts).
 * HPSv2 (Wu et al.): `cos` of an open_clip ViT-H-14 fine-tuned on human preferences (~0.25-0.29).
-  The published `HPS_v2_compressed.pt` is an open_clip state dict; the open_clip package imports
+  The SoftREPA authors score with HPS v2.1 (`hpsv2.score(..., hps_version="v2.1")`, checkpoint
+  `HPS_v2.1_compressed.pt`), the default here; v2.0 is `filename: HPS_v2_compressed.pt`.
+  Both published checkpoints are open_clip state dicts; the open_clip package imports
   torchvision at import time (which does not import beside our CPU torch), so the checkpoint is
   converted key by key into transformers' `CLIPModel`, which has the same architecture (pre-LN
   ViT, causal text transformer pooled at the EOT token, bias-free projections). The expected
   open_clip key -> shape table is `openclip_state_shapes`; tests load that table with strict=True.
 
-Every score uses the reference preprocessing (`common.clip_pixels`: bicubic resize of the shorter
-side, centre crop, OpenAI mean / std) and prompts truncated to the 77-token context.
+Every score uses its reference package's preprocessing and prompts truncated to the 77-token
+context (BOS + 75 tokens + EOS, as `clip.tokenize(truncate=True)` / open_clip's `tokenize`):
+
+| metric | image (`preprocess`) | text (`text_cleaning`) |
+|---|---|---|
+| clip | `center_crop`: shorter side to 224 (bicubic), centre crop, offset rounded (torchvision) | `official`: ftfy + html.unescape x2 + whitespace (OpenAI `clip.tokenize`) |
+| pickscore | `center_crop_floor`: same, offset floored (transformers `CLIPImageProcessor`) | `none` (transformers' CLIP tokenizer, as PickScore's processor) |
+| hps | `letterbox`: longest side to 224, zero padding (hpsv2 `ResizeMaxSize`) | `official` (open_clip `tokenize`) |
 """
 
 from __future__ import annotations
@@ -23,8 +31,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .common import (CLIP_MEAN, CLIP_STD, WeightsError, clip_pixels, load_on_meta, load_state_dict, resolve_file,
-                     resolve_pretrained)
+from .common import (CLIP_MEAN, CLIP_STD, MetricError, WeightsError, clean_text, clip_pixels, letterbox_pixels,
+                     load_on_meta, load_state_dict, resolve_file, resolve_pretrained)
 
 #: open_clip architecture presets (open_clip's model_configs JSON format).
 OPENCLIP_PRESETS = {
@@ -32,7 +40,12 @@ OPENCLIP_PRESETS = {
                  "vision_cfg": {"image_size": 224, "layers": 32, "width": 1280, "head_width": 80, "patch_size": 14},
                  "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 1024, "heads": 16, "layers": 24}},
 }
-HPS_URL = "https://huggingface.co/xswu/HPSv2/resolve/main/HPS_v2_compressed.pt"
+HPS_URL = "https://huggingface.co/xswu/HPSv2/resolve/main/HPS_v2.1_compressed.pt"
+#: hpsv2's `hps_version_map`: version -> checkpoint file in the xswu/HPSv2 hub repo.
+HPS_VERSIONS = {"v2.0": "HPS_v2_compressed.pt", "v2.1": "HPS_v2.1_compressed.pt"}
+#: Image preprocessing of each reference (see the module docstring).
+PREPROCESS = ("center_crop", "center_crop_floor", "letterbox")
+TEXT_CLEANING = ("official", "none")
 CLIP_URL = "https://huggingface.co/openai/clip-vit-large-patch14"
 PICKSCORE_URL = "https://huggingface.co/yuvalkirstain/PickScore_v1"
 LAION_H14_URL = "https://huggingface.co/laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
@@ -171,6 +184,10 @@ class CLIPScorer:
         w: multiplier; "logit_scale" uses `exp(model.logit_scale)` (PickScore).
         clamp_zero: apply max(cos, 0) first (Hessel et al.'s CLIPScore).
         image_mean, image_std: preprocessing normalisation.
+        preprocess: "center_crop" (torchvision: OpenAI CLIP), "center_crop_floor" (transformers'
+            processor: PickScore) or "letterbox" (hpsv2).
+        text_cleaning: "official" (ftfy + html.unescape + whitespace, the OpenAI / open_clip
+            tokenizers) or "none" (the tokenizer's own normalisation only).
         device, dtype: where / how the model runs.
     """
 
@@ -178,7 +195,13 @@ class CLIPScorer:
     needs_prompts = True
 
     def __init__(self, model, tokenizer, *, name: str, w: float | str = 1.0, clamp_zero: bool = False,
-                 image_mean=CLIP_MEAN, image_std=CLIP_STD, device="cpu", dtype=torch.float32):
+                 image_mean=CLIP_MEAN, image_std=CLIP_STD, preprocess: str = "center_crop",
+                 text_cleaning: str = "official", device="cpu", dtype=torch.float32):
+        if preprocess not in PREPROCESS:
+            raise MetricError(f"{name}: preprocess must be one of {list(PREPROCESS)}, got {preprocess!r}")
+        if text_cleaning not in TEXT_CLEANING:
+            raise MetricError(f"{name}: text_cleaning must be one of {list(TEXT_CLEANING)}, got {text_cleaning!r}")
+        self.preprocess, self.text_cleaning = preprocess, text_cleaning
         self.name, self.tokenizer, self.device, self.dtype = name, tokenizer, torch.device(device), dtype
         self.model = model.to(self.device, dtype).eval()
         self.scale = float(model.logit_scale.detach().float().exp()) if w == "logit_scale" else float(w)
@@ -188,13 +211,25 @@ class CLIPScorer:
         self.max_length = int(min(model.config.text_config.max_position_embeddings,
                                   getattr(tokenizer, "model_max_length", 77) or 77, 77))
 
+    def pixels(self, images) -> torch.Tensor:
+        """(B, 3, size, size) model inputs of PIL images, this metric's reference preprocessing."""
+        if self.preprocess == "letterbox":
+            return letterbox_pixels(images, self.size, self.mean, self.std)
+        return clip_pixels(images, self.size, self.mean, self.std,
+                           crop_offset="floor" if self.preprocess == "center_crop_floor" else "round")
+
+    def tokenize(self, prompts) -> dict:
+        """Token ids (+ attention mask) of prompts, this metric's reference text cleaning first."""
+        texts = [clean_text(p) if self.text_cleaning == "official" else p for p in prompts]
+        return self.tokenizer(texts, padding="max_length", truncation=True, max_length=self.max_length,
+                              return_tensors="pt")
+
     @torch.no_grad()
     def score(self, images, prompts) -> np.ndarray:
         """Scores of a batch of (PIL image, prompt) pairs, as float64."""
         m = self.model
-        pix = clip_pixels(images, self.size, self.mean, self.std).to(self.device, self.dtype)
-        tok = self.tokenizer(list(prompts), padding="max_length", truncation=True, max_length=self.max_length,
-                             return_tensors="pt").to(self.device)
+        pix = self.pixels(images).to(self.device, self.dtype)
+        tok = self.tokenize(list(prompts)).to(self.device)
         # Towers + projections called directly: `get_*_features` changed return type in transformers 5.
         img = m.visual_projection(m.vision_model(pixel_values=pix).pooler_output)
         txt = m.text_projection(m.text_model(input_ids=tok["input_ids"],
@@ -221,7 +256,8 @@ def load_clip_score(cfg: dict, *, device="cpu", dtype=torch.float32, offline=Tru
     tok = _tokenizer(cfg.get("tokenizer") or cfg.get("model"), metric="clip", url=CLIP_URL, offline=offline)
     return CLIPScorer(model, tok, name="clip", w=cfg.get("w", 1.0), clamp_zero=bool(cfg.get("clamp_zero", False)),
                       image_mean=cfg.get("image_mean", CLIP_MEAN), image_std=cfg.get("image_std", CLIP_STD),
-                      device=device, dtype=dtype)
+                      preprocess=cfg.get("preprocess", "center_crop"),
+                      text_cleaning=cfg.get("text_cleaning", "official"), device=device, dtype=dtype)
 
 
 def load_pickscore(cfg: dict, *, device="cpu", dtype=torch.float32, offline=True) -> CLIPScorer:
@@ -233,22 +269,37 @@ def load_pickscore(cfg: dict, *, device="cpu", dtype=torch.float32, offline=True
     tok = _tokenizer(cfg.get("tokenizer") or cfg.get("model"), metric="pickscore", url=LAION_H14_URL,
                      offline=offline)
     return CLIPScorer(model, tok, name="pickscore", w="logit_scale", image_mean=cfg.get("image_mean", CLIP_MEAN),
-                      image_std=cfg.get("image_std", CLIP_STD), device=device, dtype=dtype)
+                      image_std=cfg.get("image_std", CLIP_STD), preprocess=cfg.get("preprocess", "center_crop_floor"),
+                      text_cleaning=cfg.get("text_cleaning", "none"), device=device, dtype=dtype)
+
+
+def hps_filename(cfg: dict) -> str:
+    """The HPS checkpoint file of `cfg`: `filename`, else the file of `version` (default v2.1)."""
+    version = cfg.get("version", "v2.1")
+    if version not in HPS_VERSIONS:
+        raise WeightsError(f"hps: version must be one of {sorted(HPS_VERSIONS)}, got {version!r}")
+    return cfg.get("filename") or HPS_VERSIONS[version]
 
 
 def load_hps(cfg: dict, *, device="cpu", dtype=torch.float32, offline=True) -> CLIPScorer:
-    """HPSv2 from `cfg` = {weights (file / folder / hub repo), filename, architecture, tokenizer}."""
+    """HPSv2 from `cfg` = {weights (file / folder / hub repo), version (v2.1) or filename, architecture, tokenizer}."""
     from transformers import CLIPModel
 
-    path = resolve_file(cfg.get("weights"), metric="hps", what="HPSv2 checkpoint",
-                        filename=cfg.get("filename", "HPS_v2_compressed.pt"), url=HPS_URL, offline=offline)
+    filename = hps_filename(cfg)
+    url = HPS_URL.rsplit("/", 1)[0] + "/" + filename
+    path = resolve_file(cfg.get("weights"), metric="hps", what="HPS checkpoint", filename=filename, url=url,
+                        offline=offline)
     arch = cfg.get("architecture", "ViT-H-14")
     sd = openclip_to_hf(load_state_dict(path, metric="hps", key="state_dict"))
     model = load_on_meta(lambda: CLIPModel(hf_clip_config(arch)), sd, metric="hps", path=path)
     tok = _tokenizer(cfg.get("tokenizer"), metric="hps", url=LAION_H14_URL, offline=offline)
-    return CLIPScorer(model, tok, name="hps", w=1.0, image_mean=cfg.get("image_mean", CLIP_MEAN),
-                      image_std=cfg.get("image_std", CLIP_STD), device=device, dtype=dtype)
+    scorer = CLIPScorer(model, tok, name="hps", w=1.0, image_mean=cfg.get("image_mean", CLIP_MEAN),
+                        image_std=cfg.get("image_std", CLIP_STD), preprocess=cfg.get("preprocess", "letterbox"),
+                        text_cleaning=cfg.get("text_cleaning", "official"), device=device, dtype=dtype)
+    scorer.checkpoint = path.name
+    return scorer
 
 
-__all__ = ["CLIPScorer", "OPENCLIP_PRESETS", "hf_clip_config", "load_clip_score", "load_hps", "load_pickscore",
+__all__ = ["CLIPScorer", "HPS_VERSIONS", "OPENCLIP_PRESETS", "PREPROCESS", "TEXT_CLEANING", "hf_clip_config",
+           "hps_filename", "load_clip_score", "load_hps", "load_pickscore",
            "openclip_state_shapes", "openclip_to_hf"]

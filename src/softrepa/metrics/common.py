@@ -16,12 +16,28 @@ Preprocessing. torchvision does not import beside the CPU torch build we pin, so
 reference implementations use (`Resize(n, BICUBIC)` + `CenterCrop(n)` + `ToTensor` + `Normalize`
 in OpenAI CLIP, open_clip, ImageReward; `Resize((299, 299))` in the SoftREPA authors' LPIPS) are
 reproduced here on PIL images with torchvision's exact size / crop arithmetic (for PIL inputs
-torchvision itself calls `PIL.Image.resize`, so the pixels are the same).
+torchvision itself calls `PIL.Image.resize`, so the pixels are the same). Two reference
+pipelines differ from that one and are reproduced as they are:
+
+* HPSv2 (`hpsv2` 1.2.0, `image_transform(..., resize_longest_max=True)`): `ToTensor` first, then
+  `ResizeMaxSize(224)`: the longest side to 224 (new sides `round(side * 224 / longest)`, Python
+  rounding) by torchvision's tensor bicubic resize (antialias on, no clamp), then zero padding
+  (black, before normalisation) to a square, `pad // 2` on the left / top and the rest on the
+  right / bottom. See `letterbox_pixels`.
+* PickScore (transformers' `CLIPImageProcessor`): the same shorter-side resize, but the centre
+  crop's offset is floored (`(h - 224) // 2`) where torchvision rounds. `center_crop(offset="floor")`.
+
+Text. The official CLIP tokenizers (OpenAI `clip.tokenize`, which ImageReward's CLIPScore calls,
+and open_clip's, which hpsv2 calls) clean the text before BPE: `ftfy.fix_text`, `html.unescape`
+twice, strip, runs of whitespace to one space, lower case. transformers' CLIP tokenizers do not;
+`clean_text` applies the official cleaning first, so the token ids are the official ones.
 """
 
 from __future__ import annotations
 
+import html
 import os
+import re
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -261,11 +277,107 @@ def resize_shorter(img: Image.Image, size: int, resample=Image.BICUBIC) -> Image
     return img if (new_w, new_h) == (w, h) else img.resize((new_w, new_h), resample)
 
 
-def center_crop(img: Image.Image, size: int) -> Image.Image:
-    """torchvision `CenterCrop(size)` for images at least `size` on each side."""
+def crop_offset(extent: int, size: int, offset: str = "round") -> int:
+    """Start of a centred `size` window in `extent` pixels.
+
+    Args:
+        extent: the image side.
+        size: the crop side.
+        offset: "round" = torchvision `CenterCrop` (`int(round((extent - size) / 2))`, Python's
+            round half to even); "floor" = transformers' image processors (`(extent - size) // 2`).
+    """
+    if offset == "round":
+        return int(round((extent - size) / 2.0))
+    if offset == "floor":
+        return (extent - size) // 2
+    raise ValueError(f"crop offset must be 'round' or 'floor', got {offset!r}")
+
+
+def center_crop(img: Image.Image, size: int, offset: str = "round") -> Image.Image:
+    """A centred `size` x `size` crop for images at least `size` on each side.
+
+    Args:
+        img: PIL image.
+        size: crop side.
+        offset: "round" (torchvision `CenterCrop`) or "floor" (transformers' `CLIPImageProcessor`).
+    """
     w, h = img.size
-    top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
+    top, left = crop_offset(h, size, offset), crop_offset(w, size, offset)
     return img.crop((left, top, left + size, top + size))
+
+
+def letterbox_geometry(width: int, height: int, size: int) -> tuple[tuple[int, int], tuple[int, int, int, int]]:
+    """hpsv2's `ResizeMaxSize(size)`: the resized (width, height) and the padding (left, top, right, bottom).
+
+    The longest side becomes `size`, each side `round(side * size / longest)` (Python's round, as
+    the reference); the padding centres the image, the odd pixel going to the right / bottom.
+    Unlike the reference, an image whose longest side already is `size` is still padded to a
+    square (the reference returns it unpadded, which its ViT cannot take unless it is square).
+
+    Args:
+        width, height: input size.
+        size: output side.
+    """
+    if width < 1 or height < 1 or size < 1:
+        raise ValueError(f"letterbox: sizes must be positive, got {width}x{height} -> {size}")
+    scale = size / float(max(height, width))
+    new_h, new_w = (round(height * scale), round(width * scale)) if scale != 1.0 else (height, width)
+    pad_h, pad_w = size - new_h, size - new_w
+    return (new_w, new_h), (pad_w // 2, pad_h // 2, pad_w - pad_w // 2, pad_h - pad_h // 2)
+
+
+def letterbox_pixels(images: Sequence[Image.Image], size: int, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
+    """HPSv2's evaluation transform (`preprocess_val` of hpsv2 1.2.0), batched.
+
+    `ToTensor` -> bicubic resize of the tensor (torchvision's tensor path: `interpolate(...,
+    mode="bicubic", antialias=True)`, no clamp) so the longest side is `size` -> zero padding to
+    `size` x `size` (`letterbox_geometry`) -> normalisation (padding becomes -mean / std).
+
+    Args:
+        images: RGB PIL images.
+        size: model input side (224).
+        mean, std: per-channel normalisation.
+    Returns:
+        (B, 3, size, size) float tensor.
+    """
+    import torch.nn.functional as F
+
+    m = torch.tensor(mean).view(3, 1, 1)
+    s = torch.tensor(std).view(3, 1, 1)
+    out = []
+    for im in images:
+        x = to_tensor(im)
+        (new_w, new_h), (left, top, right, bottom) = letterbox_geometry(im.width, im.height, size)
+        if (new_w, new_h) != (im.width, im.height):
+            x = F.interpolate(x[None], size=(new_h, new_w), mode="bicubic", align_corners=False, antialias=True)[0]
+        x = F.pad(x, (left, right, top, bottom), value=0.0)
+        out.append((x - m) / s)
+    return torch.stack(out)
+
+
+def clean_text(text: str) -> str:
+    """The official CLIP tokenizers' text cleaning (OpenAI CLIP / open_clip `simple_tokenizer`).
+
+    `ftfy.fix_text`, `html.unescape` twice and strip (their `basic_clean`), runs of whitespace to
+    one space and strip (`whitespace_clean`), lower case. Curly quotes become straight ones,
+    `&amp;` becomes `&`, mojibake is repaired, text is NFC-normalised.
+
+    Args:
+        text: the prompt.
+    """
+    try:
+        import ftfy
+    except ImportError as e:  # a core dependency; only a broken install lands here
+        raise MetricError("text cleaning needs the `ftfy` package (pip install ftfy), as the official "
+                          "CLIP tokenizers use it") from e
+    if not isinstance(text, str):
+        raise MetricError(f"prompt must be a string, got {type(text).__name__}")
+    try:  # the reference tokenizers' `re` is the `regex` module (a transformers dependency)
+        import regex as rx
+    except ImportError:  # pragma: no cover
+        rx = re
+    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+    return rx.sub(r"\s+", " ", text).strip().lower()
 
 
 def to_tensor(img: Image.Image) -> torch.Tensor:
@@ -273,19 +385,23 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div(255.0)
 
 
-def clip_pixels(images: Sequence[Image.Image], size: int, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
+def clip_pixels(images: Sequence[Image.Image], size: int, mean=CLIP_MEAN, std=CLIP_STD,
+                crop_offset: str = "round") -> torch.Tensor:
     """The CLIP / open_clip / ImageReward evaluation transform, batched.
 
     Args:
         images: RGB PIL images.
         size: model input side (224 for the models used here).
         mean, std: per-channel normalisation.
+        crop_offset: "round" (torchvision `CenterCrop`: OpenAI CLIP, ImageReward) or "floor"
+            (transformers' `CLIPImageProcessor`: PickScore).
     Returns:
         (B, 3, size, size) float tensor.
     """
     m = torch.tensor(mean).view(3, 1, 1)
     s = torch.tensor(std).view(3, 1, 1)
-    return torch.stack([(to_tensor(center_crop(resize_shorter(im, size), size)) - m) / s for im in images])
+    return torch.stack([(to_tensor(center_crop(resize_shorter(im, size), size, crop_offset)) - m) / s
+                        for im in images])
 
 
 def batched(seq: Sequence, batch_size: int, desc: str | None = None) -> Iterator[Sequence]:
@@ -327,5 +443,5 @@ def as_list(x: Iterable) -> list:
 
 
 __all__ = ["CLIP_MEAN", "CLIP_STD", "MetricError", "WeightsError", "batched", "center_crop", "check_keys",
-           "clip_pixels", "hub_offline", "load_on_meta", "load_rgb", "load_state_dict", "resize_shorter", "resolve_file",
+           "clean_text", "clip_pixels", "crop_offset", "hub_offline", "letterbox_geometry", "letterbox_pixels", "load_on_meta", "load_rgb", "load_state_dict", "resize_shorter", "resolve_file",
            "resolve_pretrained", "to_tensor", "torch_dtype"]

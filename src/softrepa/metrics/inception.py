@@ -312,15 +312,37 @@ def fid_from_features(a: np.ndarray, b: np.ndarray) -> float:
     number follows exactly from the N1 x N2 cross-Gram matrix (`_fid_low_rank`), which is what
     we use then. Both paths are compared on random features in the tests.
     """
+    return fid_with_path(a, b)[0]
+
+
+#: `fid_with_path`'s path names, as recorded in results.json ("fid_path").
+FID_PATHS = {"low_rank": "exact low-rank (N1 x N2 cross-Gram SVD; both sets have fewer images than dimensions)",
+             "eigen": "D x D covariances, symmetric eigen square root"}
+
+
+def fid_path(n1: int, n2: int | None, dim: int) -> str:
+    """Which FID computation runs: "low_rank" when both sets have fewer images than `dim`, else "eigen".
+
+    Args:
+        n1, n2: images per set; `n2` None when the reference is given as statistics (mu, sigma),
+            which only the eigen path can use.
+        dim: feature dimension (2048 for Inception pool3).
+    """
+    return "low_rank" if n2 is not None and max(n1, n2) < dim else "eigen"
+
+
+def fid_with_path(a: np.ndarray, b: np.ndarray) -> tuple[float, str]:
+    """FID between two (N, D) feature sets and the path that computed it (`fid_path`)."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     for x in (a, b):
         if x.ndim != 2 or len(x) < 2:
             raise MetricError(f"FID needs at least 2 images per set, got features of shape {x.shape}")
     if a.shape[1] != b.shape[1]:
         raise MetricError(f"FID features differ in dimension: {a.shape[1]} vs {b.shape[1]}")
-    if max(len(a), len(b)) < a.shape[1]:
-        return _fid_low_rank(a, b)
-    return frechet_from_stats(*feature_stats(a), *feature_stats(b))
+    path = fid_path(len(a), len(b), a.shape[1])
+    if path == "low_rank":
+        return _fid_low_rank(a, b), path
+    return frechet_from_stats(*feature_stats(a), *feature_stats(b)), path
 
 
 def _fid_low_rank(a: np.ndarray, b: np.ndarray) -> float:
@@ -346,5 +368,6 @@ def load_stats(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
         return f["mu"], f["sigma"]
 
 
-__all__ = ["FIDFeatures", "FIDInceptionV3", "FID_WEIGHTS_URL", "feature_stats", "fid_from_features",
+__all__ = ["FIDFeatures", "FIDInceptionV3", "FID_PATHS", "FID_WEIGHTS_URL", "feature_stats", "fid_from_features",
+           "fid_path", "fid_with_path",
            "fid_inception_state_shapes", "frechet_from_stats", "load_fid", "load_stats"]

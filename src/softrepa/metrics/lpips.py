@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .common import WeightsError, check_keys, load_state_dict, resolve_file, to_tensor
+from .common import MetricError, WeightsError, check_keys, load_state_dict, resolve_file, to_tensor
 
 BACKBONE_URLS = {"vgg": "https://download.pytorch.org/models/vgg16-397923af.pth",
                  "alex": "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth"}
@@ -131,7 +131,7 @@ class LPIPSScorer:
     Args:
         model: `LPIPSNet` with weights loaded.
         resize: square side both images are resized to (PIL bilinear, as torchvision
-            `Resize((n, n))`), or None to require equal sizes.
+            `Resize((n, n))`), or None for native sizes (the two images of each pair must match).
         input_range: "minus1_1" (LPIPS as calibrated) or "authors_uint8" (the SoftREPA eval.py inputs).
         device, dtype: where / how the model runs.
     """
@@ -142,6 +142,8 @@ class LPIPSScorer:
                  device="cpu", dtype=torch.float32):
         if input_range not in ("minus1_1", "authors_uint8"):
             raise ValueError(f"lpips input_range must be minus1_1 or authors_uint8, got {input_range!r}")
+        if resize is not None and (isinstance(resize, bool) or not isinstance(resize, int) or resize < 1):
+            raise ValueError(f"lpips resize must be a positive integer or null, got {resize!r}")
         self.model, self.resize, self.input_range = model.to(device, dtype).eval(), resize, input_range
         self.device, self.dtype = torch.device(device), dtype
 
@@ -155,11 +157,25 @@ class LPIPSScorer:
 
     @torch.no_grad()
     def distance(self, images_a, images_b) -> np.ndarray:
-        """LPIPS of each pair (PIL images), float64."""
+        """LPIPS of each pair (PIL images), float64.
+
+        With `resize` set every image becomes resize x resize and the pairs run as one batch.
+        With `resize: None` (native sizes: the two images of a pair must match, pairs may differ
+        from each other) the pairs are run one by one, so each distance is exactly the batch-size-1
+        result the `lpips` package gives for that pair.
+        """
+        images_a, images_b = list(images_a), list(images_b)
+        if len(images_a) != len(images_b):
+            raise MetricError(f"lpips: {len(images_a)} images but {len(images_b)} paired images")
+        if not images_a:
+            return np.zeros(0)
+        if self.resize:
+            return self.model(self._prep(images_a), self._prep(images_b)).double().cpu().numpy()
         for a, b in zip(images_a, images_b):
-            if not self.resize and a.size != b.size:
-                raise WeightsError(f"lpips: image sizes differ ({a.size} vs {b.size}); set lpips.resize")
-        return self.model(self._prep(images_a), self._prep(images_b)).double().cpu().numpy()
+            if a.size != b.size:
+                raise MetricError(f"lpips: image sizes differ within a pair ({a.size} vs {b.size}); "
+                                  "set lpips.resize to compare images of different sizes")
+        return np.array([float(self.model(self._prep([a]), self._prep([b]))[0]) for a, b in zip(images_a, images_b)])
 
 
 def load_lpips(cfg: dict, *, device="cpu", dtype=torch.float32, offline=True) -> LPIPSScorer:

@@ -104,7 +104,7 @@ def run_demo(args: argparse.Namespace) -> int:
     recipe = f"toy_{args.backbone}"
     cfg = load_config(recipe, {**overrides, "data": str(data), "output_dir": str(out / "train")})
     arms = {"vanilla": None, "positive-only": None, "SoftREPA": None}
-    with timer(f"train SoftREPA tokens ({cfg.max_steps} steps, batch {cfg.batch_size}, {cfg.loss.describe_tau()}, "
+    with timer(f"train SoftREPA tokens ({cfg.max_steps} steps, batch {cfg.batch_size}, {cfg.loss.tau_schedule} tau, "
                f"{cfg.negatives.per_image} hard negatives per image)"):
         arms["SoftREPA"] = train_arm(pipe, recipe, overrides, data, out / "train")
     with timer("train the positive-only control (same recipe, denoising term only)"):
@@ -157,7 +157,13 @@ def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
 
 def _report(out: Path, args: argparse.Namespace, cfg: Any, sets: dict[str, list[str]], seeds: list[int],
             results: dict[str, Any], table: str, headline: dict[str, Any], stages: list[tuple[str, float]]) -> None:
-    _grid(out, sets, seeds, results)
+    legend = _grid(out, sets, seeds, results)
+    import yaml
+
+    saved = out / "train" / "config.yaml"
+    table_ = (yaml.safe_load(saved.read_text()).get("loss") or {}).get("tau_table") if saved.is_file() else None
+    tau = (f"calibrated tau {min(table_):.2f}-{max(table_):.2f} over {len(table_)} timestep bins"
+           if table_ else cfg.loss.describe_tau())
     curves = out / "train" / "curves.png"
     if curves.is_file():
         shutil.copy(curves, out / "curves.png")
@@ -169,7 +175,7 @@ def _report(out: Path, args: argparse.Namespace, cfg: Any, sets: dict[str, list[
         f"seeds; the recipe was chosen on validation seeds 100-109), {cfg.validation.steps} steps, CFG "
         f"{cfg.validation.guidance_scale:g}; every arm samples the same (prompt, seed) pairs.",
         f"SoftREPA: recipe `toy_{args.backbone}` ({cfg.max_steps} steps, batch {cfg.batch_size}, lr {cfg.lr:g}, "
-        f"{cfg.loss.describe_tau()}, scale {cfg.loss.scale:g}, {cfg.tokens.num_tokens} tokens x "
+        f"{tau}, scale {cfg.loss.scale:g}, {cfg.tokens.num_tokens} tokens x "
         f"{cfg.tokens.num_layers} layers, {cfg.negatives.per_image} hard-negative captions per image). "
         "Positive-only: the same tokens, recipe and data, trained on the denoising term alone "
         "(loss.contrastive_weight 0, loss.denoise_weight 1).", "",
@@ -184,6 +190,7 @@ def _report(out: Path, args: argparse.Namespace, cfg: Any, sets: dict[str, list[
         "![grid](grid.png)", "",
         "Grid: the first held-out prompts, seeds in columns; per prompt the rows are vanilla, positive-only, "
         "SoftREPA (same seed = same starting noise). Green / red corner: the judge's verdict.", "",
+        *legend, "", *(["![flips](flips.png)", ""] if (out / "flips.png").is_file() else []),
         "![training curves](curves.png)", "",
     ]
     (out / "report.md").write_text("\n".join(lines))
@@ -192,11 +199,23 @@ def _report(out: Path, args: argparse.Namespace, cfg: Any, sets: dict[str, list[
     (out / "results.json").write_text(json.dumps(js, indent=2, default=str))
 
 
-def _grid(out: Path, sets: dict[str, list[str]], seeds: list[int], results: dict[str, Any]) -> None:
-    """Fixed picks (the first prompts of the held-out set, first 4 seeds): never chosen by outcome."""
+def _cell(out: Path, arm: str, key: str, k: int, s: int, ok: bool) -> Any:
     from PIL import Image, ImageDraw
 
     from ..sample import image_name
+
+    with Image.open(out / "generate" / _slug(arm) / key / image_name(k, s)) as im:
+        cell = im.convert("RGB").resize((96, 96), Image.NEAREST)
+    ImageDraw.Draw(cell).rectangle([0, 0, 9, 9], fill=(30, 160, 60) if ok else (210, 40, 40))
+    return cell
+
+
+def _grid(out: Path, sets: dict[str, list[str]], seeds: list[int], results: dict[str, Any]) -> list[str]:
+    """grid.png: fixed picks (the first held-out prompts, first 4 seeds), never chosen by outcome;
+    flips.png: every pair on which vanilla and SoftREPA disagree (up to 24), all three arms.
+
+    Returns the legend lines (prompt numbers -> prompts) for the report.
+    """
     from ..viz import image_grid
 
     key = "heldout_pairs"
@@ -205,13 +224,23 @@ def _grid(out: Path, sets: dict[str, list[str]], seeds: list[int], results: dict
     rows, labels = [], []
     for k in range(min(6, len(prompts))):
         for name in results:
-            row = []
-            for s in cols:
-                with Image.open(out / "generate" / _slug(name) / key / image_name(k, s)) as im:
-                    cell = im.convert("RGB").resize((96, 96), Image.NEAREST)
-                ok = results[name][key]["outcomes"][seeds.index(s) * len(prompts) + k]
-                ImageDraw.Draw(cell).rectangle([0, 0, 9, 9], fill=(30, 160, 60) if ok else (210, 40, 40))
-                row.append(cell)
-            rows.append(row)
-            labels.append(f"{name}: {prompts[k][:34]}")
+            rows.append([_cell(out, name, key, k, s, results[name][key]["outcomes"][seeds.index(s) * len(prompts) + k])
+                         for s in cols])
+            labels.append(f"#{k} {name}")
     image_grid(rows, labels, [f"seed {s}" for s in cols]).save(out / "grid.png")
+    legend = [f"* #{k}: {prompts[k]}" for k in range(min(6, len(prompts)))]
+    flips = []
+    for set_name, set_prompts in sets.items():
+        van, sr = results["vanilla"][set_name]["outcomes"], results["SoftREPA"][set_name]["outcomes"]
+        for j, (a, b) in enumerate(zip(van, sr)):
+            if a != b:
+                s, k = seeds[j // len(set_prompts)], j % len(set_prompts)
+                flips.append((set_name, k, s, b))
+    if flips:
+        cells = [[_cell(out, name, st, k, s, results[name][st]["outcomes"][seeds.index(s) * len(sets[st]) + k])
+                  for name in results] for st, k, s, _ in flips[:24]]
+        flip_labels = [f"{'better' if up else 'worse'}: {st.split('_')[0]} #{k} s{s}" for st, k, s, up in flips[:24]]
+        image_grid(cells, flip_labels, list(results)).save(out / "flips.png")
+        legend.append(f"* flips.png: the {len(flips)} pair(s) where SoftREPA and vanilla disagree"
+                      + (" (first 24 shown)" if len(flips) > 24 else "") + "; columns: " + ", ".join(results))
+    return legend

@@ -72,12 +72,14 @@ class Arm:
         overrides: training-config overrides of the recipe; None = no tokens (the vanilla model).
         guidance_scale: CFG of this arm (None: the recipe's validation CFG).
         note: one line on what the arm controls for.
+        untrained: the recipe's tokens at their initialisation, not trained (what training adds).
     """
 
     name: str
     overrides: dict[str, Any] | None = None
     guidance_scale: float | None = None
     note: str = ""
+    untrained: bool = False
 
 
 POSITIVE_ONLY = {"loss": {"contrastive_weight": 0.0, "denoise_weight": 1.0}, "negatives": {"per_image": 0}}
@@ -114,6 +116,19 @@ def train_arm(pipe: Any, recipe: str, overrides: dict[str, Any], data: Path, out
         finally:
             trainer.handle.remove()
     return tokens
+
+
+def initial_tokens(pipe: Any, recipe: str, overrides: dict[str, Any], out: Path) -> Path:
+    """The tokens a run of this recipe starts from (same layout, init and seed), saved untrained."""
+    from ..config import load_config
+    from ..io import save_soft_tokens
+    from ..tokens import SoftTokens
+
+    cfg = load_config(recipe, overrides)
+    path = out / "tokens.safetensors"
+    if not path.is_file():
+        save_soft_tokens(SoftTokens.for_model(pipe, cfg.tokens, seed=cfg.seed), path)
+    return path
 
 
 def sampling_length(pipe: Any, cfg: Any) -> int | None:
@@ -242,5 +257,5 @@ def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
 
 
 __all__ = ["Arm", "POSITIVE_ONLY", "PROMPT_SETS", "TEST_SEEDS", "VALIDATION_SEEDS", "comparison_table",
-           "heldout_pair_prompts", "judge_arm", "reference_images", "sampling_length", "summary", "train_arm",
+           "heldout_pair_prompts", "initial_tokens", "judge_arm", "reference_images", "sampling_length", "summary", "train_arm",
            "train_pair_prompts", "training_text_allowed"]
