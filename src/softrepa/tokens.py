@@ -39,7 +39,8 @@ class SoftTokensConfig:
         num_layers: MM-DiT: use the first `num_layers` transformer blocks (paper: 5).
         layers: MM-DiT: explicit block indices; overrides `num_layers` when given.
         blocks: UNet: block groups that receive the tokens, from "down", "mid", "up"
-            (authors: down + mid).
+            (default down + mid, the paper's text; the authors' SD1.5 scripts use down only,
+            which recipes/sd15.yaml follows).
         time_buckets: number of timestep buckets of the time-indexed part on the 0..1000 scale
             (authors: 100, i.e. bucket = clamp(int(t) // 10, 0, 99)); 0 disables the time part.
         token_space: MM-DiT: "text" keeps base tokens in the text-encoder space
