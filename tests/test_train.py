@@ -255,10 +255,17 @@ def _union_common(toy_files: Path) -> list[str]:
             "--model", str(toy_files / "sd15"), "--data", str(toy_files / "data")]
 
 
-@pytest.mark.parametrize("chunk", ["3", "null"])
-def test_two_process_gloo_equals_single_process_union_batch(toy_files, tmp_path, chunk):
-    """torchrun, 2 CPU ranks x 2 images (negatives gathered across ranks) == 1 process x 4 images."""
-    common = _union_common(toy_files)
+# every caption names one colour: "opposite" colour pairs give each image exactly one hard negative,
+# so no random choice is involved and the rank layout cannot change which negatives are drawn
+HARD = ["--negatives.per_image", "1", "--negatives.swap", "[]",
+        "--negatives.flip", "[[red, blue], [green, yellow], [black, purple]]"]
+
+
+@pytest.mark.parametrize("chunk,hard", [("3", False), ("null", False), ("3", True)])
+def test_two_process_gloo_equals_single_process_union_batch(toy_files, tmp_path, chunk, hard):
+    """torchrun, 2 CPU ranks x 2 images (negatives gathered across ranks) == 1 process x 4 images;
+    also with per-image hard negatives (their error rows are gathered like E's)."""
+    common = _union_common(toy_files) + (HARD if hard else [])
     dist_out, single_out = tmp_path / "dist", tmp_path / "single"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
@@ -268,6 +275,9 @@ def test_two_process_gloo_equals_single_process_union_batch(toy_files, tmp_path,
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert main(["train", "--output_dir", str(single_out), "--batch_size", "4", *common]) == 0
     _assert_union_batch_equal(dist_out, single_out)
+    if hard:  # the hard negatives were really scored
+        rows = [json.loads(x) for x in (dist_out / "metrics.jsonl").read_text().splitlines()]
+        assert all("hard_accuracy" in r for r in rows)
 
 
 def test_accelerate_launch_two_processes_equal_single_process_union_batch(toy_files, tmp_path):
