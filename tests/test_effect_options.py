@@ -34,6 +34,7 @@ from softrepa.negatives import CaptionNegatives, NegativesConfig
 from softrepa.pairs import PairBatch, contrastive_backward, error_matrix
 from softrepa.tiny import tiny_sd3_pipeline, tiny_sd15_pipeline
 from softrepa.train import loss_kwargs
+from tests.test_pairs import _tokens  # the same strongly scaled tokens as the chunked == plain tests
 
 DUP_CAPS = ["a red car", "a tree", "A red  car", "the sea", "a boat"]  # 0 and 2 are duplicates
 
@@ -328,14 +329,6 @@ def _pair_batch(bb, negatives=True, seed=0):
         pb.negative_rows, pb.negative_slots = torch.tensor(NEG_ROWS), torch.tensor(NEG_SLOTS)
         pb.num_negatives = 2
     return pb
-
-
-def _tokens(pipe):
-    tokens = SoftTokens.for_model(pipe, SoftTokensConfig(num_layers=2, blocks=("down", "mid")), seed=0)
-    with torch.no_grad():
-        for p in tokens.parameters():
-            p.mul_(10)
-    return tokens
 
 
 def _grads(tokens):

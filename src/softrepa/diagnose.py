@@ -87,12 +87,14 @@ def prepare_batch(backbone: Any, batch: dict[str, Any], t: float, seed: int, res
     return pb
 
 
-def _mean_off_diagonal(E: torch.Tensor, mask: torch.Tensor | None) -> float:
+def positive_negative_errors(E: torch.Tensor, captions: Sequence[str]) -> tuple[float, float]:
+    """Mean error of the matching pairs (diagonal) and of the negatives (off-diagonal, duplicate
+    captions excluded; NaN when the batch has no negative)."""
+    from .loss import duplicate_caption_mask
+
     B = E.shape[0]
-    keep = ~torch.eye(B, dtype=torch.bool, device=E.device)
-    if mask is not None:
-        keep &= ~mask
-    return float(E[keep].mean()) if keep.any() else float("nan")
+    keep = ~torch.eye(B, dtype=torch.bool, device=E.device) & ~duplicate_caption_mask(captions, device=E.device)
+    return float(E.diagonal().mean()), (float(E[keep].mean()) if keep.any() else float("nan"))
 
 
 @torch.no_grad()
@@ -115,7 +117,7 @@ def batch_statistics(E: torch.Tensor, t: float, captions: Sequence[str], loss_kw
     out, dE, dH = loss_grads(E, t, captions=list(captions), **kw)
     logits = contrastive_logits(E, t, tau=kw.get("tau", 0.07), scale=kw.get("scale", 4.0), form=kw.get("form", "exp"))
     neg = ~torch.eye(B, dtype=torch.bool, device=E.device) & ~mask
-    e_pos, e_neg = float(E.diagonal().mean()), _mean_off_diagonal(E, mask)
+    e_pos, e_neg = positive_negative_errors(E, captions)
     mass_pos = float(dE.diagonal().abs().sum())
     mass_neg = float(dE[neg].abs().sum()) + (float(dH[valid].abs().sum()) if dH is not None else 0.0)
     row = {
@@ -376,9 +378,7 @@ def _measure_kwargs(loss: Any, make: Any, E: torch.Tensor, captions: Sequence[st
     """A calibrated schedule without a table: measure this batch at its own tau* (constant)."""
     import dataclasses
 
-    from .loss import duplicate_caption_mask
-
-    tau = log_mean(float(E.diagonal().mean()), _mean_off_diagonal(E, duplicate_caption_mask(captions, E.device)))
+    tau = log_mean(*positive_negative_errors(E, captions))
     return make(dataclasses.replace(loss, tau_schedule="constant", tau=tau, tau_table=None))
 
 
@@ -418,19 +418,16 @@ def calibrate_tau(backbone: Any, dataset: Any, *, bins: int, batches: int, batch
         raise ValueError(f"need bins >= 1 and calibration batches >= 1, got {bins}, {batches}")
     centres = bin_centres(bins)
     sums: dict[int, list[float]] = {}
-    from .loss import duplicate_caption_mask
-
     for b, batch in enumerate(draw_batches(dataset, batch_size, batches, seed * 1_000_003 + 424242)):
         k = b % bins
         pb = prepare_batch(backbone, batch, centres[k], seed * 7919 + 100_000 + b, resolution)
         with torch.no_grad():
             E = error_matrix(backbone, pb)
-        mask = duplicate_caption_mask(pb.captions, E.device)
-        e_neg = _mean_off_diagonal(E, mask)
+        e_pos, e_neg = positive_negative_errors(E, pb.captions)
         if not e_neg == e_neg:  # NaN: every caption of the batch is the same, no negative to measure
             continue
         acc = sums.setdefault(k, [0.0, 0.0, 0])
-        acc[0] += float(E.diagonal().mean())
+        acc[0] += e_pos
         acc[1] += e_neg
         acc[2] += 1
     if not sums:

@@ -67,6 +67,7 @@ class StageTimer:
 
 def run_demo(args: argparse.Namespace) -> int:
     from ..backbones import load_pipeline
+    from ..config import _merge as merge_overrides
     from ..config import load_config, parse_overrides
     from ..sample import parse_seeds
     from .effect import (POSITIVE_ONLY, heldout_pair_prompts, judge_arm, reference_images, sampling_length,
@@ -108,7 +109,7 @@ def run_demo(args: argparse.Namespace) -> int:
                f"{cfg.negatives.per_image} hard negatives per image)"):
         arms["SoftREPA"] = train_arm(pipe, recipe, overrides, data, out / "train")
     with timer("train the positive-only control (same recipe, denoising term only)"):
-        arms["positive-only"] = train_arm(pipe, recipe, _merge(overrides, POSITIVE_ONLY), data,
+        arms["positive-only"] = train_arm(pipe, recipe, merge_overrides(overrides, POSITIVE_ONLY), data,
                                           out / "train_positive_only")
     n_pairs = sum(len(p) for p in sets.values()) * len(seeds)
     results: dict[str, dict[str, Any]] = {}
@@ -147,12 +148,6 @@ def _headline(h: dict[str, Any]) -> str:
 
 def _slug(name: str) -> str:
     return "".join(ch if ch.isalnum() else "_" for ch in name.lower()).strip("_")
-
-
-def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-    from .effect import _merge as merge
-
-    return merge(a, b)
 
 
 def _report(out: Path, args: argparse.Namespace, cfg: Any, sets: dict[str, list[str]], seeds: list[int],

@@ -92,10 +92,11 @@ def train_arm(pipe: Any, recipe: str, overrides: dict[str, Any], data: Path, out
     """
     import yaml
 
+    from ..config import _merge as merge_overrides
     from ..config import config_dict, config_diff, load_config
     from ..train import Trainer
 
-    ov = _merge(overrides, {"data": str(data), "output_dir": str(out)})
+    ov = merge_overrides(overrides, {"data": str(data), "output_dir": str(out)})
     cfg = load_config(recipe, ov)
     tokens = out / "tokens.safetensors"
     saved = out / "config.yaml"
@@ -244,16 +245,6 @@ def _outcomes(per_set: dict[str, dict[str, Any]], sets: Sequence[str], group: st
     if group == "pooled":
         return [o for s in sets for o in per_set[s]["outcomes"]]
     return list(per_set[group]["outcomes"])
-
-
-def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-    out = json.loads(json.dumps(a))
-    for k, v in b.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _merge(out[k], v)
-        else:
-            out[k] = v
-    return out
 
 
 __all__ = ["Arm", "POSITIVE_ONLY", "PROMPT_SETS", "TEST_SEEDS", "VALIDATION_SEEDS", "comparison_table",
