@@ -292,11 +292,19 @@ def test_fid_path_choice_and_values():
     big_a, big_b = rng.normal(size=(80, 16)), rng.normal(0.2, 1.1, size=(70, 16))
     value, path = fid_with_path(big_a, big_b)
     assert path == "eigen" and value == frechet_from_stats(*feature_stats(big_a), *feature_stats(big_b))
-    try:
-        ref = _pytorch_fid_reference(big_a, big_b)
-    except ImportError:  # scipy is not a dependency
-        return
-    assert value == pytest.approx(ref, rel=1e-9)
+
+
+def test_fid_eigen_path_matches_pytorch_fids_formula():
+    """Full-rank covariances: the eigen path equals pytorch-fid's scipy sqrtm formula (reported as
+    skipped, not silently passed, where scipy, not a dependency, is missing)."""
+    pytest.importorskip("scipy")
+    from softrepa.metrics.inception import fid_with_path
+
+    rng = np.random.default_rng(0)
+    rng.normal(size=(20, 64)), rng.normal(0.3, 1.2, size=(30, 64))  # the same draws as above
+    big_a, big_b = rng.normal(size=(80, 16)), rng.normal(0.2, 1.1, size=(70, 16))
+    value, path = fid_with_path(big_a, big_b)
+    assert path == "eigen" and value == pytest.approx(_pytorch_fid_reference(big_a, big_b), rel=1e-9)
 
 
 def test_evaluate_records_the_fid_path(tmp_path):
