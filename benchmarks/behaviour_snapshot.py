@@ -30,6 +30,17 @@ def tensor_sha(t: torch.Tensor) -> str:
     return sha(t.detach().contiguous().cpu().numpy().tobytes())
 
 
+def tokens_file_sha(path: Path) -> str:
+    """Tensors and sorted header metadata (safetensors writes its metadata map in no fixed order,
+    so the file bytes of two identical saves can differ)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        parts = [json.dumps(f.metadata(), sort_keys=True).encode()]
+        parts += [k.encode() + f.get_tensor(k).numpy().tobytes() for k in sorted(f.keys())]
+    return sha(b"".join(parts))
+
+
 def folder_pngs(folder: Path) -> dict[str, str]:
     return {str(p.relative_to(folder)): sha(p.read_bytes()) for p in sorted(folder.rglob("*.png"))}
 
@@ -98,7 +109,7 @@ def run(out: Path) -> dict[str, object]:
             "--max_steps", "3", "--batch_size", "4", "--loss.calibration_batches", "2", "--checkpoint_every", "2",
             "--log_every", "1")
         tokens = t / "run" / "tokens.safetensors"
-        snap["train.tokens"] = sha(tokens.read_bytes())
+        snap["train.tokens"] = tokens_file_sha(tokens)
         rows = [json.loads(ln) for ln in (t / "run" / "metrics.jsonl").read_text().splitlines() if ln.strip()]
         snap["train.loss"] = [r.get("loss") for r in rows]
         # generation with and without the tokens

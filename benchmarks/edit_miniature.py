@@ -23,9 +23,9 @@ import numpy as np
 import torch
 from report import emit
 
-from softrepa.backbones import load_pipeline
+from softrepa.pipeline import load_pipeline
 from softrepa.edit import FlowEditParams, edit_image
-from softrepa.io import load_into
+from softrepa.artifact import load_into
 from softrepa.toy.judge import judge_scene
 from softrepa.toy.world import COLOURS, SHAPES, Scene, WorldObject, place_scene, prompt
 

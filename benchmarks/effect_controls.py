@@ -28,7 +28,7 @@ import torch
 
 
 def main(argv: list[str] | None = None) -> int:
-    from softrepa.backbones import load_pipeline, resolve_model_path
+    from softrepa.pipeline import load_pipeline, resolve_model_path
     from softrepa.config import load_config
     from softrepa.toy.effect import (POSITIVE_ONLY, PROMPT_SETS, TEST_SEEDS, VALIDATION_SEEDS, Arm,
                                      comparison_table, initial_tokens, judge_arm, reference_images, sampling_length, summary,

@@ -20,7 +20,7 @@ import torch
 from report import emit
 
 from softrepa import SoftTokens, SoftTokensConfig, attach
-from softrepa.backbones import load_pipeline
+from softrepa.pipeline import load_pipeline
 
 ASSETS = Path(__file__).resolve().parents[1] / "src" / "softrepa" / "assets"
 

@@ -21,10 +21,11 @@ import torch
 
 def main(argv: list[str] | None = None) -> int:
     from softrepa import SoftTokens, SoftTokensConfig, attach
-    from softrepa.backbones import backbone_for, load_pipeline
+    from softrepa.backbone import backbone_for
+from softrepa.pipeline import load_pipeline
     from softrepa.data import build_dataset
     from softrepa.diagnose import draw_batches, prepare_batch
-    from softrepa.io import load_soft_tokens
+    from softrepa.artifact import load_soft_tokens
     from softrepa.pairs import error_matrix
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -31,7 +31,8 @@ def one(args: argparse.Namespace) -> dict:
     from diffusers import SD3Transformer2DModel
 
     from softrepa import SoftTokens, SoftTokensConfig, attach
-    from softrepa.backbones import MMDiTBackbone, TextCond
+    from softrepa.backbone import TextCond
+from softrepa.families.sd3 import SD3Backbone as MMDiTBackbone
     from softrepa.pairs import PairBatch, contrastive_backward
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

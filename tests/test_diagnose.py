@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from softrepa import SoftTokens, SoftTokensConfig, attach
-from softrepa.backbones import backbone_for
+from softrepa.backbone import backbone_for
 from softrepa.config import LossConfig
 from softrepa.data import build_dataset
 from softrepa.diagnose import (
@@ -32,7 +32,7 @@ from softrepa.diagnose import (
     prepare_batch,
     token_gradient_split,
 )
-from softrepa.hooks import attached_handle
+from softrepa.attach import attached_handle
 from softrepa.loss import duplicate_caption_mask, loss_grads, softrepa_loss
 from softrepa.negatives import CaptionNegatives, NegativesConfig
 from softrepa.pairs import PairBatch, contrastive_backward, error_matrix, negative_errors
@@ -342,7 +342,7 @@ def test_bad_options_name_the_option(sd3, data_dir, kwargs, option):
 
 def test_tokens_of_another_layout_are_a_soft_tokens_error(sd3, data_dir, tmp_path):
     """SD1.5 tokens (a file or a module) onto the SD3 pipeline: SoftTokensError, nothing left attached."""
-    from softrepa.io import save_soft_tokens
+    from softrepa.artifact import save_soft_tokens
 
     pipe, _ = sd3
     sd15_tokens = SoftTokens.for_model(tiny_sd15_pipeline(), SoftTokensConfig(), seed=0)

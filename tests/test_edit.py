@@ -12,11 +12,12 @@ import torch
 from PIL import Image
 
 import softrepa
-from softrepa.backbones import backbone_for
+from softrepa.backbone import backbone_for
 from softrepa.cli import main
-from softrepa.edit import (EditConds, FlowEditParams, edit_image, edit_latents, encode_source, flowedit_latents,
-                           guide, image_to_pixels, load_source_image, pixels_to_image, size_multiple, working_size)
-from softrepa.edit_cli import add_edit_arguments
+from softrepa.cli.edit import add_arguments as add_edit_arguments
+from softrepa.edit import edit_image, edit_latents, encode_source, image_to_pixels, pixels_to_image, size_multiple, working_size
+from softrepa.flowedit import EditConds, FlowEditParams, flowedit_latents, guide
+from softrepa.runfolder import open_image as load_source_image
 
 FAST = dict(steps=4, n_max=3, src_cfg=2.0, tar_cfg=2.0)
 
@@ -167,11 +168,11 @@ def test_long_prompts_warn(sd15, caplog):
     """A prompt longer than the text encoder reads is reported, as in generation; short ones are not."""
     z = _latents(sd15, 16, 12)
     p = FlowEditParams(steps=2, n_max=1)
-    with caplog.at_level(logging.WARNING, logger="softrepa.sample"):
+    with caplog.at_level(logging.WARNING, logger="softrepa.prompts"):
         edit_latents(sd15, z, ["a red circle"], ["a blue square"], p)
-        assert not [r for r in caplog.records if r.name == "softrepa.sample"]
+        assert not [r for r in caplog.records if r.name == "softrepa.prompts"]
         edit_image(sd15, _image(16, 12), "a red circle", "a blue square " + "x" * 100, p)
-    msgs = [r.getMessage() for r in caplog.records if r.name == "softrepa.sample"]
+    msgs = [r.getMessage() for r in caplog.records if r.name == "softrepa.prompts"]
     assert len(msgs) == 1 and "1 prompt(s)" in msgs[0] and "77" in msgs[0]
 
 
@@ -197,7 +198,7 @@ def test_cli_cfg_flag_spellings():
     new = p.parse_args(base + ["--target-cfg", "9,11,13", "--source-cfg", "2.5"])
     old = p.parse_args(base + ["--tar-cfg", "9,11,13", "--src-cfg", "2.5"])
     assert (new.tar_cfg, new.src_cfg) == (old.tar_cfg, old.src_cfg) == ("9,11,13", 2.5)
-    assert p.parse_args(base).src_cfg == 3.5 and p.parse_args(base).tar_cfg is None
+    assert p.parse_args(base).src_cfg is None and p.parse_args(base).tar_cfg is None  # the family preset decides
     assert "--target-cfg" in p.format_help() and "--source-cfg" in p.format_help()
 
 
@@ -263,10 +264,10 @@ def test_cli_manifest_warns_long_prompts_once(sd15_dir, tmp_path, caplog):
     long = "a blue square " + "x" * 100
     rows = [{"image": "a.png", "source_prompt": "a red circle", "target_prompt": t} for t in (long, "a red star")]
     (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    with caplog.at_level(logging.WARNING, logger="softrepa.sample"):
+    with caplog.at_level(logging.WARNING, logger="softrepa.prompts"):
         assert main(["edit", "--model", str(sd15_dir), "--manifest", str(tmp_path / "m.jsonl"), "--target-cfg",
                      "2,3", "--steps", "2", "--n-max", "1", "--no-progress", "--out", str(tmp_path / "out")]) == 0
-    msgs = [r.getMessage() for r in caplog.records if r.name == "softrepa.sample"]
+    msgs = [r.getMessage() for r in caplog.records if r.name == "softrepa.prompts"]
     assert len(msgs) == 1 and "1 prompt(s)" in msgs[0] and "xxxx" in msgs[0]
 
 

@@ -20,7 +20,7 @@ import yaml
 from PIL import Image
 
 from softrepa import SoftTokens, SoftTokensConfig, attach
-from softrepa.backbones import backbone_for
+from softrepa.backbone import backbone_for
 from softrepa.config import ConfigError, LossConfig, load_config, parse_overrides
 from softrepa.loss import (
     binned_tau,

@@ -1,4 +1,4 @@
-"""`softrepa generate` and `softrepa.sample`: resume, metadata, tokens, API == CLI, --compare, errors."""
+"""`softrepa generate` and `softrepa.generate`: resume, metadata, tokens, API == CLI, --compare, errors."""
 
 from __future__ import annotations
 
@@ -12,9 +12,10 @@ import torch
 from PIL import Image
 
 import softrepa
+import softrepa.runfolder
 from softrepa import SoftTokens, SoftTokensConfig
 from softrepa.cli import main
-from softrepa.sample import parse_seeds, parse_size, read_prompts, warn_long_prompts
+from softrepa.prompts import parse_seeds, parse_size, read_prompts, warn_long_prompts
 
 STEPS, SIZE = "2", "16"
 ROW_KEYS = {"file", "prompt", "prompt_index", "seed", "cfg", "steps", "height", "width", "model", "tokens",
@@ -69,7 +70,7 @@ def test_generate_resume_metadata_and_api_match(assets, tmp_path):
     assert len(rows) == 4 and all(set(r) >= ROW_KEYS for r in rows)
     r = rows[0]
     assert (r["family"], r["steps"], r["cfg"], r["height"], r["width"]) == ("sd3", 2, 4.0, 16, 16)
-    assert r["tokens"] == assets["tokens"] and r["tokens_sha256"] == softrepa.sample.file_sha256(assets["tokens"])
+    assert r["tokens"] == assets["tokens"] and r["tokens_sha256"] == softrepa.runfolder.file_sha256(assets["tokens"])
     assert r["softrepa_version"] == softrepa.__version__ and r["model"] == assets["model"]
     assert not list(out.glob(".*.tmp"))
 
@@ -85,7 +86,7 @@ def test_generate_resume_metadata_and_api_match(assets, tmp_path):
     assert sorted(r["file"] for r in _rows(out / "metadata.jsonl")) == names
 
     # the Python API with the same seed reproduces the CLI image bit for bit; tokens change it
-    pipe = softrepa.backbones.load_pipeline(assets["model"])
+    pipe = softrepa.pipeline.load_pipeline(assets["model"])
     kw = dict(num_inference_steps=2, guidance_scale=4.0, height=16, width=16, max_sequence_length=8)
     handle = softrepa.load_into(pipe, assets["tokens"])
     api = pipe("a blue square", generator=torch.Generator().manual_seed(1), **kw).images[0]
@@ -99,14 +100,14 @@ def test_generate_resume_metadata_and_api_match(assets, tmp_path):
 
 
 def test_generate_images_function_and_long_prompt_warning(assets, tmp_path, caplog):
-    from softrepa.sample import generate_images
+    from softrepa.generate import generate_images
 
-    pipe = softrepa.backbones.load_pipeline(assets["model"])
+    pipe = softrepa.pipeline.load_pipeline(assets["model"])
     cls = type(pipe)
     with softrepa.load_into(pipe, assets["tokens"]), \
             mock.patch.object(cls, "__call__", autospec=True, side_effect=cls.__call__) as calls:
         long_prompt = "a very long prompt " * 8  # > 77 characters: the tiny tokenizer is character level
-        with caplog.at_level(logging.WARNING, logger="softrepa.sample"):
+        with caplog.at_level(logging.WARNING, logger="softrepa.prompts"):
             rows = generate_images(pipe, [long_prompt], [5], tmp_path, steps=2, height=16, width=16,
                                    max_sequence_length=8, progress=False)
         assert "truncated" in caplog.text and calls.call_count == 1

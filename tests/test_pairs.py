@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from softrepa import SoftTokens, SoftTokensConfig, attach
-from softrepa.backbones import backbone_for
+from softrepa.backbone import backbone_for
 from softrepa.pairs import PairBatch, contrastive_backward, error_matrix
 from softrepa.tiny import tiny_sd3_pipeline, tiny_sd15_pipeline, tiny_sdxl_pipeline
 

@@ -34,7 +34,7 @@ def test_stock_pipeline_with_tokens(tmp_path, family):
     vanilla = _generate(pipe)
     tokens = _randomize(SoftTokens.for_model(pipe, SoftTokensConfig()))
     seen = []
-    denoiser = softrepa.hooks.resolve_denoiser(pipe)
+    denoiser = softrepa.family.resolve_denoiser(pipe)
     with attach(pipe, tokens) as handle:
         blk = denoiser.transformer_blocks[0] if family == "sd3" else denoiser.mid_block
 
@@ -94,7 +94,7 @@ def test_assets_prefix_names_the_bundled_miniatures():
     """Packaged recipes say `model: "@assets/toy_sd3"`, so they work from any directory."""
     from pathlib import Path
 
-    from softrepa.backbones import resolve_model_path
+    from softrepa.pipeline import resolve_model_path
 
     path = Path(resolve_model_path("@assets/toy_sd3"))
     assert path.is_absolute() and (path / "model_index.json").is_file()

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from softrepa.backbones import backbone_for
-from softrepa.edit import eps_denoiser
+from softrepa.backbone import backbone_for
+from softrepa.flowedit import eps_denoiser
 
 
 @pytest.fixture(scope="module")

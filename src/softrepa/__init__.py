@@ -7,24 +7,34 @@ Public API::
     softrepa.save_soft_tokens(tokens, "tokens.safetensors")
     handle.remove()                             # model restored exactly
     handle = softrepa.load_into(pipe, "tokens.safetensors")
+
+Layers, each importing only those above it: `errors`, `family` (the registry) -> `tokens` ->
+`attach` -> `backbone` / `flowedit` -> `families/*` (one module per model family) -> `artifact`,
+`runfolder`, `generate`, `edit`, `train`, `evaluation` -> `cli/` (argparse only).
 """
 
-__version__ = "0.1.0"
-
-from .hooks import AttachHandle, attach, attached_handle
-from .io import load_into, load_soft_tokens, save_soft_tokens
-from .tokens import SoftTokens, SoftTokensConfig, SoftTokensError, TokenLayout
+from . import families  # noqa: F401  (registers the built-in model families)
+from ._version import __version__
+from .artifact import load_into, load_soft_tokens, save_soft_tokens
+from .attach import AttachHandle, attach, attached_handle
+from .errors import SoftrepaError, SoftTokensError
+from .family import Family, family_of, register_family
+from .tokens import SoftTokens, SoftTokensConfig, TokenLayout
 
 __all__ = [
     "AttachHandle",
+    "Family",
     "SoftTokens",
     "SoftTokensConfig",
     "SoftTokensError",
+    "SoftrepaError",
     "TokenLayout",
     "__version__",
     "attach",
     "attached_handle",
+    "family_of",
     "load_into",
     "load_soft_tokens",
+    "register_family",
     "save_soft_tokens",
 ]

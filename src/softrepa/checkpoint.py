@@ -27,7 +27,8 @@ import numpy as np
 import torch
 
 from .config import save_config
-from .io import atomic_write_bytes, load_soft_tokens, save_soft_tokens
+from .runfolder import atomic_write_bytes
+from .artifact import load_soft_tokens, save_soft_tokens
 from .tokens import SoftTokens
 
 

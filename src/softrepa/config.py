@@ -17,12 +17,9 @@ from typing import Any
 
 import yaml
 
+from .errors import ConfigError
 from .negatives import NegativesConfig
 from .tokens import SoftTokensConfig
-
-
-class ConfigError(ValueError):
-    """A configuration value or file that cannot be used (the message names the key)."""
 
 
 TAU_SCHEDULES = ("constant", "linear", "calibrated")
@@ -367,7 +364,7 @@ def config_diff(old: Any, new: Any, prefix: str = "") -> list[str]:
 
 def save_config(cfg: Any, path: str | os.PathLike) -> None:
     """Write the resolved config as YAML, atomically."""
-    from .io import atomic_write_bytes
+    from .runfolder import atomic_write_bytes
 
     atomic_write_bytes(path, yaml.safe_dump(config_dict(cfg), sort_keys=False).encode())
 

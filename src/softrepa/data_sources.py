@@ -28,13 +28,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
+from .errors import DatasetError
+
 logger = logging.getLogger("softrepa.data")
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
-
-
-class DatasetError(ValueError):
-    """A dataset path that does not exist, has the wrong layout, or yields no usable item."""
 
 
 @dataclass(frozen=True)

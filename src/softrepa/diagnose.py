@@ -231,7 +231,7 @@ class Diagnosis:
 
     def save(self, out: str | Path) -> Path:
         """Write diagnosis.md, diagnosis.json and (with matplotlib) diagnosis.png into `out`."""
-        from .io import atomic_write_bytes
+        from .runfolder import atomic_write_bytes
 
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
@@ -298,13 +298,13 @@ def diagnose(pipe: Any, data: Any, tokens: Any = None, *, bins: int = 10, batche
     """
     from tqdm.auto import tqdm
 
-    from .backbones import backbone_for
+    from .backbone import backbone_for
     from .config import LossConfig
     from .data import build_dataset
-    from .hooks import attach, attached_handle
-    from .io import load_soft_tokens
+    from .attach import attach, attached_handle
+    from .artifact import load_soft_tokens
     from .negatives import CaptionNegatives
-    from .sample import native_resolution
+    from .generate import native_resolution
     from .tokens import SoftTokensError
     from .train import loss_kwargs as make_loss_kwargs
 
@@ -383,7 +383,7 @@ def _measure_kwargs(loss: Any, make: Any, E: torch.Tensor, captions: Sequence[st
 
 
 def _add_grad_share(pipe, backbone, handle, tokens, rows, prepared, pair_chunk):
-    from .hooks import attach
+    from .attach import attach
     from .tokens import SoftTokens, SoftTokensConfig
 
     own = None

@@ -1,262 +1,46 @@
-"""FlowEdit: inversion-free text-based image editing (Kulikov et al. 2024), with or without soft tokens.
+"""FlowEdit editing with a pipeline's model (and whatever soft tokens are attached): images, manifests.
 
-FlowEdit integrates an ODE directly from the source latent to the edited latent. At each step
-it noises the source with fresh noise, shifts the edited latent by the same amount, and moves the
-edit along the *difference* of the target and source velocities (Alg. 1 of the FlowEdit paper):
-
-    z_edit = z_src
-    for i in [NFE - n_max, NFE - n_min):                 # the last n_max steps, skipping the final n_min
-        V = mean over n_avg draws of  V_tar(z_edit + z_src_t - z_src) - V_src(z_src_t),
-            z_src_t = add_noise(z_src, noise, sigma_i)
-        z_edit += (sigma_{i+1} - sigma_i) * V
-    then, when n_min > 0, plain sampling with the target prompt from the noised edit.
-
-The loop (`flowedit_latents`) is a pure function of a k-diffusion-style `denoise(x, sigma, cond)`
-returning dx/dsigma. Two model adapters provide it:
-
-* rectified flow (SD3): x = (1 - sigma) x0 + sigma eps, dx/dsigma = the model's velocity;
-  sigmas from the pipeline's own scheduler.
-* DDPM eps / v models (SD1.5, SDXL): the probability-flow ODE in the variance-exploding
-  parameterisation x = x0 + sigma eps (sigma = sqrt((1 - a) / a), EulerDiscrete sigmas from
-  alphas_cumprod), where dx/dsigma = eps(x / sqrt(1 + sigma^2), t(sigma)); the same loop applies.
-
-Soft tokens need nothing here: attached to the pipeline (`softrepa.load_into`), they are used by
-every model call, on both CFG branches of the source and of the target (as the paper does).
+`edit_image` edits one image; `edit_manifest` edits a manifest of (image, source prompt, target
+prompt) rows for one or several target CFG values into an output folder, resumable (the
+`softrepa.runfolder` contract: image first, then its metadata row; a re-run skips finished rows and
+refuses a folder made with other settings or another manifest). Settings default to the family's
+paper presets (`FlowEditParams.preset`): vanilla n_max 33 / target CFG 13.5, with tokens 30 / 9.
+The loop itself is `softrepa.flowedit.flowedit_latents`; the family gives the model adapter.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
-from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+import json
+import logging
+from pathlib import Path
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
+from tqdm.auto import tqdm
 
-#: (x (N, C, h, w) float32, sigma 0-dim tensor, cond) -> dx/dsigma (N, C, h, w) float32
-Denoise = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
-#: (x0, noise, sigma) -> x_sigma, the forward process of the ODE's parameterisation
-AddNoise = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-GUIDANCE = ("standard", "authors")
+from ._version import __version__
+from .attach import attached_handle
+from .backbone import TextCond, backbone_for
+from .family import family_of, resolve_denoiser
+from .flowedit import EditConds, FlowEditParams, flowedit_latents
+from .generate import native_resolution
+from .prompts import warn_long_prompts
+from .runfolder import append_row, atomic_write_bytes, finished_rows, open_image, png_bytes, tokens_record
 
+log = logging.getLogger(__name__)
 
-@dataclass
-class FlowEditParams:
-    """FlowEdit settings (defaults: the paper's vanilla SD3 setting, 50 steps, n_max 33).
-
-    Args:
-        steps: NFE, the number of scheduler steps the sigma grid is built with.
-        n_max: edit only over the last `n_max` steps (larger = stronger edits, less faithful).
-        n_min: the final `n_min` steps are plain target-prompt sampling from the noised edit.
-        n_avg: velocity-difference samples averaged per step.
-        src_cfg, tar_cfg: CFG scales of the source and target prompts.
-        guidance: "standard" (u + s (c - u) on both branches) or "authors" (the SoftREPA
-            authors' target convention c + s (c - u); source stays standard).
-        seed: seed of the forward noise (a CPU generator: results do not depend on the device).
-    """
-
-    steps: int = 50
-    n_max: int = 33
-    n_min: int = 0
-    n_avg: int = 1
-    src_cfg: float = 3.5
-    tar_cfg: float = 13.5
-    guidance: str = "standard"
-    seed: int = 0
-
-    def validate(self) -> "FlowEditParams":
-        """Raise ValueError naming the first invalid field; return self."""
-        if self.steps < 1:
-            raise ValueError(f"steps must be >= 1, got {self.steps}")
-        if not 0 <= self.n_max <= self.steps:
-            raise ValueError(f"n_max must be in [0, steps={self.steps}], got {self.n_max}")
-        if not 0 <= self.n_min <= self.n_max:
-            raise ValueError(f"n_min must be in [0, n_max={self.n_max}], got {self.n_min}")
-        if self.n_avg < 1:
-            raise ValueError(f"n_avg must be >= 1, got {self.n_avg}")
-        if self.guidance not in GUIDANCE:
-            raise ValueError(f"guidance must be one of {GUIDANCE}, got {self.guidance!r}")
-        return self
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+#: Settings that must agree between a run and the edits already in its output folder.
+RESUME_KEYS = ("model", "tokens_sha256", "family", "dtype", "steps", "n_max", "n_min", "n_avg", "src_cfg",
+               "tar_cfg", "guidance", "seed", "size", "max_sequence_length", "size_conditioning")
 
 
-@dataclass
-class EditConds:
-    """Conditioning for the edit, opaque to the loop (whatever `denoise` accepts).
-
-    Args:
-        source: rows (uncond, cond) of the source prompt, for 2B latents.
-        target: rows (uncond, cond) of the target prompt, for 2B latents.
-        joint: optional rows (source uncond, source cond, target uncond, target cond) for 4B latents;
-            when given, each FlowEdit step makes one model call instead of two.
-    """
-
-    source: Any
-    target: Any
-    joint: Any = None
-
-
-def guide(uncond: torch.Tensor, cond: torch.Tensor, scale: float, convention: str = "standard") -> torch.Tensor:
-    """Classifier-free guidance: "standard" u + s (c - u); "authors" c + s (c - u) = (1 + s) c - s u."""
-    if convention == "authors":
-        return cond + scale * (cond - uncond)
-    return uncond + scale * (cond - uncond)
-
-
-def flow_add_noise(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """Rectified flow forward process: (1 - sigma) x0 + sigma noise."""
-    return (1 - sigma) * x0 + sigma * noise
-
-
-def ve_add_noise(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """Variance-exploding form of a DDPM: x0 + sigma noise."""
-    return x0 + sigma * noise
-
-
-def _randn(like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    # drawn on the CPU in float32 so that a seed gives the same edit on every device
-    return torch.randn(like.shape, generator=generator, dtype=torch.float32).to(like.device)
-
-
-def _velocity(denoise: Denoise, x: torch.Tensor, sigma: torch.Tensor, cond: Any, scale: float,
-              convention: str) -> torch.Tensor:
-    """Guided dx/dsigma of one prompt: one call on [x, x] (B rows uncond, B rows cond)."""
-    v = denoise(torch.cat([x, x]), sigma, cond)  # (2B, C, h, w)
-    u, c = v.chunk(2)
-    return guide(u, c, scale, convention)
-
-
-@torch.no_grad()
-def flowedit_latents(
-    denoise: Denoise,
-    z_src: torch.Tensor,
-    sigmas: torch.Tensor,
-    conds: EditConds,
-    params: FlowEditParams,
-    *,
-    add_noise: AddNoise = flow_add_noise,
-    generator: torch.Generator | None = None,
-    progress: bool = False,
-) -> torch.Tensor:
-    """The FlowEdit ODE from a source latent to the edited latent (pure: no model state).
-
-    Args:
-        denoise: k-diffusion-style dx/dsigma of the ODE (see `Denoise`).
-        z_src: (B, C, h, w) clean source latents.
-        sigmas: (steps + 1,) decreasing noise levels ending with 0 (the scheduler's grid).
-        conds: conditioning (see `EditConds`).
-        params: FlowEdit settings (validated here).
-        add_noise: the forward process matching `denoise`'s parameterisation.
-        generator: source of the forward noise (default: a CPU generator seeded with params.seed).
-        progress: show a progress bar over the steps.
-    Returns:
-        (B, C, h, w) float32 edited latents; exactly `z_src` when n_max == 0.
-    """
-    from tqdm.auto import tqdm
-
-    p = params.validate()
-    if len(sigmas) != p.steps + 1:
-        raise ValueError(f"sigmas: expected steps + 1 = {p.steps + 1} values, got {len(sigmas)}")
-    gen = generator if generator is not None else torch.Generator().manual_seed(p.seed)
-    sigmas = sigmas.float().to(z_src.device)
-    x_src = z_src.float()
-    z_edit = x_src.clone()  # (B, C, h, w): the ODE starts at the source image
-    x_tar = None  # the sampling state of the n_min branch
-    first, stop = p.steps - p.n_max, p.steps - p.n_min
-    for i in tqdm(range(first, p.steps), desc="flowedit", disable=not progress):
-        s, s_next = sigmas[i], sigmas[i + 1]
-        if i < stop:
-            v_delta = torch.zeros_like(x_src)
-            for _ in range(p.n_avg):
-                x_src_t = add_noise(x_src, _randn(x_src, gen), s)  # noised source
-                # the edit shifted by the same noise, z_edit + (x_src_t - x_src), grouped so that
-                # z_edit == x_src gives x_tar_t == x_src_t bit for bit (no edit => exactly no change)
-                x_tar_t = x_src_t + (z_edit - x_src)
-                if conds.joint is not None:
-                    v = denoise(torch.cat([x_src_t, x_src_t, x_tar_t, x_tar_t]), s, conds.joint)  # (4B, ...)
-                    su, sc, tu, tc = v.chunk(4)
-                    v_src = guide(su, sc, p.src_cfg, "standard")
-                    v_tar = guide(tu, tc, p.tar_cfg, p.guidance)
-                else:
-                    v_src = _velocity(denoise, x_src_t, s, conds.source, p.src_cfg, "standard")
-                    v_tar = _velocity(denoise, x_tar_t, s, conds.target, p.tar_cfg, p.guidance)
-                v_delta += (v_tar - v_src) / p.n_avg
-            z_edit = z_edit + (s_next - s) * v_delta
-        else:
-            if x_tar is None:
-                # FlowEdit's n_min phase: noise the edit the same way once, then sample normally
-                x_src_t = add_noise(x_src, _randn(x_src, gen), s)
-                x_tar = x_src_t + (z_edit - x_src)
-            v = _velocity(denoise, x_tar, s, conds.target, p.tar_cfg, p.guidance)
-            x_tar = x_tar + (s_next - s) * v
-    return z_edit if x_tar is None else x_tar
-
-
-# --------------------------------------------------------------------------- model adapters
-def flow_sigmas(scheduler: Any, steps: int, image_seq_len: int | None = None) -> torch.Tensor:
-    """(steps + 1,) sigmas of a flow-matching scheduler (a copy: the pipeline's stays untouched).
-
-    Args:
-        scheduler: e.g. the SD3 pipeline's `FlowMatchEulerDiscreteScheduler`.
-        steps: NFE.
-        image_seq_len: latent tokens, for schedulers with resolution-dependent shifting.
-    """
-    sched = type(scheduler).from_config(scheduler.config)
-    kw = {}
-    cfg = sched.config
-    if cfg.get("use_dynamic_shifting", False):  # as the SD3 pipeline computes mu
-        from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
-
-        kw["mu"] = calculate_shift(image_seq_len or cfg.get("base_image_seq_len", 256),
-                                   cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
-                                   cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.16))
-    sched.set_timesteps(steps, **kw)
-    return sched.sigmas.float().cpu()
-
-
-def eps_sigmas(scheduler_config: Any, steps: int) -> torch.Tensor:
-    """(steps + 1,) EulerDiscrete sigmas sqrt((1 - a) / a) of a DDPM model, ending with 0."""
-    from diffusers import EulerDiscreteScheduler
-
-    sched = EulerDiscreteScheduler.from_config(scheduler_config)
-    sched.set_timesteps(steps)
-    return sched.sigmas.float().cpu()
-
-
-def flow_denoiser(backbone: Any, num_train_timesteps: int = 1000) -> Denoise:
-    """dx/dsigma of a rectified-flow backbone: the model's velocity at timestep sigma * 1000."""
-
-    def denoise(x: torch.Tensor, sigma: torch.Tensor, cond: Any) -> torch.Tensor:
-        t = (sigma * num_train_timesteps).reshape(1).expand(x.shape[0])  # (N,) as scheduler.timesteps
-        return backbone.denoise(x.to(backbone.dtype), t, cond).float()
-
-    return denoise
-
-
-def eps_denoiser(backbone: Any) -> Denoise:
-    """dx/dsigma = eps of a DDPM backbone (epsilon or v prediction) in the form x = x0 + sigma eps."""
-    a = backbone.alphas_cumprod.double()
-    log_sigmas = (((1 - a) / a).sqrt()).log().numpy()  # (T,) increasing with t
-
-    def denoise(x: torch.Tensor, sigma: torch.Tensor, cond: Any) -> torch.Tensor:
-        s = float(sigma)
-        c_in = 1.0 / math.sqrt(s * s + 1.0)  # x_vp = x c_in = sqrt(a) x0 + sqrt(1 - a) eps
-        # sigma -> fractional training timestep (log-linear, as k-diffusion / EulerDiscrete)
-        t = float(np.interp(math.log(max(s, 1e-10)), log_sigmas, np.arange(len(log_sigmas))))
-        if abs(t - round(t)) < 1e-3:
-            t = float(round(t))
-        tt = torch.full((x.shape[0],), t, device=x.device)
-        out = backbone.denoise((x * c_in).to(backbone.dtype), tt, cond).float()
-        if backbone.prediction == "v_prediction":  # eps = sqrt(1 - a) x_vp + sqrt(a) v
-            return s * c_in * c_in * x + c_in * out
-        return out
-
-    return denoise
+def _tokens_active(pipe: Any) -> bool:
+    handle = attached_handle(pipe)
+    return handle is not None and handle.enabled
 
 
 @contextlib.contextmanager
@@ -283,25 +67,6 @@ def encode_source(backbone: Any, pixels: torch.Tensor) -> torch.Tensor:
     return ((post.mode() - shift) * vae.config.scaling_factor).float()
 
 
-def model_for_edit(pipe: Any, steps: int, latent_shape: tuple[int, ...]) -> tuple[Any, Denoise, torch.Tensor, AddNoise]:
-    """(backbone, denoise, sigmas, add_noise) for a pipeline of any supported family.
-
-    Args:
-        pipe: a loaded SD3 / SD1.5 / SDXL pipeline (tokens attached or not).
-        steps: NFE.
-        latent_shape: (B, C, h, w) of the source latents (resolution-dependent schedules).
-    """
-    from .backbones import backbone_for
-
-    bb = backbone_for(pipe)
-    if bb.prediction == "flow":
-        patch = getattr(bb.denoiser.config, "patch_size", 1) or 1
-        seq = (latent_shape[-2] // patch) * (latent_shape[-1] // patch)
-        ntt = pipe.scheduler.config.get("num_train_timesteps", 1000)
-        return bb, flow_denoiser(bb, ntt), flow_sigmas(pipe.scheduler, steps, seq), flow_add_noise
-    return bb, eps_denoiser(bb), eps_sigmas(pipe.scheduler.config, steps), ve_add_noise
-
-
 @torch.no_grad()
 def edit_latents(pipe: Any, z_src: torch.Tensor, source_prompts: list[str], target_prompts: list[str],
                  params: FlowEditParams, *, resolution: int | tuple[int, int] | None = None,
@@ -324,9 +89,6 @@ def edit_latents(pipe: Any, z_src: torch.Tensor, source_prompts: list[str], targ
     Returns:
         (B, C, h, w) float32 edited latents.
     """
-    from .backbones import TextCond
-    from .sample import warn_long_prompts
-
     params.validate()
     if not (len(source_prompts) == len(target_prompts) == z_src.shape[0]):
         raise ValueError("source_prompts, target_prompts and z_src must have the same batch size")
@@ -335,8 +97,8 @@ def edit_latents(pipe: Any, z_src: torch.Tensor, source_prompts: list[str], targ
     if resolution is None:  # condition on the size actually edited, not the native square
         f = int(pipe.vae_scale_factor)
         resolution = (z_src.shape[-2] * f, z_src.shape[-1] * f)
-    bb, denoise, sigmas, add_noise = model_for_edit(pipe, params.steps, tuple(z_src.shape))
-    bb.max_sequence_length = max_sequence_length
+    bb = backbone_for(pipe, max_sequence_length=max_sequence_length)
+    denoise, sigmas, add_noise = family_of(pipe).edit_model(bb, params.steps, tuple(z_src.shape))
     b = z_src.shape[0]
     # FlowEdit's negative prompt is "" (encoded like any prompt) for both source and target
     cond = bb.encode_prompts([""] + list(source_prompts) + list(target_prompts), resolution=resolution)
@@ -350,36 +112,8 @@ def edit_latents(pipe: Any, z_src: torch.Tensor, source_prompts: list[str], targ
 
 
 # --------------------------------------------------------------------------- images
-def load_source_image(path: Any) -> Image.Image:
-    """An RGB image from a file (transparency composited on white, not dropped to black).
-
-    Args:
-        path: image file.
-    Raises:
-        FileNotFoundError: no such file; ValueError: a file PIL cannot read as an image.
-    """
-    from pathlib import Path
-
-    from PIL import UnidentifiedImageError
-
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"source image not found: {path}")
-    try:
-        with Image.open(path) as im:
-            im.load()
-            if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
-                rgba = im.convert("RGBA")
-                return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
-            return im.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise ValueError(f"{path}: not a readable image file ({type(e).__name__}: {e})") from e
-
-
 def size_multiple(pipe: Any) -> int:
     """Image sides must be multiples of this: the VAE factor times the transformer's patch size."""
-    from .hooks import resolve_denoiser
-
     patch = getattr(resolve_denoiser(pipe).config, "patch_size", None) or 1
     return int(pipe.vae_scale_factor) * int(patch)
 
@@ -435,7 +169,8 @@ def edit_image(pipe: Any, image: Image.Image | str, source_prompt: str, target_p
         image: a PIL image or an image file path.
         source_prompt: describes the source image.
         target_prompt: describes the wanted edit.
-        params: FlowEdit settings (default `FlowEditParams()`).
+        params: FlowEdit settings (default: the family's paper preset, `FlowEditParams.preset`, with
+            tokens when tokens are attached and enabled, else vanilla).
         size: working (H, W); default: the image's size, longer side capped at the model's native
             resolution, each side rounded to the model's size multiple (`size_multiple`).
         max_sequence_length: SD3 T5 prompt length.
@@ -443,12 +178,15 @@ def edit_image(pipe: Any, image: Image.Image | str, source_prompt: str, target_p
         warn_long: log a warning when a prompt is longer than the text encoder reads.
     Returns:
         The edited PIL image, of the source image's size.
-    """
-    from .backbones import backbone_for
-    from .sample import native_resolution
 
-    params = (params or FlowEditParams()).validate()
-    src = load_source_image(image) if not isinstance(image, Image.Image) else image.convert("RGB")
+    Example:
+        >>> softrepa.load_into(pipe, "tokens.safetensors")
+        >>> edited = edit_image(pipe, "cat.png", "a cat on a sofa", "a dog on a sofa")  # n_max 30, CFG 9
+    """
+    if params is None:
+        params = FlowEditParams.preset(family_of(pipe), with_tokens=_tokens_active(pipe))
+    params.validate()
+    src = open_image(image) if not isinstance(image, Image.Image) else image.convert("RGB")
     h, w = working_size(src.width, src.height, size_multiple(pipe), size, max_side=native_resolution(pipe))
     bb = backbone_for(pipe)
     z_src = encode_source(bb, image_to_pixels(src, (h, w)))  # (1, C, h/f, w/f)
@@ -459,7 +197,142 @@ def edit_image(pipe: Any, image: Image.Image | str, source_prompt: str, target_p
     return out if out.size == src.size else out.resize(src.size, Image.LANCZOS)
 
 
-__all__ = ["EditConds", "FlowEditParams", "GUIDANCE", "edit_image", "edit_latents", "encode_source", "eps_denoiser",
-           "eps_sigmas", "flow_add_noise", "flow_denoiser", "flow_sigmas", "flowedit_latents", "guide",
-           "image_to_pixels", "load_source_image", "model_for_edit", "pixels_to_image", "size_multiple", "vae_upcast",
-           "ve_add_noise", "working_size"]
+# --------------------------------------------------------------------------- manifests
+def read_manifest(path: str | Path) -> list[dict[str, str]]:
+    """Rows {image (absolute), source_prompt, target_prompt} of a .jsonl or .json manifest.
+
+    Args:
+        path: the manifest file; relative image paths are resolved against its folder.
+    Raises:
+        FileNotFoundError: missing manifest or images (the first few are named);
+        ValueError: malformed rows (row number and missing field named).
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"--manifest: no such file {path}")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix == ".jsonl":
+            raw = [(n, json.loads(ln)) for n, ln in enumerate(text.splitlines(), 1) if ln.strip()]
+        else:
+            data = json.loads(text)
+            data = data.get("rows", data) if isinstance(data, dict) else data
+            raw = list(enumerate(data, 1))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    rows, missing = [], []
+    for n, r in raw:
+        if not isinstance(r, dict):
+            raise ValueError(f"{path}: row {n} is not an object")
+        for key in ("image", "source_prompt", "target_prompt"):
+            if not isinstance(r.get(key), str) or not r[key].strip():
+                raise ValueError(f"{path}: row {n} has no {key!r}")
+        image = Path(r["image"]).expanduser()
+        image = image if image.is_absolute() else path.parent / image
+        if not image.is_file():
+            missing.append(str(image))
+        # absolute, so that `evaluate` (LPIPS against the source) finds it from any directory
+        rows.append({"image": str(image.resolve()), "source_prompt": r["source_prompt"],
+                     "target_prompt": r["target_prompt"]})
+    if missing:  # checked up front: a run must not stop half-way over a typo
+        raise FileNotFoundError(f"{path}: {len(missing)} source image(s) not found, e.g. {missing[:3]}")
+    if not rows:
+        raise ValueError(f"{path}: no rows")
+    return rows
+
+
+def parse_cfgs(spec: str | float | Sequence[float] | None, default: float) -> list[float]:
+    """"9,11,13" -> [9.0, 11.0, 13.0] (None -> [default]); duplicates removed, order kept."""
+    if spec is None:
+        return [default]
+    if isinstance(spec, (int, float)):
+        return [float(spec)]
+    try:
+        parts = spec.split(",") if isinstance(spec, str) else list(spec)
+        vals = [float(v) for v in parts if str(v).strip()]
+    except ValueError as e:
+        raise ValueError(f"--target-cfg: cannot parse {spec!r} (use e.g. 13.5 or 9,11,13)") from e
+    if not vals:
+        raise ValueError(f"--target-cfg: no values in {spec!r}")
+    return list(dict.fromkeys(vals))
+
+
+def output_name(index: int, image: str, manifest: bool) -> str:
+    """`{stem}.png` for one image; `{index:05d}_{stem}.png` in manifest mode (stems may repeat)."""
+    stem = Path(image).stem
+    return f"{index:05d}_{stem}.png" if manifest else f"{stem}.png"
+
+
+def edit_manifest(pipe: Any, rows: Sequence[dict[str, str]], out: str | Path, *,
+                  target_cfgs: Sequence[float] | None = None, params: FlowEditParams | None = None,
+                  size: tuple[int, int] | None = None, max_sequence_length: int | None = None,
+                  model: str | None = None, tokens: str | Path | None = None, manifest: bool = True,
+                  size_spec: str | None = None, progress: bool = True) -> int:
+    """Edit every row for each target CFG value into `out` (one subfolder `cfg_<v>` per value when
+    several); resumable: finished rows are skipped, a folder of other settings is refused.
+
+    Args:
+        pipe: a loaded pipeline (attach tokens first to edit with them).
+        rows: {image, source_prompt, target_prompt} rows (`read_manifest`).
+        out: output folder.
+        target_cfgs: target CFG values (default: the preset's one).
+        params: FlowEdit settings (default: the family's paper preset, vanilla or with tokens);
+            its `tar_cfg` is replaced by each value of `target_cfgs`.
+        size: working (H, W) (default: each image's own, capped at the native resolution).
+        max_sequence_length: T5 prompt length (families that take it; default 256).
+        model, tokens: recorded in the metadata (model id / folder; the tokens file in effect).
+        manifest: name outputs `{index:05d}_{stem}.png` (True) or `{stem}.png` (one image).
+        size_spec: the size as the user wrote it (recorded; part of the resume check).
+        progress: progress bar.
+    Returns:
+        The number of images edited by this call.
+
+    Example:
+        >>> rows = read_manifest("div2k.jsonl")
+        >>> edit_manifest(pipe, rows, "edits/", target_cfgs=[9, 11, 13])   # edits/cfg_9/, cfg_11/, ...
+    """
+    family = family_of(pipe)
+    if max_sequence_length is not None and not family.text_length_option:
+        raise ValueError(f"--max-sequence-length applies to SD3 models, not {family.name}")
+    base = (params or FlowEditParams.preset(family, with_tokens=_tokens_active(pipe))).validate()
+    cfgs = list(dict.fromkeys(float(c) for c in (target_cfgs or [base.tar_cfg])))
+    common: dict[str, Any] = {"model": model or getattr(pipe.config, "_name_or_path", None) or type(pipe).__name__,
+                              **tokens_record(pipe, tokens), "family": family.name,
+                              "dtype": str(pipe.dtype).replace("torch.", ""), "size": size_spec,
+                              "max_sequence_length": max_sequence_length, "softrepa_version": __version__,
+                              **family.run_settings()}
+    out_root = Path(out)
+    plan = []  # every output folder is checked before anything is edited
+    for cfg in cfgs:
+        p = dataclasses.replace(base, tar_cfg=cfg)
+        folder = out_root / f"cfg_{cfg:g}" if len(cfgs) > 1 else out_root
+        settings = {**common, **p.to_dict()}
+        done = finished_rows(folder, settings, RESUME_KEYS) if folder.is_dir() else {}
+        for i, r in enumerate(rows):  # a changed manifest must not be mistaken for finished work
+            old = done.get(output_name(i, r["image"], manifest))
+            if old is not None and any(old.get(key) != r[key] for key in r):
+                raise ValueError(f"{folder}: {old['file']} was made from another manifest row; choose another --out")
+        todo = [(i, r) for i, r in enumerate(rows) if output_name(i, r["image"], manifest) not in done]
+        log.info("tar_cfg %g: %d to edit, %d already done in %s", cfg, len(todo), len(rows) - len(todo), folder)
+        plan.append((folder, p, settings, todo))
+    pending = {q for *_, todo in plan for _, r in todo for q in (r["source_prompt"], r["target_prompt"])}
+    if pending:  # once for the whole run, before hours of editing, instead of once per row
+        warn_long_prompts(pipe, sorted(pending))
+    total = 0
+    for folder, p, settings, todo in plan:
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, r in tqdm(todo, desc=f"edit tar_cfg={p.tar_cfg:g}", unit="img", disable=not progress):
+            src = open_image(r["image"])
+            edited = edit_image(pipe, src, r["source_prompt"], r["target_prompt"], p, size=size,
+                                max_sequence_length=max_sequence_length or 256, warn_long=False)
+            name = output_name(i, r["image"], manifest)
+            atomic_write_bytes(folder / name, png_bytes(edited))  # the image first, then its row
+            append_row(folder / "metadata.jsonl", {"file": name, "index": i, **r, "width": src.width,
+                                                   "height": src.height, **settings})
+        total += len(todo)
+    return total
+
+
+__all__ = ["RESUME_KEYS", "edit_image", "edit_latents", "edit_manifest", "encode_source", "image_to_pixels",
+           "output_name", "parse_cfgs", "pixels_to_image", "read_manifest", "size_multiple", "vae_upcast",
+           "working_size"]

@@ -33,11 +33,9 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from .errors import LatentCacheError
+
 logger = logging.getLogger("softrepa.data")
-
-
-class LatentCacheError(ValueError):
-    """A cached latent or cache directory that does not match what the caller expects."""
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

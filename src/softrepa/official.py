@@ -138,7 +138,7 @@ def import_official(
     **kwargs: Any,
 ) -> Path:
     """Read the authors' files, convert, and save as a softrepa safetensors artefact."""
-    from .io import save_soft_tokens
+    from .artifact import save_soft_tokens
 
     dc = load_official_tensor(dc_tokens_path, "dc_tokens")
     dct = load_official_tensor(dc_t_tokens_path, "dc_t_tokens") if dc_t_tokens_path else None

@@ -22,7 +22,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .backbones import Backbone, TextCond
+from .backbone import Backbone, TextCond
 from .loss import LossOutput, loss_grads, softrepa_loss
 
 

@@ -20,14 +20,12 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-ARCH_OF_FAMILY = {"sd3": "mmdit", "sd15": "unet", "sdxl": "unet"}
+from .errors import SoftTokensError
+from .family import family_of, get_family, resolve_denoiser
+
 UNET_BLOCK_GROUPS = ("down", "mid", "up")
 TOKEN_SPACES = ("block", "text")
 INITS = ("normal", "empty_prompt")
-
-
-class SoftTokensError(ValueError):
-    """Raised for a soft-token configuration or artefact that does not fit."""
 
 
 @dataclass
@@ -116,8 +114,7 @@ class TokenLayout:
     def __post_init__(self) -> None:
         self.layers = tuple(int(i) for i in self.layers)
         self.blocks = tuple(self.blocks)
-        if self.family not in ARCH_OF_FAMILY:
-            raise SoftTokensError(f"family must be one of {sorted(ARCH_OF_FAMILY)}, got {self.family!r}")
+        family = get_family(self.family)  # unknown family: the error lists the known ones
         for name in ("token_dim", "model_dim", "num_tokens"):
             if int(getattr(self, name)) <= 0:
                 raise SoftTokensError(f"{name} must be > 0, got {getattr(self, name)}")
@@ -125,29 +122,17 @@ class TokenLayout:
             raise SoftTokensError(f"time_buckets must be >= 0, got {self.time_buckets}")
         if self.token_space not in TOKEN_SPACES:
             raise SoftTokensError(f"token_space must be one of {TOKEN_SPACES}, got {self.token_space!r}")
-        if self.arch == "mmdit":
-            if not self.layers:
-                raise SoftTokensError("layers must not be empty for an MM-DiT (sd3) layout")
-            if self.model_depth and max(self.layers) >= self.model_depth:
-                raise SoftTokensError(
-                    f"layers {list(self.layers)} go beyond the model depth {self.model_depth}"
-                )
-        else:
-            if self.token_space != "block" or self.token_dim != self.model_dim:
-                raise SoftTokensError("UNet tokens live in the cross-attention width: token_space must be "
-                                      "'block' and token_dim == model_dim")
-            bad = [b for b in self.blocks if b not in UNET_BLOCK_GROUPS]
-            if bad or not self.blocks:
-                raise SoftTokensError(f"blocks must be a non-empty subset of {UNET_BLOCK_GROUPS}, got {list(self.blocks)}")
-
-    @property
-    def arch(self) -> str:
-        return ARCH_OF_FAMILY[self.family]
+        if bool(self.layers) == bool(self.blocks):
+            raise SoftTokensError("a layout has either layers (one token set per block) or blocks (one set shared "
+                                  f"by block groups), got layers={list(self.layers)}, blocks={list(self.blocks)}")
+        if self.layers and self.model_depth and max(self.layers) >= self.model_depth:
+            raise SoftTokensError(f"layers {list(self.layers)} go beyond the model depth {self.model_depth}")
+        family.check_layout(self)
 
     @property
     def num_sets(self) -> int:
-        """Token sets: one per MM-DiT layer; one shared by the UNet block groups."""
-        return len(self.layers) if self.arch == "mmdit" else 1
+        """Token sets: one per selected block (`layers`); one shared by the block groups (`blocks`)."""
+        return len(self.layers) if self.layers else 1
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -217,25 +202,10 @@ class SoftTokens(nn.Module):
                 `model` is a pipeline and this is None.
             seed: seed for the normal initialisation (None: torch's global RNG).
         """
-        from .hooks import describe_model, resolve_denoiser
-
         config = config or SoftTokensConfig()
         denoiser = resolve_denoiser(model)
-        info = describe_model(denoiser)
-        if info["arch"] == "mmdit":
-            depth = info["depth"]
-            layers = config.layers if config.layers is not None else tuple(range(config.num_layers))
-            if max(layers) >= depth:
-                raise SoftTokensError(
-                    f"layers {list(layers)} go beyond the model depth: it has {depth} transformer blocks "
-                    f"(num_layers must be <= {depth})"
-                )
-            token_dim = info["text_dim"] if config.token_space == "text" else info["model_dim"]
-            layout = TokenLayout(info["family"], token_dim, info["model_dim"], config.num_tokens,
-                                 config.time_buckets, config.token_space, layers, (), depth)
-        else:
-            layout = TokenLayout(info["family"], info["model_dim"], info["model_dim"], config.num_tokens,
-                                 config.time_buckets, "block", (), config.blocks, 0)
+        family = family_of(denoiser)
+        layout = family.layout_for(denoiser, config)
         gen_state = None
         if seed is not None:
             gen_state = torch.random.get_rng_state()
@@ -248,7 +218,9 @@ class SoftTokens(nn.Module):
         if config.init == "empty_prompt":
             if init_embedding is None:
                 init_embedding = _empty_prompt_embedding(model, denoiser)
-            tokens.init_from_embedding(init_embedding, projection=_projection(denoiser, layout))
+            # block-space tokens start from the empty prompt mapped into the block width
+            projection = family.projection(denoiser) if layout.token_space == "block" else None
+            tokens.init_from_embedding(init_embedding, projection=projection)
         try:
             param = next(denoiser.parameters())
             tokens.to(device=param.device)
@@ -314,7 +286,7 @@ class SoftTokens(nn.Module):
     def extra_repr(self) -> str:
         n = sum(p.numel() for p in self.parameters())
         lay = self.layout
-        where = f"layers={list(lay.layers)}" if lay.arch == "mmdit" else f"blocks={list(lay.blocks)}"
+        where = f"layers={list(lay.layers)}" if lay.layers else f"blocks={list(lay.blocks)}"
         return (f"family={lay.family}, m={lay.num_tokens}, {where}, token_space={lay.token_space}, "
                 f"time_buckets={lay.time_buckets}, params={n:,}")
 
@@ -326,38 +298,13 @@ def _param_dtype(module: Any) -> torch.dtype:
         return torch.float32
 
 
-def _projection(denoiser: nn.Module, layout: TokenLayout) -> Callable | None:
-    if layout.arch == "mmdit" and layout.token_space == "block":
-        return denoiser.context_embedder
-    return None
-
-
 def _empty_prompt_embedding(model: Any, denoiser: nn.Module) -> torch.Tensor:
-    """(S, D) text-encoder output of the empty prompt, from a pipeline's own encode_prompt."""
+    """(S, D) text-encoder output of the empty prompt, through the family's prompt encoding."""
     if model is denoiser or not hasattr(model, "encode_prompt"):
         raise SoftTokensError(
             "init='empty_prompt' needs the pipeline (for its text encoders) or init_embedding=..."
         )
-    with torch.no_grad():
-        out = model.encode_prompt(**_encode_kwargs(model, [""]))
-    return out[0][0]
-
-
-def _encode_kwargs(pipe: Any, prompts: Sequence[str]) -> dict[str, Any]:
-    import inspect
-
-    params = inspect.signature(pipe.encode_prompt).parameters
-    kw: dict[str, Any] = {"prompt": list(prompts)}
-    for name in ("prompt_2", "prompt_3"):
-        if name in params:
-            kw[name] = None
-    if "do_classifier_free_guidance" in params:
-        kw["do_classifier_free_guidance"] = False
-    if "num_images_per_prompt" in params:
-        kw["num_images_per_prompt"] = 1
-    if "device" in params:
-        kw["device"] = getattr(pipe, "_execution_device", None) or getattr(pipe, "device", None)
-    return kw
+    return family_of(denoiser).backbone(model).encode_prompts([""]).embeds[0]
 
 
 __all__ = ["SoftTokens", "SoftTokensConfig", "SoftTokensError", "TokenLayout", "timestep_buckets"]

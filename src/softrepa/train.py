@@ -20,13 +20,17 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+import yaml
 
-from .backbones import Backbone, backbone_for, load_pipeline
+from .errors import TrainingDiverged
+from .backbone import Backbone, backbone_for
+from .pipeline import load_pipeline
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import ConfigError, LossConfig, TrainConfig, save_config
+from .config import ConfigError, LossConfig, TrainConfig, config_dict, config_diff, load_config, save_config
 from .data import build_dataset, collate_pairs
-from .hooks import attach
-from .io import atomic_write_bytes, save_soft_tokens
+from .attach import attach
+from .runfolder import atomic_write_bytes
+from .artifact import save_soft_tokens
 from .loss import binned_tau, linear_tau
 from .negatives import CaptionNegatives
 from .pairs import PairBatch, all_reduce_grads, contrastive_backward, gather_prompts
@@ -34,10 +38,6 @@ from .tokens import SoftTokens
 
 logger = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss or the gradients became NaN / inf; the last good checkpoint is left intact."""
 
 
 class StepBatches(torch.utils.data.Sampler):
@@ -97,14 +97,24 @@ class Trainer:
         dataset: an already built dataset (default: `build_dataset(cfg.data, ...)`).
         keep_negative: optional predicate on hard-negative captions (`cfg.negatives`); those it
             rejects are not used (the miniature demo keeps held-out compositions out of training).
+        progress: show the progress bar (main process only).
+
+    Example:
+        >>> cfg = load_config("recipes/sd3.yaml", {"data": "coco/", "output_dir": "runs/sd3"})
+        >>> final = Trainer(cfg).train()                 # runs/sd3/tokens.safetensors
+        >>> final = Trainer(cfg).train(resume=True)      # after a crash: continues exactly
     """
 
     def __init__(self, cfg: TrainConfig, pipe: Any = None, dataset: Any = None,
-                 keep_negative: Any = None):
+                 keep_negative: Any = None, progress: bool = True):
         from accelerate import Accelerator
 
         self.cfg = cfg
         self.out = Path(cfg.output_dir)
+        self.progress = progress
+        # the data first: a bad --data is reported in seconds, not after minutes of model loading
+        self.dataset = dataset if dataset is not None else build_dataset(
+            cfg.data, cfg.resolution, seed=cfg.seed, images=cfg.data_images, max_items=cfg.max_items)
         # Autocast / GradScaler are handled here (the contrastive backward is manual), so accelerate
         # is used for device placement, process setup and trackers only.
         self.acc = Accelerator(log_with=cfg.log_with, project_dir=str(self.out))
@@ -145,8 +155,6 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
             self.optimizer, T_0=s.T_0, T_mult=s.T_mult, eta_min=s.eta_min)
         self.scaler = torch.amp.GradScaler(self.device.type) if cfg.mixed_precision == "fp16" else None
-        self.dataset = dataset if dataset is not None else build_dataset(
-            cfg.data, cfg.resolution, seed=cfg.seed, images=cfg.data_images, max_items=cfg.max_items)
         self.cache = None
         if cfg.latent_cache:
             from .latent_cache import LatentCache
@@ -279,6 +287,10 @@ class Trainer:
         from tqdm.auto import tqdm
 
         cfg, main = self.cfg, self.is_main
+        if resume:
+            saved = saved_run_config(resume, self.out)
+            if saved is not None:  # the resume policy: same training, only its length / logging may change
+                check_resumable(cfg, saved)
         if self.loss_kwargs is None:
             saved = _saved_tau_table(self.out / "config.yaml") if resume else None
             if saved is not None:  # a resumed calibrated run keeps the table it started with
@@ -308,7 +320,7 @@ class Trainer:
         loader = torch.utils.data.DataLoader(EpochView(self.dataset), batch_sampler=sampler,
                                              num_workers=cfg.num_workers, collate_fn=collate_pairs)
         metrics_path = self.out / "metrics.jsonl"
-        bar = tqdm(total=cfg.max_steps, initial=self.step, desc="softrepa train", disable=not main, dynamic_ncols=True)
+        bar = tqdm(total=cfg.max_steps, initial=self.step, desc="softrepa train", disable=not (main and self.progress), dynamic_ncols=True)
         for batch in loader:
             row = self.train_step(batch)
             bar.update(1)
@@ -374,21 +386,93 @@ class Trainer:
         res = v.resolution or self.cfg.resolution
         rows, labels = [], []
         for enabled in (False, True):
-            self.handle.enabled = enabled
             ims = []
             for seed in v.seeds:
                 gens = [torch.Generator().manual_seed(seed) for _ in v.prompts]
-                out = self.pipe(list(v.prompts), num_inference_steps=v.steps, guidance_scale=v.guidance_scale,
-                                height=res, width=res, generator=gens, output_type="np")
+                with nullcontext() if enabled else self.handle.disabled():  # disabled: the exact vanilla model
+                    out = self.pipe(list(v.prompts), num_inference_steps=v.steps, guidance_scale=v.guidance_scale,
+                                    height=res, width=res, generator=gens, output_type="np")
                 ims += to_pil(out.images)
             rows.append(ims)
             labels.append("tokens" if enabled else "vanilla")
-        self.handle.enabled = True
         cols = [f"{p[:24]} s{s}" for s in v.seeds for p in v.prompts]
         path = self.out / "validation" / f"step_{self.step:07d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         image_grid(rows, labels, cols).save(path)
         return path
+
+
+#: what may change when a run is resumed: its length, logging and validation, not what it learns
+RESUMABLE_FIELDS = ("max_steps", "log_every", "checkpoint_every", "keep_checkpoints", "num_workers", "log_with",
+                    "validation", "output_dir")
+
+
+def saved_run_config(resume: bool | str, output_dir: str | os.PathLike | None) -> Path | None:
+    """The config.yaml of the run being resumed: beside the given checkpoint folder first, then in
+    the run folder (`output_dir`); None when there is none (a run killed before its first save).
+
+    Args:
+        resume: True / "latest" (the run's latest checkpoint) or a checkpoint folder.
+        output_dir: the run folder.
+    Raises:
+        ConfigError: resuming "latest" without a run folder.
+    """
+    if resume not in (True, "latest"):
+        ckpt = Path(resume)
+        for cand in (ckpt / "config.yaml", ckpt.parent.parent / "config.yaml"):
+            if cand.is_file():
+                return cand
+        return None
+    if output_dir is None:
+        raise ConfigError("--resume needs the run's folder: give --output_dir DIR (or the --config it was started with)")
+    saved = Path(output_dir) / "config.yaml"
+    return saved if saved.is_file() else None
+
+
+def check_resumable(cfg: TrainConfig, saved: str | os.PathLike) -> None:
+    """Refuse to resume `saved`'s run with a config that trains something else.
+
+    A calibrated run's tau table, estimated by the run itself, is taken over from `saved` when `cfg`
+    has none. Only `RESUMABLE_FIELDS` may differ.
+
+    Raises:
+        ConfigError: naming the differing fields (up to six) and what may change.
+    """
+    old = yaml.safe_load(Path(saved).read_text(encoding="utf-8")) or {}
+    table = (old.get("loss") or {}).get("tau_table")
+    if cfg.loss.tau_schedule == "calibrated" and cfg.loss.tau_table is None and table:
+        cfg.loss.tau_table = [float(v) for v in table]
+    changed = [d for d in config_diff(old, config_dict(cfg)) if d.split(":")[0].split(".")[0] not in RESUMABLE_FIELDS]
+    if changed:
+        raise ConfigError(
+            f"--resume: this config differs from the run's {saved} in what it trains ({'; '.join(changed[:6])}). "
+            "Resume without --config (the saved config is used) or with the same settings; only "
+            f"{', '.join(RESUMABLE_FIELDS)} may change.")
+
+
+def resume_config(resume: bool | str | None, config: str | os.PathLike | None,
+                  overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """The config of a (possibly resumed) run, as `softrepa train` resolves it.
+
+    A resumed run without `config` continues with its saved config.yaml (plus `overrides`); with
+    one, that config is used and checked against the saved one (`check_resumable`).
+
+    Args:
+        resume: None (a new run), True / "latest", or a checkpoint folder.
+        config: a recipe file or None.
+        overrides: dotted overrides ({"max_steps": 300}).
+    """
+    overrides = dict(overrides or {})
+    if not resume:
+        return load_config(config, overrides)
+    out = overrides.get("output_dir")
+    if out is None and config is not None:
+        out = load_config(config, overrides).output_dir
+    saved = saved_run_config(resume, out)
+    cfg = load_config(str(saved) if saved is not None and config is None else config, overrides)
+    if saved is not None:
+        check_resumable(cfg, saved)
+    return cfg
 
 
 def loss_kwargs(loss: LossConfig) -> dict[str, Any]:

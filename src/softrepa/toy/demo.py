@@ -66,10 +66,10 @@ class StageTimer:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from ..backbones import load_pipeline
+    from ..pipeline import load_pipeline
     from ..config import _merge as merge_overrides
     from ..config import load_config, parse_overrides
-    from ..sample import parse_seeds
+    from ..prompts import parse_seeds
     from .effect import (POSITIVE_ONLY, heldout_pair_prompts, judge_arm, reference_images, sampling_length,
                          train_arm, train_pair_prompts)
     from .world import export_image_folder
@@ -197,7 +197,7 @@ def _report(out: Path, args: argparse.Namespace, cfg: Any, sets: dict[str, list[
 def _cell(out: Path, arm: str, key: str, k: int, s: int, ok: bool) -> Any:
     from PIL import Image, ImageDraw
 
-    from ..sample import image_name
+    from ..generate import image_name
 
     with Image.open(out / "generate" / _slug(arm) / key / image_name(k, s)) as im:
         cell = im.convert("RGB").resize((96, 96), Image.NEAREST)

@@ -122,7 +122,7 @@ def train_arm(pipe: Any, recipe: str, overrides: dict[str, Any], data: Path, out
 def initial_tokens(pipe: Any, recipe: str, overrides: dict[str, Any], out: Path) -> Path:
     """The tokens a run of this recipe starts from (same layout, init and seed), saved untrained."""
     from ..config import load_config
-    from ..io import save_soft_tokens
+    from ..artifact import save_soft_tokens
     from ..tokens import SoftTokens
 
     cfg = load_config(recipe, overrides)
@@ -158,8 +158,8 @@ def judge_arm(pipe: Any, prompts: Sequence[str], seeds: Sequence[int], out: Path
     """
     from PIL import Image
 
-    from ..io import load_into
-    from ..sample import generate_images
+    from ..artifact import load_into
+    from ..generate import generate_images
     from .metrics import alignment_report, quality_proxy
 
     handle = load_into(pipe, tokens) if tokens is not None else None
@@ -172,7 +172,7 @@ def judge_arm(pipe: Any, prompts: Sequence[str], seeds: Sequence[int], out: Path
             handle.remove()
     by_file = {r["file"]: r for r in rows}
     order = [(i, s) for s in seeds for i in range(len(prompts))]
-    from ..sample import image_name
+    from ..generate import image_name
 
     images, texts = [], []
     for i, s in order:

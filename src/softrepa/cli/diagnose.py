@@ -11,16 +11,26 @@ diagnosis.png into --out; prints the table. Everything is `softrepa.diagnose.dia
 from __future__ import annotations
 
 import argparse
+import shlex
+import sys
 
-import torch
+from ..artifact import load_soft_tokens
+from ..config import LossConfig
+from ..data import build_dataset
+from ..diagnose import diagnose
+from ..generate import native_resolution
+from ..negatives import NegativesConfig
+from ..pipeline import load_pipeline
+from .common import add_dtype_argument, add_out_argument, add_progress_argument, check_data, check_model, \
+    device_and_dtype, quiet_libraries
 
 
-def add_diagnose_arguments(p: argparse.ArgumentParser) -> None:
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="diffusers pipeline: hub id, local folder or @assets/toy_sd3")
     p.add_argument("--data", required=True, help="dataset (COCO captions JSON, image folder, JSONL / CSV manifest)")
     p.add_argument("--data-images", default=None, help="COCO image folder (when --data is a captions JSON)")
     p.add_argument("--tokens", default=None, help="soft tokens .safetensors to measure with (default: the bare model)")
-    p.add_argument("--out", default="diagnose_out", help="output folder")
+    add_out_argument(p, required=False, default="diagnose_out")
     p.add_argument("--bins", type=int, default=10, help="timestep bins over 0..1000")
     p.add_argument("--batches-per-bin", type=int, default=2, help="batches drawn per bin")
     p.add_argument("--batch-size", type=int, default=16, help="images (= captions) per batch (paper: 16)")
@@ -35,37 +45,22 @@ def add_diagnose_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-grad-share", action="store_true", help="skip the token-gradient split (one backward per batch)")
     p.add_argument("--pair-chunk", type=int, default=None, help="pairs per forward pass (memory bound)")
     p.add_argument("--max-sequence-length", type=int, default=256, help="SD3 T5 prompt length")
-    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None,
-                   help="weights dtype (default: fp16 on CUDA, fp32 on CPU)")
+    add_dtype_argument(p)
     p.add_argument("--device", default=None, help="torch device (default: cuda when available)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_progress_argument(p)
 
 
-def run_diagnose(args: argparse.Namespace) -> int:
-    from .backbones import load_pipeline
-    from .config import LossConfig
-    from .data import build_dataset
-    from .diagnose import diagnose
-    from .negatives import NegativesConfig
-    from .sample import native_resolution
-
+def run(args: argparse.Namespace) -> int:
     for name in ("bins", "batches_per_bin", "batch_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-    dtype = dtypes[args.dtype] if args.dtype else (torch.float16 if device.startswith("cuda") else torch.float32)
-    if args.no_progress:  # also the libraries' "Loading ..." bars
-        import diffusers.utils.logging as dlog
-        import transformers.utils.logging as tlog
-
-        dlog.disable_progress_bar()
-        tlog.disable_progress_bar()
+    device, dtype = device_and_dtype(args)
+    check_data(args.data)  # before the (slow) model load
+    check_model(args.model)
+    quiet_libraries(args)
     if args.tokens:
-        from .io import load_soft_tokens
-
-        load_soft_tokens(args.tokens)  # a bad tokens file fails before the (slow) model load
+        load_soft_tokens(args.tokens)  # a bad tokens file fails before the model load
     pipe = load_pipeline(args.model, dtype, device)
     pipe.set_progress_bar_config(disable=True)
     res = args.resolution or native_resolution(pipe)
@@ -81,9 +76,6 @@ def run_diagnose(args: argparse.Namespace) -> int:
                       negatives=negatives, resolution=res, max_sequence_length=args.max_sequence_length,
                       seed=args.seed, grad_share=not args.no_grad_share, progress=not args.no_progress,
                       pair_chunk=args.pair_chunk)
-    import shlex
-    import sys
-
     report.setup["command"] = "softrepa " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     report.save(args.out)
     print(report.table())
@@ -92,9 +84,7 @@ def run_diagnose(args: argparse.Namespace) -> int:
     return 0
 
 
-def _loss(tau: str, scale: float):
-    from .config import LossConfig
-
+def _loss(tau: str, scale: float) -> LossConfig:
     if tau == "calibrated":
         return LossConfig(tau_schedule="calibrated", scale=scale)
     try:
@@ -104,4 +94,4 @@ def _loss(tau: str, scale: float):
     return LossConfig(tau=value, scale=scale)
 
 
-__all__ = ["add_diagnose_arguments", "run_diagnose"]
+__all__ = ["add_arguments", "run"]

@@ -1,13 +1,19 @@
-"""`softrepa import-official` and `softrepa info`."""
+"""`softrepa import-official` (the authors' .pth token files -> safetensors) and `softrepa info`."""
 
 from __future__ import annotations
 
 import argparse
 import json
 
+from ..artifact import load_soft_tokens, read_metadata
+from ..family import family_names
+from ..official import import_official
+from ..tokens import UNET_BLOCK_GROUPS
+from .common import add_out_argument
+
 
 def add_import_official_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--family", required=True, choices=["sd3", "sd15", "sdxl"], help="backbone family of the tokens")
+    p.add_argument("--family", required=True, choices=family_names(), help="model family of the tokens")
     p.add_argument("--dc-tokens", required=True, help="authors' dc_tokens.pth")
     p.add_argument("--dc-t-tokens", default=None, help="authors' dc_t_tokens.pth (pickled nn.Embedding), optional")
     p.add_argument("--layers", type=int, default=None, help="SD3: number of token layers (checked against the file)")
@@ -17,18 +23,16 @@ def add_import_official_arguments(p: argparse.ArgumentParser) -> None:
                         "says down,mid)")
     p.add_argument("--model-dim", type=int, default=None,
                    help="SD3 block width when the file does not tell (default 1536, SD3-medium)")
-    p.add_argument("--out", required=True, help="output .safetensors")
+    add_out_argument(p, help="output .safetensors")
 
 
 def run_import_official(args: argparse.Namespace) -> int:
-    from .official import import_official
-
     kw = {"model_dim": args.model_dim}
     if args.family == "sd3":
         kw["layers"] = args.layers
     else:
         blocks = tuple(b.strip() for b in args.blocks.split(",") if b.strip())
-        bad = [b for b in blocks if b not in ("down", "mid", "up")]
+        bad = [b for b in blocks if b not in UNET_BLOCK_GROUPS]
         if bad or not blocks:
             raise ValueError(f"--blocks: expected a comma-separated subset of down,mid,up, got {args.blocks!r}")
         kw["blocks"] = blocks
@@ -42,8 +46,6 @@ def add_info_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_info(args: argparse.Namespace) -> int:
-    from .io import load_soft_tokens, read_metadata
-
     tokens = load_soft_tokens(args.tokens)
     meta = read_metadata(args.tokens)
     print(json.dumps({"layout": tokens.layout.to_dict(),

@@ -10,37 +10,20 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .tokens import SoftTokens, SoftTokensError, TokenLayout
+from ._version import __version__
+from .attach import AttachHandle, attach
+from .errors import SoftTokensError
+from .family import resolve_denoiser
+from .runfolder import atomic_write_bytes
+from .tokens import SoftTokens, TokenLayout
 
 LAYOUT_KEY = "softrepa_layout"
 VERSION_KEY = "softrepa_version"
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write `data` to `path` through a temporary file + rename, so readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        # mkstemp creates 0600 files; give the result the permissions a plain open() would
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def save_soft_tokens(tokens: SoftTokens, path: str | os.PathLike, extra_metadata: dict[str, str] | None = None) -> Path:
@@ -54,8 +37,6 @@ def save_soft_tokens(tokens: SoftTokens, path: str | os.PathLike, extra_metadata
         The path written.
     """
     from safetensors.torch import save
-
-    from . import __version__
 
     path = Path(path)
     if path.suffix != ".safetensors":
@@ -138,7 +119,7 @@ def _check_shape(path: Path, name: str, tensor: torch.Tensor | None, expected: t
         raise SoftTokensError(f"{path}: tensor '{name}' holds NaN/inf values")
 
 
-def load_into(pipeline: Any, path: str | os.PathLike) -> "AttachHandle":  # noqa: F821
+def load_into(pipeline: Any, path: str | os.PathLike) -> AttachHandle:
     """Load a tokens file and attach it to a pipeline (or model) in one call.
 
     Args:
@@ -146,9 +127,13 @@ def load_into(pipeline: Any, path: str | os.PathLike) -> "AttachHandle":  # noqa
         path: tokens `.safetensors`.
     Returns:
         The `AttachHandle`; `handle.remove()` detaches.
-    """
-    from .hooks import attach, resolve_denoiser
 
+    Example:
+        >>> pipe = StableDiffusion3Pipeline.from_pretrained("stabilityai/stable-diffusion-3-medium-diffusers")
+        >>> handle = softrepa.load_into(pipe, "tokens.safetensors")
+        >>> image = pipe("two cats and a red ball").images[0]     # the stock call, with the tokens
+        >>> handle.remove()                                        # the stock model again, bit for bit
+    """
     denoiser = resolve_denoiser(pipeline)
     try:
         device = next(denoiser.parameters()).device

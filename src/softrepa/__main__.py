@@ -1,0 +1,7 @@
+"""`python -m softrepa ...` == `softrepa ...`."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,185 @@
+"""Attach soft tokens to unmodified diffusers models through removable forward hooks.
+
+Nothing of the model is replaced or forked: the model's family (`softrepa.family`) installs a
+forward pre-hook on the denoiser, which computes the tokens once per call from the per-sample
+timesteps, and hooks on the selected blocks that insert them into the text stream.
+`handle.remove()` removes every hook, after which the model is the same object with the same
+parameters and the same outputs, bit for bit. This module knows no family: the generic plumbing
+(the handle, forward-argument helpers, the denoiser pre-hook) lives here, the family-specific
+block hooks in `softrepa/families/`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import weakref
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+from .errors import SoftTokensError
+from .family import family_of, resolve_denoiser
+from .tokens import SoftTokens
+
+# Which models currently carry tokens; a weak map so that nothing is stored on the model itself.
+_ATTACHED: "weakref.WeakKeyDictionary[nn.Module, AttachHandle]" = weakref.WeakKeyDictionary()
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_params(cls: type) -> tuple[str, ...]:
+    """Positional parameter names of `cls.forward` (cached: hooks run on every call)."""
+    names = list(inspect.signature(cls.forward).parameters)
+    return tuple(names[1:])  # drop self
+
+
+def call_argument(module: nn.Module, args: tuple, kwargs: dict, name: str) -> Any:
+    """The value of forward argument `name` in a call, whether passed by position or keyword."""
+    if name in kwargs:
+        return kwargs[name]
+    params = _forward_params(type(module))
+    pos = params.index(name) if name in params else len(args)
+    return args[pos] if pos < len(args) else None
+
+
+def replace_argument(module: nn.Module, args: tuple, kwargs: dict, name: str, value: Any) -> tuple[tuple, dict]:
+    """Return (args, kwargs) with argument `name` replaced, wherever the caller passed it."""
+    if name in kwargs:
+        kwargs = dict(kwargs)
+        kwargs[name] = value
+        return args, kwargs
+    params = _forward_params(type(module))
+    pos = params.index(name)
+    if pos < len(args):
+        args = args[:pos] + (value,) + args[pos + 1:]
+    else:
+        kwargs = dict(kwargs)
+        kwargs[name] = value
+    return args, kwargs
+
+
+class AttachHandle:
+    """Result of `attach()`: the removable hooks that carry `tokens` into `model`.
+
+    Use `handle.remove()` (or `with attach(...):`) to restore the model exactly, and
+    `with handle.disabled():` to run the exact vanilla model without removing anything.
+    """
+
+    def __init__(self, model: nn.Module, tokens: SoftTokens):
+        self.model = model
+        self.tokens = tokens
+        self.enabled = True
+        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+        # The tokens of the model call in flight, (B, num_sets, m, D). Kept after the call so that
+        # activation-checkpoint recomputation in the backward pass sees the same tokens.
+        self.current: torch.Tensor | None = None
+
+    def add(self, hook: torch.utils.hooks.RemovableHandle) -> None:
+        self._hooks.append(hook)
+
+    @property
+    def active(self) -> bool:
+        return bool(self._hooks)
+
+    @contextlib.contextmanager
+    def disabled(self) -> Iterator["AttachHandle"]:
+        """Within the block the hooks stay but skip the tokens: the model is exactly the vanilla one.
+
+        Example:
+            >>> with handle.disabled():
+            ...     vanilla = pipe("a red circle", generator=torch.Generator().manual_seed(0)).images[0]
+        """
+        before = self.enabled
+        self.enabled = False
+        try:
+            yield self
+        finally:
+            self.enabled = before
+
+    def remove(self) -> None:
+        """Remove every hook; the model is then exactly as before `attach()`."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        self.current = None
+        if _ATTACHED.get(self.model) is self:
+            del _ATTACHED[self.model]
+
+    def __enter__(self) -> "AttachHandle":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        state = "attached" if self.active else "removed"
+        return f"AttachHandle({type(self.model).__name__}, {state}, {self.tokens.extra_repr()})"
+
+
+def attach(model_or_pipeline: Any, tokens: SoftTokens) -> AttachHandle:
+    """Attach `tokens` to an unmodified diffusers model or pipeline.
+
+    Args:
+        model_or_pipeline: a denoiser of a registered family (`SD3Transformer2DModel`,
+            `UNet2DConditionModel`, ...) or a pipeline holding one (e.g. `StableDiffusion3Pipeline`);
+            stock pipelines keep working and use the tokens on both classifier-free-guidance branches.
+        tokens: a `SoftTokens` whose layout fits the model (checked; errors name the field).
+    Returns:
+        An `AttachHandle`; `handle.remove()` detaches.
+    Raises:
+        SoftTokensError: tokens do not fit, or the model already carries tokens.
+
+    Example:
+        >>> tokens = softrepa.SoftTokens.for_model(pipe)
+        >>> with softrepa.attach(pipe, tokens):
+        ...     image = pipe("a red circle left of a blue square").images[0]
+        >>> # here the hooks are gone and the pipeline is the stock one again
+    """
+    denoiser = resolve_denoiser(model_or_pipeline)
+    if not isinstance(tokens, SoftTokens):
+        raise SoftTokensError(f"expected a SoftTokens module, got {type(tokens).__name__}")
+    family = family_of(denoiser)
+    family.check_fits(tokens.layout, denoiser)
+    prev = _ATTACHED.get(denoiser)
+    if prev is not None and prev.active:
+        raise SoftTokensError("this model already carries soft tokens; call handle.remove() first "
+                              "(attaching twice would insert the tokens twice)")
+    handle = AttachHandle(denoiser, tokens)
+    family.install_hooks(denoiser, handle)
+    _ATTACHED[denoiser] = handle
+    return handle
+
+
+def attached_handle(model_or_pipeline: Any) -> AttachHandle | None:
+    """The active handle of a model, or None."""
+    h = _ATTACHED.get(resolve_denoiser(model_or_pipeline))
+    return h if h is not None and h.active else None
+
+
+def model_pre_hook(handle: AttachHandle, projection: Callable | None, sample_arg: str) -> Callable:
+    """Forward pre-hook for the denoiser: compute this call's tokens from its per-sample timesteps.
+
+    Args:
+        handle: the handle whose tokens to compute.
+        projection: the family's map of base tokens into the block width (or None).
+        sample_arg: the forward argument whose batch size and dtype the tokens follow.
+    """
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if not handle.enabled:
+            handle.current = None
+            return None
+        sample = call_argument(module, args, kwargs, sample_arg)
+        timestep = call_argument(module, args, kwargs, "timestep")
+        if timestep is None:
+            raise SoftTokensError(f"{type(module).__name__} was called without a timestep")
+        handle.current = handle.tokens(timestep, sample.shape[0], projection=projection,
+                                       dtype=sample.dtype, device=sample.device)
+        return None
+
+    return hook
+
+
+__all__ = ["AttachHandle", "attach", "attached_handle", "call_argument", "model_pre_hook", "replace_argument"]

@@ -1,0 +1,80 @@
+"""`softrepa` command line: train | generate | edit | evaluate | compare | diagnose | toy | demo | import-official | info.
+
+Argparse only: each subcommand module has `add_arguments(parser)` and `run(args) -> int`, which
+parses, calls one library function and prints; this file holds the explicit command table and
+turns softrepa's errors (`SoftrepaError`), missing files and bad values into one line on stderr and
+exit code 2. Any other exception is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Callable, NamedTuple
+
+from .. import evaluate_cli
+from .._version import __version__
+from ..errors import SoftrepaError
+from ..toy import cli as toy_cli
+from ..toy import demo as toy_demo
+from . import diagnose, edit, generate, tokens, train
+
+
+class Command(NamedTuple):
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+    help: str
+
+
+#: name -> command, in the order `softrepa --help` lists them
+COMMANDS: dict[str, Command] = {
+    "train": Command(train.add_arguments, train.run, "train soft tokens with the contrastive denoising-score loss"),
+    "generate": Command(generate.add_arguments, generate.run, "generate images with (and without) soft tokens"),
+    "edit": Command(edit.add_arguments, edit.run, "FlowEdit text-guided image editing with soft tokens"),
+    "evaluate": Command(evaluate_cli.add_evaluate_arguments, evaluate_cli.run_evaluate,
+                        "score generated / edited images (ImageReward, PickScore, CLIP, HPS, FID, LPIPS, world)"),
+    "compare": Command(evaluate_cli.add_compare_arguments, evaluate_cli.run_compare,
+                       "compare evaluated runs: table with deltas, bar chart, CFG-sweep curves"),
+    "diagnose": Command(diagnose.add_arguments, diagnose.run,
+                        "loss-regime diagnosis per timestep: errors, logits, gradient shares, calibrated tau"),
+    "toy": Command(toy_cli.add_toy_arguments, toy_cli.run_toy, "the miniature world: pretrain the bundled tiny pipelines"),
+    "demo": Command(toy_demo.add_demo_arguments, toy_demo.run_demo,
+                    "offline miniature demo: train tokens, generate held-out prompts, judge"),
+    "import-official": Command(tokens.add_import_official_arguments, tokens.run_import_official,
+                               "convert the paper authors' released .pth token files"),
+    "info": Command(tokens.add_info_arguments, tokens.run_info, "print the layout of a softrepa tokens file"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="softrepa", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"softrepa {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, cmd in COMMANDS.items():
+        cmd.add_arguments(sub.add_parser(name, help=cmd.help, description=cmd.help))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not getattr(args, "accepts_overrides", False):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = extra
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(COMMANDS[args.command].run(args) or 0)
+    except (SoftrepaError, FileNotFoundError, ValueError) as e:
+        print(f"softrepa {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"softrepa {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

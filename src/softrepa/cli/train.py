@@ -1,0 +1,49 @@
+"""`softrepa train --config recipes/<recipe>.yaml [--resume [CKPT]] [--key value ...]`.
+
+Everything is `softrepa.train`: `resume_config` (the resume policy: a resumed run continues with
+its saved config; a given config must train the same thing) and `Trainer`.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import yaml
+
+from ..config import parse_overrides
+from ..train import Trainer, resume_config
+from .common import add_progress_argument, check_data, check_model
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=None, help="YAML recipe (sd3.yaml, sd15.yaml, sdxl.yaml, toy_sd3.yaml, ...)")
+    p.add_argument("--resume", nargs="?", const="latest", default=None,
+                   help="continue from the run's latest checkpoint, or from the given checkpoint folder; the run's "
+                        "saved config.yaml is used when --config is not given (--out names the run)")
+    p.add_argument("--out", "--output-dir", dest="out", default=None,
+                   help="the run folder (the config field output_dir; --output_dir DIR works too)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    add_progress_argument(p)
+    p.set_defaults(accepts_overrides=True, overrides=[])
+    p.epilog = ("Any config field can be overridden as --key value, dotted for sections: --model DIR --data DIR "
+                "--max_steps 100 --loss.tau 0.05 --tokens.num_tokens 8")
+
+
+def run(args: argparse.Namespace) -> int:
+    overrides = parse_overrides(args.overrides)
+    if args.out is not None:
+        overrides["output_dir"] = args.out
+    cfg = resume_config(args.resume, args.config, overrides)
+    if args.print_config:
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        return 0
+    if cfg.data and isinstance(cfg.data, str):
+        check_data(cfg.data)  # before the model loads
+    if cfg.model:
+        check_model(cfg.model)
+    final = Trainer(cfg, progress=not args.no_progress).train(resume=args.resume)
+    print(f"tokens: {final}")
+    return 0
+
+
+__all__ = ["add_arguments", "run"]

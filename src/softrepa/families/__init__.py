@@ -1,0 +1,9 @@
+"""The built-in model families, one module each; importing this package registers them.
+
+Adding a family: write `families/<name>.py` (a `Family` subclass + its `Backbone` + hooks, ending
+with `register_family(...)`) and add its import below — see docs/design-notes.md.
+"""
+
+from . import sd3, unet  # noqa: F401  (registration)
+
+__all__: list[str] = []
