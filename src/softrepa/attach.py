@@ -122,8 +122,8 @@ def attach(model_or_pipeline: Any, tokens: SoftTokens) -> AttachHandle:
     """Attach `tokens` to an unmodified diffusers model or pipeline.
 
     Args:
-        model_or_pipeline: a denoiser of a registered family (`SD3Transformer2DModel`,
-            `UNet2DConditionModel`, ...) or a pipeline holding one (e.g. `StableDiffusion3Pipeline`);
+        model_or_pipeline: a denoiser of a registered family (`softrepa.family.family_names()`) or a
+            pipeline holding one (e.g. `StableDiffusion3Pipeline`);
             stock pipelines keep working and use the tokens on both classifier-free-guidance branches.
         tokens: a `SoftTokens` whose layout fits the model (checked; errors name the field).
     Returns:

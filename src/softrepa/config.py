@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
+from .loss import binned_tau, linear_tau
 from .negatives import NegativesConfig
 from .tokens import SoftTokensConfig
 
@@ -98,6 +99,24 @@ class LossConfig:
                 return f"tau calibrated ({self.tau_bins} bins, to be estimated)"
             return f"tau calibrated {min(self.tau_table):.3g}..{max(self.tau_table):.3g} ({len(self.tau_table)} bins)"
         return f"tau {self.tau:g}"
+
+
+def loss_kwargs(loss: LossConfig) -> dict[str, Any]:
+    """Keyword arguments of `softrepa_loss` for a `LossConfig` (tau: a float, `linear_tau` or `binned_tau`)."""
+    # the constant schedule passes the float itself: the authors' path, bit for bit as before
+    if loss.tau_schedule == "constant":
+        tau: Any = loss.tau
+    elif loss.tau_schedule == "linear":
+        tau = linear_tau(loss.tau_min, loss.tau_max)
+    else:
+        if loss.tau_table is None:
+            raise ConfigError("loss.tau_schedule: calibrated needs loss.tau_table (Trainer.calibrate() estimates it)")
+        tau = binned_tau(loss.tau_table)
+    kw = dict(tau=tau, scale=loss.scale, form=loss.form, symmetric=loss.symmetric,
+              denoise_weight=loss.denoise_weight)
+    if loss.contrastive_weight != 1.0:
+        kw["contrastive_weight"] = loss.contrastive_weight
+    return kw
 
 
 @dataclass
@@ -189,6 +208,7 @@ class TrainConfig:
             (self.pair_chunk is None or self.pair_chunk >= 1, f"pair_chunk must be None or >= 1, got {self.pair_chunk}"),
             (self.mixed_precision in ("no", "bf16", "fp16"), f"mixed_precision must be no|bf16|fp16, got {self.mixed_precision!r}"),
             (self.weights_dtype in ("auto", "fp32", "bf16", "fp16"), f"weights_dtype must be auto|fp32|bf16|fp16, got {self.weights_dtype!r}"),
+            (self.log_every >= 1, f"log_every must be >= 1 (steps between log rows), got {self.log_every}"),
             (self.checkpoint_every >= 1, "checkpoint_every must be >= 1"),
             (self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1"),
             (self.log_with in (None, "tensorboard", "wandb"), f"log_with must be null, tensorboard or wandb, got {self.log_with!r}"),

@@ -306,7 +306,7 @@ def diagnose(pipe: Any, data: Any, tokens: Any = None, *, bins: int = 10, batche
     from .negatives import CaptionNegatives
     from .generate import native_resolution
     from .tokens import SoftTokensError
-    from .train import loss_kwargs as make_loss_kwargs
+    from .config import loss_kwargs as make_loss_kwargs
 
     if bins < 1:
         raise ValueError(f"--bins must be >= 1, got {bins}")

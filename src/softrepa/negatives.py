@@ -31,6 +31,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
+from .errors import ConfigError
+
 #: Basic colour terms: attribute-binding swaps of everyday captions (COCO: "a red bus next to a white car").
 COLOUR_WORDS = ["red", "green", "blue", "yellow", "white", "black", "orange", "purple", "pink", "brown",
                 "grey", "gray"]
@@ -54,8 +56,6 @@ class NegativesConfig:
     flip: list[list[str]] = field(default_factory=lambda: [list(p) for p in SPATIAL_OPPOSITES])
 
     def __post_init__(self) -> None:
-        from .config import ConfigError
-
         if self.per_image < 0:
             raise ConfigError(f"negatives.per_image must be >= 0, got {self.per_image}")
         for k, group in enumerate(self.swap):

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -194,7 +194,7 @@ class SoftTokens(nn.Module):
         """Build tokens that fit `model` (a diffusers model or a pipeline holding one).
 
         Args:
-            model: `SD3Transformer2DModel`, `UNet2DConditionModel`, or a pipeline with
+            model: a denoiser of a registered family (`softrepa.family`), or a pipeline with
                 `.transformer` / `.unet`.
             config: user options (defaults: the paper's).
             init_embedding: (S, token_dim) text embedding of the empty prompt, for

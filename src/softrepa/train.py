@@ -26,12 +26,11 @@ from .errors import TrainingDiverged
 from .backbone import Backbone, backbone_for
 from .pipeline import load_pipeline
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import ConfigError, LossConfig, TrainConfig, config_dict, config_diff, load_config, save_config
+from .config import ConfigError, LossConfig, TrainConfig, config_dict, config_diff, load_config, loss_kwargs, save_config
 from .data import build_dataset, collate_pairs
 from .attach import attach
 from .runfolder import atomic_write_bytes
 from .artifact import save_soft_tokens
-from .loss import binned_tau, linear_tau
 from .negatives import CaptionNegatives
 from .pairs import PairBatch, all_reduce_grads, contrastive_backward, gather_prompts
 from .tokens import SoftTokens
@@ -473,24 +472,6 @@ def resume_config(resume: bool | str | None, config: str | os.PathLike | None,
     if saved is not None:
         check_resumable(cfg, saved)
     return cfg
-
-
-def loss_kwargs(loss: LossConfig) -> dict[str, Any]:
-    """Keyword arguments of `softrepa_loss` for a `LossConfig` (tau: a float, `linear_tau` or `binned_tau`)."""
-    # the constant schedule passes the float itself: the authors' path, bit for bit as before
-    if loss.tau_schedule == "constant":
-        tau: Any = loss.tau
-    elif loss.tau_schedule == "linear":
-        tau = linear_tau(loss.tau_min, loss.tau_max)
-    else:
-        if loss.tau_table is None:
-            raise ConfigError("loss.tau_schedule: calibrated needs loss.tau_table (Trainer.calibrate() estimates it)")
-        tau = binned_tau(loss.tau_table)
-    kw = dict(tau=tau, scale=loss.scale, form=loss.form, symmetric=loss.symmetric,
-              denoise_weight=loss.denoise_weight)
-    if loss.contrastive_weight != 1.0:
-        kw["contrastive_weight"] = loss.contrastive_weight
-    return kw
 
 
 def _tau_ready(loss: LossConfig) -> bool:

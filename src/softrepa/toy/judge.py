@@ -87,19 +87,6 @@ def _labels(t: np.ndarray, resid: np.ndarray, min_strength: float, max_residual:
     return np.where((r <= max_residual) & (tb >= min_strength), best, -1)
 
 
-def colour_labels(image, min_strength: float = 0.5, max_residual: float = 0.45) -> np.ndarray:
-    """Per-pixel palette index (0..3, order of `COLOURS`) or -1 for background / unclear.
-
-    Args:
-        image: RGB image (PIL or array).
-        min_strength: fraction of the way from background to a palette colour a pixel must be
-            (0.5 = half-max edge, which keeps shape geometry unbiased under blur).
-        max_residual: largest distance from that background-to-colour line, relative to its
-            length, tolerated (colour shift, noise).
-    """
-    return _labels(*_absorption(to_float_array(image)), min_strength, max_residual)
-
-
 def _components(mask: np.ndarray) -> list[np.ndarray]:
     """8-connected components of a boolean mask, as boolean masks (numpy label propagation)."""
     if not mask.any():
@@ -425,5 +412,5 @@ def judge_accuracy(n: int = 300, seed: int = 12345, degraded: bool = False, size
     return out
 
 
-__all__ = ["Detection", "colour_labels", "degrade", "features", "judge_accuracy", "judge_scene",
+__all__ = ["Detection", "degrade", "features", "judge_accuracy", "judge_scene",
            "read_image", "relation_of", "to_float_array"]

@@ -36,17 +36,6 @@ FOLDERS = {"sd3": "toy_sd3", "sd15": "toy_sd15"}
 ASSETS_DIR = Path(__file__).resolve().parents[1] / "assets"
 
 
-def asset_path(backbone: str) -> Path:
-    """Folder of a bundled miniature pipeline (load it with the stock `from_pretrained`).
-
-    Args:
-        backbone: "sd3" or "sd15".
-    """
-    if backbone not in FOLDERS:
-        raise ValueError(f"backbone must be one of {tuple(FOLDERS)}, got {backbone!r}")
-    return ASSETS_DIR / FOLDERS[backbone]
-
-
 @dataclass
 class PretrainConfig:
     """Everything that determines a pretraining run (defaults = the bundled assets).
@@ -225,4 +214,4 @@ def pretrain(backbone: str, out: str | Path, cfg: PretrainConfig | None = None) 
     return summary
 
 
-__all__ = ["ASSETS_DIR", "BACKBONES", "FOLDERS", "PretrainConfig", "asset_path", "pretrain"]
+__all__ = ["ASSETS_DIR", "BACKBONES", "FOLDERS", "PretrainConfig", "pretrain"]
