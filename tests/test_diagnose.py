@@ -32,7 +32,7 @@ from softrepa.diagnose import (
     prepare_batch,
     token_gradient_split,
 )
-from softrepa.attach import attached_handle
+from softrepa.hooks import attached_handle
 from softrepa.loss import duplicate_caption_mask, loss_grads, softrepa_loss
 from softrepa.negatives import CaptionNegatives, NegativesConfig
 from softrepa.pairs import PairBatch, contrastive_backward, error_matrix, negative_errors

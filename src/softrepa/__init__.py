@@ -9,14 +9,14 @@ Public API::
     handle = softrepa.load_into(pipe, "tokens.safetensors")
 
 Layers, each importing only those above it: `errors`, `family` (the registry) -> `tokens` ->
-`attach` -> `backbone` / `flowedit` -> `families/*` (one module per model family) -> `artifact`,
+`hooks` (attach) -> `backbone` / `flowedit` -> `families/*` (one module per model family) -> `artifact`,
 `runfolder`, `generate`, `edit`, `train`, `evaluation` -> `cli/` (argparse only).
 """
 
 from . import families  # noqa: F401  (registers the built-in model families)
 from ._version import __version__
 from .artifact import load_into, load_soft_tokens, save_soft_tokens
-from .attach import AttachHandle, attach, attached_handle
+from .hooks import AttachHandle, attach, attached_handle
 from .errors import SoftrepaError, SoftTokensError
 from .family import Family, family_of, register_family
 from .tokens import SoftTokens, SoftTokensConfig, TokenLayout

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from ._version import __version__
-from .attach import AttachHandle, attach
+from .hooks import AttachHandle, attach
 from .errors import SoftTokensError
 from .family import resolve_denoiser
 from .runfolder import atomic_write_bytes

@@ -301,7 +301,7 @@ def diagnose(pipe: Any, data: Any, tokens: Any = None, *, bins: int = 10, batche
     from .backbone import backbone_for
     from .config import LossConfig
     from .data import build_dataset
-    from .attach import attach, attached_handle
+    from .hooks import attach, attached_handle
     from .artifact import load_soft_tokens
     from .negatives import CaptionNegatives
     from .generate import native_resolution
@@ -383,7 +383,7 @@ def _measure_kwargs(loss: Any, make: Any, E: torch.Tensor, captions: Sequence[st
 
 
 def _add_grad_share(pipe, backbone, handle, tokens, rows, prepared, pair_chunk):
-    from .attach import attach
+    from .hooks import attach
     from .tokens import SoftTokens, SoftTokensConfig
 
     own = None

@@ -23,7 +23,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ._version import __version__
-from .attach import attached_handle
+from .hooks import attached_handle
 from .backbone import TextCond, backbone_for
 from .family import family_of, resolve_denoiser
 from .flowedit import EditConds, FlowEditParams, flowedit_latents

@@ -23,7 +23,7 @@ from torch import nn
 from .errors import SoftTokensError
 
 if TYPE_CHECKING:  # annotations only: these modules import this one
-    from .attach import AttachHandle
+    from .hooks import AttachHandle
     from .backbone import Backbone
     from .tokens import SoftTokensConfig, TokenLayout
 

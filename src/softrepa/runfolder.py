@@ -21,7 +21,7 @@ from typing import Any, Iterable
 
 from PIL import Image, UnidentifiedImageError
 
-from .attach import attached_handle
+from .hooks import attached_handle
 
 log = logging.getLogger(__name__)
 

@@ -201,6 +201,12 @@ class SoftTokens(nn.Module):
                 `init="empty_prompt"`; computed from the pipeline's text encoders when
                 `model` is a pipeline and this is None.
             seed: seed for the normal initialisation (None: torch's global RNG).
+
+        Example:
+            >>> pipe = StableDiffusion3Pipeline.from_pretrained("stabilityai/stable-diffusion-3-medium-diffusers")
+            >>> tokens = SoftTokens.for_model(pipe, SoftTokensConfig(num_tokens=4, num_layers=5), seed=0)
+            >>> tokens.layout.num_sets, sum(p.numel() for p in tokens.parameters()) < 1_000_000
+            (5, True)
         """
         config = config or SoftTokensConfig()
         denoiser = resolve_denoiser(model)

@@ -28,7 +28,7 @@ from .pipeline import load_pipeline
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import ConfigError, LossConfig, TrainConfig, config_dict, config_diff, load_config, loss_kwargs, save_config
 from .data import build_dataset, collate_pairs
-from .attach import attach
+from .hooks import attach
 from .runfolder import atomic_write_bytes
 from .artifact import save_soft_tokens
 from .negatives import CaptionNegatives

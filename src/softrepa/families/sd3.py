@@ -16,7 +16,7 @@ import torch
 from diffusers import SD3Transformer2DModel
 from torch import nn
 
-from ..attach import AttachHandle, call_argument, model_pre_hook, replace_argument
+from ..hooks import AttachHandle, call_argument, model_pre_hook, replace_argument
 from ..backbone import Backbone, TextCond
 from ..errors import SoftTokensError
 from ..family import EditPresets, Family, ModelInfo, SamplingDefaults, register_family

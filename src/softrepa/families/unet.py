@@ -16,7 +16,7 @@ import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from torch import nn
 
-from ..attach import AttachHandle, model_pre_hook
+from ..hooks import AttachHandle, model_pre_hook
 from ..backbone import Backbone, TextCond
 from ..errors import SoftTokensError
 from ..family import EditPresets, Family, ModelInfo, SamplingDefaults, register_family
