@@ -8,10 +8,11 @@ import torch
 from softrepa import SoftTokens, SoftTokensConfig, attach
 from softrepa.backbone import backbone_for
 from softrepa.pairs import PairBatch, contrastive_backward, error_matrix
-from softrepa.tiny import tiny_sd3_pipeline, tiny_sd15_pipeline, tiny_sdxl_pipeline
+from softrepa.tiny import tiny_flux_pipeline, tiny_sd3_pipeline, tiny_sd15_pipeline, tiny_sdxl_pipeline
 
 CAPTIONS = ["a red circle", "a blue square", "a red circle", "a green triangle"]
-BUILD = {"sd3": lambda: tiny_sd3_pipeline(num_layers=6), "sd15": tiny_sd15_pipeline, "sdxl": tiny_sdxl_pipeline}
+BUILD = {"sd3": lambda: tiny_sd3_pipeline(num_layers=6), "sd15": tiny_sd15_pipeline, "sdxl": tiny_sdxl_pipeline,
+         "flux": tiny_flux_pipeline, "flux-dev": lambda: tiny_flux_pipeline(guidance_embeds=True)}
 
 
 def make_batch(backbone, n=4, shared_t=True, seed=0):
@@ -32,7 +33,7 @@ def _tokens(pipe):
     return tokens
 
 
-@pytest.mark.parametrize("family", ["sd3", "sd15", "sdxl"])
+@pytest.mark.parametrize("family", ["sd3", "sd15", "sdxl", "flux", "flux-dev"])
 @pytest.mark.parametrize("shared_t", [True, False])
 def test_chunked_equals_plain(family, shared_t):
     pipe = BUILD[family]()
@@ -40,7 +41,7 @@ def test_chunked_equals_plain(family, shared_t):
     bb.freeze()
     batch = make_batch(bb, shared_t=shared_t)
     tokens = _tokens(pipe)
-    kw = {"tau": 0.07, "scale": 4.0, "denoise_weight": 0.5 if family != "sd3" else 0.0}
+    kw = {"tau": 0.07, "scale": 4.0, "denoise_weight": 0.5 if family in ("sd15", "sdxl") else 0.0}
     results = {}
     with attach(pipe, tokens):
         for chunk in (None, 1, 3, 5, 16):

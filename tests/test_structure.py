@@ -91,7 +91,7 @@ def test_the_graph_walker_finds_a_cycle(tmp_path):
     assert "softrepa.tokens" not in graph["softrepa.family"]  # the registry sits below the tokens
 
 
-DENOISERS = ("SD3Transformer2DModel", "UNet2DConditionModel")
+DENOISERS = ("SD3Transformer2DModel", "UNet2DConditionModel", "FluxTransformer2DModel")
 
 
 def test_every_denoiser_class_is_named_in_exactly_one_family_module():

@@ -158,13 +158,16 @@ def attached_handle(model_or_pipeline: Any) -> AttachHandle | None:
     return h if h is not None and h.active else None
 
 
-def model_pre_hook(handle: AttachHandle, projection: Callable | None, sample_arg: str) -> Callable:
+def model_pre_hook(handle: AttachHandle, projection: Callable | None, sample_arg: str,
+                   timestep_scale: float = 1.0) -> Callable:
     """Forward pre-hook for the denoiser: compute this call's tokens from its per-sample timesteps.
 
     Args:
         handle: the handle whose tokens to compute.
         projection: the family's map of base tokens into the block width (or None).
         sample_arg: the forward argument whose batch size and dtype the tokens follow.
+        timestep_scale: maps the model's timestep argument onto the tokens' 0..1000 scale (FLUX is
+            called with t / 1000: scale 1000).
     """
 
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -175,6 +178,8 @@ def model_pre_hook(handle: AttachHandle, projection: Callable | None, sample_arg
         timestep = call_argument(module, args, kwargs, "timestep")
         if timestep is None:
             raise SoftTokensError(f"{type(module).__name__} was called without a timestep")
+        if timestep_scale != 1.0:
+            timestep = torch.as_tensor(timestep) * timestep_scale
         handle.current = handle.tokens(timestep, sample.shape[0], projection=projection,
                                        dtype=sample.dtype, device=sample.device)
         return None

@@ -189,6 +189,31 @@ def tiny_sd3_pipeline(num_layers: int = 4, *, with_t5: bool = False, seed: int =
     )
 
 
+def tiny_flux_pipeline(*, guidance_embeds: bool = False, num_layers: int = 2, num_single_layers: int = 1,
+                       seed: int = 0):
+    """A complete tiny `FluxPipeline`: schnell-style (no guidance embedding) or, with
+    `guidance_embeds=True`, dev-style (guidance-distilled)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    tok = make_clip_tokenizer(77)
+    te1 = _clip_text_encoder(32, 2, len(tok), 77, seed + 1, False)  # FLUX reads CLIP's pooled output
+    tok2 = make_t5_tokenizer(77)
+    torch.manual_seed(seed + 2)
+    te2 = T5EncoderModel(T5Config(vocab_size=len(tok2), d_model=32, d_kv=16, d_ff=64, num_layers=1,
+                                  num_heads=2)).eval()
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, out_channels=16, num_layers=num_layers, num_single_layers=num_single_layers,
+        attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+        guidance_embeds=guidance_embeds, axes_dims_rope=(4, 6, 6),
+    ).eval()
+    # 4 latent channels, packed 2 x 2 into the transformer's 16
+    vae = tiny_vae(latent_channels=4, seed=seed + 4, shift_factor=0.1159, scaling_factor=0.3611)
+    return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=te1, tokenizer=tok,
+                        text_encoder_2=te2, tokenizer_2=tok2, transformer=transformer)
+
+
 def tiny_sd15_pipeline(seed: int = 0):
     """A complete tiny `StableDiffusionPipeline` (no safety checker)."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline

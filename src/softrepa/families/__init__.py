@@ -4,6 +4,6 @@ Adding a family: write `families/<name>.py` (a `Family` subclass + its `Backbone
 with `register_family(...)`) and add its import below — see docs/design-notes.md.
 """
 
-from . import sd3, unet  # noqa: F401  (registration)
+from . import flux, sd3, unet  # noqa: F401  (registration)
 
 __all__: list[str] = []

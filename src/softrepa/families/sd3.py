@@ -88,6 +88,8 @@ class SD3Family(Family):
     edit = EditPresets(steps=50, src_cfg=3.5, vanilla=(33, 13.5), tokens=(30, 9.0),
                        source="FlowEdit's SD3 setting (vanilla); SoftREPA Tables 5-6 (tokens)")
     text_length_option = True
+    #: config names of the block width and the text width, for error messages
+    width_names = ("caption_projection_dim", "joint_attention_dim")
 
     def matches(self, denoiser: nn.Module) -> bool:
         return isinstance(denoiser, SD3Transformer2DModel)
@@ -104,26 +106,27 @@ class SD3Family(Family):
             raise SoftTokensError(f"layers {list(layers)} go beyond the model depth: it has {info.depth} transformer "
                                   f"blocks (num_layers must be <= {info.depth})")
         token_dim = info.text_dim if config.token_space == "text" else info.model_dim
-        return TokenLayout("sd3", token_dim, info.model_dim, config.num_tokens, config.time_buckets,
+        return TokenLayout(self.name, token_dim, info.model_dim, config.num_tokens, config.time_buckets,
                            config.token_space, layers, (), info.depth)
 
     def check_layout(self, layout: TokenLayout) -> None:
         if not layout.layers:
-            raise SoftTokensError("layers must not be empty for an MM-DiT (sd3) layout")
+            raise SoftTokensError(f"layers must not be empty for an MM-DiT ({self.name}) layout")
 
     def check_fits(self, layout: TokenLayout, denoiser: nn.Module) -> None:
         info = self.describe(denoiser)
         if layout.family != info.family:
             raise SoftTokensError(f"family: tokens are for '{layout.family}', the model is '{info.family}'")
+        block, text = self.width_names
         if layout.model_dim != info.model_dim:
             raise SoftTokensError(f"model_dim: tokens have width {layout.model_dim}, the model's "
-                                  f"caption_projection_dim is {info.model_dim}")
+                                  f"{block} is {info.model_dim}")
         if layout.token_space == "text" and layout.token_dim != info.text_dim:
             raise SoftTokensError(f"token_dim: text-space tokens have width {layout.token_dim}, the model's "
-                                  f"joint_attention_dim is {info.text_dim}")
+                                  f"{text} is {info.text_dim}")
         if layout.token_space == "block" and layout.token_dim != info.model_dim:
             raise SoftTokensError(f"token_dim: block-space tokens have width {layout.token_dim}, "
-                                  f"the model's caption_projection_dim is {info.model_dim}")
+                                  f"the model's {block} is {info.model_dim}")
         if max(layout.layers) >= info.depth:
             raise SoftTokensError(f"layers: tokens use blocks {list(layout.layers)}, the model has only "
                                   f"{info.depth} transformer blocks")
