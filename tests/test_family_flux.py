@@ -126,3 +126,21 @@ def test_backbone_flow_target_and_denoise_shapes(pipe):
     torch.testing.assert_close(bb.add_noise(x0, noise, torch.tensor([0.0, 1000.0])),
                                torch.stack([x0[0], noise[1]]))
     torch.testing.assert_close(bb.target(x0, noise, t), noise - x0)
+
+
+def test_generate_compare_cli_on_a_saved_flux_folder(tmp_path):
+    from softrepa.cli import main
+
+    pipe = tiny_flux_pipeline(guidance_embeds=True)
+    pipe.save_pretrained(tmp_path / "flux")
+    tokens = SoftTokens.for_model(pipe, SoftTokensConfig(num_layers=2), seed=0)
+    with torch.no_grad():
+        tokens.base.mul_(50)
+    softrepa.save_soft_tokens(tokens, tmp_path / "t.safetensors")
+    rc = main(["generate", "--model", str(tmp_path / "flux"), "--tokens", str(tmp_path / "t.safetensors"),
+               "--prompts", "a red circle", "--seeds", "0", "--steps", "2", "--size", "32",
+               "--max-sequence-length", "16", "--compare", "--no-progress", "--out", str(tmp_path / "gen")])
+    assert rc == 0
+    a, b = (tmp_path / "gen" / sub / "00000_s0.png" for sub in ("vanilla", "tokens"))
+    assert a.is_file() and b.is_file() and a.read_bytes() != b.read_bytes()
+    assert (tmp_path / "gen" / "compare" / "00000.png").is_file()
