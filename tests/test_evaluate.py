@@ -23,13 +23,14 @@ import torch.nn.functional as F
 from PIL import Image
 
 from softrepa.cli import main as cli_main
-from softrepa.metrics import load_config, load_metric
-from softrepa.metrics.clip_models import hf_clip_config, openclip_state_shapes, openclip_to_hf
-from softrepa.metrics.common import WeightsError, check_keys, clip_pixels, load_on_meta
-from softrepa.metrics.imagereward import ImageRewardModel, convert_imagereward, imagereward_state_shapes
-from softrepa.metrics.inception import (FIDInceptionV3, feature_stats, fid_from_features, fid_inception_state_shapes,
-                                        frechet_from_stats, load_fid)
-from softrepa.metrics.lpips import CHANNELS, LPIPSNet, backbone_state_shapes, load_lpips, packaged_lin_weights
+from softrepa.evaluation import load_metric
+from softrepa.evaluation import load_metrics_config as load_config
+from softrepa.evaluation.clip_models import hf_clip_config, openclip_state_shapes, openclip_to_hf
+from softrepa.evaluation.common import WeightsError, check_keys, clip_pixels, load_on_meta
+from softrepa.evaluation.imagereward import ImageRewardModel, convert_imagereward, imagereward_state_shapes
+from softrepa.evaluation.inception import (FIDInceptionV3, feature_stats, fid_from_features, fid_inception_state_shapes,
+                                           frechet_from_stats, load_fid)
+from softrepa.evaluation.lpips import CHANNELS, LPIPSNet, backbone_state_shapes, load_lpips, packaged_lin_weights
 from softrepa.toy.world import WorldDataset
 
 TINY_OC = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 16, "patch_size": 8},
@@ -158,7 +159,7 @@ def test_evaluate_cli_end_to_end(tmp_path, assets, capsys):
 
 
 def test_world_metrics_are_exact_on_rendered_scenes(tmp_path):
-    from softrepa.evaluate import evaluate
+    from softrepa.evaluation import evaluate
 
     _toy_folder(tmp_path / "gen", n=10, seed=5)
     res = evaluate(tmp_path / "gen", tmp_path / "out", metrics=["world"], progress=False)
@@ -415,7 +416,7 @@ def test_lpips_finds_the_lpips_wheels_weights_without_importing_it(tmp_path, mon
 # ------------------------------------------------------------------------------ inputs and compare
 
 def test_prompt_file_and_summary_statistics(tmp_path):
-    from softrepa.evaluate import read_items, summarize
+    from softrepa.evaluation import read_items, summarize
 
     _toy_folder(tmp_path / "gen", n=3, with_metadata=False)
     (tmp_path / "p.txt").write_text("a red circle\na blue square\na green triangle\n")
@@ -430,7 +431,7 @@ def test_prompt_file_and_summary_statistics(tmp_path):
 
 
 def test_world_ci_is_the_wilson_interval_inside_0_1(tmp_path):
-    from softrepa.evaluate import evaluate, summarize
+    from softrepa.evaluation import evaluate, summarize
 
     _toy_folder(tmp_path / "gen", n=2, seed=4)
     Image.new("RGB", Image.open(tmp_path / "gen" / "0001.png").size, (255, 255, 255)).save(tmp_path / "gen" / "0001.png")
@@ -452,7 +453,7 @@ def test_world_ci_is_the_wilson_interval_inside_0_1(tmp_path):
 
 
 def test_world_quality_proxy_is_reported_and_compared(tmp_path):
-    from softrepa.evaluate import evaluate
+    from softrepa.evaluation import evaluate
 
     _toy_folder(tmp_path / "ref", n=6, seed=9, with_metadata=False)
     res = {}
@@ -472,7 +473,7 @@ def test_world_quality_proxy_is_reported_and_compared(tmp_path):
 
 
 def test_compare_warns_when_a_sweep_lacks_the_curve_metrics(tmp_path, caplog):
-    from softrepa.metrics.compare import compare_runs
+    from softrepa.evaluation import compare_runs
 
     runs = []
     for cfg in (9.0, 11.0):
@@ -481,14 +482,14 @@ def test_compare_warns_when_a_sweep_lacks_the_curve_metrics(tmp_path, caplog):
         m = {"imagereward": {"mean": cfg / 10, "ci95": None, "count": 3}, "clip": {"mean": 0.26, "ci95": None, "count": 3}}
         (d / "results.json").write_text(json.dumps({"n_images": 3, "metrics": m, "errors": {}, "run": {"cfg": cfg}}))
         runs.append(d)
-    with caplog.at_level(logging.WARNING, logger="softrepa.metrics.compare"):
+    with caplog.at_level(logging.WARNING, logger="softrepa.evaluation.compare"):
         res = compare_runs(runs, tmp_path / "cmp")
     assert res["sweep"] and not (tmp_path / "cmp" / "cfg_sweep.png").exists()
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warned) == 1 and "no lpips values" in warned[0] and "cfg_sweep.png" in warned[0]
     assert "--curve-x / --curve-y" in warned[0] and "imagereward, clip" in warned[0]
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="softrepa.metrics.compare"):
+    with caplog.at_level(logging.WARNING, logger="softrepa.evaluation.compare"):
         compare_runs(runs, tmp_path / "cmp2", curve_x="imagereward", curve_y="clip")
     assert (tmp_path / "cmp2" / "cfg_sweep.png").is_file() and not caplog.records
 
@@ -525,7 +526,7 @@ def test_compare_writes_table_bars_and_cfg_sweep(tmp_path):
 
 def test_edit_folder_pairs_each_edit_with_its_source(tmp_path, assets):
     """`softrepa edit` rows: image (source, absolute), source_prompt, target_prompt, tar_cfg."""
-    from softrepa.evaluate import evaluate
+    from softrepa.evaluation import evaluate
 
     _, cfg = assets
     rows = _toy_folder(tmp_path / "src", n=3, seed=2, with_metadata=False)
@@ -543,7 +544,8 @@ def test_edit_folder_pairs_each_edit_with_its_source(tmp_path, assets):
 
 
 def test_coco_pairing_follows_the_generators_prompt_numbering(tmp_path):
-    from softrepa.evaluate import lpips_pairs, read_items
+    from softrepa.evaluation import image_pairs as lpips_pairs
+    from softrepa.evaluation import read_items
 
     coco = {"images": [{"id": 7, "file_name": "000000000007.jpg"}, {"id": 3, "file_name": "000000000003.jpg"},
                        {"id": 9, "file_name": "000000000009.jpg"}],
@@ -566,9 +568,8 @@ def test_coco_pairing_follows_the_generators_prompt_numbering(tmp_path):
 
 def test_shipped_metrics_yaml_matches_the_defaults():
     from softrepa.config import ConfigError, resolve_recipe
-    from softrepa.metrics import DEFAULT_CONFIG
 
-    assert load_config(resolve_recipe("metrics")) == load_config("metrics") == DEFAULT_CONFIG  # configs/metrics.yaml
+    assert load_config(resolve_recipe("metrics")) == load_config("metrics") == load_config()  # configs/metrics.yaml
     with pytest.raises(ConfigError):
         load_config("no_such_metrics.yaml")
     with pytest.raises(ValueError, match="unknown metrics config keys"):

@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from softrepa.metrics import DEFAULT_CONFIG, load_config
-from softrepa.metrics.common import (CLIP_MEAN, CLIP_STD, center_crop, clean_text, clip_pixels, crop_offset,
-                                     letterbox_geometry, letterbox_pixels, resize_shorter, to_tensor)
+from softrepa.evaluation import load_metrics_config as load_config
+from softrepa.evaluation.common import (CLIP_MEAN, CLIP_STD, center_crop, clean_text, clip_pixels, crop_offset,
+                                        letterbox_geometry, letterbox_pixels, resize_shorter, to_tensor)
 
 ODD_SIZES = [(301, 157), (157, 301), (225, 223), (333, 500), (37, 99), (224, 224), (223, 224), (512, 512), (1023, 769)]
 
@@ -161,7 +161,7 @@ def _byte_tokenizer():
 def _tiny_scorer(name: str, **kw):
     from transformers import CLIPConfig, CLIPModel
 
-    from softrepa.metrics.clip_models import CLIPScorer
+    from softrepa.evaluation.clip_models import CLIPScorer
 
     tok = _byte_tokenizer()
     torch.manual_seed(0)
@@ -210,7 +210,7 @@ def test_cleaning_changes_the_ids_of_special_prompts_and_not_of_plain_ones():
 # ------------------------------------------------------------------------------------ LPIPS
 
 def _lpips_scorer(resize):
-    from softrepa.metrics.lpips import CHANNELS, LPIPSNet, LPIPSScorer
+    from softrepa.evaluation.lpips import CHANNELS, LPIPSNet, LPIPSScorer
 
     torch.manual_seed(0)
     net = LPIPSNet("alex")
@@ -238,8 +238,8 @@ def test_lpips_native_sizes_mixed_in_one_batch_equal_per_pair_results():
 
 
 def test_evaluate_lpips_resize_null_on_edits_of_different_sizes(tmp_path):
-    from softrepa.evaluate import evaluate
-    from softrepa.metrics.lpips import backbone_state_shapes
+    from softrepa.evaluation import evaluate
+    from softrepa.evaluation.lpips import backbone_state_shapes
 
     root = tmp_path / "w"
     root.mkdir()
@@ -277,7 +277,7 @@ def _pytorch_fid_reference(a, b):
 
 
 def test_fid_path_choice_and_values():
-    from softrepa.metrics.inception import FID_PATHS, _fid_low_rank, fid_path, fid_with_path, frechet_from_stats, \
+    from softrepa.evaluation.inception import FID_PATHS, _fid_low_rank, fid_path, fid_with_path, frechet_from_stats, \
         feature_stats
 
     assert fid_path(500, 5000, 2048) == "eigen" and fid_path(500, 2047, 2048) == "low_rank"
@@ -298,7 +298,7 @@ def test_fid_eigen_path_matches_pytorch_fids_formula():
     """Full-rank covariances: the eigen path equals pytorch-fid's scipy sqrtm formula (reported as
     skipped, not silently passed, where scipy, not a dependency, is missing)."""
     pytest.importorskip("scipy")
-    from softrepa.metrics.inception import fid_with_path
+    from softrepa.evaluation.inception import fid_with_path
 
     rng = np.random.default_rng(0)
     rng.normal(size=(20, 64)), rng.normal(0.3, 1.2, size=(30, 64))  # the same draws as above
@@ -308,8 +308,8 @@ def test_fid_eigen_path_matches_pytorch_fids_formula():
 
 
 def test_evaluate_records_the_fid_path(tmp_path):
-    from softrepa.evaluate import evaluate
-    from softrepa.metrics.inception import FID_PATHS
+    from softrepa.evaluation import evaluate
+    from softrepa.evaluation.inception import FID_PATHS
 
     gen, ref = tmp_path / "gen", tmp_path / "ref"
     for d, seed in ((gen, 0), (ref, 100)):
@@ -329,7 +329,7 @@ def test_evaluate_records_the_fid_path(tmp_path):
 
 
 def test_evaluate_fid_reference_folder(tmp_path):
-    from softrepa.evaluate import evaluate
+    from softrepa.evaluation import evaluate
 
     gen, ref = tmp_path / "gen", tmp_path / "ref"
     for d, seed in ((gen, 0), (ref, 100)):
@@ -345,9 +345,9 @@ def test_evaluate_fid_reference_folder(tmp_path):
 
 def test_metric_defaults_are_the_authors_versions():
     cfg = load_config("metrics")
-    assert cfg == DEFAULT_CONFIG
+    assert cfg == load_config()
     assert cfg["hps"]["version"] == "v2.1" and cfg["hps"]["filename"] is None
-    from softrepa.metrics.clip_models import hps_filename
+    from softrepa.evaluation.clip_models import hps_filename
 
     assert hps_filename(cfg["hps"]) == "HPS_v2.1_compressed.pt"
     assert hps_filename({"version": "v2.0"}) == "HPS_v2_compressed.pt"
@@ -359,7 +359,7 @@ def test_metric_defaults_are_the_authors_versions():
 
 
 def test_hps_missing_v21_checkpoint_names_the_file(tmp_path):
-    from softrepa.metrics import WeightsError, load_metric
+    from softrepa.evaluation import WeightsError, load_metric
 
     cfg = load_config(overrides={"offline": True, "hps": {"weights": str(tmp_path)}})
     with pytest.raises(WeightsError, match=r"HPS_v2\.1_compressed\.pt"):

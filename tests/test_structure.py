@@ -147,6 +147,7 @@ def test_every_command_takes_the_same_output_spellings(cmd, base, spelling):
                                            ("fp32", "fp32"), ("float32", "fp32")])
 @pytest.mark.parametrize("cmd,base", [("generate", ["--model", "m", "--prompts", "p", "--out", "o"]),
                                       ("edit", ["--model", "m", "--out", "o"]),
+                                      ("evaluate", ["--images", "i", "--out", "o"]),
                                       ("diagnose", ["--model", "m", "--data", "d"])])
 def test_dtype_spellings_agree(cmd, base, spelling, name):
     assert _parse(cmd, [*base, "--dtype", spelling]).dtype == name

@@ -111,15 +111,15 @@ class Trainer:
         self.cfg = cfg
         self.out = Path(cfg.output_dir)
         self.progress = progress
-        # the data first: a bad --data is reported in seconds, not after minutes of model loading
-        self.dataset = dataset if dataset is not None else build_dataset(
-            cfg.data, cfg.resolution, seed=cfg.seed, images=cfg.data_images, max_items=cfg.max_items)
         # Autocast / GradScaler are handled here (the contrastive backward is manual), so accelerate
         # is used for device placement, process setup and trackers only.
         self.acc = Accelerator(log_with=cfg.log_with, project_dir=str(self.out))
         # accelerate only warns when the tracker's package is missing and then logs nothing;
-        # fail here, before the model is loaded, instead of after a run without its logs.
+        # fail here, before the data is read and the model loaded, instead of after a run without logs.
         _check_trackers(cfg.log_with, self.acc.log_with)
+        # the data before the model: a bad --data is reported in seconds, not after minutes of loading
+        self.dataset = dataset if dataset is not None else build_dataset(
+            cfg.data, cfg.resolution, seed=cfg.seed, images=cfg.data_images, max_items=cfg.max_items)
         self.device = self.acc.device
         # Rank / world from torch.distributed itself: under torchrun on CPU, accelerate sets up the
         # gloo process group but reports a single process (DistributedType.NO).

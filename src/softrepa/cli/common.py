@@ -36,9 +36,9 @@ def add_progress_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def add_dtype_argument(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dtype", type=dtype_name, default=None, metavar="{fp32,fp16,bf16}",
-                   help="weights dtype (default: fp16 on CUDA, fp32 on CPU)")
+def add_dtype_argument(p: argparse.ArgumentParser, *,
+                       help: str = "weights dtype (default: fp16 on CUDA, fp32 on CPU)") -> None:
+    p.add_argument("--dtype", type=dtype_name, default=None, metavar="{fp32,fp16,bf16}", help=help)
 
 
 def add_model_arguments(p: argparse.ArgumentParser, *, tokens_help: str | None = None) -> None:

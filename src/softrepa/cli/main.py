@@ -13,12 +13,11 @@ import logging
 import sys
 from typing import Callable, NamedTuple
 
-from .. import evaluate_cli
 from .._version import __version__
 from ..errors import SoftrepaError
 from ..toy import cli as toy_cli
 from ..toy import demo as toy_demo
-from . import diagnose, edit, generate, tokens, train
+from . import diagnose, edit, evaluate, generate, tokens, train
 
 
 class Command(NamedTuple):
@@ -32,9 +31,9 @@ COMMANDS: dict[str, Command] = {
     "train": Command(train.add_arguments, train.run, "train soft tokens with the contrastive denoising-score loss"),
     "generate": Command(generate.add_arguments, generate.run, "generate images with (and without) soft tokens"),
     "edit": Command(edit.add_arguments, edit.run, "FlowEdit text-guided image editing with soft tokens"),
-    "evaluate": Command(evaluate_cli.add_evaluate_arguments, evaluate_cli.run_evaluate,
+    "evaluate": Command(evaluate.add_evaluate_arguments, evaluate.run_evaluate,
                         "score generated / edited images (ImageReward, PickScore, CLIP, HPS, FID, LPIPS, world)"),
-    "compare": Command(evaluate_cli.add_compare_arguments, evaluate_cli.run_compare,
+    "compare": Command(evaluate.add_compare_arguments, evaluate.run_compare,
                        "compare evaluated runs: table with deltas, bar chart, CFG-sweep curves"),
     "diagnose": Command(diagnose.add_arguments, diagnose.run,
                         "loss-regime diagnosis per timestep: errors, logits, gradient shares, calibrated tau"),

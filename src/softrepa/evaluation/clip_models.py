@@ -21,11 +21,23 @@ context (BOS + 75 tokens + EOS, as `clip.tokenize(truncate=True)` / open_clip's 
 | metric | image (`preprocess`) | text (`text_cleaning`) |
 |---|---|---|
 | clip | `center_crop`: shorter side to 224 (bicubic), centre crop, offset rounded (torchvision) | `official`: ftfy + html.unescape x2 + whitespace (OpenAI `clip.tokenize`) |
-| pickscore | `center_crop_floor`: same, offset floored (transformers `CLIPImageProcessor`) | `none` (transformers' CLIP tokenizer, as PickScore's processor) |
+| pickscore | `center_crop_floor`: same, offset floored: transformers' `CLIPImageProcessor` itself (its PIL backend) | `none` (transformers' CLIP tokenizer, as PickScore's processor) |
 | hps | `letterbox`: longest side to 224, zero padding (hpsv2 `ResizeMaxSize`) | `official` (open_clip `tokenize`) |
+
+`center_crop_floor` runs transformers' CLIP image processor on its PIL / numpy backend
+(`CLIPImageProcessorPil` in transformers 5, which `CLIPImageProcessor` falls back to without
+torchvision; `CLIPImageProcessor` in transformers 4): PickScore's own preprocessing, and bit for
+bit the hand-written `clip_pixels(..., crop_offset="floor")` (tests/test_metric_registry.py).
+`center_crop` and `letterbox` stay hand-written, see `CLIPScorer.pixels`.
+
+The metrics.yaml sections are `ClipConfig`, `PickScoreConfig` and `HPSConfig`; the specs `CLIP`,
+`PICKSCORE` and `HPS` (kind `PER_PROMPT`) are declared and registered at the end of this module.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -33,6 +45,7 @@ import torch.nn.functional as F
 
 from .common import (CLIP_MEAN, CLIP_STD, MetricError, WeightsError, clean_text, clip_pixels, letterbox_pixels,
                      load_on_meta, load_state_dict, resolve_file, resolve_pretrained)
+from .spec import MetricConfig, MetricKind, MetricSpec, optional, register_metric
 
 #: open_clip architecture presets (open_clip's model_configs JSON format).
 OPENCLIP_PRESETS = {
@@ -191,8 +204,8 @@ class CLIPScorer:
         device, dtype: where / how the model runs.
     """
 
-    per_image = True
-    needs_prompts = True
+    #: The checkpoint file name, recorded in results.json (set by `load_hps`).
+    checkpoint: str | None = None
 
     def __init__(self, model, tokenizer, *, name: str, w: float | str = 1.0, clamp_zero: bool = False,
                  image_mean=CLIP_MEAN, image_std=CLIP_STD, preprocess: str = "center_crop",
@@ -207,16 +220,35 @@ class CLIPScorer:
         self.scale = float(model.logit_scale.detach().float().exp()) if w == "logit_scale" else float(w)
         self.clamp_zero = clamp_zero
         self.mean, self.std = tuple(image_mean), tuple(image_std)
+        self._processor = None
         self.size = int(model.config.vision_config.image_size)
         self.max_length = int(min(model.config.text_config.max_position_embeddings,
                                   getattr(tokenizer, "model_max_length", 77) or 77, 77))
 
     def pixels(self, images) -> torch.Tensor:
-        """(B, 3, size, size) model inputs of PIL images, this metric's reference preprocessing."""
+        """(B, 3, size, size) model inputs of PIL images, this metric's reference preprocessing.
+
+        "center_crop_floor" (PickScore) is transformers' CLIP image processor itself: identical,
+        bit for bit, to `clip_pixels(..., crop_offset="floor")` (measured max |difference| 0 on
+        120 random sizes and on every uint8 value; tests/test_metric_registry.py checks it).
+        "center_crop" (OpenAI CLIP, torchvision `CenterCrop`) stays hand-written: the processor
+        floors the crop offset where torchvision rounds it, so whenever (side - 224) / 2 ends in
+        .5 and rounds up the window moves by one pixel (35 of those 120 sizes; max |difference|
+        3.74 in normalised units on random-noise images). "letterbox" (hpsv2's `ResizeMaxSize`:
+        longest side, zero padding) is no transformers processor at all.
+        """
         if self.preprocess == "letterbox":
             return letterbox_pixels(images, self.size, self.mean, self.std)
-        return clip_pixels(images, self.size, self.mean, self.std,
-                           crop_offset="floor" if self.preprocess == "center_crop_floor" else "round")
+        if self.preprocess == "center_crop_floor":
+            if self._processor is None:
+                self._processor = clip_image_processor(self.size, self.mean, self.std)
+            return self._processor(images=list(images), return_tensors="pt",
+                                   input_data_format="channels_last")["pixel_values"]
+        return clip_pixels(images, self.size, self.mean, self.std, crop_offset="round")
+
+    def info(self) -> dict[str, Any]:
+        """What results.json records about this scorer: preprocessing, text cleaning, checkpoint."""
+        return {k: getattr(self, k) for k in ("preprocess", "text_cleaning", "checkpoint") if getattr(self, k, None)}
 
     def tokenize(self, prompts) -> dict:
         """Token ids (+ attention mask) of prompts, this metric's reference text cleaning first."""
@@ -240,6 +272,27 @@ class CLIPScorer:
         return (self.scale * cos).double().cpu().numpy()
 
 
+def clip_image_processor(size: int, mean=CLIP_MEAN, std=CLIP_STD):
+    """transformers' CLIP image processor on its PIL / numpy backend (no torchvision needed).
+
+    Shorter side to `size` (PIL bicubic), centre crop with the offset floored, x / 255,
+    normalisation: PickScore's preprocessing. transformers 5 names that backend
+    `CLIPImageProcessorPil` (`CLIPImageProcessor` is the torchvision one there, and only falls
+    back to it when torchvision is missing); in transformers 4 it is `CLIPImageProcessor`.
+
+    Args:
+        size: model input side.
+        mean, std: per-channel normalisation.
+    """
+    try:
+        from transformers import CLIPImageProcessorPil as Processor
+    except ImportError:  # transformers 4
+        from transformers import CLIPImageProcessor as Processor
+    return Processor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}, resample=3,
+                     do_resize=True, do_center_crop=True, do_rescale=True, rescale_factor=1 / 255,
+                     do_normalize=True, image_mean=list(mean), image_std=list(std), do_convert_rgb=True)
+
+
 def _tokenizer(spec, *, metric, url, offline):
     from transformers import AutoTokenizer
 
@@ -247,59 +300,140 @@ def _tokenizer(spec, *, metric, url, offline):
                               offline=offline)
 
 
-def load_clip_score(cfg: dict, *, device="cpu", dtype=torch.float32, offline=True) -> CLIPScorer:
-    """CLIP score from `cfg` = {model, tokenizer (default: model), w (1.0), clamp_zero (false)}."""
+def load_clip_score(cfg: "ClipConfig | dict", *, device="cpu", dtype=torch.float32, offline=True) -> CLIPScorer:
+    """CLIP score from `cfg` (`ClipConfig`: model, tokenizer (default: model), w (1.0), clamp_zero (false), ...)."""
     from transformers import CLIPModel
 
-    model = resolve_pretrained(CLIPModel.from_pretrained, cfg.get("model"), metric="clip", what="CLIP model",
+    cfg = ClipConfig.coerce(cfg, metric="clip")
+    model = resolve_pretrained(CLIPModel.from_pretrained, cfg.model, metric="clip", what="CLIP model",
                                url=CLIP_URL, offline=offline)
-    tok = _tokenizer(cfg.get("tokenizer") or cfg.get("model"), metric="clip", url=CLIP_URL, offline=offline)
-    return CLIPScorer(model, tok, name="clip", w=cfg.get("w", 1.0), clamp_zero=bool(cfg.get("clamp_zero", False)),
-                      image_mean=cfg.get("image_mean", CLIP_MEAN), image_std=cfg.get("image_std", CLIP_STD),
-                      preprocess=cfg.get("preprocess", "center_crop"),
-                      text_cleaning=cfg.get("text_cleaning", "official"), device=device, dtype=dtype)
+    tok = _tokenizer(cfg.tokenizer or cfg.model, metric="clip", url=CLIP_URL, offline=offline)
+    return CLIPScorer(model, tok, name="clip", w=cfg.w, clamp_zero=bool(cfg.clamp_zero), image_mean=cfg.image_mean,
+                      image_std=cfg.image_std, preprocess=cfg.preprocess, text_cleaning=cfg.text_cleaning,
+                      device=device, dtype=dtype)
 
 
-def load_pickscore(cfg: dict, *, device="cpu", dtype=torch.float32, offline=True) -> CLIPScorer:
-    """PickScore from `cfg` = {model: PickScore_v1, tokenizer: the CLIP-H processor's tokenizer}."""
+def load_pickscore(cfg: "PickScoreConfig | dict", *, device="cpu", dtype=torch.float32, offline=True) -> CLIPScorer:
+    """PickScore from `cfg` (`PickScoreConfig`: model PickScore_v1, tokenizer: the CLIP-H processor's, ...)."""
     from transformers import CLIPModel
 
-    model = resolve_pretrained(CLIPModel.from_pretrained, cfg.get("model"), metric="pickscore",
+    cfg = PickScoreConfig.coerce(cfg, metric="pickscore")
+    model = resolve_pretrained(CLIPModel.from_pretrained, cfg.model, metric="pickscore",
                                what="PickScore model", url=PICKSCORE_URL, offline=offline)
-    tok = _tokenizer(cfg.get("tokenizer") or cfg.get("model"), metric="pickscore", url=LAION_H14_URL,
-                     offline=offline)
-    return CLIPScorer(model, tok, name="pickscore", w="logit_scale", image_mean=cfg.get("image_mean", CLIP_MEAN),
-                      image_std=cfg.get("image_std", CLIP_STD), preprocess=cfg.get("preprocess", "center_crop_floor"),
-                      text_cleaning=cfg.get("text_cleaning", "none"), device=device, dtype=dtype)
+    tok = _tokenizer(cfg.tokenizer or cfg.model, metric="pickscore", url=LAION_H14_URL, offline=offline)
+    return CLIPScorer(model, tok, name="pickscore", w="logit_scale", image_mean=cfg.image_mean,
+                      image_std=cfg.image_std, preprocess=cfg.preprocess, text_cleaning=cfg.text_cleaning,
+                      device=device, dtype=dtype)
 
 
-def hps_filename(cfg: dict) -> str:
+def hps_filename(cfg: "HPSConfig | dict") -> str:
     """The HPS checkpoint file of `cfg`: `filename`, else the file of `version` (default v2.1)."""
-    version = cfg.get("version", "v2.1")
-    if version not in HPS_VERSIONS:
-        raise WeightsError(f"hps: version must be one of {sorted(HPS_VERSIONS)}, got {version!r}")
-    return cfg.get("filename") or HPS_VERSIONS[version]
+    cfg = HPSConfig.coerce(cfg, metric="hps")
+    if cfg.version not in HPS_VERSIONS:
+        raise WeightsError(f"hps: version must be one of {sorted(HPS_VERSIONS)}, got {cfg.version!r}")
+    return cfg.filename or HPS_VERSIONS[cfg.version]
 
 
-def load_hps(cfg: dict, *, device="cpu", dtype=torch.float32, offline=True) -> CLIPScorer:
-    """HPSv2 from `cfg` = {weights (file / folder / hub repo), version (v2.1) or filename, architecture, tokenizer}."""
+def load_hps(cfg: "HPSConfig | dict", *, device="cpu", dtype=torch.float32, offline=True) -> CLIPScorer:
+    """HPSv2 from `cfg` (`HPSConfig`: weights (file / folder / hub repo), version (v2.1) or filename, ...)."""
     from transformers import CLIPModel
 
+    cfg = HPSConfig.coerce(cfg, metric="hps")
     filename = hps_filename(cfg)
     url = HPS_URL.rsplit("/", 1)[0] + "/" + filename
-    path = resolve_file(cfg.get("weights"), metric="hps", what="HPS checkpoint", filename=filename, url=url,
+    path = resolve_file(cfg.weights, metric="hps", what="HPS checkpoint", filename=filename, url=url,
                         offline=offline)
-    arch = cfg.get("architecture", "ViT-H-14")
+    arch = cfg.architecture
     sd = openclip_to_hf(load_state_dict(path, metric="hps", key="state_dict"))
     model = load_on_meta(lambda: CLIPModel(hf_clip_config(arch)), sd, metric="hps", path=path)
-    tok = _tokenizer(cfg.get("tokenizer"), metric="hps", url=LAION_H14_URL, offline=offline)
-    scorer = CLIPScorer(model, tok, name="hps", w=1.0, image_mean=cfg.get("image_mean", CLIP_MEAN),
-                        image_std=cfg.get("image_std", CLIP_STD), preprocess=cfg.get("preprocess", "letterbox"),
-                        text_cleaning=cfg.get("text_cleaning", "official"), device=device, dtype=dtype)
+    tok = _tokenizer(cfg.tokenizer, metric="hps", url=LAION_H14_URL, offline=offline)
+    scorer = CLIPScorer(model, tok, name="hps", w=1.0, image_mean=cfg.image_mean, image_std=cfg.image_std,
+                        preprocess=cfg.preprocess, text_cleaning=cfg.text_cleaning, device=device, dtype=dtype)
     scorer.checkpoint = path.name
     return scorer
 
 
-__all__ = ["CLIPScorer", "HPS_VERSIONS", "OPENCLIP_PRESETS", "PREPROCESS", "TEXT_CLEANING", "hf_clip_config",
-           "hps_filename", "load_clip_score", "load_hps", "load_pickscore",
-           "openclip_state_shapes", "openclip_to_hf"]
+# ------------------------------------------------------------------------------ configs and specs
+
+@dataclass(frozen=True)
+class ClipConfig(MetricConfig):
+    """metrics.yaml `clip`: the paper's CLIP score (OpenAI ViT-L/14, w * cosine, no clamp).
+
+    Args:
+        model: transformers `CLIPModel` folder or hub id.
+        w: multiplier of the cosine (Hessel et al.'s CLIPScore: 2.5 with clamp_zero).
+        clamp_zero: max(cos, 0) first.
+        preprocess, text_cleaning: see the module docstring's table.
+        tokenizer: tokenizer folder / id (default: `model`'s).
+        image_mean, image_std: preprocessing normalisation (default: OpenAI CLIP's).
+    """
+
+    model: str | None = "openai/clip-vit-large-patch14"
+    w: float | str = 1.0
+    clamp_zero: bool = False
+    preprocess: str = "center_crop"
+    text_cleaning: str = "official"
+    tokenizer: str | None = optional(None)
+    image_mean: Sequence[float] = optional(CLIP_MEAN)
+    image_std: Sequence[float] = optional(CLIP_STD)
+
+
+@dataclass(frozen=True)
+class PickScoreConfig(MetricConfig):
+    """metrics.yaml `pickscore`: PickScore_v1, exp(logit_scale) * cosine.
+
+    Args:
+        model: the PickScore `CLIPModel` folder or hub id.
+        tokenizer: its processor's tokenizer (LAION's CLIP-H; default: `model`'s when null).
+        preprocess, text_cleaning: see the module docstring's table.
+        image_mean, image_std: preprocessing normalisation (default: OpenAI CLIP's).
+    """
+
+    model: str | None = "yuvalkirstain/PickScore_v1"
+    tokenizer: str | None = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+    preprocess: str = "center_crop_floor"
+    text_cleaning: str = "none"
+    image_mean: Sequence[float] = optional(CLIP_MEAN)
+    image_std: Sequence[float] = optional(CLIP_STD)
+
+
+@dataclass(frozen=True)
+class HPSConfig(MetricConfig):
+    """metrics.yaml `hps`: HPS v2.1 (the authors' version) on an open_clip ViT-H-14.
+
+    Args:
+        weights: checkpoint file, a folder holding it, or the hub repo (xswu/HPSv2).
+        version: "v2.1" or "v2.0" (picks the file name, `HPS_VERSIONS`).
+        filename: overrides the version's file name.
+        architecture: open_clip preset name or model-config dict.
+        tokenizer: a CLIP BPE tokenizer folder / id.
+        preprocess, text_cleaning: see the module docstring's table.
+        image_mean, image_std: preprocessing normalisation (default: OpenAI CLIP's).
+    """
+
+    weights: str | None = "xswu/HPSv2"
+    version: str = "v2.1"
+    filename: str | None = None
+    architecture: str | dict = "ViT-H-14"
+    tokenizer: str | None = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+    preprocess: str = "letterbox"
+    text_cleaning: str = "official"
+    image_mean: Sequence[float] = optional(CLIP_MEAN)
+    image_std: Sequence[float] = optional(CLIP_STD)
+
+
+PICKSCORE = MetricSpec(name="pickscore", kind=MetricKind.PER_PROMPT, loader=load_pickscore, config=PickScoreConfig,
+                       note="PickScore_v1: exp(logit_scale) * cosine (higher = preferred)", higher_is_better=True)
+CLIP = MetricSpec(name="clip", kind=MetricKind.PER_PROMPT, loader=load_clip_score, config=ClipConfig,
+                  note="CLIP score = w * cosine of L2-normalised embeddings (paper: ViT-L/14, w=1, no clamp, no x100)",
+                  higher_is_better=True)
+HPS = MetricSpec(name="hps", kind=MetricKind.PER_PROMPT, loader=load_hps, config=HPSConfig,
+                 note="HPS (default v2.1, as the authors): cosine of the HPS-tuned open_clip ViT-H-14 embeddings",
+                 higher_is_better=True)
+for _spec in (PICKSCORE, CLIP, HPS):  # the paper's table order
+    register_metric(_spec)
+
+
+__all__ = ["CLIP", "CLIPScorer", "ClipConfig", "HPS", "HPSConfig", "HPS_VERSIONS", "OPENCLIP_PRESETS", "PICKSCORE",
+           "PREPROCESS", "PickScoreConfig", "TEXT_CLEANING", "clip_image_processor", "hf_clip_config", "hps_filename",
+           "load_clip_score", "load_hps", "load_pickscore", "openclip_state_shapes", "openclip_to_hf"]

@@ -39,7 +39,7 @@ import html
 import os
 import re
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -437,11 +437,7 @@ def torch_dtype(name: str | torch.dtype | None) -> torch.dtype:
     return table[name]
 
 
-def as_list(x: Iterable) -> list:
-    """Materialise an iterable (so metrics can take generators)."""
-    return x if isinstance(x, list) else list(x)
-
-
 __all__ = ["CLIP_MEAN", "CLIP_STD", "MetricError", "WeightsError", "batched", "center_crop", "check_keys",
-           "clean_text", "clip_pixels", "crop_offset", "hub_offline", "letterbox_geometry", "letterbox_pixels", "load_on_meta", "load_rgb", "load_state_dict", "resize_shorter", "resolve_file",
-           "resolve_pretrained", "to_tensor", "torch_dtype"]
+           "clean_text", "clip_pixels", "crop_offset", "hub_offline", "letterbox_geometry", "letterbox_pixels",
+           "load_on_meta", "load_rgb", "load_state_dict", "resize_shorter", "resolve_file", "resolve_pretrained",
+           "to_tensor", "torch_dtype"]

@@ -7,7 +7,8 @@ by `evaluate` as run["cfg"], or an explicit `--sweep` list) the CLIP-vs-LPIPS cu
 Fig. 5 is drawn: one line per method (vanilla / SoftREPA), points labelled with their CFG. A sweep
 whose runs lack one of the curve's metrics (`--curve-x` / `--curve-y`) gets no curve and a warning
 naming them. Set statistics stored inside another metric (the world metric's quality proxy) are
-compared as rows of their own (`softrepa.evaluate.summary_rows`).
+compared as rows of their own (`report.summary_rows`); the arrows (higher or lower is better)
+come from the metrics' specs (`spec.higher_is_better`).
 """
 
 from __future__ import annotations
@@ -18,10 +19,10 @@ import logging
 from pathlib import Path
 from typing import Sequence
 
+from .report import summary_rows
+from .spec import higher_is_better
+
 log = logging.getLogger(__name__)
-#: Direction of "better" for each metric (used only for the table's arrows).
-HIGHER_IS_BETTER = {"imagereward": True, "pickscore": True, "clip": True, "hps": True, "fid": False,
-                    "lpips": False, "world": True, "world_quality_proxy": False}
 
 
 def load_run(path: str | Path) -> dict:
@@ -59,6 +60,16 @@ def compare_runs(runs: Sequence[str | Path], out: str | Path, *, labels: Sequenc
         curve_x, curve_y: metrics of the sweep plot's axes (paper Fig. 5: LPIPS vs CLIP).
     Returns:
         {"table": rows, "files": [written paths], "sweep": bool}.
+
+    Example:
+        >>> from softrepa.evaluation import compare_runs
+        >>> res = compare_runs(["runs/eval_vanilla_cfg9", "runs/eval_vanilla_cfg13", "runs/eval_tokens_cfg9",
+        ...                     "runs/eval_tokens_cfg13"], "runs/compare", groups=["vanilla", "vanilla",
+        ...                     "softrepa", "softrepa"])
+        >>> [f.rsplit("/", 1)[1] for f in res["files"]], res["sweep"]
+        (['compare.csv', 'compare.md', 'compare_bars.png', 'cfg_sweep.png'], True)
+        >>> res["table"][2]["delta_clip"]  # the third run's CLIP mean minus the first run's  # doctest: +SKIP
+        0.0021
     """
     import matplotlib
 
@@ -67,8 +78,6 @@ def compare_runs(runs: Sequence[str | Path], out: str | Path, *, labels: Sequenc
 
     if len(runs) < 1:
         raise ValueError("compare needs at least one run")
-    from ..evaluate import summary_rows
-
     data = [load_run(r) for r in runs]
     # every run's metrics as the summaries list them (adds world_quality_proxy next to world)
     for d in data:
@@ -112,7 +121,7 @@ def compare_runs(runs: Sequence[str | Path], out: str | Path, *, labels: Sequenc
     def fmt(x, sign=False):
         return "n/a" if x is None else (f"{x:+.4f}" if sign else f"{x:.4f}")
 
-    arrows = {m: (" ↑" if HIGHER_IS_BETTER.get(m, True) else " ↓") for m in metrics}
+    arrows = {m: (" ↓" if higher_is_better(m) is False else " ↑") for m in metrics}  # unknown: ↑
     md = [f"# Comparison (deltas vs `{labels[0]}`)", "",
           "| run | cfg | " + " | ".join(f"{m}{arrows[m]}" for m in metrics) + " |",
           "|---|---|" + "---|" * len(metrics)]
@@ -172,4 +181,4 @@ def compare_runs(runs: Sequence[str | Path], out: str | Path, *, labels: Sequenc
     return {"table": rows, "files": [str(f) for f in files], "sweep": is_sweep}
 
 
-__all__ = ["HIGHER_IS_BETTER", "compare_runs", "load_run"]
+__all__ = ["compare_runs", "load_run"]

@@ -1,105 +1,106 @@
-"""Evaluation metrics of the SoftREPA paper (Table 4) and the miniature's world metrics.
+"""The metrics config (metrics.yaml, `--metrics-config`, overrides) and `load_metric`.
 
-One module per metric family; `load_metric(name, cfg)` builds a scorer from its `metrics.yaml`
-section. Scorers are small objects with one batched method:
+A metrics config has one section per registered metric (its keys are the fields of the metric's
+`MetricSpec.config` dataclass, with the paper's models as defaults; the packaged
+recipes/metrics.yaml documents each entry and its URL) and the top-level keys:
 
-* per-image, prompt-conditioned (`score(images, prompts) -> (B,)`): imagereward, pickscore, clip, hps;
-* set-level features (`features(images) -> (B, D)`): fid;
-* pairwise (`distance(images_a, images_b) -> (B,)`): lpips.
+* `offline`: true / false / "auto" (auto: honour HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE), whether
+  hub ids may only be read from the local Hugging Face cache (`common.hub_offline`);
+* `device`, `dtype`: defaults of `softrepa evaluate --device / --dtype`.
 
-`world` (the miniature's analytic judge) needs no weights and lives in `softrepa.evaluate`.
-Weights are never downloaded at test time and never substituted: see `common.resolve_file`.
+`load_metrics_config` layers the defaults, a YAML file and overrides section by section (a
+section given twice is merged key by key, later layers winning) and validates each layer: an
+unknown top-level key or section key is a `ConfigError` naming the file (or "overrides"), the
+section and the key. The result maps each metric name to its typed config and the top-level keys
+to their values.
 """
 
 from __future__ import annotations
 
-import copy
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .common import MetricError, WeightsError, hub_offline
+from ..errors import ConfigError
+from .common import hub_offline
+from .spec import get_metric, metric_names
 
-#: Every metric `softrepa evaluate` knows, in the paper's table order (+ the miniature's).
-METRIC_NAMES = ("imagereward", "pickscore", "clip", "hps", "fid", "lpips", "world")
-#: The paper's six (Table 4), the default of `softrepa evaluate`.
-PAPER_METRICS = ("imagereward", "pickscore", "clip", "hps", "fid", "lpips")
-
-#: Defaults = the paper's models (configs/metrics.yaml documents each entry and its URL).
-DEFAULT_CONFIG: dict[str, Any] = {
-    "offline": "auto",
-    "imagereward": {"weights": "THUDM/ImageReward", "filename": "ImageReward.pt",
-                    "med_config": "THUDM/ImageReward", "tokenizer": "google-bert/bert-base-uncased"},
-    "pickscore": {"model": "yuvalkirstain/PickScore_v1", "tokenizer": "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
-                  "preprocess": "center_crop_floor", "text_cleaning": "none"},
-    "clip": {"model": "openai/clip-vit-large-patch14", "w": 1.0, "clamp_zero": False, "preprocess": "center_crop",
-             "text_cleaning": "official"},
-    "hps": {"weights": "xswu/HPSv2", "version": "v2.1", "filename": None, "architecture": "ViT-H-14",
-            "tokenizer": "laion/CLIP-ViT-H-14-laion2B-s32B-b79K", "preprocess": "letterbox",
-            "text_cleaning": "official"},
-    "fid": {"weights": None, "filename": "pt_inception-2015-12-05-6726825d.pth"},
-    "lpips": {"net": "vgg", "backbone_weights": None, "lin_weights": "lpips-package", "resize": 299,
-              "input_range": "minus1_1"},
-    "world": {},
-}
-
-_LOADERS = {"imagereward": ("imagereward", "load_imagereward"), "pickscore": ("clip_models", "load_pickscore"),
-            "clip": ("clip_models", "load_clip_score"), "hps": ("clip_models", "load_hps"),
-            "fid": ("inception", "load_fid"), "lpips": ("lpips", "load_lpips")}
+#: Top-level keys besides the metric sections, with their defaults (`device` / `dtype` have none).
+TOP_LEVEL = {"offline": "auto"}
+_UNLISTED = ("device", "dtype")  # accepted, not named in the "known" list (they have no default)
 
 
-def load_config(path: str | Path | None = None, overrides: dict | None = None) -> dict:
-    """The metrics config: `DEFAULT_CONFIG`, updated per section by a YAML file and overrides.
+def _read_yaml(path: str | Path) -> tuple[str, dict]:
+    import yaml
+
+    from ..config import resolve_recipe
+
+    p = resolve_recipe(path)  # a file, or the packaged recipe name "metrics" (recipes/metrics.yaml)
+    data = yaml.safe_load(p.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: expected a mapping of metric sections")
+    return str(p), data
+
+
+def load_metrics_config(path: str | Path | None = None, overrides: Mapping | None = None) -> dict[str, Any]:
+    """The metrics config: the defaults, updated section by section by a YAML file and overrides.
 
     Args:
-        path: a metrics.yaml (sections imagereward, pickscore, clip, hps, fid, lpips, world and the
-            top-level keys offline / device / dtype), or "metrics" for the packaged defaults.
-        overrides: same layout, applied last (used by tests and the Python API).
+        path: a metrics.yaml (one section per metric, e.g. imagereward, pickscore, clip, hps,
+            fid, lpips, world, and the top-level keys offline / device / dtype), or "metrics" for
+            the packaged defaults.
+        overrides: same layout, applied last (used by tests and the Python API); sections may be
+            plain mappings or the typed configs of an earlier call.
+    Returns:
+        {"offline": ..., [device, dtype,] metric name: its `MetricConfig`, ...} for every
+        registered metric.
+    Raises:
+        ConfigError: an unknown key (top level or in a section), or a file that is not a mapping.
+
+    Example:
+        >>> cfg = load_metrics_config(overrides={"offline": True, "clip": {"w": 2.5, "clamp_zero": True}})
+        >>> cfg["clip"].w, cfg["clip"].model
+        (2.5, 'openai/clip-vit-large-patch14')
     """
-    cfg = copy.deepcopy(DEFAULT_CONFIG)
+    names = metric_names()
     layers = []
     if path is not None:
-        import yaml
-
-        from ..config import resolve_recipe
-
-        p = resolve_recipe(path)  # a file, or the packaged recipe name "metrics" (configs/metrics.yaml)
-        data = yaml.safe_load(p.read_text()) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"{p}: expected a mapping of metric sections")
-        layers.append(data)
-    layers.append(overrides or {})
-    for layer in layers:
-        for k, v in layer.items():
-            if isinstance(v, dict) and isinstance(cfg.get(k), dict):
-                cfg[k] = {**cfg[k], **v}
-            else:
-                cfg[k] = v
-    unknown = set(cfg) - set(DEFAULT_CONFIG) - {"device", "dtype"}
+        layers.append(_read_yaml(path))
+    layers.append(("overrides", dict(overrides or {})))
+    top: dict[str, Any] = dict(TOP_LEVEL)
+    sections: dict[str, dict] = {n: {} for n in names}
+    for where, layer in layers:
+        for key, value in layer.items():
+            if key not in sections:
+                top[key] = value
+                continue
+            if value is None:  # an empty YAML section (`clip:`) = the defaults
+                continue
+            get_metric(key).config.from_mapping(value, metric=key, where=where)  # this layer's keys are known
+            sections[key] = {**sections[key], **value}
+    unknown = set(top) - set(TOP_LEVEL) - set(_UNLISTED)
     if unknown:
-        raise ValueError(f"unknown metrics config keys {sorted(unknown)}; known: {list(DEFAULT_CONFIG)}")
-    return cfg
+        raise ConfigError(f"unknown metrics config keys {sorted(unknown)}; known: {[*TOP_LEVEL, *names]}")
+    return {**top, **{n: get_metric(n).config.from_mapping(sections[n], metric=n) for n in names}}
 
 
-def load_metric(name: str, config: dict, *, device="cpu", dtype=None):
+def load_metric(name: str, config: Mapping | None = None, *, device="cpu", dtype=None):
     """Build the scorer of metric `name` from the full metrics config.
 
     Args:
-        name: one of `METRIC_NAMES` except "world".
-        config: output of `load_config`.
+        name: a registered metric (`metric_names()`).
+        config: output of `load_metrics_config` (or a mapping of the same layout; a section given
+            as a plain mapping takes the metric's defaults for its missing keys); None: defaults.
         device, dtype: where / how the model runs (dtype default float32).
     Raises:
         WeightsError: weights missing / unusable (message names the file or id and its URL).
     """
-    import importlib
-
     import torch
 
-    if name not in _LOADERS:
-        raise ValueError(f"unknown metric {name!r}; known: {list(METRIC_NAMES)}")
-    mod, fn = _LOADERS[name]
-    loader = getattr(importlib.import_module(f"{__name__}.{mod}"), fn)
-    return loader(config.get(name) or {}, device=device, dtype=dtype or torch.float32, offline=hub_offline(config))
+    spec = get_metric(name)
+    config = config or {}
+    section = spec.config.coerce(config.get(name), metric=name)
+    return spec.loader(section, device=device, dtype=dtype or torch.float32, offline=hub_offline(config))
 
 
-__all__ = ["DEFAULT_CONFIG", "METRIC_NAMES", "MetricError", "PAPER_METRICS", "WeightsError", "load_config",
-           "load_metric"]
+__all__ = ["TOP_LEVEL", "load_metric", "load_metrics_config"]

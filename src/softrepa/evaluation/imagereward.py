@@ -16,17 +16,26 @@ onto those classes and reproduces `ImageReward.score`:
 `imagereward_state_shapes` lists the key -> shape table of the published `ImageReward.pt` (the
 `ImageReward` module's state dict: `blip.visual_encoder.*`, `blip.text_encoder.*`, the unused
 `blip.vision_proj` / `blip.text_proj` heads, `mlp.layers.*`); tests load it with strict checks.
+
+The image transform is BLIP's (torchvision `Resize(224, bicubic)` + `CenterCrop` + normalisation),
+hand-written in `clip_pixels`: transformers' CLIP image processor floors the centre crop's offset
+where torchvision rounds it (see `clip_models.CLIPScorer.pixels`), so it is not used here.
+The metrics.yaml section is `ImageRewardConfig`; the spec `IMAGEREWARD` (kind `PER_PROMPT`) is
+declared and registered at the end of this module.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
-from .common import CLIP_MEAN, CLIP_STD, WeightsError, clip_pixels, load_on_meta, load_state_dict, resolve_file
+from .common import (CLIP_MEAN, CLIP_STD, WeightsError, clip_pixels, load_on_meta, load_state_dict, resolve_file,
+                     resolve_pretrained)
+from .spec import MetricConfig, MetricKind, MetricSpec, optional, register_metric
 
 IMAGEREWARD_URL = "https://huggingface.co/THUDM/ImageReward/resolve/main/ImageReward.pt"
 MED_CONFIG_URL = "https://huggingface.co/THUDM/ImageReward/resolve/main/med_config.json"
@@ -185,8 +194,6 @@ def load_bert_tokenizer(spec, *, offline: bool):
     """BLIP's tokenizer: bert-base-uncased plus the [DEC] (bos) and [ENC] special tokens."""
     from transformers import AutoTokenizer
 
-    from .common import resolve_pretrained
-
     tok = resolve_pretrained(AutoTokenizer.from_pretrained, spec, metric="imagereward", what="BERT tokenizer",
                              url=BERT_URL, offline=offline)
     tok.add_special_tokens({"bos_token": "[DEC]"})
@@ -203,8 +210,6 @@ class ImageRewardScorer:
         device, dtype: where / how the model runs.
     """
 
-    per_image = True
-    needs_prompts = True
     name = "imagereward"
 
     def __init__(self, model: ImageRewardModel, tokenizer, *, device="cpu", dtype=torch.float32):
@@ -220,21 +225,48 @@ class ImageRewardScorer:
         return self.model(pix, tok["input_ids"], tok["attention_mask"]).double().cpu().numpy()
 
 
-def load_imagereward(cfg: dict, *, device="cpu", dtype=torch.float32, offline=True) -> ImageRewardScorer:
-    """ImageReward from `cfg` = {weights, filename, med_config, tokenizer, vision (optional dims)}."""
-    path = resolve_file(cfg.get("weights"), metric="imagereward", what="ImageReward checkpoint",
-                        filename=cfg.get("filename", "ImageReward.pt"), url=IMAGEREWARD_URL, offline=offline)
-    med_path = resolve_file(cfg.get("med_config"), metric="imagereward", what="BLIP med_config.json",
+def load_imagereward(cfg: "ImageRewardConfig | dict", *, device="cpu", dtype=torch.float32,
+                     offline=True) -> ImageRewardScorer:
+    """ImageReward from `cfg` (`ImageRewardConfig`: weights, filename, med_config, tokenizer, vision)."""
+    cfg = ImageRewardConfig.coerce(cfg, metric="imagereward")
+    path = resolve_file(cfg.weights, metric="imagereward", what="ImageReward checkpoint",
+                        filename=cfg.filename, url=IMAGEREWARD_URL, offline=offline)
+    med_path = resolve_file(cfg.med_config, metric="imagereward", what="BLIP med_config.json",
                             filename="med_config.json", url=MED_CONFIG_URL, offline=offline)
     med = json.loads(med_path.read_text())
-    tok = load_bert_tokenizer(cfg.get("tokenizer"), offline=offline)
+    tok = load_bert_tokenizer(cfg.tokenizer, offline=offline)
     if len(tok) > med.get("vocab_size", MED_BASE["vocab_size"]):
         raise WeightsError(f"imagereward: tokenizer has {len(tok)} tokens but med_config vocab_size is "
                            f"{med.get('vocab_size')}")
     sd = convert_imagereward(load_state_dict(path, metric="imagereward"))
-    model = load_on_meta(lambda: ImageRewardModel(med, cfg.get("vision")), sd, metric="imagereward", path=path)
+    model = load_on_meta(lambda: ImageRewardModel(med, cfg.vision), sd, metric="imagereward", path=path)
     return ImageRewardScorer(model, tok, device=device, dtype=dtype)
 
 
-__all__ = ["ImageRewardModel", "ImageRewardScorer", "convert_imagereward", "imagereward_state_shapes",
-           "load_bert_tokenizer", "load_imagereward"]
+@dataclass(frozen=True)
+class ImageRewardConfig(MetricConfig):
+    """metrics.yaml `imagereward`: ImageReward-v1.0.
+
+    Args:
+        weights: `ImageReward.pt`, a folder holding `filename`, or the hub repo (THUDM/ImageReward).
+        filename: the checkpoint file inside a folder / hub repo.
+        med_config: BLIP's med_config.json, a folder holding it, or the hub repo.
+        tokenizer: bert-base-uncased folder / id.
+        vision: image encoder dims {image_size, patch_size, width, layers, heads} (default ViT-L/16).
+    """
+
+    weights: str | None = "THUDM/ImageReward"
+    filename: str | None = "ImageReward.pt"
+    med_config: str | None = "THUDM/ImageReward"
+    tokenizer: str | None = "google-bert/bert-base-uncased"
+    vision: dict | None = optional(None)
+
+
+IMAGEREWARD = MetricSpec(name="imagereward", kind=MetricKind.PER_PROMPT, loader=load_imagereward,
+                         config=ImageRewardConfig, higher_is_better=True,
+                         note="ImageReward-v1.0 standardised reward (higher = preferred)")
+register_metric(IMAGEREWARD)
+
+
+__all__ = ["IMAGEREWARD", "ImageRewardConfig", "ImageRewardModel", "ImageRewardScorer", "convert_imagereward",
+           "imagereward_state_shapes", "load_bert_tokenizer", "load_imagereward"]

@@ -14,11 +14,17 @@ Features follow pytorch-fid exactly: RGB in [0, 1] -> bilinear resize to 299 (al
 no antialias) -> 2x - 1 -> network -> global average pool (2048-d). The Fréchet distance is
 computed in float64 with symmetric eigendecompositions (`frechet_from_stats`), which agrees with
 scipy's `sqrtm` formula of pytorch-fid to round-off and needs no scipy.
+
+The metrics.yaml section is `FIDConfig`; the spec `FID` (kind `PER_SET`: `FIDFeatures.features`
+per batch, `FIDFeatures.statistic` once against the reference folder's features or a pytorch-fid
+.npz) is declared and registered at the end of this module.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .common import MetricError, check_keys, load_state_dict, resolve_file, to_tensor
+from .spec import MetricConfig, MetricKind, MetricSpec, optional, register_metric
 
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                    "pt_inception-2015-12-05-6726825d.pth")
@@ -228,14 +235,38 @@ class FIDFeatures:
         label: what the features are, recorded in results.json.
     """
 
-    per_image = False
-    needs_prompts = False
     name = "fid"
+    #: What `--reference` must be (for the message when it is missing).
+    reference_help = "a folder of real images or a pytorch-fid .npz of mu/sigma"
+    #: A reference file with one of these suffixes holds statistics, not images (`load_stats`).
+    statistics_suffixes = (".npz",)
 
     def __init__(self, model: nn.Module, *, device="cpu", dtype=torch.float32,
                  label: str = "pytorch-fid Inception-v3 pool3 (2048-d)"):
         self.model, self.device, self.dtype = model.to(device, dtype).eval(), torch.device(device), dtype
         self.label = label
+
+    def info(self) -> dict[str, Any]:
+        """What results.json records about the extractor."""
+        return {"features": self.label}
+
+    def statistic(self, features: np.ndarray, reference: "np.ndarray | Path") -> tuple[float, dict[str, Any]]:
+        """FID of the generated features against the reference, and which computation ran.
+
+        Args:
+            features: (N, D) features of the generated images.
+            reference: (M, D) features of the reference images (`fid_with_path`: the exact
+                low-rank path when both sets have fewer images than dimensions, else the D x D
+                eigen path), or a pytorch-fid .npz of mu / sigma (only the eigen path applies).
+        Returns:
+            (FID, {"fid_path", "fid_path_note"}).
+        """
+        if isinstance(reference, (str, Path)):
+            path = fid_path(len(features), None, features.shape[1])
+            value = frechet_from_stats(*feature_stats(features), *load_stats(reference))
+        else:
+            value, path = fid_with_path(features, reference)
+        return value, {"fid_path": path, "fid_path_note": FID_PATHS[path]}
 
     @torch.no_grad()
     def features(self, images) -> np.ndarray:
@@ -246,21 +277,21 @@ class FIDFeatures:
         return self.model((2 * x - 1).to(self.device, self.dtype)).double().cpu().numpy()
 
 
-def load_fid(cfg: dict, *, device="cpu", dtype=torch.float32, offline=True) -> FIDFeatures:
-    """FID features from `cfg` = {weights: pt_inception-2015-12-05-6726825d.pth (file or folder)}.
+def load_fid(cfg: "FIDConfig | dict", *, device="cpu", dtype=torch.float32, offline=True) -> FIDFeatures:
+    """FID features from `cfg` (`FIDConfig`: weights = pt_inception-2015-12-05-6726825d.pth, file or folder).
 
-    `cfg["test_only_random_features"] = true` swaps in a tiny seeded random conv net: a plumbing
-    aid for tests; its numbers are not FID and are labelled so in the results.
+    `test_only_random_features: true` swaps in a tiny seeded random conv net: a plumbing aid for
+    tests; its numbers are not FID and are labelled so in the results.
     """
-    if cfg.get("test_only_random_features"):
+    cfg = FIDConfig.coerce(cfg, metric="fid")
+    if cfg.test_only_random_features:
         with torch.random.fork_rng(devices=[]):  # seeded without touching the caller's RNG
             torch.manual_seed(0)
             net = nn.Sequential(nn.AvgPool2d(23), nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(2),
                                 nn.Flatten())
         return FIDFeatures(net, device=device, dtype=dtype, label="TEST-ONLY random conv features (not FID)")
-    path = resolve_file(cfg.get("weights"), metric="fid", what="FID Inception weights",
-                        filename=cfg.get("filename", "pt_inception-2015-12-05-6726825d.pth"), url=FID_WEIGHTS_URL,
-                        offline=offline)
+    path = resolve_file(cfg.weights, metric="fid", what="FID Inception weights", filename=cfg.filename,
+                        url=FID_WEIGHTS_URL, offline=offline)
     sd = load_state_dict(path, metric="fid")
     model = FIDInceptionV3()
     for k, v in model.state_dict().items():  # older files lack the BatchNorm counters (unused at eval)
@@ -368,6 +399,26 @@ def load_stats(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
         return f["mu"], f["sigma"]
 
 
-__all__ = ["FIDFeatures", "FIDInceptionV3", "FID_PATHS", "FID_WEIGHTS_URL", "feature_stats", "fid_from_features",
-           "fid_path", "fid_with_path",
-           "fid_inception_state_shapes", "frechet_from_stats", "load_fid", "load_stats"]
+@dataclass(frozen=True)
+class FIDConfig(MetricConfig):
+    """metrics.yaml `fid`: pytorch-fid's Inception weights (not on the hub: a local file or folder).
+
+    Args:
+        weights: the .pth file or the folder holding `filename`.
+        filename: the file inside a folder.
+        test_only_random_features: a seeded random conv net instead (plumbing tests only).
+    """
+
+    weights: str | None = None
+    filename: str | None = "pt_inception-2015-12-05-6726825d.pth"
+    test_only_random_features: bool = optional(False)
+
+
+FID = MetricSpec(name="fid", kind=MetricKind.PER_SET, loader=load_fid, config=FIDConfig, higher_is_better=False,
+                 note="FID vs the reference set (lower = closer)")
+register_metric(FID)
+
+
+__all__ = ["FID", "FIDConfig", "FIDFeatures", "FIDInceptionV3", "FID_PATHS", "FID_WEIGHTS_URL", "feature_stats",
+           "fid_from_features", "fid_inception_state_shapes", "fid_path", "fid_with_path", "frechet_from_stats",
+           "load_fid", "load_stats"]

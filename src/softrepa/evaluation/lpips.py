@@ -12,16 +12,21 @@ unit normalisation (eps 1e-10), squared differences, 1x1 linear layers and spati
 Which pairs: for edits, each edited image against its source image (metadata "source_image");
 for generation, the SoftREPA authors' eval.py compares each generated image with the COCO image of
 the same file name (val2017, resized), both resized to 299 x 299, VGG network. That is what
-`softrepa evaluate --metrics lpips --reference DIR` does (see `evaluate.py` for the pairing).
+`softrepa evaluate --metrics lpips --reference DIR` does (see `inputs.image_pairs` for the pairing).
 Their script feeds uint8 tensors (0..255) to `lpips.LPIPS` without `normalize=True`, i.e. not the
 [-1, 1] range LPIPS is calibrated for; `input_range: authors_uint8` reproduces that bit for bit,
 the default `minus1_1` is LPIPS as specified. Results record which one was used.
+
+The metrics.yaml section is `LPIPSConfig`; the spec `LPIPS` (kind `PER_PAIR`) is declared and
+registered at the end of this module.
 """
 
 from __future__ import annotations
 
 import importlib.util
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,6 +34,7 @@ from PIL import Image
 from torch import nn
 
 from .common import MetricError, WeightsError, check_keys, load_state_dict, resolve_file, to_tensor
+from .spec import MetricConfig, MetricKind, MetricSpec, register_metric
 
 BACKBONE_URLS = {"vgg": "https://download.pytorch.org/models/vgg16-397923af.pth",
                  "alex": "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth"}
@@ -147,6 +153,10 @@ class LPIPSScorer:
         self.model, self.resize, self.input_range = model.to(device, dtype).eval(), resize, input_range
         self.device, self.dtype = torch.device(device), dtype
 
+    def info(self) -> dict[str, Any]:
+        """What results.json records about this scorer: network, resize, input range."""
+        return {"net": self.model.net, "resize": self.resize, "input_range": self.input_range}
+
     def _prep(self, images) -> torch.Tensor:
         if self.resize:
             images = [im.resize((self.resize, self.resize), Image.BILINEAR) for im in images]
@@ -178,14 +188,16 @@ class LPIPSScorer:
         return np.array([float(self.model(self._prep([a]), self._prep([b]))[0]) for a, b in zip(images_a, images_b)])
 
 
-def load_lpips(cfg: dict, *, device="cpu", dtype=torch.float32, offline=True) -> LPIPSScorer:
-    """LPIPS from `cfg` = {net, backbone_weights, lin_weights ("lpips-package" or a path), resize, input_range}."""
-    net = cfg.get("net", "vgg")
+def load_lpips(cfg: "LPIPSConfig | dict", *, device="cpu", dtype=torch.float32, offline=True) -> LPIPSScorer:
+    """LPIPS from `cfg` (`LPIPSConfig`: net, backbone_weights, lin_weights ("lpips-package" or a path), resize,
+    input_range)."""
+    cfg = LPIPSConfig.coerce(cfg, metric="lpips")
+    net = cfg.net
     if net not in CHANNELS:
         raise WeightsError(f"lpips: net must be 'vgg' or 'alex', got {net!r}")
-    bpath = resolve_file(cfg.get("backbone_weights"), metric="lpips", what=f"torchvision {net} ImageNet weights",
+    bpath = resolve_file(cfg.backbone_weights, metric="lpips", what=f"torchvision {net} ImageNet weights",
                          filename=Path(BACKBONE_URLS[net]).name, url=BACKBONE_URLS[net], offline=offline)
-    lin_spec = cfg.get("lin_weights", "lpips-package")
+    lin_spec = cfg.lin_weights
     lpath = packaged_lin_weights(net) if lin_spec == "lpips-package" else Path(str(lin_spec)).expanduser()
     if lpath is None or not lpath.is_file():
         why = f"no {net}.pth in an installed lpips package" if lin_spec == "lpips-package" else "no such file"
@@ -197,9 +209,32 @@ def load_lpips(cfg: dict, *, device="cpu", dtype=torch.float32, offline=True) ->
     check_keys(sd, {k: tuple(v.shape) for k, v in model.state_dict().items()}, metric="lpips",
                path=f"{bpath} + {lpath}")
     model.load_state_dict(sd, strict=True)
-    return LPIPSScorer(model, resize=cfg.get("resize", 299), input_range=cfg.get("input_range", "minus1_1"),
-                       device=device, dtype=dtype)
+    return LPIPSScorer(model, resize=cfg.resize, input_range=cfg.input_range, device=device, dtype=dtype)
 
 
-__all__ = ["BACKBONE_URLS", "LPIPSNet", "LPIPSScorer", "backbone_features", "backbone_state_shapes", "load_lpips",
-           "packaged_lin_weights"]
+@dataclass(frozen=True)
+class LPIPSConfig(MetricConfig):
+    """metrics.yaml `lpips`: LPIPS v0.1 (the authors: VGG, both images resized to 299).
+
+    Args:
+        net: "vgg" or "alex".
+        backbone_weights: torchvision's ImageNet checkpoint of `net` (file or folder).
+        lin_weights: "lpips-package" (the file inside an installed `lpips` wheel) or a path.
+        resize: square side both images are resized to; None: native sizes.
+        input_range: "minus1_1" (LPIPS as calibrated) or "authors_uint8" (the authors' eval.py).
+    """
+
+    net: str = "vgg"
+    backbone_weights: str | None = None
+    lin_weights: str = "lpips-package"
+    resize: int | None = 299
+    input_range: str = "minus1_1"
+
+
+LPIPS = MetricSpec(name="lpips", kind=MetricKind.PER_PAIR, loader=load_lpips, config=LPIPSConfig,
+                   higher_is_better=False, note="LPIPS v0.1 vs the paired image (lower = more similar)")
+register_metric(LPIPS)
+
+
+__all__ = ["BACKBONE_URLS", "LPIPS", "LPIPSConfig", "LPIPSNet", "LPIPSScorer", "backbone_features",
+           "backbone_state_shapes", "load_lpips", "packaged_lin_weights"]

@@ -5,14 +5,23 @@ from and tallies every attribute category. `frechet_distance` is the usual Fréc
 between Gaussians fitted to two feature sets (as in FID), computed with symmetric
 eigendecompositions only (no scipy); `quality_proxy` applies it to `judge.features`, which
 react to blur, noise, colour casts and broken shapes.
+
+`WORLD` is the `world` metric of `softrepa evaluate` (kind `REPORT`: per-image 0/1 outcomes,
+accuracies per category and prompt kind, and with `--reference` the quality proxy as the row
+`world_quality_proxy`). The evaluation core never imports this package: the registry reaches
+`WORLD` through the `softrepa.metrics` entry point in pyproject.toml; importing this module
+registers it too.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 
+from ..evaluation.common import MetricError
+from ..evaluation.spec import MetricConfig, MetricKind, MetricSpec, SummaryRow, register_metric
 from .judge import features, judge_scene
 from .world import Scene, parse_prompt
 
@@ -120,4 +129,68 @@ def quality_proxy(images: Sequence, reference_images: Sequence) -> float:
     return frechet_distance(feature_matrix(images), feature_matrix(reference_images))
 
 
-__all__ = ["CATEGORIES", "alignment_report", "feature_matrix", "frechet_distance", "quality_proxy"]
+# ------------------------------------------------------------------------- the `world` metric
+
+@dataclass(frozen=True)
+class WorldConfig(MetricConfig):
+    """metrics.yaml `world`: the analytic judge has no settings (the section is `world: {}`)."""
+
+
+class WorldJudge:
+    """The `world` metric's scorer: the miniature's analytic judge (no weights)."""
+
+    name = "world"
+
+    def report(self, images: Sequence, prompts: Sequence[str],
+               reference_images: Sequence | None = None) -> tuple[np.ndarray, dict]:
+        """Per-image 0/1 outcomes (every prompt attribute satisfied) and the run's report.
+
+        Args:
+            images: RGB images, one per prompt.
+            prompts: their prompts (the miniature's grammar).
+            reference_images: real renders for the quality proxy, or None.
+        Returns:
+            (values, {"accuracy", "categories", "by_kind"[, "quality_proxy"]}).
+        Raises:
+            MetricError: a prompt outside the miniature's grammar.
+        """
+        try:
+            rep = alignment_report(images, list(prompts), keep_items=True)
+        except ValueError as e:  # a prompt outside the miniature's grammar
+            raise MetricError(f"world: {e}") from e
+        extra = {"accuracy": rep["accuracy"], "categories": rep["categories"], "by_kind": rep["by_kind"]}
+        if reference_images is not None:
+            extra["quality_proxy"] = quality_proxy(images, reference_images)
+        return np.array([float(v["all_ok"]) for v in rep["items"]]), extra
+
+
+def load_world(cfg: WorldConfig | dict | None = None, *, device="cpu", dtype=None, offline=True) -> WorldJudge:
+    """The `world` scorer (`cfg`, device, dtype and offline are unused: no model, no weights)."""
+    WorldConfig.coerce(cfg, metric="world")
+    return WorldJudge()
+
+
+def _fmt(x) -> str:
+    return "" if x is None else (f"{x:.4f}" if isinstance(x, float) else str(x))
+
+
+def category_table(result: dict) -> list[str]:
+    """results.md lines after the table: the world metric's accuracy per category ([] on an error)."""
+    if "categories" not in result:
+        return []
+    return ["", "## World alignment by category", "", "| category | n | accuracy |", "|---|---|---|",
+            *(f"| {c} | {t['n']} | {_fmt(t['accuracy'])} |" for c, t in result["categories"].items())]
+
+
+WORLD = MetricSpec(
+    name="world", kind=MetricKind.REPORT, loader=load_world, config=WorldConfig, binary=True, higher_is_better=True,
+    note="miniature alignment: fraction of images satisfying every prompt attribute (Wilson 95% CI)",
+    rows=(SummaryRow(name="world_quality_proxy", key="quality_proxy", higher_is_better=False,
+                     note="miniature Fréchet distance of judge features vs the --reference renders "
+                          "(lower = closer; a set statistic, no CI)"),),
+    markdown=category_table)
+register_metric(WORLD)  # also reached without importing softrepa.toy: entry point softrepa.metrics:world
+
+
+__all__ = ["CATEGORIES", "WORLD", "WorldConfig", "WorldJudge", "alignment_report", "category_table",
+           "feature_matrix", "frechet_distance", "load_world", "quality_proxy"]

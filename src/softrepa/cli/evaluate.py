@@ -1,4 +1,4 @@
-"""`softrepa evaluate` and `softrepa compare` command lines (registered in `softrepa.cli`).
+"""`softrepa evaluate` and `softrepa compare` command lines (registered in `softrepa.cli.main`).
 
     softrepa evaluate --images DIR [--reference DIR|stats.npz] [--reference-captions captions.json] [--prompts FILE]
                       [--metrics imagereward,pickscore,clip,hps,fid,lpips,world]
@@ -7,7 +7,8 @@
 
 `evaluate` exits 0 when every requested metric was computed and 1 when some failed (their errors
 are in results.json / results.md; the others are still reported). Library errors (missing image
-folder, bad arguments) exit 2 through `softrepa.cli`.
+folder, bad arguments) exit 2 through `softrepa.cli`. Argument parsing only: the work is
+`softrepa.evaluation.evaluate` / `compare_runs`, the console summary `summary_lines`.
 """
 
 from __future__ import annotations
@@ -15,7 +16,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .metrics import METRIC_NAMES, PAPER_METRICS
+from ..evaluation import PAPER_METRICS, compare_runs, evaluate, metric_names, summary_lines
+from .common import add_dtype_argument, add_out_argument, add_progress_argument
+
+#: --dtype short names -> the names `evaluate` records in results.json
+_EVAL_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
 def _csv_list(text: str) -> list[str]:
@@ -37,41 +42,32 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompts", default=None,
                         help="prompt file (.txt in sorted image order, or .jsonl/.json/.csv with file,prompt)")
     parser.add_argument("--metrics", default=",".join(PAPER_METRICS),
-                        help=f"comma-separated subset of {','.join(METRIC_NAMES)} (default: the paper's six)")
+                        help=f"comma-separated subset of {','.join(metric_names())} (default: the paper's six)")
     parser.add_argument("--metrics-config", default=None,
                         help="metrics.yaml naming each metric's weights, or 'metrics' (the packaged configs/metrics.yaml); "
                              "default: the paper's hub ids")
     parser.add_argument("--batch-size", type=int, default=16, help="images per model call")
     parser.add_argument("--device", default=None, help="cpu / cuda / cuda:1 (default: cuda when available)")
-    parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
-                        help="model dtype (default float32)")
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    parser.add_argument("--out", required=True, help="output folder for results.{json,csv,md} and per_image.csv")
+    add_dtype_argument(parser, help="metric models' dtype (default: the metrics config's, else fp32)")
+    add_progress_argument(parser)
+    add_out_argument(parser, help="output folder for results.{json,csv,md} and per_image.csv")
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
     """Run `softrepa evaluate`; returns the exit code."""
-    from .evaluate import evaluate, summary_rows
-
     metrics = _csv_list(args.metrics)
-    unknown = [m for m in metrics if m not in METRIC_NAMES]
+    known = metric_names()
+    unknown = [m for m in metrics if m not in known]
     if unknown or not metrics:
-        raise ValueError(f"--metrics: unknown {unknown}; choose from {','.join(METRIC_NAMES)}")
+        raise ValueError(f"--metrics: unknown {unknown}; choose from {','.join(known)}")
     if args.batch_size < 1:
         raise ValueError("--batch-size must be >= 1")
     res = evaluate(args.images, args.out, metrics=metrics, reference=args.reference, prompts=args.prompts,
                    reference_captions=args.reference_captions, config=args.metrics_config,
-                   batch_size=args.batch_size, device=args.device, dtype=args.dtype, progress=not args.no_progress)
-    rows = summary_rows(res)  # the metrics plus derived rows such as world_quality_proxy, as in results.md
-    width = max([12] + [len(name) for name, _ in rows])
-    for name, m in rows:
-        if "error" in m:
-            print(f"{name:{width}s} ERROR  {m['error']}")
-        else:
-            ci = m.get("ci95")
-            ci_text = f"  95% CI [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else ""
-            mean = "n/a" if m.get("mean") is None else f"{m['mean']:.4f}"
-            print(f"{name:{width}s} {mean}{ci_text}  (n={m['count']})")
+                   batch_size=args.batch_size, device=args.device,
+                   dtype=_EVAL_DTYPES[args.dtype] if args.dtype else None, progress=not args.no_progress)
+    for line in summary_lines(res):
+        print(line)
     print(f"wrote {args.out}/results.json, results.csv, results.md, per_image.csv")
     if res["errors"]:
         print(f"{len(res['errors'])} metric(s) failed: {', '.join(res['errors'])}", file=sys.stderr)
@@ -86,7 +82,7 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
         parser: the subcommand's parser.
     """
     parser.add_argument("runs", nargs="+", help="evaluated run folders (or results.json); the first is the baseline")
-    parser.add_argument("--out", required=True, help="output folder")
+    add_out_argument(parser)
     parser.add_argument("--labels", default=None, help="comma-separated run names (default: folder names)")
     parser.add_argument("--sweep", default=None,
                         help="comma-separated CFG of each run (default: the target CFG in each run's metadata)")
@@ -99,8 +95,6 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_compare(args: argparse.Namespace) -> int:
     """Run `softrepa compare`; returns the exit code."""
-    from .metrics.compare import compare_runs
-
     sweep = [float(x) for x in _csv_list(args.sweep)] if args.sweep else None
     res = compare_runs(args.runs, args.out, labels=_csv_list(args.labels) if args.labels else None, sweep=sweep,
                        groups=_csv_list(args.groups) if args.groups else None,
