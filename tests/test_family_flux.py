@@ -144,3 +144,112 @@ def test_generate_compare_cli_on_a_saved_flux_folder(tmp_path):
     a, b = (tmp_path / "gen" / sub / "00000_s0.png" for sub in ("vanilla", "tokens"))
     assert a.is_file() and b.is_file() and a.read_bytes() != b.read_bytes()
     assert (tmp_path / "gen" / "compare" / "00000.png").is_file()
+
+
+# ----------------------------------------------------------------------------- FlowEdit (guidance embedding)
+def _edit_inputs(pipe, w=32, h=24):
+    from PIL import Image
+    import numpy as np
+
+    from softrepa.edit import encode_source, image_to_pixels
+
+    img = Image.fromarray((np.random.RandomState(0).rand(h, w, 3) * 255).astype(np.uint8))
+    return img, encode_source(backbone_for(pipe), image_to_pixels(img, (h, w))).detach()
+
+
+def test_flowedit_same_prompt_and_guidance_returns_the_source_exactly(pipe):
+    """z_edit == x_src at every step (same prompt, same guidance): the edit is exactly the source,
+    also with tokens attached; another prompt (and, dev-style, another target guidance) edits."""
+    from softrepa.edit import edit_latents
+    from softrepa.flowedit import FlowEditParams
+
+    _, z = _edit_inputs(pipe)
+    p = FlowEditParams(steps=4, n_max=3, src_cfg=2.0, tar_cfg=2.0)
+    run = lambda src, tar, params=p: edit_latents(pipe, z, [src], [tar], params, max_sequence_length=8)  # noqa: E731
+    assert torch.equal(run("a red circle", "a red circle"), z)
+    edited = run("a red circle", "a blue square")
+    assert (edited - z).abs().max() > 1e-3
+    assert torch.equal(edited, run("a red circle", "a blue square"))  # seeded
+    tokens = SoftTokens.for_model(pipe, SoftTokensConfig(num_layers=2, init_std=1.0), seed=0)
+    with attach(pipe, tokens):
+        assert torch.equal(run("a red circle", "a red circle"), z)
+        assert not torch.allclose(run("a red circle", "a blue square"), edited, atol=1e-4)
+    assert torch.equal(run("a red circle", "a blue square"), edited)  # detached: vanilla again
+    other = run("a red circle", "a red circle", FlowEditParams(steps=4, n_max=3, src_cfg=2.0, tar_cfg=5.0))
+    if pipe.transformer.config.guidance_embeds:
+        assert (other - z).abs().max() > 1e-3  # the target guidance enters through the embedding
+    else:  # no guidance input: both branches are plain conditional velocities, as the official FlowEditFLUX
+        assert torch.equal(other, z)
+
+
+def test_flowedit_makes_one_conditional_call_per_branch_with_its_guidance(pipe):
+    """No unconditional rows: each step calls the model once on (source, target) conditional rows,
+    the guidance embedding carrying 1.5 on the source rows and 5.5 on the target rows (dev-style)."""
+    from softrepa.edit import edit_latents
+    from softrepa.flowedit import FlowEditParams
+
+    _, z = _edit_inputs(pipe)
+    seen = []
+    hook = pipe.transformer.register_forward_pre_hook(
+        lambda mod, args, kw: seen.append((kw["hidden_states"].shape[0], kw["guidance"])), with_kwargs=True)
+    try:
+        edit_latents(pipe, z, ["a red circle"], ["a blue square"],
+                     FlowEditParams(steps=4, n_max=2, src_cfg=1.5, tar_cfg=5.5), max_sequence_length=8)
+    finally:
+        hook.remove()
+    assert [n for n, _ in seen] == [2, 2]  # 2 steps, one call each on B = 1 source + 1 target row
+    for _, g in seen:
+        if pipe.transformer.config.guidance_embeds:
+            assert g.tolist() == [1.5, 5.5]
+        else:
+            assert g is None
+
+
+def test_flowedit_presets_sigmas_and_cfg_form():
+    """FLUX presets are FlowEdit's published FLUX.1-dev ones (also with tokens); the sigma grid is the
+    FluxPipeline's own (linspace(1, 1/T, T), dynamically shifted); the CFG 'authors' form is refused."""
+    import numpy as np
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from softrepa.edit import edit_latents
+    from softrepa.flowedit import FlowEditParams
+
+    pipe = tiny_flux_pipeline(guidance_embeds=True)
+    for with_tokens in (False, True):
+        p = FlowEditParams.preset(family_of(pipe), with_tokens=with_tokens)
+        assert (p.steps, p.n_max, p.src_cfg, p.tar_cfg, p.n_min, p.n_avg) == (28, 24, 1.5, 5.5, 0, 1)
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_image_seq_len=16,
+                                                     max_image_seq_len=256, base_shift=0.5, max_shift=1.15)
+    _, sigmas, _ = family_of(pipe).edit_model(backbone_for(pipe), 5, (1, 4, 12, 16))
+    pipe(prompt="a red circle", height=24, width=32, num_inference_steps=5, output_type="latent",
+         max_sequence_length=8, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(sigmas, pipe.scheduler.sigmas.float().cpu(), rtol=0, atol=0)
+    assert not np.allclose(sigmas[:-1].numpy(), np.linspace(1, 1 / 5, 5))  # shifted
+    _, z = _edit_inputs(pipe)
+    with pytest.raises(ValueError, match="embedding"):
+        edit_latents(pipe, z, ["a"], ["b"], FlowEditParams(steps=4, n_max=2, guidance="authors"),
+                     max_sequence_length=8)
+
+
+def test_edit_cli_on_a_saved_flux_folder(tmp_path):
+    """`softrepa edit` with tokens on a FLUX.1-dev-style folder: the preset, an output of the source's size."""
+    import json
+
+    from PIL import Image
+
+    from softrepa.cli import main
+
+    pipe = tiny_flux_pipeline(guidance_embeds=True)
+    pipe.save_pretrained(tmp_path / "flux")
+    img, _ = _edit_inputs(pipe, 30, 20)
+    img.save(tmp_path / "src.png")
+    softrepa.save_soft_tokens(SoftTokens.for_model(pipe, SoftTokensConfig(num_layers=2), seed=0),
+                              tmp_path / "t.safetensors")
+    rc = main(["edit", "--model", str(tmp_path / "flux"), "--tokens", str(tmp_path / "t.safetensors"),
+               "--image", str(tmp_path / "src.png"), "--source-prompt", "a red circle", "--target-prompt",
+               "a blue square", "--steps", "4", "--n-max", "3", "--max-sequence-length", "8", "--no-progress",
+               "--out", str(tmp_path / "edits")])
+    assert rc == 0
+    assert Image.open(tmp_path / "edits" / "src.png").size == (30, 20)
+    row = json.loads((tmp_path / "edits" / "metadata.jsonl").read_text().splitlines()[0])
+    assert (row["family"], row["src_cfg"], row["tar_cfg"], row["n_max"]) == ("flux", 1.5, 5.5, 3)

@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -26,7 +27,7 @@ from ._version import __version__
 from .hooks import attached_handle
 from .backbone import TextCond, backbone_for
 from .family import family_of, resolve_denoiser
-from .flowedit import EditConds, FlowEditParams, flowedit_latents
+from .flowedit import EditConds, FlowEditParams, flowedit_latents, guidance_mode
 from .generate import native_resolution
 from .prompts import warn_long_prompts
 from .runfolder import append_row, atomic_write_bytes, finished_rows, open_image, png_bytes, tokens_record
@@ -63,6 +64,11 @@ def encode_source(backbone: Any, pixels: torch.Tensor) -> torch.Tensor:
     vae = backbone.vae
     with vae_upcast(vae):
         post = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist
+    # a family whose model latent is not the VAE's shifted / scaled one (FLUX.2: 2 x 2 patches,
+    # batch-normed) maps the VAE latent itself
+    to_model = getattr(backbone, "latents_from_vae", None)
+    if to_model is not None:
+        return to_model(post.mode()).float()
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     return ((post.mode() - shift) * vae.config.scaling_factor).float()
 
@@ -100,11 +106,17 @@ def edit_latents(pipe: Any, z_src: torch.Tensor, source_prompts: list[str], targ
     bb = backbone_for(pipe, max_sequence_length=max_sequence_length)
     denoise, sigmas, add_noise = family_of(pipe).edit_model(bb, params.steps, tuple(z_src.shape))
     b = z_src.shape[0]
-    # FlowEdit's negative prompt is "" (encoded like any prompt) for both source and target
-    cond = bb.encode_prompts([""] + list(source_prompts) + list(target_prompts), resolution=resolution)
-    empty = cond.index([0] * b)
-    src, tar = cond.index(range(1, b + 1)), cond.index(range(b + 1, 2 * b + 1))
-    conds = EditConds(TextCond.cat([empty, src]), TextCond.cat([empty, tar]), TextCond.cat([empty, src, empty, tar]))
+    if guidance_mode(denoise) == "embedded":
+        # guidance is a model input (FLUX.1-dev, FLUX.2): conditional rows only, (source, target)
+        cond = bb.encode_prompts(list(source_prompts) + list(target_prompts), resolution=resolution)
+        conds = EditConds(cond.index(range(b)), cond.index(range(b, 2 * b)), cond)
+    else:
+        # FlowEdit's negative prompt is "" (encoded like any prompt) for both source and target
+        cond = bb.encode_prompts([""] + list(source_prompts) + list(target_prompts), resolution=resolution)
+        empty = cond.index([0] * b)
+        src, tar = cond.index(range(1, b + 1)), cond.index(range(b + 1, 2 * b + 1))
+        conds = EditConds(TextCond.cat([empty, src]), TextCond.cat([empty, tar]),
+                          TextCond.cat([empty, src, empty, tar]))
     # the pipeline's execution device: under model CPU offload the weights report "cpu"
     device = getattr(pipe, "_execution_device", None) or bb.device
     return flowedit_latents(denoise, z_src.to(device), sigmas, conds, params, add_noise=add_noise,
@@ -113,9 +125,13 @@ def edit_latents(pipe: Any, z_src: torch.Tensor, source_prompts: list[str], targ
 
 # --------------------------------------------------------------------------- images
 def size_multiple(pipe: Any) -> int:
-    """Image sides must be multiples of this: the VAE factor times the transformer's patch size."""
+    """Image sides must be multiples of this: the VAE factor times the transformer's patch size, and
+    of the pipeline's image-processor factor (FLUX packs 2 x 2 latents: 16 for a factor-8 VAE)."""
     patch = getattr(resolve_denoiser(pipe).config, "patch_size", None) or 1
-    return int(pipe.vae_scale_factor) * int(patch)
+    multiple = int(pipe.vae_scale_factor) * int(patch)
+    processor = getattr(getattr(pipe, "image_processor", None), "config", None)
+    packed = int(getattr(processor, "vae_scale_factor", None) or multiple)
+    return math.lcm(multiple, packed)
 
 
 def working_size(width: int, height: int, multiple: int, size: tuple[int, int] | None = None,
@@ -165,7 +181,7 @@ def edit_image(pipe: Any, image: Image.Image | str, source_prompt: str, target_p
     SDXL is size-conditioned on the working (H, W).
 
     Args:
-        pipe: a loaded SD3 / SD1.5 / SDXL pipeline (attach soft tokens first to edit with them).
+        pipe: a loaded pipeline of a registered family (attach soft tokens first to edit with them).
         image: a PIL image or an image file path.
         source_prompt: describes the source image.
         target_prompt: describes the wanted edit.

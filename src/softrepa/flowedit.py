@@ -12,7 +12,15 @@ edit along the *difference* of the target and source velocities (Alg. 1 of the F
     then, when n_min > 0, plain sampling with the target prompt from the noised edit.
 
 The loop (`flowedit_latents`) is a pure function of a k-diffusion-style `denoise(x, sigma, cond)`
-returning dx/dsigma. Two model adapters provide it:
+returning dx/dsigma. How a branch is guided is the adapter's choice, read by `guidance_mode`:
+
+* "cfg" (a plain `denoise`): classifier-free guidance, one call on (uncond, cond) rows per branch,
+  combined by `guide` with the branch's scale (SD3, SD1.5, SDXL).
+* "embedded" (`EmbeddedGuidance`): the guidance scale is an input of the model (guidance-distilled
+  FLUX.1-dev, FLUX.2): one conditional call per branch with that branch's scale, no unconditional
+  rows, as the official FlowEdit edits FLUX (`FlowEditFLUX`: source guidance 1.5, target 5.5).
+
+The rectified-flow and DDPM adapters:
 
 * rectified flow (SD3): x = (1 - sigma) x0 + sigma eps, dx/dsigma = the model's velocity;
   sigmas from the pipeline's own scheduler.
@@ -42,6 +50,35 @@ Denoise = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
 #: (x0, noise, sigma) -> x_sigma, the forward process of the ODE's parameterisation
 AddNoise = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 GUIDANCE = ("standard", "authors")
+#: how a denoise is guided: "cfg" (two branches combined by `guide`) or "embedded" (a model input)
+GUIDANCE_MODES = ("cfg", "embedded")
+
+
+class EmbeddedGuidance:
+    """A denoise whose guidance scale is a model input (guidance-distilled models, e.g. FLUX.1-dev).
+
+    `flowedit_latents` calls it once per branch on conditional rows only, with that branch's scale
+    per row; the CFG form (`FlowEditParams.guidance`) does not apply. Models without a guidance
+    input may ignore the scale (then both branches are plain conditional velocities, as the
+    official FlowEdit runs FLUX.1-schnell).
+
+    Args:
+        denoise: (x (N, C, h, w) float32, sigma 0-dim tensor, cond, scale (N,) float32) -> dx/dsigma
+            (N, C, h, w) float32.
+    """
+
+    guidance_mode = "embedded"
+
+    def __init__(self, denoise: Callable[[torch.Tensor, torch.Tensor, Any, torch.Tensor], torch.Tensor]):
+        self.denoise = denoise
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: Any, scale: torch.Tensor) -> torch.Tensor:
+        return self.denoise(x, sigma, cond, scale)
+
+
+def guidance_mode(denoise: Callable) -> str:
+    """"embedded" for an `EmbeddedGuidance` denoise, else "cfg" (see `GUIDANCE_MODES`)."""
+    return getattr(denoise, "guidance_mode", "cfg")
 
 
 @dataclass
@@ -107,11 +144,16 @@ class FlowEditParams:
 class EditConds:
     """Conditioning for the edit, opaque to the loop (whatever `denoise` accepts).
 
+    With a "cfg" denoise (`guidance_mode`):
+
     Args:
         source: rows (uncond, cond) of the source prompt, for 2B latents.
         target: rows (uncond, cond) of the target prompt, for 2B latents.
         joint: optional rows (source uncond, source cond, target uncond, target cond) for 4B latents;
             when given, each FlowEdit step makes one model call instead of two.
+
+    With an "embedded" denoise the rows are conditional only: source and target B rows each,
+    joint (source cond, target cond) 2B rows.
     """
 
     source: Any
@@ -141,9 +183,17 @@ def _randn(like: torch.Tensor, generator: torch.Generator | None) -> torch.Tenso
     return torch.randn(like.shape, generator=generator, dtype=torch.float32).to(like.device)
 
 
+def _scales(x: torch.Tensor, *scales: float) -> torch.Tensor:
+    """(len(scales) * B,) float32: each branch's guidance scale repeated over its B rows of `x` (B, ...)."""
+    return torch.cat([torch.full((x.shape[0],), float(s), dtype=torch.float32, device=x.device) for s in scales])
+
+
 def _velocity(denoise: Denoise, x: torch.Tensor, sigma: torch.Tensor, cond: Any, scale: float,
               convention: str) -> torch.Tensor:
-    """Guided dx/dsigma of one prompt: one call on [x, x] (B rows uncond, B rows cond)."""
+    """Guided dx/dsigma of one prompt: "cfg", one call on [x, x] (B rows uncond, B rows cond);
+    "embedded", one conditional call on x with the scale as the model's guidance input."""
+    if guidance_mode(denoise) == "embedded":
+        return denoise(x, sigma, cond, _scales(x, scale))  # (B, C, h, w)
     v = denoise(torch.cat([x, x]), sigma, cond)  # (2B, C, h, w)
     u, c = v.chunk(2)
     return guide(u, c, scale, convention)
@@ -164,7 +214,8 @@ def flowedit_latents(
     """The FlowEdit ODE from a source latent to the edited latent (pure: no model state).
 
     Args:
-        denoise: k-diffusion-style dx/dsigma of the ODE (see `Denoise`).
+        denoise: k-diffusion-style dx/dsigma of the ODE (see `Denoise`), or an `EmbeddedGuidance`
+            (the model takes the guidance scale; one conditional call per branch).
         z_src: (B, C, h, w) clean source latents.
         sigmas: (steps + 1,) decreasing noise levels ending with 0 (the scheduler's grid).
         conds: conditioning (see `EditConds`).
@@ -178,6 +229,10 @@ def flowedit_latents(
     from tqdm.auto import tqdm
 
     p = params.validate()
+    embedded = guidance_mode(denoise) == "embedded"
+    if embedded and p.guidance != "standard":
+        raise ValueError(f"guidance {p.guidance!r} is a CFG form; this model's guidance is an embedding "
+                         "(one conditional branch), use guidance='standard'")
     if len(sigmas) != p.steps + 1:
         raise ValueError(f"sigmas: expected steps + 1 = {p.steps + 1} values, got {len(sigmas)}")
     gen = generator if generator is not None else torch.Generator().manual_seed(p.seed)
@@ -195,7 +250,12 @@ def flowedit_latents(
                 # the edit shifted by the same noise, z_edit + (x_src_t - x_src), grouped so that
                 # z_edit == x_src gives x_tar_t == x_src_t bit for bit (no edit => exactly no change)
                 x_tar_t = x_src_t + (z_edit - x_src)
-                if conds.joint is not None:
+                if conds.joint is not None and embedded:
+                    # one call on (source, target) conditional rows, each with its branch's scale
+                    v = denoise(torch.cat([x_src_t, x_tar_t]), s, conds.joint,
+                                _scales(x_src, p.src_cfg, p.tar_cfg))  # (2B, C, h, w)
+                    v_src, v_tar = v.chunk(2)
+                elif conds.joint is not None:
                     v = denoise(torch.cat([x_src_t, x_src_t, x_tar_t, x_tar_t]), s, conds.joint)  # (4B, ...)
                     su, sc, tu, tc = v.chunk(4)
                     v_src = guide(su, sc, p.src_cfg, "standard")
@@ -216,25 +276,48 @@ def flowedit_latents(
 
 
 # --------------------------------------------------------------------------- model adapters
-def flow_sigmas(scheduler: Any, steps: int, image_seq_len: int | None = None) -> torch.Tensor:
+def flow_sigmas(scheduler: Any, steps: int, image_seq_len: int | None = None, *,
+                base_sigmas: Any = None, mu: float | None = None) -> torch.Tensor:
     """(steps + 1,) sigmas of a flow-matching scheduler (a copy: the pipeline's stays untouched).
 
     Args:
         scheduler: e.g. the SD3 pipeline's `FlowMatchEulerDiscreteScheduler`.
         steps: NFE.
         image_seq_len: latent tokens, for schedulers with resolution-dependent shifting.
+        base_sigmas: (steps,) unshifted sigmas handed to the scheduler, as pipelines that pass
+            `sigmas=` do (FLUX: linspace(1, 1 / steps, steps)); default: the scheduler's own grid.
+        mu: the shift of dynamic shifting, for pipelines with their own formula (FLUX.2);
+            default: SD3's / FLUX.1's `calculate_shift` of `image_seq_len`.
     """
     sched = type(scheduler).from_config(scheduler.config)
-    kw = {}
+    kw: dict[str, Any] = {}
+    if base_sigmas is not None:
+        kw["sigmas"] = np.asarray(base_sigmas, dtype=np.float64)
     cfg = sched.config
-    if cfg.get("use_dynamic_shifting", False):  # as the SD3 pipeline computes mu
+    if cfg.get("use_dynamic_shifting", False) and mu is not None:
+        kw["mu"] = float(mu)
+    elif cfg.get("use_dynamic_shifting", False):  # as the SD3 pipeline computes mu
         from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
 
         kw["mu"] = calculate_shift(image_seq_len or cfg.get("base_image_seq_len", 256),
                                    cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
                                    cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.16))
-    sched.set_timesteps(steps, **kw)
+    if "sigmas" in kw:
+        sched.set_timesteps(**kw)
+    else:
+        sched.set_timesteps(steps, **kw)
     return sched.sigmas.float().cpu()
+
+
+def embedded_flow_denoiser(backbone: Any, num_train_timesteps: int = 1000) -> EmbeddedGuidance:
+    """dx/dsigma of a rectified-flow backbone whose guidance is an embedding: `backbone.denoise`
+    takes the scale as its `guidance` keyword (FLUX.1-dev, FLUX.2)."""
+
+    def denoise(x: torch.Tensor, sigma: torch.Tensor, cond: Any, scale: torch.Tensor) -> torch.Tensor:
+        t = (sigma * num_train_timesteps).reshape(1).expand(x.shape[0])  # (N,) as scheduler.timesteps
+        return backbone.denoise(x.to(backbone.dtype), t, cond, guidance=scale).float()
+
+    return EmbeddedGuidance(denoise)
 
 
 def eps_sigmas(scheduler_config: Any, steps: int) -> torch.Tensor:

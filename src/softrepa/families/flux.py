@@ -15,20 +15,23 @@ Timesteps: the pipeline calls the transformer with t / 1000 (it multiplies by 10
 token pre-hook rescales by 1000 onto the tokens' bucket scale. Guidance-distilled models
 (FLUX.1-dev, `guidance_embeds=True`) get their guidance scale through the embedding, one
 conditional branch (the tokens are on it); the stock pipeline's `true_cfg_scale` with a negative
-prompt runs two branches, both with tokens.
+prompt runs two branches, both with tokens. FlowEdit follows the official `FlowEditFLUX`: each
+branch (source, target) is one conditional call with its own guidance-embedding value
+(`softrepa.flowedit.EmbeddedGuidance`), tokens (when attached) on both.
 """
 
 from __future__ import annotations
 
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 from diffusers import FluxTransformer2DModel
 from torch import nn
 
 from ..backbone import Backbone, TextCond
-from ..errors import SoftrepaError
 from ..family import EditPresets, ModelInfo, SamplingDefaults, register_family
+from ..flowedit import embedded_flow_denoiser, flow_add_noise, flow_sigmas
 from ..hooks import AttachHandle, call_argument, model_pre_hook, replace_argument
 from .sd3 import SD3Family, drop_hook
 
@@ -61,15 +64,26 @@ class FluxBackbone(Backbone):
     def target(self, x0, noise, t):
         return noise.float() - x0.float()
 
-    def denoise(self, x_t, t, cond):
+    def denoise(self, x_t, t, cond, guidance: float | torch.Tensor | None = None):
+        """Velocity for (B, C, h, w) latents.
+
+        Args:
+            x_t: (B, C, h, w) noised latents.
+            t: (B,) timesteps on the 0..1000 scale.
+            cond: the prompts' `TextCond` (T5 embeds, CLIP pooled).
+            guidance: guidance-embedding scale, a float or (B,) per sample (FlowEdit's branches);
+                default `self.guidance`. Ignored by models without a guidance embedding (schnell).
+        """
         b, c, h, w = x_t.shape
         pipe, device = self.pipe, x_t.device
         packed = pipe._pack_latents(x_t, b, c, h, w)  # (B, h/2 * w/2, 4C)
         img_ids = pipe._prepare_latent_image_ids(b, h // 2, w // 2, device, x_t.dtype)  # (h/2 * w/2, 3)
         txt_ids = torch.zeros(cond.embeds.shape[1], 3, device=device, dtype=x_t.dtype)  # FLUX: all zero
-        guidance = None
         if self.denoiser.config.guidance_embeds:
-            guidance = torch.full((b,), self.guidance, device=device, dtype=torch.float32)
+            scale = self.guidance if guidance is None else guidance
+            guidance = torch.as_tensor(scale, dtype=torch.float32, device=device).expand(b)  # (B,)
+        else:
+            guidance = None
         out = self.denoiser(hidden_states=packed, timestep=t.to(device) / 1000.0, guidance=guidance,
                             pooled_projections=cond.pooled, encoder_hidden_states=cond.embeds, txt_ids=txt_ids,
                             img_ids=img_ids, return_dict=False)[0]  # (B, h/2 * w/2, 4C)
@@ -107,10 +121,14 @@ class FluxFamily(SD3Family):
     denoiser_class = "FluxTransformer2DModel"
     # FLUX.1-dev's model-card setting (28 steps, guidance 3.5); schnell users pass --steps 4 --cfg 0
     sampling = SamplingDefaults(steps=28, cfg=3.5)
-    # FlowEdit's published FLUX setting (28 steps, n_max 24, source 1.5, target 5.5); the loop's CFG
-    # branches are not yet adapted to the guidance embedding, see docs/design-notes.md
+    # FlowEdit's published FLUX.1-dev setting (fallenshock/FlowEdit, FLUX_exp.yaml at 457f402: T_steps 28,
+    # n_avg 1, src_guidance_scale 1.5, tar_guidance_scale 5.5, n_min 0, n_max 24), the scales being
+    # guidance-embedding values (FlowEdit_utils.FlowEditFLUX). No SoftREPA preset exists for FLUX: with
+    # tokens the vanilla numbers are kept, so that a with/without comparison changes only the tokens.
     edit = EditPresets(steps=28, src_cfg=1.5, vanilla=(24, 5.5), tokens=(24, 5.5),
-                       source="FlowEdit's FLUX setting (Kulikov et al. 2024, official repository)")
+                       source="FlowEdit's FLUX.1-dev setting (Kulikov et al. 2024, fallenshock/FlowEdit "
+                              "FLUX_exp.yaml: 28 steps, n_max 24, guidance 1.5 -> 5.5); with tokens the same "
+                              "(no SoftREPA FLUX preset)")
     width_names = ("inner_dim (num_attention_heads x attention_head_dim)", "joint_attention_dim")
 
     def matches(self, denoiser: nn.Module) -> bool:
@@ -136,8 +154,15 @@ class FluxFamily(SD3Family):
         return FluxBackbone(pipe, **kwargs)
 
     def edit_model(self, backbone: Backbone, steps: int, latent_shape: tuple[int, ...]):
-        raise SoftrepaError("FlowEdit with FLUX is not supported yet: FLUX.1's guidance is an embedding on one "
-                            "branch, the FlowEdit loop guides with two CFG branches (see docs/design-notes.md)")
+        """FlowEdit as the official `FlowEditFLUX`: guidance through the embedding, one conditional
+        call per branch (`EmbeddedGuidance`; schnell-style models ignore the scale, as there); the
+        pipeline's sigma grid linspace(1, 1 / steps, steps), shifted by `calculate_shift` of the
+        packed sequence length when the scheduler shifts dynamically (FLUX.1-dev's does)."""
+        seq = (latent_shape[-2] // 2) * (latent_shape[-1] // 2)  # packed 2 x 2 latent tokens
+        scheduler = backbone.pipe.scheduler
+        ntt = scheduler.config.get("num_train_timesteps", 1000)
+        sigmas = flow_sigmas(scheduler, steps, seq, base_sigmas=np.linspace(1.0, 1.0 / steps, steps))
+        return embedded_flow_denoiser(backbone, ntt), sigmas, flow_add_noise
 
 
 register_family(FluxFamily())
