@@ -141,6 +141,17 @@ class Family:
         """Family-specific entries recorded in (and required to match for resuming) an output folder."""
         return {}
 
+    def guidance_kwargs(self, cfg: float) -> dict[str, Any]:
+        """Keyword arguments of the stock pipeline's call that sample with CFG scale `cfg`.
+
+        Args:
+            cfg: the CFG scale (`softrepa generate --cfg`, the family's `sampling.cfg` by default).
+        Returns:
+            `{"guidance_scale": cfg}` for most pipelines; a family whose pipeline guides through other
+            arguments (Qwen-Image: `true_cfg_scale` and a negative prompt) overrides this.
+        """
+        return {"guidance_scale": cfg}
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, denoiser={self.denoiser_class})"
 

@@ -90,7 +90,9 @@ def generate_images(
         family = family_of(pipe)
         defaults = family.sampling  # the paper's steps and CFG (Table 4)
         native = native_resolution(pipe)
-        call_kwargs = dict(call_kwargs or {})
+        # the family maps the CFG scale onto its pipeline's arguments; explicit call_kwargs win
+        call_kwargs = {**family.guidance_kwargs(float(cfg if cfg is not None else defaults.cfg)),
+                       **dict(call_kwargs or {})}
         if max_sequence_length is not None:
             if "max_sequence_length" not in inspect.signature(pipe.__call__).parameters:
                 raise ValueError(f"--max-sequence-length applies to SD3 pipelines, not {type(pipe).__name__}")
@@ -146,8 +148,8 @@ def _render(pipe, todo, out: Path, settings: dict, batch_size: int, progress: bo
             # one CPU generator per image: the image depends on its seed only, not on the batch/device
             gens = [torch.Generator().manual_seed(int(s)) for _, _, s in chunk]
             images = pipe(prompt=[p for _, p, _ in chunk], num_inference_steps=settings["steps"],
-                          guidance_scale=settings["cfg"], height=settings["height"], width=settings["width"],
-                          generator=gens, output_type="pil", **call_kwargs).images
+                          height=settings["height"], width=settings["width"],
+                          generator=gens, output_type="pil", **call_kwargs).images  # CFG: in call_kwargs
             for (i, p, s), im in zip(chunk, images):
                 name = image_name(i, s)
                 atomic_write_bytes(out / name, png_bytes(im))  # image first, then its row
