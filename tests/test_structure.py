@@ -92,6 +92,7 @@ def test_the_graph_walker_finds_a_cycle(tmp_path):
 
 
 DENOISERS = ("SD3Transformer2DModel", "UNet2DConditionModel", "FluxTransformer2DModel")
+DENOISERS += ("QwenImageTransformer2DModel",)
 
 
 def test_every_denoiser_class_is_named_in_exactly_one_family_module():
