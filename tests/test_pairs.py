@@ -9,11 +9,14 @@ from softrepa import SoftTokens, SoftTokensConfig, attach
 from softrepa.backbone import backbone_for
 from softrepa.pairs import PairBatch, contrastive_backward, error_matrix
 from softrepa.tiny import tiny_flux_pipeline, tiny_sd3_pipeline, tiny_sd15_pipeline, tiny_sdxl_pipeline
+from softrepa.tiny import tiny_flux2_pipeline
 from softrepa.tiny import tiny_qwenimage_pipeline
 
 CAPTIONS = ["a red circle", "a blue square", "a red circle", "a green triangle"]
 BUILD = {"sd3": lambda: tiny_sd3_pipeline(num_layers=6), "sd15": tiny_sd15_pipeline, "sdxl": tiny_sdxl_pipeline,
          "flux": tiny_flux_pipeline, "flux-dev": lambda: tiny_flux_pipeline(guidance_embeds=True)}
+BUILD["flux2"] = tiny_flux2_pipeline
+BUILD["flux2-no-guidance"] = lambda: tiny_flux2_pipeline(guidance_embeds=False)
 BUILD["qwenimage"] = tiny_qwenimage_pipeline  # captions of different lengths: padded text masks
 
 
@@ -35,7 +38,7 @@ def _tokens(pipe):
     return tokens
 
 
-@pytest.mark.parametrize("family", ["sd3", "sd15", "sdxl", "flux", "flux-dev", "qwenimage"])
+@pytest.mark.parametrize("family", ["sd3", "sd15", "sdxl", "flux", "flux-dev", "flux2", "flux2-no-guidance", "qwenimage"])
 @pytest.mark.parametrize("shared_t", [True, False])
 def test_chunked_equals_plain(family, shared_t):
     pipe = BUILD[family]()

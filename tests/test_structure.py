@@ -92,6 +92,7 @@ def test_the_graph_walker_finds_a_cycle(tmp_path):
 
 
 DENOISERS = ("SD3Transformer2DModel", "UNet2DConditionModel", "FluxTransformer2DModel")
+DENOISERS += ("Flux2Transformer2DModel",)
 DENOISERS += ("QwenImageTransformer2DModel",)
 
 

@@ -251,78 +251,64 @@ def tiny_sdxl_pipeline(seed: int = 0):
     )
 
 
-#: Words of the Qwen-Image prompt template. `QwenImagePipeline` drops the template's system part
-#: after encoding (`prompt_template_encode_start_idx` = 34 tokens of the real Qwen2.5 tokenizer); the
-#: tiny tokenizer merges these words whole, so that the same text is 34 tokens and is dropped too.
-_QWEN_TEMPLATE_WORDS = ("system", "Describe", " the", " image", " by", " detailing", " color", " shape", " size",
-                        " texture", " quantity", " text", " spatial", " relationships", " of", " objects", " and",
-                        " background", "user", "assistant")
+def make_chat_tokenizer(model_max_length: int = 512):
+    """A character-level `PreTrainedTokenizerFast` with a Mistral-style chat template (no download), for
+    pipelines that encode prompts through `apply_chat_template` (FLUX.2).
 
-
-def make_qwen2_tokenizer(model_max_length: int = 1058):
-    """A tiny byte-level BPE `Qwen2Tokenizer` built without any download: the 256 byte symbols,
-    whole-word merges for the Qwen-Image prompt template and the chat tokens `<|im_start|>` /
-    `<|im_end|>`; other text falls back to (mostly) single bytes.
-
-    Args:
-        model_max_length: maximum sequence length (the pipeline truncates at 1024 + 34 itself).
+    The template renders the user turns only (`[INST]text[/INST]`): FLUX.2's pipeline prepends a long
+    system message, which at the short lengths of tests would fill the whole context and cut the prompt.
     """
-    from tokenizers.pre_tokenizers import ByteLevel
-    from transformers import Qwen2Tokenizer
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
 
-    vocab: dict[str, int] = {"<|endoftext|>": 0}
-    for ch in sorted(ByteLevel.alphabet()):
+    specials = ["<unk>", "<s>", "</s>", "<pad>", "[INST]", "[/INST]"]
+    vocab = {tok: i for i, tok in enumerate(specials)}
+    for ch in _TOKENIZER_CHARS.replace(" ", ""):
         vocab.setdefault(ch, len(vocab))
-    merges: list[tuple[str, str]] = []
-    for word in _QWEN_TEMPLATE_WORDS:
-        w = word.replace(" ", "\u0120")  # the byte-level symbol of a space
-        for k in range(2, len(w) + 1):  # left-to-right prefix merges: the word ends as one token
-            if w[:k] not in vocab:
-                vocab[w[:k]] = len(vocab)
-                merges.append((w[:k - 1], w[k - 1]))
-    tok = Qwen2Tokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
-    tok.add_tokens(["<|im_start|>", "<|im_end|>"], special_tokens=True)
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    template = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST]"
+                "{% if m['content'] is string %}{{ m['content'] }}{% else %}"
+                "{% for c in m['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}"
+                "{% endif %}[/INST]{% endif %}{% endfor %}")
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                  pad_token="<pad>", model_max_length=model_max_length)
+    tok.add_special_tokens({"additional_special_tokens": ["[INST]", "[/INST]"]})
+    tok.chat_template = template
     return tok
 
 
-def tiny_qwenimage_pipeline(*, num_layers: int = 2, seed: int = 0):
-    """A complete tiny `QwenImagePipeline` (random weights, built in well under a second).
+def tiny_flux2_pipeline(*, guidance_embeds: bool = True, num_layers: int = 2, num_single_layers: int = 1,
+                        seed: int = 0):
+    """A complete tiny `Flux2Pipeline`: a 30-layer, 16-wide `Mistral3ForConditionalGeneration` (the
+    pipeline stacks its hidden states 10, 20 and 30: text width 48), a chat-template tokenizer, a
+    factor-2 `AutoencoderKLFlux2` with non-trivial latent batch-norm statistics, and a
+    `Flux2Transformer2DModel` with (`guidance_embeds=True`, FLUX.2-dev) or without a guidance embedding."""
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Pipeline, Flux2Transformer2DModel
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration, MistralConfig, PixtralVisionConfig
 
-    Text encoder: a `Qwen2_5_VLForConditionalGeneration` with a 2-layer, width-32 language model
-    (multimodal rotary sections summing to head_dim / 2, as the real one) and a one-block vision
-    tower the text-to-image pipeline never calls; tokenizer: `make_qwen2_tokenizer`. VAE: a 3-D
-    `AutoencoderKLQwenImage` with 4 latent channels and spatial factor 4. Transformer: width 32
-    (2 heads x 16, rotary axes 4 + 6 + 6), `num_layers` dual-stream blocks, 2 x 2 packed patches
-    (in_channels 4 x 4). Scheduler: Qwen-Image's published configuration (dynamic exponential shift
-    0.5 .. 0.9 over 256 .. 8192 tokens, shift_terminal 0.02). Sides must be multiples of 8.
-    """
-    from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline,
-                           QwenImageTransformer2DModel)
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-
-    tok = make_qwen2_tokenizer()
+    tok = make_chat_tokenizer()
     torch.manual_seed(seed + 1)
-    te_config = Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048,
-                         rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
-                         bos_token_id=None, eos_token_id=0, pad_token_id=0),
-        vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=1, out_hidden_size=32,
-                           fullatt_block_indexes=[0]),
-    )
-    text_encoder = Qwen2_5_VLForConditionalGeneration(te_config).eval()
-    torch.manual_seed(seed + 4)
-    z = 4
-    vae = AutoencoderKLQwenImage(base_dim=8, z_dim=z, dim_mult=[1, 2, 2], num_res_blocks=1,
-                                 temperal_downsample=[False, False],  # two spatial halvings: factor 4
-                                 latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.5, 2.0, 1.2, 2.5]).eval()
+    text = MistralConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=30,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=1024,
+                         pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    vision = PixtralVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                 image_size=32, patch_size=8, head_dim=8)
+    te = Mistral3ForConditionalGeneration(Mistral3Config(text_config=text, vision_config=vision,
+                                                         image_token_index=len(tok) - 1)).eval()
     torch.manual_seed(seed)
-    transformer = QwenImageTransformer2DModel(
-        patch_size=2, in_channels=4 * z, out_channels=z, num_layers=num_layers, attention_head_dim=16,
-        num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=(4, 6, 6),
+    transformer = Flux2Transformer2DModel(
+        patch_size=1, in_channels=16, num_layers=num_layers, num_single_layers=num_single_layers,
+        attention_head_dim=16, num_attention_heads=2, joint_attention_dim=3 * 16, timestep_guidance_channels=32,
+        axes_dims_rope=(4, 4, 4, 4), guidance_embeds=guidance_embeds,
     ).eval()
-    scheduler = FlowMatchEulerDiscreteScheduler(
-        base_image_seq_len=256, max_image_seq_len=8192, base_shift=0.5, max_shift=0.9, shift=1.0,
-        shift_terminal=0.02, use_dynamic_shifting=True, time_shift_type="exponential")
-    return QwenImagePipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tok,
-                             transformer=transformer)
+    torch.manual_seed(seed + 4)
+    vae = AutoencoderKLFlux2(block_out_channels=(16, 32), latent_channels=4, layers_per_block=1, norm_num_groups=8,
+                             sample_size=32, down_block_types=("DownEncoderBlock2D",) * 2,
+                             up_block_types=("UpDecoderBlock2D",) * 2).eval()
+    with torch.no_grad():  # latent statistics as a trained VAE has them (identity at init)
+        vae.bn.running_mean.copy_(0.1 * torch.randn(vae.bn.num_features))
+        vae.bn.running_var.copy_(0.5 + torch.rand(vae.bn.num_features))
+    # dynamic shifting as FLUX.2-dev's scheduler (the pipeline computes mu itself)
+    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, shift=3.0)
+    return Flux2Pipeline(scheduler=scheduler, vae=vae, text_encoder=te, tokenizer=tok, transformer=transformer)

@@ -1,0 +1,249 @@
+"""FLUX.2 (`Flux2Transformer2DModel`, `Flux2Pipeline`): Algorithm 1 on the dual-stream blocks.
+
+As for SD3 and FLUX.1, at each selected dual-stream block k the block's m tokens are prepended to
+the text stream and dropped from the block's text output (the single-stream blocks come after every
+dual-stream block, so the tokens have left the stream before them). The layout, checks and token
+spaces are FLUX.1's (`Flux2Family` derives from `FluxFamily`); what differs is position, latents
+and the text encoder.
+
+Positions. FLUX.2 ids have four axes (T, H, W, L). The pipeline's text ids are (0, 0, 0, l) for
+l = 0 .. n_txt - 1 — the text is a *sequence* on the L axis, not FLUX.1's all-zero ids — and the
+image ids are (0, h, w, 0). The model computes rotary (cos, sin) once from (text ids, image ids)
+and hands them to every block. The m tokens get the ids of m text positions just *before* the
+first text token on the sequence axis: the first text id with L = l_0 - m .. l_0 - 1
+(`token_ids`). Why: rotary attention depends only on differences of ids, so with these ids (i) no
+existing pair of positions changes its offset — text-text and text-image offsets are the vanilla
+model's — and (ii) the tokens stand where m extra text tokens prepended to the prompt would stand,
+which is what Algorithm 1 does (prepend to the text) and how the text encoder's own sequence is
+laid out. Giving every token the first text id (FLUX.1's rule) would instead put m tokens at the
+same position as the first text token (the BOS of the chat template), and appending them after
+the padded text (L = n_txt ..) would make their distance to the prompt depend on the padding
+length. FLUX.2 has no text attention mask (padding is attended to), so nothing else follows.
+
+The token rows are computed by the model's own `pos_embed` in a denoiser pre-hook from the call's
+`txt_ids`, kept in a dict closed over by this attachment's hooks (nothing is stored on the model),
+and prepended to the rotary of each selected block by its pre-hook.
+
+Latents. The model's latent is the VAE latent in 2 x 2 patches (4C channels, half the side),
+normalised by the VAE's batch-norm statistics, then packed to (B, h * w, 4C) with ids (0, h, w, 0).
+The backbone works on the unpacked (B, 4C, h, w) patch latent; `encode_images` / `decode_latents`
+(and `latents_from_vae`, for FlowEdit's deterministic source) include the patching and the
+batch norm, so the trainer and FlowEdit see one flow-matching space: x_t = (1 - sigma) x0 +
+sigma eps, target eps - x0, sigma = t / 1000 (the pipeline calls the model with t / 1000).
+
+Guidance. FLUX.2-dev is guidance-distilled (`guidance_embeds=True`): one conditional branch with
+the guidance embedding, the tokens on it; FlowEdit makes one conditional call per branch with the
+branch's guidance value (`softrepa.flowedit.EmbeddedGuidance`), as for FLUX.1-dev.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from diffusers import Flux2Transformer2DModel
+from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
+from torch import nn
+
+from ..backbone import Backbone, TextCond
+from ..family import EditPresets, SamplingDefaults, register_family
+from ..flowedit import embedded_flow_denoiser, flow_add_noise, flow_sigmas
+from ..hooks import AttachHandle, call_argument, model_pre_hook, replace_argument
+from .flux import FluxFamily
+from .sd3 import drop_hook
+
+
+class Flux2Backbone(Backbone):
+    """FLUX.2: rectified flow on batch-normed 2 x 2 latent patches, velocity target eps - x0.
+
+    Args:
+        pipe: a `Flux2Pipeline`.
+        max_sequence_length: Mistral prompt length (the pipeline's 512).
+        guidance: the guidance-embedding scale of guidance-distilled models (the pipeline's 4.0).
+    """
+
+    family = "flux2"
+    prediction = "flow"
+
+    def __init__(self, pipe: Any, max_sequence_length: int = 512, guidance: float = 4.0):
+        super().__init__(pipe, max_sequence_length)
+        self.guidance = float(guidance)
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: Sequence[str], resolution: int | None = None) -> TextCond:
+        embeds, _ = self.encode_prompt(prompts)  # (N, n_txt, 3 * hidden), text ids (rebuilt in denoise)
+        return TextCond(embeds.to(self.dtype))
+
+    # ---------------------------------------------------------------- latents: patches + batch norm
+    def _bn(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The VAE's latent batch-norm mean and std, each (1, 4C, 1, 1) in `like`'s device / dtype."""
+        bn = self.vae.bn
+        mean = bn.running_mean.view(1, -1, 1, 1)
+        std = torch.sqrt(bn.running_var.view(1, -1, 1, 1) + self.vae.config.batch_norm_eps)
+        return mean.to(like.device, like.dtype), std.to(like.device, like.dtype)
+
+    def latents_from_vae(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, C, H/f, W/f) VAE latent -> (B, 4C, H/2f, W/2f) model latent (2 x 2 patches, batch-normed)."""
+        patches = self.pipe._patchify_latents(z)  # (B, 4C, H/2f, W/2f)
+        mean, std = self._bn(patches)
+        return (patches - mean) / std
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor,
+                      generator: torch.Generator | Sequence[torch.Generator] | None = None) -> torch.Tensor:
+        """(B, 3, H, W) in [-1, 1] -> (B, 4C, H/2f, W/2f) model latents (a sample of the VAE posterior).
+
+        Args:
+            pixels: images in [-1, 1].
+            generator: one generator for the batch, or one per image (see `Backbone.encode_images`).
+        """
+        vae = self.vae
+        post = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist
+        if isinstance(generator, (list, tuple)):
+            eps = torch.stack([torch.randn(post.mean.shape[1:], generator=g) for g in generator])
+            z = post.mean + post.std * eps.to(post.mean.device, post.mean.dtype)  # (B, C, H/f, W/f)
+        else:
+            z = post.sample(generator)
+        return self.latents_from_vae(z).to(self.dtype)
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Inverse of `encode_images`: (B, 4C, h, w) model latents -> (B, 3, H, W) in [-1, 1]."""
+        z = latents.to(self.vae.dtype)
+        mean, std = self._bn(z)
+        z = self.pipe._unpatchify_latents(z * std + mean)  # (B, C, 2h, 2w)
+        return self.vae.decode(z, return_dict=False)[0].clamp(-1, 1)
+
+    # ---------------------------------------------------------------- flow matching
+    def add_noise(self, x0, noise, t):
+        sigma = (t.to(x0.device, torch.float32) / 1000.0).view(-1, 1, 1, 1)  # (B, 1, 1, 1)
+        return ((1 - sigma) * x0.float() + sigma * noise.float()).to(x0.dtype)
+
+    def target(self, x0, noise, t):
+        return noise.float() - x0.float()
+
+    def denoise(self, x_t, t, cond, guidance: float | torch.Tensor | None = None):
+        """Velocity for (B, 4C, h, w) model latents.
+
+        Args:
+            x_t: (B, 4C, h, w) noised latents.
+            t: (B,) timesteps on the 0..1000 scale.
+            cond: the prompts' `TextCond` (stacked Mistral hidden states).
+            guidance: guidance-embedding scale, a float or (B,) per sample (FlowEdit's branches);
+                default `self.guidance`. Ignored by models without a guidance embedding.
+        """
+        b, c, h, w = x_t.shape
+        device = x_t.device
+        packed = x_t.flatten(2).transpose(1, 2)  # (B, h * w, 4C), as Flux2Pipeline._pack_latents
+        img_ids = self.pipe._prepare_latent_ids(x_t).to(device)  # (B, h * w, 4): (0, row, col, 0)
+        txt_ids = self.pipe._prepare_text_ids(cond.embeds).to(device)  # (B, n_txt, 4): (0, 0, 0, l)
+        if self.denoiser.config.guidance_embeds:
+            scale = self.guidance if guidance is None else guidance
+            guidance = torch.as_tensor(scale, dtype=torch.float32, device=device).expand(b)  # (B,)
+        else:
+            guidance = None
+        out = self.denoiser(hidden_states=packed, timestep=t.to(device) / 1000.0, guidance=guidance,
+                            encoder_hidden_states=cond.embeds, txt_ids=txt_ids, img_ids=img_ids,
+                            return_dict=False)[0]  # (B, h * w, 4C)
+        return out.transpose(1, 2).reshape(b, c, h, w)  # (B, 4C, h, w)
+
+
+def token_ids(txt_ids: torch.Tensor, m: int) -> torch.Tensor:
+    """(m, 4) ids of the soft tokens: the first text id with the sequence axis L moved back by m .. 1.
+
+    Args:
+        txt_ids: (n_txt, 4) or (B, n_txt, 4) text ids of the call (T, H, W, L).
+        m: number of tokens.
+    """
+    first = (txt_ids[0] if txt_ids.ndim == 3 else txt_ids)[:1]  # (1, 4)
+    offsets = torch.zeros(m, first.shape[-1], dtype=first.dtype, device=first.device)  # (m, 4)
+    offsets[:, -1] = torch.arange(-m, 0, dtype=first.dtype, device=first.device)
+    return first + offsets  # (m, 4): L = l_0 - m .. l_0 - 1
+
+
+def token_rotary_hook(handle: AttachHandle, state: dict):
+    """Denoiser pre-hook: the rotary (cos, sin) rows of the tokens' ids for this call into `state`."""
+
+    def hook(model: nn.Module, args: tuple, kwargs: dict) -> None:
+        state.pop("rotary", None)
+        if not handle.enabled:
+            return None
+        txt_ids = call_argument(model, args, kwargs, "txt_ids")  # (n_txt, 4) or (B, n_txt, 4)
+        state["rotary"] = model.pos_embed(token_ids(txt_ids, handle.tokens.layout.num_tokens))  # each (m, d)
+        return None
+
+    return hook
+
+
+def prepend_with_rows_hook(handle: AttachHandle, set_index: int, state: dict):
+    """Dual-stream block pre-hook: [s_1..s_m, text] and the tokens' m rotary rows before the text's."""
+
+    def hook(block: nn.Module, args: tuple, kwargs: dict) -> Any:
+        toks = handle.current
+        if toks is None:
+            return None
+        ehs = call_argument(block, args, kwargs, "encoder_hidden_states")  # (B, n_txt, D)
+        if ehs.shape[0] != toks.shape[0]:
+            raise RuntimeError(
+                f"soft tokens were computed for a batch of {toks.shape[0]} but block received {ehs.shape[0]}"
+            )
+        args, kwargs = replace_argument(block, args, kwargs, "encoder_hidden_states",
+                                        torch.cat([toks[:, set_index].to(ehs.dtype), ehs], dim=1))  # (B, m + n_txt, D)
+        rotary = call_argument(block, args, kwargs, "image_rotary_emb")  # (cos, sin), each (n_txt + n_img, d)
+        if rotary is not None:
+            rows = state["rotary"]  # (cos, sin), each (m, d)
+            rotary = tuple(torch.cat([t.to(r.device, r.dtype), r], dim=0)
+                           for t, r in zip(rows, rotary))  # (m + n_txt + n_img, d)
+            args, kwargs = replace_argument(block, args, kwargs, "image_rotary_emb", rotary)
+        return args, kwargs
+
+    return hook
+
+
+class Flux2Family(FluxFamily):
+    name = "flux2"
+    title = "FLUX.2 (dev)"
+    denoiser_class = "Flux2Transformer2DModel"
+    # Flux2Pipeline.__call__'s defaults in diffusers 0.42.1 (50 steps, guidance 4.0)
+    sampling = SamplingDefaults(steps=50, cfg=4.0)
+    # No FlowEdit setting is published for FLUX.2: FlowEdit's FLUX.1-dev one is carried over (28 steps,
+    # n_max 24, guidance embedding 1.5 -> 5.5; fallenshock/FlowEdit FLUX_exp.yaml), FLUX.2-dev being
+    # guidance-distilled with the embedding on the same scale (its sampling default 4.0, FLUX.1-dev's
+    # 3.5). With tokens the same numbers (no SoftREPA preset), so with / without compares only the tokens.
+    edit = EditPresets(steps=28, src_cfg=1.5, vanilla=(24, 5.5), tokens=(24, 5.5),
+                       source="FlowEdit's FLUX.1-dev setting carried over (fallenshock/FlowEdit FLUX_exp.yaml: "
+                              "28 steps, n_max 24, guidance 1.5 -> 5.5); not tuned for FLUX.2; same with tokens")
+
+    def matches(self, denoiser: nn.Module) -> bool:
+        return isinstance(denoiser, Flux2Transformer2DModel)
+
+    def install_hooks(self, denoiser: nn.Module, handle: AttachHandle) -> None:
+        layout = handle.tokens.layout
+        projection = denoiser.context_embedder if layout.token_space == "text" else None
+        state: dict = {}  # this attachment's token rotary rows; dropped with the hooks
+        handle.add(denoiser.register_forward_pre_hook(
+            model_pre_hook(handle, projection, "hidden_states", timestep_scale=1000.0), with_kwargs=True))
+        handle.add(denoiser.register_forward_pre_hook(token_rotary_hook(handle, state), with_kwargs=True))
+        for set_index, block_index in enumerate(layout.layers):
+            block = denoiser.transformer_blocks[block_index]
+            handle.add(block.register_forward_pre_hook(prepend_with_rows_hook(handle, set_index, state),
+                                                       with_kwargs=True))
+            handle.add(block.register_forward_hook(drop_hook(handle)))
+
+    def backbone(self, pipe: Any, **kwargs: Any) -> Flux2Backbone:
+        return Flux2Backbone(pipe, **kwargs)
+
+    def edit_model(self, backbone: Backbone, steps: int, latent_shape: tuple[int, ...]):
+        """FlowEdit with the guidance embedding (one conditional call per branch) on the pipeline's own
+        sigma grid: linspace(1, 1 / steps, steps) shifted by FLUX.2's `compute_empirical_mu` of the
+        latent sequence length (the (h, w) of the patch latent) and the number of steps."""
+        seq = latent_shape[-2] * latent_shape[-1]  # packed tokens: one per 2 x 2 patch
+        scheduler = backbone.pipe.scheduler
+        ntt = scheduler.config.get("num_train_timesteps", 1000)
+        base = None if scheduler.config.get("use_flow_sigmas", False) else np.linspace(1.0, 1.0 / steps, steps)
+        sigmas = flow_sigmas(scheduler, steps, seq, base_sigmas=base, mu=compute_empirical_mu(seq, steps))
+        return embedded_flow_denoiser(backbone, ntt), sigmas, flow_add_noise
+
+
+register_family(Flux2Family())
