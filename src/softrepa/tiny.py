@@ -312,3 +312,80 @@ def tiny_flux2_pipeline(*, guidance_embeds: bool = True, num_layers: int = 2, nu
     # dynamic shifting as FLUX.2-dev's scheduler (the pipeline computes mu itself)
     scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, shift=3.0)
     return Flux2Pipeline(scheduler=scheduler, vae=vae, text_encoder=te, tokenizer=tok, transformer=transformer)
+
+
+#: Words of the Qwen-Image prompt template. `QwenImagePipeline` drops the template's system part
+#: after encoding (`prompt_template_encode_start_idx` = 34 tokens of the real Qwen2.5 tokenizer); the
+#: tiny tokenizer merges these words whole, so that the same text is 34 tokens and is dropped too.
+_QWEN_TEMPLATE_WORDS = ("system", "Describe", " the", " image", " by", " detailing", " color", " shape", " size",
+                        " texture", " quantity", " text", " spatial", " relationships", " of", " objects", " and",
+                        " background", "user", "assistant")
+
+
+def make_qwen2_tokenizer(model_max_length: int = 1058):
+    """A tiny byte-level BPE `Qwen2Tokenizer` built without any download: the 256 byte symbols,
+    whole-word merges for the Qwen-Image prompt template and the chat tokens `<|im_start|>` /
+    `<|im_end|>`; other text falls back to (mostly) single bytes.
+
+    Args:
+        model_max_length: maximum sequence length (the pipeline truncates at 1024 + 34 itself).
+    """
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import Qwen2Tokenizer
+
+    vocab: dict[str, int] = {"<|endoftext|>": 0}
+    for ch in sorted(ByteLevel.alphabet()):
+        vocab.setdefault(ch, len(vocab))
+    merges: list[tuple[str, str]] = []
+    for word in _QWEN_TEMPLATE_WORDS:
+        w = word.replace(" ", "\u0120")  # the byte-level symbol of a space
+        for k in range(2, len(w) + 1):  # left-to-right prefix merges: the word ends as one token
+            if w[:k] not in vocab:
+                vocab[w[:k]] = len(vocab)
+                merges.append((w[:k - 1], w[k - 1]))
+    tok = Qwen2Tokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
+    tok.add_tokens(["<|im_start|>", "<|im_end|>"], special_tokens=True)
+    return tok
+
+
+def tiny_qwenimage_pipeline(*, num_layers: int = 2, seed: int = 0):
+    """A complete tiny `QwenImagePipeline` (random weights, built in well under a second).
+
+    Text encoder: a `Qwen2_5_VLForConditionalGeneration` with a 2-layer, width-32 language model
+    (multimodal rotary sections summing to head_dim / 2, as the real one) and a one-block vision
+    tower the text-to-image pipeline never calls; tokenizer: `make_qwen2_tokenizer`. VAE: a 3-D
+    `AutoencoderKLQwenImage` with 4 latent channels and spatial factor 4. Transformer: width 32
+    (2 heads x 16, rotary axes 4 + 6 + 6), `num_layers` dual-stream blocks, 2 x 2 packed patches
+    (in_channels 4 x 4). Scheduler: Qwen-Image's published configuration (dynamic exponential shift
+    0.5 .. 0.9 over 256 .. 8192 tokens, shift_terminal 0.02). Sides must be multiples of 8.
+    """
+    from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline,
+                           QwenImageTransformer2DModel)
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    tok = make_qwen2_tokenizer()
+    torch.manual_seed(seed + 1)
+    te_config = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048,
+                         rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
+                         bos_token_id=None, eos_token_id=0, pad_token_id=0),
+        vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=1, out_hidden_size=32,
+                           fullatt_block_indexes=[0]),
+    )
+    text_encoder = Qwen2_5_VLForConditionalGeneration(te_config).eval()
+    torch.manual_seed(seed + 4)
+    z = 4
+    vae = AutoencoderKLQwenImage(base_dim=8, z_dim=z, dim_mult=[1, 2, 2], num_res_blocks=1,
+                                 temperal_downsample=[False, False],  # two spatial halvings: factor 4
+                                 latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.5, 2.0, 1.2, 2.5]).eval()
+    torch.manual_seed(seed)
+    transformer = QwenImageTransformer2DModel(
+        patch_size=2, in_channels=4 * z, out_channels=z, num_layers=num_layers, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=(4, 6, 6),
+    ).eval()
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        base_image_seq_len=256, max_image_seq_len=8192, base_shift=0.5, max_shift=0.9, shift=1.0,
+        shift_terminal=0.02, use_dynamic_shifting=True, time_shift_type="exponential")
+    return QwenImagePipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tok,
+                             transformer=transformer)

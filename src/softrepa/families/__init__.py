@@ -5,6 +5,7 @@ with `register_family(...)`) and add its import below — see docs/design-notes.
 """
 
 from . import flux, sd3, unet  # noqa: F401  (registration)
+from . import qwenimage  # noqa: F401  (registration)
 from . import flux2  # noqa: F401  (registration)
 
 __all__: list[str] = []
