@@ -301,3 +301,38 @@ def test_generate_compare_and_edit_cli_on_a_saved_folder(saved, tmp_path):
     assert Image.open(tmp_path / "edits" / "src.png").size == (30, 20)
     row = json.loads((tmp_path / "edits" / "metadata.jsonl").read_text().splitlines()[0])
     assert (row["family"], row["src_cfg"], row["tar_cfg"]) == ("flux2", 1.5, 5.5)
+
+
+def test_gradient_checkpointing_gives_the_same_token_gradients():
+    """The recipe trains with gradient checkpointing: the blocks are then called positionally and
+    re-run in the backward pass; the hooks (tokens and their rotary rows) must see the same call."""
+    pipe = tiny_flux2_pipeline()
+    bb = backbone_for(pipe, max_sequence_length=8)
+    bb.freeze()
+    tokens = SoftTokens.for_model(pipe, SoftTokensConfig(num_layers=2), seed=0)
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(2, 16, 4, 4, generator=g), torch.randn(2, 16, 4, 4, generator=g)
+    t = torch.tensor([300.0, 800.0])
+    cond = bb.encode_prompts(["a red circle", "a blue square"])
+
+    def grads():
+        tokens.zero_grad(set_to_none=True)
+        with attach(pipe, tokens):
+            (bb.denoise(bb.add_noise(x0, noise, t), t, cond) - bb.target(x0, noise, t)).pow(2).mean().backward()
+        return [p.grad.clone() for p in tokens.parameters()]
+
+    plain = grads()
+    pipe.transformer.enable_gradient_checkpointing()
+    try:
+        checkpointed = grads()
+    finally:
+        pipe.transformer.disable_gradient_checkpointing()
+    for a, b in zip(checkpointed, plain):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
+
+
+def test_a_pipeline_without_its_text_encoder_is_a_one_line_error():
+    pipe = tiny_flux2_pipeline()
+    pipe.text_encoder = None
+    with pytest.raises(softrepa.SoftrepaError, match="text_encoder"):
+        backbone_for(pipe, max_sequence_length=8).encode_prompts(["a red circle"])

@@ -15,6 +15,11 @@ Defaults: the model family's paper presets (`softrepa.family.EditPresets`): 50 s
 SoftREPA setting, Tables 5-6). Everything is `softrepa.edit.edit_manifest`. The authors' editing script
 resizes every image to 1024 x 1024 and pads T5 prompts to 512 tokens: `--size 1024
 --max-sequence-length 512 --guidance authors` reproduces their setting.
+
+Guidance-distilled families (FLUX.1-dev, FLUX.2) guide through the model's guidance embedding, as the
+official FlowEdit edits FLUX: --source-cfg / --target-cfg are then the embedding's values of one
+conditional pass per branch (no empty-prompt branch), --guidance authors does not apply, and the
+presets are FlowEdit's FLUX.1-dev ones (28 steps, n_max 24, 1.5 -> 5.5; also with --tokens).
 """
 
 from __future__ import annotations

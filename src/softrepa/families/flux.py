@@ -30,6 +30,7 @@ from diffusers import FluxTransformer2DModel
 from torch import nn
 
 from ..backbone import Backbone, TextCond
+from ..errors import SoftrepaError
 from ..family import EditPresets, ModelInfo, SamplingDefaults, register_family
 from ..flowedit import embedded_flow_denoiser, flow_add_noise, flow_sigmas
 from ..hooks import AttachHandle, call_argument, model_pre_hook, replace_argument
@@ -54,6 +55,10 @@ class FluxBackbone(Backbone):
 
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str], resolution: int | None = None) -> TextCond:
+        for name, what in (("text_encoder", "CLIP, the pooled prompt"), ("text_encoder_2", "T5, the prompt tokens")):
+            if getattr(self.pipe, name, None) is None:
+                raise SoftrepaError(f"FLUX.1 prompts need the pipeline's {name} ({what}), which is missing: "
+                                    "load the pipeline with its text encoders")
         embeds, pooled, _ = self.encode_prompt(prompts)  # (N, n_txt, 4096), (N, 768), text ids
         return TextCond(embeds.to(self.dtype), pooled.to(self.dtype))
 

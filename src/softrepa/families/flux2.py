@@ -47,6 +47,7 @@ from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
 from torch import nn
 
 from ..backbone import Backbone, TextCond
+from ..errors import SoftrepaError
 from ..family import EditPresets, SamplingDefaults, register_family
 from ..flowedit import embedded_flow_denoiser, flow_add_noise, flow_sigmas
 from ..hooks import AttachHandle, call_argument, model_pre_hook, replace_argument
@@ -72,6 +73,9 @@ class Flux2Backbone(Backbone):
 
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str], resolution: int | None = None) -> TextCond:
+        if getattr(self.pipe, "text_encoder", None) is None:
+            raise SoftrepaError("FLUX.2 prompts need the pipeline's text_encoder (Mistral3), which is missing: "
+                                "load the pipeline with its text encoder")
         embeds, _ = self.encode_prompt(prompts)  # (N, n_txt, 3 * hidden), text ids (rebuilt in denoise)
         return TextCond(embeds.to(self.dtype))
 
