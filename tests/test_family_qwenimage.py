@@ -186,6 +186,9 @@ def test_family_layout_and_bad_input(pipe, tmp_path):
     fam = family_of(pipe)
     assert fam.name == "qwenimage" and fam.text_length_option
     assert (fam.sampling.steps, fam.sampling.cfg) == (50, 4.0)
+    assert (fam.edit.steps, fam.edit.src_cfg, fam.edit.choose(False), fam.edit.choose(True)) == \
+        (50, 3.5, (37, 13.5), (35, 9.0))
+    assert fam.guidance_kwargs(1.0) == {"true_cfg_scale": 1.0}  # no second branch: no negative prompt
     tokens = SoftTokens.for_model(pipe, SoftTokensConfig(num_layers=2), seed=0)
     lay = tokens.layout
     assert (lay.family, lay.token_dim, lay.model_dim, lay.model_depth) == ("qwenimage", 32, 32, 3)
@@ -267,6 +270,22 @@ def test_flowedit_with_the_same_prompt_returns_the_source_exactly(pipe, with_tok
     assert (other - z).abs().max() > 1e-4
 
 
+def test_flowedit_on_an_image_through_the_backbone(pipe):
+    """Image -> deterministic source latent -> edit -> image (the backbone's `encode_source`, since the
+    3-D VAE takes (B, 3, 1, H, W) clips)."""
+    from softrepa.edit import edit_latents
+    from softrepa.flowedit import FlowEditParams
+
+    bb = backbone_for(pipe, max_sequence_length=32)
+    pixels = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    z = bb.encode_source(pixels)
+    assert z.dtype == torch.float32 and z.shape == (1, 4, 8, 8) and torch.equal(z, bb.encode_source(pixels))
+    params = FlowEditParams.preset(family_of(pipe), False, steps=4, n_max=3)
+    edited = edit_latents(pipe, z, ["a red circle"], ["a blue circle"], params, max_sequence_length=32)
+    image = bb.decode_latents(edited)
+    assert image.shape == (1, 3, 32, 32) and torch.isfinite(image).all()
+
+
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     root = tmp_path_factory.mktemp("qwenimage")
@@ -318,3 +337,23 @@ def test_generate_compare_cli_on_a_saved_folder(saved, tmp_path):
     ref = pipe("a red circle", height=32, width=32, num_inference_steps=2, max_sequence_length=32,
                generator=torch.Generator().manual_seed(0), **family_of(pipe).guidance_kwargs(4.0)).images[0]
     assert np.array_equal(np.asarray(Image.open(a).convert("RGB")), np.asarray(ref))
+
+
+def test_recipe_loads_and_fits_the_real_widths():
+    """The packaged recipe is a valid config, and its tokens fit Qwen-Image's real widths (model built on
+    the meta device: no weights)."""
+    from diffusers import QwenImageTransformer2DModel
+
+    from softrepa.config import load_config
+
+    cfg = load_config("qwenimage")
+    assert (cfg.model, cfg.max_sequence_length, cfg.tokens.num_layers, cfg.loss.tau_schedule) == \
+        ("Qwen/Qwen-Image", 128, 5, "calibrated")
+    with torch.device("meta"):
+        real = QwenImageTransformer2DModel(num_layers=60, num_attention_heads=24, attention_head_dim=128,
+                                           joint_attention_dim=3584)
+        tokens = SoftTokens.for_model(real, cfg.tokens)
+    lay = tokens.layout
+    assert (lay.family, lay.token_dim, lay.model_dim, lay.model_depth, lay.layers) == \
+        ("qwenimage", 3584, 3072, 60, (0, 1, 2, 3, 4))
+    assert sum(p.numel() for p in tokens.parameters()) == 5 * 4 * 3584 + 100 * 5 * 3072
