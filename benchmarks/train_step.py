@@ -2,6 +2,13 @@
 
     python benchmarks/train_step.py                    # reduced SD3 config on CPU
     python benchmarks/train_step.py --full --dtype bf16 --batch 4 8 16 --text-len 256 512 --chunk none 32
+    python benchmarks/train_step.py --side-by-side --batch 4 --chunk none 8   # floor / eager / compiled
+
+`--side-by-side` runs, in ONE process and alternating step by step, the floor (the same all-pairs
+forward + backward with the tokens disabled, gradients flowing to the text embeddings instead: the
+plain layout without any token plumbing), softrepa eager and softrepa compiled
+(`softrepa.compile_blocks`) for each pair chunk; it prints medians, the ratios compiled / eager and
+eager / floor, and the compile time (first compiled step minus the median compiled step).
 
 "all pairs" evaluates the B x B pairs in one forward + backward, the layout of the authors'
 trainer; "chunk K" is the exact two-pass scheme with K pairs per forward (softrepa.pairs). Each
@@ -16,6 +23,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -32,7 +40,7 @@ def one(args: argparse.Namespace) -> dict:
 
     from softrepa import SoftTokens, SoftTokensConfig, attach
     from softrepa.backbone import TextCond
-from softrepa.families.sd3 import SD3Backbone as MMDiTBackbone
+    from softrepa.families.sd3 import SD3Backbone as MMDiTBackbone
     from softrepa.pairs import PairBatch, contrastive_backward
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -87,6 +95,121 @@ from softrepa.families.sd3 import SD3Backbone as MMDiTBackbone
             "pairs_per_s": B * B / step, "peak_gib": peak, "device": name}
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def side_by_side(args: argparse.Namespace) -> list[str]:
+    """Floor, eager and compiled steps of one batch size, alternated in one process (see the docstring)."""
+    from diffusers import SD3Transformer2DModel
+    from torch._dynamo.utils import counters
+
+    from softrepa import SoftTokens, SoftTokensConfig, attach, compile_blocks
+    from softrepa.backbone import TextCond
+    from softrepa.families.sd3 import SD3Backbone
+    from softrepa.pairs import PairBatch, contrastive_backward
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    cfg = SD3_MEDIUM if args.full else REDUCED
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = SD3Transformer2DModel(**cfg)
+    model = model.to(dtype).eval().requires_grad_(False)
+
+    class _Pipe:
+        transformer = model
+        vae = None
+
+    bb = SD3Backbone(_Pipe())
+    tokens = SoftTokens.for_model(model, SoftTokensConfig()).to(device)
+    handle = attach(model, tokens)
+    B, lat, text_len = args.batch, args.resolution // 8, 77 + args.text_len
+    g = torch.Generator().manual_seed(0)
+    cond = TextCond(torch.randn(B, text_len, cfg["joint_attention_dim"], generator=g).to(device, dtype),
+                    torch.randn(B, cfg["pooled_projection_dim"], generator=g).to(device, dtype))
+    batch = PairBatch(torch.randn(B, 16, lat, lat, generator=g).to(device, dtype), cond,
+                      [f"caption {i}" for i in range(B)], torch.full((B,), 500.0, device=device),
+                      torch.randn(1, 16, lat, lat, generator=g).to(device, dtype))
+    floor_cond = TextCond(cond.embeds.clone().requires_grad_(True), cond.pooled)
+    floor_batch = PairBatch(batch.latents, floor_cond, batch.captions, batch.t, batch.noise)
+    autocast = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32
+                else torch.autocast(device.type, enabled=False))
+    compiled = None
+
+    def use_compiled(on: bool) -> None:
+        nonlocal compiled
+        if on and compiled is None:
+            compiled = compile_blocks(model)  # dynamo's cache outlives remove(): re-wrapping recompiles nothing
+        elif not on and compiled is not None:
+            compiled.remove()
+            compiled = None
+
+    def step(arm: tuple[str, str, bool]) -> tuple[float, float]:
+        kind, chunk, on = arm
+        use_compiled(on)
+        tokens.zero_grad(set_to_none=True)
+        floor_cond.embeds.grad = None
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        _sync(device)
+        t0 = time.perf_counter()
+        with autocast:
+            if kind == "floor":
+                with handle.disabled():
+                    contrastive_backward(bb, floor_batch, pair_chunk=None)
+            else:
+                contrastive_backward(bb, batch, pair_chunk=None if chunk == "none" else int(chunk))
+        _sync(device)
+        dt = time.perf_counter() - t0
+        peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+        return dt, peak
+
+    arms = [("floor", "none", False)]
+    for c in args.chunk:
+        arms += [("softrepa", c, False), ("softrepa", c, True)]
+    if args.compiled_floor:
+        arms.insert(1, ("floor", "none", True))
+    first: dict = {}
+    times: dict = {a: [] for a in arms}
+    peaks: dict = {a: 0.0 for a in arms}
+    graphs_after_warmup = None
+    for r in range(args.warmup + args.iters):
+        for arm in arms:
+            dt, peak = step(arm)
+            if r == 0:
+                first[arm] = dt
+            if r >= args.warmup:
+                times[arm].append(dt)
+            peaks[arm] = max(peaks[arm], peak)
+            print(f"round {r} {arm}: {dt:.3f} s", file=sys.stderr, flush=True)
+        if r == args.warmup - 1:
+            graphs_after_warmup = counters["stats"]["unique_graphs"]
+    recompiled = counters["stats"]["unique_graphs"] - (graphs_after_warmup or 0)
+    med = {a: statistics.median(v) for a, v in times.items()}
+    floor = med[("floor", "none", False)]
+    dev = torch.cuda.get_device_name(0) if device.type == "cuda" else \
+        f"CPU {platform.machine()} ({torch.get_num_threads()} threads)"
+    lines = [f"config: {'SD3-medium' if args.full else 'reduced SD3 (8 blocks, width 384)'}, random weights, "
+             f"{args.resolution} px, T5 {args.text_len}, {args.dtype}, B = {B} ({B * B} pairs), tokens m=4 L=5 "
+             f"with time buckets, device: {dev}; one process, arms alternated step by step, median of "
+             f"{args.iters} steps after {args.warmup} warm-up round(s); graphs compiled after the warm-up: "
+             f"{recompiled}", "",
+             "| arm | pairs/forward | step s | pairs/s | vs floor | compiled / eager | compile s | peak GiB |",
+             "|---|---|---|---|---|---|---|---|"]
+    for arm in arms:
+        kind, chunk, on = arm
+        name = f"{kind} {'compiled' if on else 'eager'}"
+        eager = med.get((kind, chunk, False))
+        speedup = f"{eager / med[arm]:.2f}x" if on and eager else ""
+        comp = f"{first[arm] - med[arm]:.0f}" if on else ""
+        per = "all" if chunk == "none" else chunk
+        lines.append(f"| {name} | {per} | {med[arm]:.3f} | {B * B / med[arm]:.1f} | {floor / med[arm]:.2f}x | "
+                     f"{speedup} | {comp} | {'n/a' if device.type != 'cuda' else f'{peaks[arm]:.2f}'} |")
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--full", action="store_true", help="SD3-medium config (default: reduced, 8 blocks, width 384)")
@@ -99,9 +222,20 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--side-by-side", action="store_true",
+                    help="floor / eager / compiled alternated in one process (first --batch only)")
+    ap.add_argument("--compiled-floor", action="store_true", help="side by side: also the compiled floor")
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.resolution = args.resolution or (512 if args.full else 128)
+    if args.side_by_side:
+        lines = []
+        for B in args.batch:
+            args.batch = B
+            args.text_len = args.text_len[0] if isinstance(args.text_len, list) else args.text_len
+            lines += side_by_side(args) + [""]
+        emit(lines, args.out)
+        return
     if args.one:
         args.batch, args.text_len, args.chunk = args.batch[0], args.text_len[0], args.chunk[0]
         print("RESULT " + json.dumps(one(args)))

@@ -7,6 +7,7 @@ Public API::
     softrepa.save_soft_tokens(tokens, "tokens.safetensors")
     handle.remove()                             # model restored exactly
     handle = softrepa.load_into(pipe, "tokens.safetensors")
+    compiled = softrepa.compile_blocks(pipe)    # regional torch.compile, hooks stay eager
 
 Layers, each importing only those above it: `errors`, `family` (the registry) -> `tokens` ->
 `hooks` (attach) -> `backbone` / `flowedit` -> `families/*` (one module per model family) -> `artifact`,
@@ -16,6 +17,7 @@ Layers, each importing only those above it: `errors`, `family` (the registry) ->
 from . import families  # noqa: F401  (registers the built-in model families)
 from ._version import __version__
 from .artifact import load_into, load_soft_tokens, save_soft_tokens
+from .compilation import CompileConfig, CompiledBlocks, compile_blocks
 from .hooks import AttachHandle, attach, attached_handle
 from .errors import SoftrepaError, SoftTokensError
 from .family import Family, family_of, register_family
@@ -23,6 +25,8 @@ from .tokens import SoftTokens, SoftTokensConfig, TokenLayout
 
 __all__ = [
     "AttachHandle",
+    "CompileConfig",
+    "CompiledBlocks",
     "Family",
     "SoftTokens",
     "SoftTokensConfig",
@@ -32,6 +36,7 @@ __all__ = [
     "__version__",
     "attach",
     "attached_handle",
+    "compile_blocks",
     "family_of",
     "load_into",
     "load_soft_tokens",

@@ -163,6 +163,9 @@ class TrainConfig:
         pair_chunk: pairs per forward pass (None: all at once); exact gradients either way.
         mixed_precision: "no" | "bf16" | "fp16" (fp16 uses a GradScaler).
         weights_dtype: dtype of the frozen model ("auto": half on GPU per mixed_precision, else fp32).
+        compile: regional `torch.compile` of the denoiser's repeated blocks (`softrepa.compile_blocks`);
+            the first step compiles, later steps reuse the code.
+        compile_mode: torch.compile mode (None: default; "max-autotune-no-cudagraphs").
     """
 
     model: str = ""
@@ -187,6 +190,8 @@ class TrainConfig:
     mixed_precision: str = "no"
     weights_dtype: str = "auto"
     gradient_checkpointing: bool = False
+    compile: bool = False
+    compile_mode: str | None = None
     max_sequence_length: int = 512
     seed: int = 0
     num_workers: int = 2
@@ -208,6 +213,9 @@ class TrainConfig:
             (self.pair_chunk is None or self.pair_chunk >= 1, f"pair_chunk must be None or >= 1, got {self.pair_chunk}"),
             (self.mixed_precision in ("no", "bf16", "fp16"), f"mixed_precision must be no|bf16|fp16, got {self.mixed_precision!r}"),
             (self.weights_dtype in ("auto", "fp32", "bf16", "fp16"), f"weights_dtype must be auto|fp32|bf16|fp16, got {self.weights_dtype!r}"),
+            (self.compile_mode in (None, "default", "max-autotune-no-cudagraphs"),
+             f"compile_mode must be null, default or max-autotune-no-cudagraphs (CUDA-graph modes break with "
+             f"per-call tokens), got {self.compile_mode!r}"),
             (self.log_every >= 1, f"log_every must be >= 1 (steps between log rows), got {self.log_every}"),
             (self.checkpoint_every >= 1, "checkpoint_every must be >= 1"),
             (self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1"),

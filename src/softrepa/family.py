@@ -90,6 +90,8 @@ class Family:
         sampling: paper sampling defaults.
         edit: FlowEdit presets.
         text_length_option: whether `max_sequence_length` (T5 length) applies to this family.
+        repeated_blocks: class names of the blocks `compile_blocks` compiles when the diffusers
+            model does not declare them itself (its `_repeated_blocks`).
     """
 
     name: str = ""
@@ -98,6 +100,7 @@ class Family:
     sampling: SamplingDefaults = SamplingDefaults(30, 7.0)
     edit: EditPresets = EditPresets(50, 3.5, (33, 13.5), (30, 9.0))
     text_length_option: bool = False
+    repeated_blocks: tuple[str, ...] = ()
 
     # ----------------------------------------------------------------- recognition and widths
     def matches(self, denoiser: nn.Module) -> bool:

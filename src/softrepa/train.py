@@ -25,6 +25,7 @@ import yaml
 from .errors import TrainingDiverged
 from .backbone import Backbone, backbone_for
 from .pipeline import load_pipeline
+from .compilation import CompileConfig, compile_blocks
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import ConfigError, LossConfig, TrainConfig, config_dict, config_diff, load_config, loss_kwargs, save_config
 from .data import build_dataset, collate_pairs
@@ -148,6 +149,9 @@ class Trainer:
             self.backbone.denoiser.enable_gradient_checkpointing()
         self.tokens = SoftTokens.for_model(pipe, cfg.tokens, seed=cfg.seed).to(self.device)
         self.handle = attach(pipe, self.tokens)
+        # regional compilation after attach or before makes no difference: the hooks stay eager
+        self.compiled = (compile_blocks(self.backbone.denoiser, CompileConfig(mode=cfg.compile_mode))
+                         if cfg.compile else None)
         self.optimizer = torch.optim.AdamW(self.tokens.parameters(), lr=cfg.lr, betas=tuple(cfg.adam_betas),
                                            weight_decay=cfg.weight_decay)
         s = cfg.schedule
@@ -403,7 +407,7 @@ class Trainer:
 
 #: what may change when a run is resumed: its length, logging and validation, not what it learns
 RESUMABLE_FIELDS = ("max_steps", "log_every", "checkpoint_every", "keep_checkpoints", "num_workers", "log_with",
-                    "validation", "output_dir")
+                    "validation", "output_dir", "compile", "compile_mode")
 
 
 def saved_run_config(resume: bool | str, output_dir: str | os.PathLike | None) -> Path | None:

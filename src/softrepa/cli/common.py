@@ -49,6 +49,8 @@ def add_model_arguments(p: argparse.ArgumentParser, *, tokens_help: str | None =
     p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     p.add_argument("--max-sequence-length", type=int, default=None,
                    help="SD3 only: T5 prompt length (default: the pipeline's 256; the authors trained with 512)")
+    p.add_argument("--compile", action="store_true",
+                   help="regional torch.compile of the denoiser's repeated blocks (the first call compiles)")
 
 
 def add_offload_arguments(p: argparse.ArgumentParser) -> None:
@@ -98,6 +100,7 @@ def load_model(args: argparse.Namespace) -> tuple[Any, Any]:
         FileNotFoundError: the model cannot be loaded; SoftTokensError: tokens that do not fit.
     """
     from ..artifact import load_into, load_soft_tokens
+    from ..compilation import compile_blocks
     from ..pipeline import load_pipeline
 
     device, dtype = device_and_dtype(args)
@@ -117,6 +120,8 @@ def load_model(args: argparse.Namespace) -> tuple[Any, Any]:
     if getattr(args, "vae_slicing", False):
         pipe.vae.enable_slicing()
     handle = load_into(pipe, args.tokens) if args.tokens else None
+    if getattr(args, "compile", False):
+        compile_blocks(pipe)
     return pipe, handle
 
 

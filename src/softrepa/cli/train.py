@@ -22,6 +22,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "saved config.yaml is used when --config is not given (--out names the run)")
     p.add_argument("--out", "--output-dir", dest="out", default=None,
                    help="the run folder (the config field output_dir; --output_dir DIR works too)")
+    p.add_argument("--compile", action="store_true",
+                   help="regional torch.compile of the denoiser's blocks (the config field compile: true)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     add_progress_argument(p)
     p.set_defaults(accepts_overrides=True, overrides=[])
@@ -33,6 +35,8 @@ def run(args: argparse.Namespace) -> int:
     overrides = parse_overrides(args.overrides)
     if args.out is not None:
         overrides["output_dir"] = args.out
+    if args.compile:
+        overrides["compile"] = True
     cfg = resume_config(args.resume, args.config, overrides)
     if args.print_config:
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
