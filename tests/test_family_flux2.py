@@ -154,6 +154,9 @@ def test_backbone_latents_flow_target_and_denoise(pipe):
         ours = bb.latents_from_vae(mode)
         theirs = pipe._encode_vae_image(pixels, generator=None)  # the pipeline's reference-image path
         torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+        from softrepa.edit import encode_source
+
+        torch.testing.assert_close(encode_source(bb, pixels), theirs, rtol=0, atol=0)  # FlowEdit's source
         torch.testing.assert_close(bb.decode_latents(ours), pipe.vae.decode(mode).sample.clamp(-1, 1),
                                    rtol=1e-5, atol=1e-5)
     x0, noise = torch.randn(2, 16, 4, 4), torch.randn(2, 16, 4, 4)

@@ -60,15 +60,18 @@ def vae_upcast(vae: Any) -> Iterator[None]:
 
 def encode_source(backbone: Any, pixels: torch.Tensor) -> torch.Tensor:
     """(B, 3, H, W) in [-1, 1] -> scaled latents from the VAE posterior *mode* (deterministic,
-    as FlowEdit does), so that n_max = 0 returns exactly decode(encode(x))."""
+    as FlowEdit does), so that n_max = 0 returns exactly decode(encode(x)).
+
+    A backbone with its own `encode_source(pixels)` (families whose model latent is not the VAE's
+    shifted / scaled latent) is used instead; the result is float32 either way."""
+    # a family whose model latent is not the VAE's shifted / scaled one (FLUX.2: 2 x 2 patches,
+    # batch-normed; Qwen-Image: a 3-D VAE) encodes the source itself
+    own = getattr(backbone, "encode_source", None)
+    if own is not None:
+        return own(pixels).float()
     vae = backbone.vae
     with vae_upcast(vae):
         post = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist
-    # a family whose model latent is not the VAE's shifted / scaled one (FLUX.2: 2 x 2 patches,
-    # batch-normed) maps the VAE latent itself
-    to_model = getattr(backbone, "latents_from_vae", None)
-    if to_model is not None:
-        return to_model(post.mode()).float()
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     return ((post.mode() - shift) * vae.config.scaling_factor).float()
 

@@ -27,7 +27,7 @@ and prepended to the rotary of each selected block by its pre-hook.
 Latents. The model's latent is the VAE latent in 2 x 2 patches (4C channels, half the side),
 normalised by the VAE's batch-norm statistics, then packed to (B, h * w, 4C) with ids (0, h, w, 0).
 The backbone works on the unpacked (B, 4C, h, w) patch latent; `encode_images` / `decode_latents`
-(and `latents_from_vae`, for FlowEdit's deterministic source) include the patching and the
+(and `encode_source`, FlowEdit's deterministic source) include the patching and the
 batch norm, so the trainer and FlowEdit see one flow-matching space: x_t = (1 - sigma) x0 +
 sigma eps, target eps - x0, sigma = t / 1000 (the pipeline calls the model with t / 1000).
 
@@ -92,6 +92,14 @@ class Flux2Backbone(Backbone):
         patches = self.pipe._patchify_latents(z)  # (B, 4C, H/2f, W/2f)
         mean, std = self._bn(patches)
         return (patches - mean) / std
+
+    @torch.no_grad()
+    def encode_source(self, pixels: torch.Tensor) -> torch.Tensor:
+        """FlowEdit's source (`softrepa.edit.encode_source`): (B, 3, H, W) in [-1, 1] -> float32
+        (B, 4C, H/2f, W/2f) model latents from the posterior *mode*, as the pipeline encodes reference images."""
+        vae = self.vae
+        mode = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist.mode()  # (B, C, H/f, W/f)
+        return self.latents_from_vae(mode).float()
 
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor,
