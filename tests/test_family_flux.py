@@ -287,3 +287,33 @@ def test_a_pipeline_without_a_text_encoder_is_a_one_line_error(pipe):
     pipe.text_encoder_2 = None
     with pytest.raises(softrepa.SoftrepaError, match="text_encoder_2"):
         backbone_for(pipe, max_sequence_length=8).encode_prompts(["a red circle"])
+
+
+def test_pure_loop_with_embedded_guidance():
+    """The loop with an `EmbeddedGuidance` denoise: conditional rows only, each branch's scale per row,
+    the joint call == two calls, n_min / n_avg run, equal branches keep the source exactly."""
+    from softrepa.flowedit import EditConds, EmbeddedGuidance, FlowEditParams, flowedit_latents, guidance_mode
+
+    calls = []
+
+    def toy(x, sigma, cond, scale):  # (N, C, h, w), cond (N, 1, 1, 1), scale (N,)
+        calls.append((x.shape[0], scale.tolist()))
+        return torch.tanh(x) * cond * scale.view(-1, 1, 1, 1) + sigma * x.flip(-1)
+
+    den = EmbeddedGuidance(toy)
+    assert guidance_mode(den) == "embedded" and guidance_mode(lambda x, s, c: x) == "cfg"
+    z = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    sigmas = torch.linspace(1, 0, 7)
+    src, tar = torch.tensor([1.0, 2.0]).view(2, 1, 1, 1), torch.tensor([3.0, -1.0]).view(2, 1, 1, 1)
+    p = FlowEditParams(steps=6, n_max=5, src_cfg=1.5, tar_cfg=5.5)
+    two = flowedit_latents(den, z, sigmas, EditConds(src, tar), p)
+    assert calls[:2] == [(2, [1.5, 1.5]), (2, [5.5, 5.5])]
+    calls.clear()
+    joint = flowedit_latents(den, z, sigmas, EditConds(src, tar, torch.cat([src, tar])), p)
+    assert calls[0] == (4, [1.5, 1.5, 5.5, 5.5]) and len(calls) == 5
+    torch.testing.assert_close(joint, two)
+    same = FlowEditParams(steps=6, n_max=5, src_cfg=2.0, tar_cfg=2.0)
+    assert torch.equal(flowedit_latents(den, z, sigmas, EditConds(src, src, torch.cat([src, src])), same), z)
+    for extra in ({"n_min": 2}, {"n_avg": 3}):
+        b = flowedit_latents(den, z, sigmas, EditConds(src, tar), FlowEditParams(**{**p.to_dict(), **extra}))
+        assert torch.isfinite(b).all() and not torch.allclose(b, two)
