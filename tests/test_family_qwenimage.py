@@ -59,10 +59,10 @@ def reference_forward(model, tokens, inp):
     mask = None if mask is None else mask.bool()
     img_rot, txt_rot = model.pos_embed(inp["img_shapes"], max_txt_seq_len=ehs.shape[1], device=hs.device)
     _, h, w = inp["img_shapes"][0][0]
-    first = model.pos_embed.pos_freqs[max(h // 2, w // 2)]  # (d/2,) complex: text position 0 on the diagonal
+    first = model.pos_embed.pos_freqs[max(h // 2, w // 2)].to(txt_rot.device)  # (d/2,) complex: text position 0
     assert torch.equal(first, txt_rot[0])
     rot_tok = (img_rot, torch.cat([first.expand(m, -1), txt_rot]))  # (m + n_txt, d/2)
-    mask_tok = None if mask is None else torch.cat([torch.ones(b, m, dtype=torch.bool), mask], dim=1)
+    mask_tok = None if mask is None else torch.cat([mask.new_ones(b, m), mask], dim=1)  # (B, m + n_txt): tokens 1
     # text-space tokens enter as the prompt does (txt_norm, txt_in); block-space ones at the block width
     projection = (lambda s: model.txt_in(model.txt_norm(s))) if lay.token_space == "text" else None
     toks = tokens(inp["timestep"] * 1000, b, projection=projection)  # (B, S, m, D)
