@@ -90,6 +90,9 @@ class QwenImageBackbone(Backbone):
     def encode_prompts(self, prompts: Sequence[str], resolution: int | None = None) -> TextCond:
         """N prompts -> embeds (N, max_sequence_length, D_text) and extra["mask"] (N, max_sequence_length).
 
+        Args:
+            prompts: N prompts (the stock `encode_prompt` wraps each in the chat template).
+            resolution: unused (Qwen-Image has no size conditioning).
         Raises:
             SoftTokensError: the pipeline has no text encoder or tokenizer.
         """
@@ -99,12 +102,13 @@ class QwenImageBackbone(Backbone):
         embeds, mask = self.encode_prompt(prompts)  # (N, n, D), (N, n) or None when nothing is padded
         n_pos = self.max_sequence_length
         n, length, width = embeds.shape
+        length = min(length, n_pos)  # encode_prompt already truncates at max_sequence_length
         if mask is None:
             mask = torch.ones(n, length, dtype=torch.long, device=embeds.device)
         padded = embeds.new_zeros(n, n_pos, width)  # (N, L, D): zero padding, as the pipeline pads
-        padded[:, :length] = embeds[:, :n_pos]
+        padded[:, :length] = embeds[:, :length]
         full = mask.new_zeros(n, n_pos)  # (N, L)
-        full[:, :length] = mask[:, :n_pos]
+        full[:, :length] = mask[:, :length]
         return TextCond(padded.to(self.dtype), None, {MASK: full})
 
     # ---------------------------------------------------------------- latents
@@ -143,6 +147,9 @@ class QwenImageBackbone(Backbone):
 
         `softrepa.edit.encode_source` feeds 4-D pixels to the VAE, which Qwen-Image's 3-D VAE refuses;
         this is the family's version of it (see docs/design-notes.md, Qwen-Image).
+
+        Args:
+            pixels: (B, 3, H, W) images in [-1, 1], sides multiples of twice the VAE factor (16 for Qwen-Image).
         """
         vae = self.vae
         z = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype).unsqueeze(2)).latent_dist.mode()[:, :, 0]
