@@ -2,10 +2,13 @@
 
     python benchmarks/attach_overhead.py                 # reduced SD3 config on CPU
     python benchmarks/attach_overhead.py --full --dtype bf16   # SD3-medium config (GPU)
+    python benchmarks/attach_overhead.py --compile        # + compiled rows (softrepa.compile_blocks)
 
 Prints a markdown table; `--out FILE` also writes it. The overhead of the tokens themselves is
 m extra text positions in L of the blocks (4 + 333 tokens at 1024 px with T5 256 -> ~1%),
-plus the hook bookkeeping.
+plus the hook bookkeeping. One forward is one sampling step (batch 2 = one prompt with CFG), so
+`--compile` gives the sampling comparison: stock / tokens x eager / compiled, alternated in one
+process (the compile time is the first compiled call's excess over the median).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import torch
 
 from report import emit
 
-from softrepa import SoftTokens, SoftTokensConfig, attach
+from softrepa import SoftTokens, SoftTokensConfig, attach, compile_blocks
 
 SD3_MEDIUM = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
                   num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
@@ -56,6 +59,7 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--compile", action="store_true", help="also the compiled stock / tokens forwards")
     args = ap.parse_args()
 
     from diffusers import SD3Transformer2DModel
@@ -78,23 +82,38 @@ def main() -> None:
     tokens = SoftTokens.for_model(model, SoftTokensConfig())  # paper default: m=4, L=5, time buckets
     rows = []
     # interleave to cancel drift (thermal, other load)
-    base_t, tok_t = [], []
-    for _ in range(2):
+    base_t, tok_t, cbase_t, ctok_t, first = [], [], [], [], {}
+    for rep in range(2):
         base_t += time_forward(model, inputs, device, args.warmup, args.iters)
         with attach(model, tokens):
             tok_t += time_forward(model, inputs, device, args.warmup, args.iters)
+        if args.compile:
+            with compile_blocks(model):  # dynamo's cache outlives the context: the second round reuses it
+                t0 = time.perf_counter()
+                cbase_t += time_forward(model, inputs, device, args.warmup, args.iters)
+                first.setdefault("stock", time.perf_counter() - t0)
+                with attach(model, tokens):
+                    t0 = time.perf_counter()
+                    ctok_t += time_forward(model, inputs, device, args.warmup, args.iters)
+                    first.setdefault("tokens", time.perf_counter() - t0)
     b, t = statistics.median(base_t), statistics.median(tok_t)
-    rows.append(("stock", b, 0.0))
-    rows.append(("with tokens (m=4, L=5)", t, 100.0 * (t / b - 1)))
+    rows.append(("stock", b, 0.0, ""))
+    rows.append(("with tokens (m=4, L=5)", t, 100.0 * (t / b - 1), ""))
+    if args.compile:
+        n = args.warmup + args.iters
+        cb, ct = statistics.median(cbase_t), statistics.median(ctok_t)
+        rows.append(("stock, compiled", cb, 100.0 * (cb / b - 1), f"{b / cb:.2f}x; compile {first['stock'] - n * cb:.0f} s"))
+        rows.append(("with tokens, compiled", ct, 100.0 * (ct / b - 1),
+                     f"{t / ct:.2f}x vs tokens eager; compile {first['tokens'] - n * ct:.0f} s"))
     dev_name = torch.cuda.get_device_name(0) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     lines = [
         f"config: {'SD3-medium' if args.full else 'reduced SD3 (8 blocks, width 384)'}, random weights, "
         f"{res} px, batch {args.batch}, text {args.text_len}, {args.dtype}, device: {dev_name}",
         "",
-        "| forward | median ms | overhead % |",
-        "|---|---|---|",
+        "| forward | median ms | vs stock eager % | compiled speed-up |",
+        "|---|---|---|---|",
     ]
-    lines += [f"| {name} | {sec * 1e3:.1f} | {ov:+.2f} |" for name, sec, ov in rows]
+    lines += [f"| {name} | {sec * 1e3:.1f} | {ov:+.2f} | {note} |" for name, sec, ov, note in rows]
     emit(lines, args.out)
 
 

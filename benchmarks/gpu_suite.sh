@@ -1,5 +1,5 @@
 #!/bin/bash
-# The GPU figures the issues leave open, in one prepared run (about 6-8 minutes on one H100/H200).
+# The GPU figures the issues leave open, in one prepared run (about 8-9 minutes on one H200).
 #
 # For a session lent a GPU through the `device` tool. The GPU machine has torch and transformers
 # but no diffusers, and no network: carry the wheels. Here, once, in the repo root:
@@ -7,12 +7,12 @@
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl \
-#       diffusers==0.42.1 safetensors huggingface_hub
-#   (plus any other package `python -c "import softrepa"` reports missing there)
+#       diffusers==0.42.1 importlib_metadata
 #
 # Then one device call: run(command="bash benchmarks/gpu_suite.sh", carry=[".whl"], timeout_s=600).
-# Tables land in $OUT (returned) and benchmarks/results/ (here, after copying them back), each
-# naming the card. Every stage has its own time limit so that one slow stage cannot eat the rest.
+# Tables land in $OUT (returned) and are copied to benchmarks/results/ here, each naming the card.
+# Every stage has its own time limit so that one slow stage cannot eat the rest; the compiled
+# stages share inductor's on-disk cache (same block shapes compile once).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results}
@@ -26,17 +26,23 @@ card=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr ' ' '_')
 echo "card: $card"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu_${card}_card.txt"
 python3 -c "import torch, diffusers, transformers; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu_${card}_card.txt"
+cd benchmarks
 
-# 1. fp16 / bf16 against fp32 with tokens attached, SD3-medium config (~1 min)
-timeout 150 python3 benchmarks/precision_check.py --full --out "$OUT/precision_check_${card}.md"
+# 1. sampling step (one forward, CFG batch 2), SD3-medium config, 1024 px, T5 256: stock / tokens x
+#    eager / compiled (issue 17; attach overhead target of issue 2: <= 3%)
+timeout 170 python3 attach_overhead.py --full --dtype bf16 --compile --iters 10 --warmup 3 \
+  --out "$OUT/sample_step_${card}.md" 2>&1 | tail -12
 
-# 2. attach overhead, SD3-medium config, 1024 px, CFG batch 2, T5 256 (issue #2 target: <= 3%)
-timeout 120 python3 benchmarks/attach_overhead.py --full --dtype bf16 --out "$OUT/attach_overhead_${card}.md"
+# 2. training step, SD3-medium config, 512 px, T5 512, bf16, B = 4 (16 pairs): floor / eager / compiled
+#    side by side (issue 17 target: >= 1.5x the authors' 53 pairs/s on an H200)
+timeout 250 python3 train_step.py --full --dtype bf16 --side-by-side --batch 4 --text-len 512 --chunk none \
+  --iters 4 --warmup 1 --out "$OUT/train_step_${card}_b4.md" 2>&1 | tail -12
 
-# 3. training step, SD3-medium config, 512 px, bf16 (issue #3 targets: B = 4 / T5 512 >= 1.4x the
-#    authors' 53 pairs/s, B = 16 in <= 40 GiB). All-pairs at B = 16 does not fit; it reports the OOM.
-timeout 240 python3 benchmarks/train_step.py --full --dtype bf16 --batch 4 --text-len 512 --chunk none 16 32 \
-  --iters 3 --warmup 1 --out "$OUT/train_step_${card}_b4.md"
-timeout 150 python3 benchmarks/train_step.py --full --dtype bf16 --batch 8 16 --text-len 512 --chunk 32 \
-  --iters 2 --warmup 1 --out "$OUT/train_step_${card}_b8_b16.md"
+# 3. B = 16 (256 pairs) in chunks of 16 pairs (the shapes of stage 2: its compiled graphs are reused),
+#    eager / compiled; peak memory (target <= 40 GiB)
+timeout 200 python3 train_step.py --full --dtype bf16 --side-by-side --no-floor --batch 16 --text-len 512 \
+  --chunk 16 --iters 2 --warmup 1 --out "$OUT/train_step_${card}_b16.md" 2>&1 | tail -12
+
+# 4. if time is left: fp16 / bf16 against fp32 with tokens attached (issue 2)
+timeout 90 python3 precision_check.py --full --out "$OUT/precision_check_${card}.md" 2>&1 | tail -12
 echo "done"

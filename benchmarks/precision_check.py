@@ -43,7 +43,7 @@ def main() -> None:
 
     from softrepa import SoftTokens, SoftTokensConfig, attach
     from softrepa.backbone import TextCond
-from softrepa.families.sd3 import SD3Backbone as MMDiTBackbone
+    from softrepa.families.sd3 import SD3Backbone as MMDiTBackbone
     from softrepa.pairs import PairBatch, contrastive_backward
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -22,7 +22,7 @@ import torch
 def main(argv: list[str] | None = None) -> int:
     from softrepa import SoftTokens, SoftTokensConfig, attach
     from softrepa.backbone import backbone_for
-from softrepa.pipeline import load_pipeline
+    from softrepa.pipeline import load_pipeline
     from softrepa.data import build_dataset
     from softrepa.diagnose import draw_batches, prepare_batch
     from softrepa.artifact import load_soft_tokens

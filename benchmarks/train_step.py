@@ -166,7 +166,7 @@ def side_by_side(args: argparse.Namespace) -> list[str]:
         peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
         return dt, peak
 
-    arms = [("floor", "none", False)]
+    arms = [] if args.no_floor else [("floor", "none", False)]
     for c in args.chunk:
         arms += [("softrepa", c, False), ("softrepa", c, True)]
     if args.compiled_floor:
@@ -188,7 +188,7 @@ def side_by_side(args: argparse.Namespace) -> list[str]:
             graphs_after_warmup = counters["stats"]["unique_graphs"]
     recompiled = counters["stats"]["unique_graphs"] - (graphs_after_warmup or 0)
     med = {a: statistics.median(v) for a, v in times.items()}
-    floor = med[("floor", "none", False)]
+    floor = med.get(("floor", "none", False))
     dev = torch.cuda.get_device_name(0) if device.type == "cuda" else \
         f"CPU {platform.machine()} ({torch.get_num_threads()} threads)"
     lines = [f"config: {'SD3-medium' if args.full else 'reduced SD3 (8 blocks, width 384)'}, random weights, "
@@ -205,7 +205,8 @@ def side_by_side(args: argparse.Namespace) -> list[str]:
         speedup = f"{eager / med[arm]:.2f}x" if on and eager else ""
         comp = f"{first[arm] - med[arm]:.0f}" if on else ""
         per = "all" if chunk == "none" else chunk
-        lines.append(f"| {name} | {per} | {med[arm]:.3f} | {B * B / med[arm]:.1f} | {floor / med[arm]:.2f}x | "
+        vs_floor = f"{floor / med[arm]:.2f}x" if floor else "n/a"
+        lines.append(f"| {name} | {per} | {med[arm]:.3f} | {B * B / med[arm]:.1f} | {vs_floor} | "
                      f"{speedup} | {comp} | {'n/a' if device.type != 'cuda' else f'{peaks[arm]:.2f}'} |")
     return lines
 
@@ -224,6 +225,8 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--side-by-side", action="store_true",
                     help="floor / eager / compiled alternated in one process (first --batch only)")
+    ap.add_argument("--no-floor", action="store_true",
+                    help="side by side: no floor arm (it runs all B*B pairs in one pass: too large at B = 16)")
     ap.add_argument("--compiled-floor", action="store_true", help="side by side: also the compiled floor")
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()

@@ -227,3 +227,14 @@ def test_trainer_resume_applies_the_resume_policy(tmp_path):
     check_resumable(load_config(None, {"output_dir": str(tmp_path), "lr": 1e-3, "max_steps": 9999}),
                     tmp_path / "config.yaml")  # the length may change
     assert resume_config(True, None, {"output_dir": str(tmp_path)}).lr == 1e-3  # the saved config is used
+
+
+def test_benchmark_scripts_compile():
+    """Benchmarks are not imported by the suite; a syntax error there would go unseen until a GPU run."""
+    import py_compile
+
+    root = Path(__file__).resolve().parents[1] / "benchmarks"
+    scripts = sorted(root.glob("*.py"))
+    assert scripts
+    for path in scripts:
+        py_compile.compile(str(path), doraise=True)
