@@ -357,3 +357,22 @@ def test_recipe_loads_and_fits_the_real_widths():
     assert (lay.family, lay.token_dim, lay.model_dim, lay.model_depth, lay.layers) == \
         ("qwenimage", 3584, 3072, 60, (0, 1, 2, 3, 4))
     assert sum(p.numel() for p in tokens.parameters()) == 5 * 4 * 3584 + 100 * 5 * 3072
+
+
+def test_edit_cli_with_the_same_prompt_and_cfg_returns_the_decoded_source(saved, tmp_path):
+    """`softrepa edit` on a saved Qwen-Image folder (the backbone's encode_source for the 3-D VAE): the
+    same prompt and CFG on both branches gives exactly the n_max = 0 result, decode(encode(image))."""
+    from softrepa.cli import main
+
+    common = ["edit", "--model", str(saved / "qwen"), "--image", str(saved / "data" / "0.png"),
+              "--source-prompt", "a red square", "--target-prompt", "a red square", "--steps", "4",
+              "--source-cfg", "3.5", "--target-cfg", "3.5", "--size", "32", "--max-sequence-length", "32",
+              "--no-progress"]
+    assert main([*common, "--n-max", "3", "--out", str(tmp_path / "same")]) == 0
+    assert main([*common, "--n-max", "0", "--out", str(tmp_path / "none")]) == 0
+    same, none = (np.asarray(Image.open(tmp_path / sub / "0.png").convert("RGB")) for sub in ("same", "none"))
+    assert np.array_equal(same, none)
+    other = [("a blue square" if a == "a red square" and common[i - 1] == "--target-prompt" else a)
+             for i, a in enumerate(common)]
+    assert main([*other, "--n-max", "3", "--out", str(tmp_path / "edit")]) == 0
+    assert not np.array_equal(np.asarray(Image.open(tmp_path / "edit" / "0.png").convert("RGB")), none)
