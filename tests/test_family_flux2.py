@@ -226,7 +226,30 @@ def test_flowedit_same_prompt_and_guidance_returns_the_source_exactly(pipe):
         assert torch.equal(run("a red circle", "a red circle"), z)
         assert not torch.allclose(run("a red circle", "a blue square"), edited, atol=1e-4)
     other = run("a red circle", "a red circle", FlowEditParams(steps=4, n_max=3, src_cfg=2.0, tar_cfg=5.0))
-    assert ((other - z).abs().max() > 1e-3) == pipe.transformer.config.guidance_embeds
+    assert (other - z).abs().max() > 1e-3  # guidance enters: the embedding (dev) or true CFG (no embedding)
+
+
+def test_flowedit_guidance_follows_the_pipeline_without_an_embedding():
+    """No guidance embedding: true CFG (an empty-prompt branch, 4 rows per joint call), as a base model's
+    Flux2KleinPipeline samples; a pipeline marked step-distilled (`is_distilled`) gets no guidance at all."""
+    from softrepa.edit import edit_latents
+    from softrepa.flowedit import guidance_mode
+
+    pipe = tiny_flux2_pipeline(guidance_embeds=False)
+    bb = backbone_for(pipe)
+    assert guidance_mode(family_of(pipe).edit_model(bb, 4, (1, 16, 6, 8))[0]) == "cfg"
+    _, z = _source(pipe)
+    seen = []
+    hook = pipe.transformer.register_forward_pre_hook(
+        lambda mod, args, kw: seen.append(kw["hidden_states"].shape[0]), with_kwargs=True)
+    try:
+        edit_latents(pipe, z, ["a red circle"], ["a blue square"], FlowEditParams(steps=4, n_max=2),
+                     max_sequence_length=8)
+    finally:
+        hook.remove()
+    assert seen == [4, 4]
+    pipe.register_to_config(is_distilled=True)
+    assert guidance_mode(family_of(pipe).edit_model(bb, 4, (1, 16, 6, 8))[0]) == "embedded"
 
 
 def test_flowedit_guidance_per_branch_and_the_pipelines_sigmas():

@@ -33,7 +33,9 @@ sigma eps, target eps - x0, sigma = t / 1000 (the pipeline calls the model with 
 
 Guidance. FLUX.2-dev is guidance-distilled (`guidance_embeds=True`): one conditional branch with
 the guidance embedding, the tokens on it; FlowEdit makes one conditional call per branch with the
-branch's guidance value (`softrepa.flowedit.EmbeddedGuidance`), as for FLUX.1-dev.
+branch's guidance value (`softrepa.flowedit.EmbeddedGuidance`), as for FLUX.1-dev. A FLUX.2
+transformer without the embedding is edited as its pipeline samples it (`Flux2Family.edit_model`):
+true CFG, or no guidance when the pipeline says the model is step-distilled.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ from torch import nn
 from ..backbone import Backbone, TextCond
 from ..errors import SoftrepaError
 from ..family import EditPresets, SamplingDefaults, register_family
-from ..flowedit import embedded_flow_denoiser, flow_add_noise, flow_sigmas
+from ..flowedit import embedded_flow_denoiser, flow_add_noise, flow_denoiser, flow_sigmas
 from ..hooks import AttachHandle, call_argument, model_pre_hook, replace_argument
 from .flux import FluxFamily
 from .sd3 import drop_hook
@@ -74,7 +76,7 @@ class Flux2Backbone(Backbone):
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str], resolution: int | None = None) -> TextCond:
         if getattr(self.pipe, "text_encoder", None) is None:
-            raise SoftrepaError("FLUX.2 prompts need the pipeline's text_encoder (Mistral3), which is missing: "
+            raise SoftrepaError("FLUX.2 prompts need the pipeline's text_encoder, which is missing: "
                                 "load the pipeline with its text encoder")
         embeds, _ = self.encode_prompt(prompts)  # (N, n_txt, 3 * hidden), text ids (rebuilt in denoise)
         return TextCond(embeds.to(self.dtype))
@@ -247,15 +249,25 @@ class Flux2Family(FluxFamily):
         return Flux2Backbone(pipe, **kwargs)
 
     def edit_model(self, backbone: Backbone, steps: int, latent_shape: tuple[int, ...]):
-        """FlowEdit with the guidance embedding (one conditional call per branch) on the pipeline's own
-        sigma grid: linspace(1, 1 / steps, steps) shifted by FLUX.2's `compute_empirical_mu` of the
-        latent sequence length (the (h, w) of the patch latent) and the number of steps."""
+        """FlowEdit guided as the stock pipeline samples the model, on the pipeline's own sigma grid:
+        linspace(1, 1 / steps, steps) shifted by FLUX.2's `compute_empirical_mu` of the latent
+        sequence length (the (h, w) of the patch latent) and the number of steps.
+
+        Guidance: FLUX.2-dev (`guidance_embeds`) through the embedding, one conditional call per
+        branch (`EmbeddedGuidance`); a model without a guidance embedding whose pipeline guides with
+        true CFG (`Flux2KleinPipeline` of a base model) through FlowEdit's two CFG branches with the
+        empty negative prompt; a step-distilled one (`is_distilled`) takes no guidance, so its scales
+        are ignored (plain conditional velocities, as the official FlowEdit runs FLUX.1-schnell).
+        """
         seq = latent_shape[-2] * latent_shape[-1]  # packed tokens: one per 2 x 2 patch
         scheduler = backbone.pipe.scheduler
         ntt = scheduler.config.get("num_train_timesteps", 1000)
         base = None if scheduler.config.get("use_flow_sigmas", False) else np.linspace(1.0, 1.0 / steps, steps)
         sigmas = flow_sigmas(scheduler, steps, seq, base_sigmas=base, mu=compute_empirical_mu(seq, steps))
-        return embedded_flow_denoiser(backbone, ntt), sigmas, flow_add_noise
+        distilled = bool(getattr(backbone.pipe.config, "is_distilled", False))
+        if backbone.denoiser.config.guidance_embeds or distilled:
+            return embedded_flow_denoiser(backbone, ntt), sigmas, flow_add_noise
+        return flow_denoiser(backbone, ntt), sigmas, flow_add_noise
 
 
 register_family(Flux2Family())
