@@ -45,7 +45,6 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 from diffusers import Flux2Transformer2DModel
-from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
 from torch import nn
 
 from ..backbone import Backbone, TextCond
@@ -259,6 +258,9 @@ class Flux2Family(FluxFamily):
         empty negative prompt; a step-distilled one (`is_distilled`) takes no guidance, so its scales
         are ignored (plain conditional velocities, as the official FlowEdit runs FLUX.1-schnell).
         """
+        # imported here: the pipeline module pulls in transformers' Mistral3, which `import softrepa` need not
+        from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
+
         seq = latent_shape[-2] * latent_shape[-1]  # packed tokens: one per 2 x 2 patch
         scheduler = backbone.pipe.scheduler
         ntt = scheduler.config.get("num_train_timesteps", 1000)
