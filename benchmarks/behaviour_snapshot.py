@@ -30,13 +30,13 @@ def tensor_sha(t: torch.Tensor) -> str:
     return sha(t.detach().contiguous().cpu().numpy().tobytes())
 
 
-def tokens_file_sha(path: Path) -> str:
+def tokens_file_sha(path: Path, metadata: bool = True) -> str:
     """Tensors and sorted header metadata (safetensors writes its metadata map in no fixed order,
     so the file bytes of two identical saves can differ)."""
     from safetensors import safe_open
 
     with safe_open(str(path), "pt") as f:
-        parts = [json.dumps(f.metadata(), sort_keys=True).encode()]
+        parts = [json.dumps(f.metadata(), sort_keys=True).encode()] if metadata else []
         parts += [k.encode() + f.get_tensor(k).numpy().tobytes() for k in sorted(f.keys())]
     return sha(b"".join(parts))
 
@@ -110,6 +110,8 @@ def run(out: Path) -> dict[str, object]:
             "--log_every", "1")
         tokens = t / "run" / "tokens.safetensors"
         snap["train.tokens"] = tokens_file_sha(tokens)
+        # the tensors alone: a new config field recorded in the metadata changes only the record above
+        snap["train.tokens_tensors"] = tokens_file_sha(tokens, metadata=False)
         rows = [json.loads(ln) for ln in (t / "run" / "metrics.jsonl").read_text().splitlines() if ln.strip()]
         snap["train.loss"] = [r.get("loss") for r in rows]
         # generation with and without the tokens
