@@ -2,7 +2,8 @@
 
 `read_prompts` takes a literal prompt or a file (.txt, .jsonl rows with "prompt", a COCO captions
 .json or a JSON list); a name that looks like a file but does not exist is an error, never the
-prompt text. `warn_long_prompts` tells once per run how many prompts the text encoder truncates.
+prompt text. `warn_long_prompts` tells once per run how many prompts the text encoder truncates;
+`check_prompt_length` refuses such a prompt (interactive callers: `softrepa ui`).
 """
 
 from __future__ import annotations
@@ -134,4 +135,25 @@ def warn_long_prompts(pipe: Any, prompts: Sequence[str]) -> int:
     return len(long)
 
 
-__all__ = ["parse_seeds", "parse_size", "read_prompts", "warn_long_prompts"]
+def check_prompt_length(pipe: Any, prompt: str, what: str = "prompt") -> None:
+    """Refuse a prompt the pipeline's first text encoder would truncate (interactive callers).
+
+    Batch generation only warns (`warn_long_prompts`); a single prompt typed by a user is refused
+    instead, so that the image never silently answers a shorter prompt than the one asked.
+
+    Args:
+        pipe: the pipeline (its `tokenizer` decides the limit; none: no limit).
+        prompt: the prompt.
+        what: its name in the message ("prompt", "source prompt", ...).
+    Raises:
+        ValueError: the prompt is longer than the tokenizer's `model_max_length` (both counts named).
+    """
+    tok = getattr(pipe, "tokenizer", None)
+    if tok is None:
+        return
+    n, limit = len(tok(prompt, truncation=False).input_ids), int(tok.model_max_length)
+    if n > limit:
+        raise ValueError(f"{what} too long: {n} tokens, the text encoder reads {limit}")
+
+
+__all__ = ["check_prompt_length", "parse_seeds", "parse_size", "read_prompts", "warn_long_prompts"]

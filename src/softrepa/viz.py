@@ -46,6 +46,23 @@ def image_grid(rows: Sequence[Sequence[Image.Image]], row_labels: Sequence[str] 
     return grid
 
 
+def difference_image(a: Image.Image, b: Image.Image, gain: float = 4.0) -> tuple[Image.Image, float]:
+    """Where two images of the same size differ: |a - b| per pixel, amplified, and its mean.
+
+    Args:
+        a, b: RGB images of the same size (e.g. the same seed without and with tokens).
+        gain: brightness factor of the picture (small differences stay visible; clipped at 255).
+    Returns:
+        (picture of gain * |a - b|, mean |a - b| over pixels and channels in 0..255).
+    Raises:
+        ValueError: the sizes differ.
+    """
+    if a.size != b.size:
+        raise ValueError(f"difference_image: sizes differ ({a.size} vs {b.size})")
+    d = np.abs(np.asarray(a.convert("RGB"), np.float32) - np.asarray(b.convert("RGB"), np.float32))
+    return Image.fromarray(np.clip(d * gain, 0, 255).round().astype(np.uint8)), float(d.mean())
+
+
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
     rows = []
     with open(path) as f:
