@@ -243,7 +243,7 @@ def test_cli_manifest_sweep_resumes(sd15_dir, tmp_path):
     args = ["edit", "--model", str(sd15_dir), "--manifest", str(manifest), "--tar-cfg", "2,4", "--steps", "3",
             "--n-max", "2", "--no-progress", "--out", str(out)]
     assert main(args) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["cfg_2", "cfg_4"]
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["cfg_2", "cfg_4"]  # .softrepa.lock
     for cfg in (2, 4):
         rows = [json.loads(x) for x in (out / f"cfg_{cfg}" / "metadata.jsonl").read_text().splitlines()]
         assert [r["file"] for r in rows] == ["00000_a.png", "00001_b.png"] and {r["tar_cfg"] for r in rows} == {cfg}

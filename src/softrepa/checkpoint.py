@@ -16,6 +16,7 @@ live in the run's `metrics.jsonl`).
 
 from __future__ import annotations
 
+import io
 import os
 import random
 import shutil
@@ -27,7 +28,8 @@ import numpy as np
 import torch
 
 from .config import save_config
-from .runfolder import atomic_write_bytes
+from .errors import RunFolderError, StorageError
+from .runfolder import atomic_write_bytes, write_error_message
 from .artifact import load_soft_tokens, save_soft_tokens
 from .tokens import SoftTokens
 
@@ -91,14 +93,27 @@ def save_checkpoint(
     # a unique name: a leftover of a crashed save may be the folder `latest` names right now
     tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp = root / f".{name}.{tag}.tmp"
-    tmp.mkdir()
-    save_soft_tokens(tokens, tmp / "tokens.safetensors", extra_metadata={"step": str(step)})
-    state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-             "rng": rng_state(), "extra": extra or {}}
-    if scaler is not None:
-        state["scaler"] = scaler.state_dict()
-    torch.save(state, tmp / "state.pt")
-    save_config(config, tmp / "config.yaml")
+    try:
+        tmp.mkdir()
+        save_soft_tokens(tokens, tmp / "tokens.safetensors", extra_metadata={"step": str(step)})
+        state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                 "rng": rng_state(), "extra": extra or {}}
+        if scaler is not None:
+            state["scaler"] = scaler.state_dict()
+        # serialised in memory and written by Python: a full disk is then an OSError naming the
+        # file, where torch.save's own writer reports "unexpected pos ..."
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        atomic_write_bytes(tmp / "state.pt", buf.getvalue())
+        save_config(config, tmp / "config.yaml")
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)  # no partial checkpoint folder stays behind
+        if isinstance(e, OSError):
+            kept = latest_checkpoint(run_dir)
+            intact = f"the last complete checkpoint {kept} is intact" if kept else "no earlier checkpoint exists"
+            reason = str(e) if isinstance(e, StorageError) else write_error_message(tmp, e)
+            raise StorageError(f"checkpoint step {step} not written ({reason}); {intact}") from e
+        raise
     if final.exists():
         # Re-saving a step (a run resumed from an older checkpoint reaches it again). A folder
         # cannot be renamed over a non-empty one, so the old one moves aside first, and `latest`
@@ -135,30 +150,81 @@ def _prune(root: Path, keep: int, protect: str) -> None:
 
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     """The newest complete checkpoint folder of a run, or None."""
+    found = checkpoints_newest_first(run_dir)
+    return found[0] if found else None
+
+
+def checkpoints_newest_first(run_dir: str | os.PathLike) -> list[Path]:
+    """A run's complete-looking checkpoint folders: the one `latest` names first, then by step, newest first.
+
+    "Complete-looking" means both files are there; whether they load is `load_checkpoint`'s test
+    (a damaged one is skipped for the next by the trainer's resume).
+    """
     root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    done = sorted((p for p in root.glob("step_*") if _complete(p)), reverse=True)
     pointer = root / "latest"
     if pointer.is_file():
         cand = root / pointer.read_text().strip()
-        if (cand / "state.pt").is_file() and (cand / "tokens.safetensors").is_file():
-            return cand
-    done = sorted(p for p in root.glob("step_*") if (p / "state.pt").is_file())
-    return done[-1] if done else None
+        if _complete(cand):
+            done = [cand] + [p for p in done if p != cand]
+    return done
+
+
+def _complete(folder: Path) -> bool:
+    return (folder / "state.pt").is_file() and (folder / "tokens.safetensors").is_file()
+
+
+def remove_leftovers(run_dir: str | os.PathLike) -> list[str]:
+    """Delete what killed writers left: hidden `.step_*` checkpoint folders and `.*.tmp` files.
+
+    Only safe while holding the run's lock (no other writer can be mid-write). Returns the names removed.
+    """
+    run_dir = Path(run_dir)
+    removed = []
+    for folder in (run_dir, run_dir / "checkpoints"):
+        if not folder.is_dir():
+            continue
+        for p in folder.iterdir():
+            if p.name.startswith(".") and (p.name.endswith(".tmp") or (folder.name == "checkpoints"
+                                                                       and p.name.startswith(".step_"))):
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+                removed.append(str(p.relative_to(run_dir)))
+    return removed
 
 
 def load_checkpoint(path: str | os.PathLike, tokens: SoftTokens, optimizer: torch.optim.Optimizer,
                     scheduler: Any, scaler: Any = None) -> dict[str, Any]:
-    """Restore training state in place from a checkpoint folder; returns the state dict."""
+    """Restore training state in place from a checkpoint folder; returns the state dict.
+
+    Both files are read and checked before anything is restored, so a damaged checkpoint leaves
+    the training state untouched.
+
+    Raises:
+        FileNotFoundError: not a checkpoint folder; RunFolderError: a damaged file (named);
+        ValueError: tokens of another layout.
+    """
     path = Path(path)
     if not (path / "state.pt").is_file():
         raise FileNotFoundError(f"{path}: not a checkpoint folder (no state.pt)")
-    loaded = load_soft_tokens(path / "tokens.safetensors")
+    try:
+        state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+        if not isinstance(state, dict) or not {"step", "optimizer", "scheduler", "rng"} <= set(state):
+            raise ValueError("missing keys")
+    except Exception as e:  # truncated zip, bad pickle, wrong content: all mean "damaged"
+        raise RunFolderError(f"{path / 'state.pt'} is damaged ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
+    try:
+        loaded = load_soft_tokens(path / "tokens.safetensors")
+    except Exception as e:
+        raise RunFolderError(f"{path / 'tokens.safetensors'} is damaged ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:200] if str(e) else ''})") from e
     if loaded.layout != tokens.layout:
         raise ValueError(f"{path}: checkpoint tokens layout {loaded.layout} differs from the run's {tokens.layout}")
     with torch.no_grad():
         tokens.base.copy_(loaded.base)
         if tokens.time is not None:
             tokens.time.copy_(loaded.time)
-    state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     if scaler is not None and "scaler" in state:

@@ -390,6 +390,33 @@ def config_diff(old: Any, new: Any, prefix: str = "") -> list[str]:
     return [] if old == new else [f"{prefix[:-1]}: {old!r} -> {new!r}"]
 
 
+#: config fields that may name local files or folders (made absolute when they exist locally)
+PATH_FIELDS = ("model", "data", "data_images", "latent_cache")
+
+
+def absolute_path(value: Any, keep_missing: bool = True) -> Any:
+    """An existing local path as an absolute one; anything else (hub ids, @assets/..., specs) unchanged."""
+    if not isinstance(value, str) or not value or value.startswith("@") or "://" in value:
+        return value
+    path = Path(value).expanduser()
+    return str(path.resolve()) if path.exists() else value
+
+
+def absolute_paths(cfg: TrainConfig) -> TrainConfig:
+    """Rewrite the local paths of `cfg` (`PATH_FIELDS`) as absolute ones, in place; returns `cfg`.
+
+    The saved config.yaml then finds its files when the run is resumed from another directory.
+    A latent cache is a folder the run creates, so its path is made absolute even before it exists.
+    """
+    for name in PATH_FIELDS:
+        value = getattr(cfg, name)
+        if name == "latent_cache" and isinstance(value, str) and value:
+            setattr(cfg, name, str(Path(value).expanduser().resolve()))
+        else:
+            setattr(cfg, name, absolute_path(value))
+    return cfg
+
+
 def save_config(cfg: Any, path: str | os.PathLike) -> None:
     """Write the resolved config as YAML, atomically."""
     from .runfolder import atomic_write_bytes

@@ -20,6 +20,7 @@ plus rate-limited logging), never raised: a 118k-image crawl must not die on one
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import os
@@ -196,9 +197,12 @@ def folder_records(root: str | os.PathLike, log: SkipLog, check_files: bool = Tr
             log.skip("missing_caption", str(img))
             continue
         try:
-            lines = txt.read_text(encoding="utf-8", errors="replace").splitlines()
+            lines = txt.read_bytes().decode("utf-8").splitlines()
         except OSError as e:
             log.skip("unreadable_caption", f"{txt} ({e})")
+            continue
+        except UnicodeDecodeError as e:  # never train on U+FFFD replacement text
+            log.skip("caption_not_utf8", f"{txt}: invalid UTF-8 at byte {e.start}")
             continue
         rec = _record(img, clean_captions(lines), _relkey(img, root), log, check_files=False)
         if rec is not None:
@@ -210,8 +214,13 @@ def folder_records(root: str | os.PathLike, log: SkipLog, check_files: bool = Tr
 def _manifest_rows(path: Path, image_key: str, caption_key: str, log: SkipLog):
     """Yield (line number, image, captions) of a JSONL or CSV manifest; malformed rows are skipped."""
     if path.suffix.lower() == ".jsonl":
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
+        with open(path, "rb") as f:
+            for n, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    log.skip("malformed_row", f"{path}:{n}: invalid UTF-8 at byte {e.start} of the line")
+                    continue
                 if not line.strip():
                     continue
                 try:
@@ -222,7 +231,14 @@ def _manifest_rows(path: Path, image_key: str, caption_key: str, log: SkipLog):
                     continue
                 yield n, image, (cap if isinstance(cap, list) else [cap])
     else:
-        with open(path, encoding="utf-8", newline="") as f:
+        raw = path.read_bytes()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:  # csv cannot skip one row of a file it cannot decode
+            line = raw[:e.start].count(b"\n") + 1
+            raise DatasetError(f"CSV manifest {str(path)!r}: invalid UTF-8 on line {line} (byte {e.start}); "
+                               "save it as UTF-8") from e
+        with io.StringIO(text, newline="") as f:
             reader = csv.DictReader(f)
             if reader.fieldnames is None or image_key not in reader.fieldnames or caption_key not in reader.fieldnames:
                 raise DatasetError(

@@ -30,6 +30,7 @@ from .family import family_of, resolve_denoiser
 from .flowedit import EditConds, FlowEditParams, flowedit_latents, guidance_mode
 from .generate import native_resolution
 from .prompts import warn_long_prompts
+from .runlock import RunLock
 from .runfolder import append_row, atomic_write_bytes, finished_rows, open_image, png_bytes, tokens_record
 
 log = logging.getLogger(__name__)
@@ -321,6 +322,14 @@ def edit_manifest(pipe: Any, rows: Sequence[dict[str, str]], out: str | Path, *,
                               "max_sequence_length": max_sequence_length, "softrepa_version": __version__,
                               **family.run_settings()}
     out_root = Path(out)
+    # one writer per output folder (held to the end): two edits into it would interleave their rows
+    with RunLock(out_root, "output folder"):
+        return _edit_planned(pipe, rows, out_root, base, cfgs, common, manifest, size, max_sequence_length, progress)
+
+
+def _edit_planned(pipe, rows, out_root: Path, base: FlowEditParams, cfgs: list[float], common: dict[str, Any],
+                  manifest, size, max_sequence_length, progress: bool) -> int:
+    """`edit_manifest` under the folder's lock: check every folder, then edit what is not done."""
     plan = []  # every output folder is checked before anything is edited
     for cfg in cfgs:
         p = dataclasses.replace(base, tar_cfg=cfg)
@@ -337,6 +346,10 @@ def edit_manifest(pipe: Any, rows: Sequence[dict[str, str]], out: str | Path, *,
     pending = {q for *_, todo in plan for _, r in todo for q in (r["source_prompt"], r["target_prompt"])}
     if pending:  # once for the whole run, before hours of editing, instead of once per row
         warn_long_prompts(pipe, sorted(pending))
+    # every source image still to edit is decoded once now: a corrupt one stops the run here, named,
+    # not after hours of edits (open_image raises FileNotFoundError / ValueError naming the file)
+    for image in dict.fromkeys(r["image"] for *_, todo in plan for _, r in todo):
+        open_image(image)
     total = 0
     for folder, p, settings, todo in plan:
         folder.mkdir(parents=True, exist_ok=True)

@@ -33,6 +33,14 @@ class TrainingDiverged(SoftrepaError, RuntimeError):
     """The loss became NaN / inf; the last good checkpoint is kept."""
 
 
+class RunFolderError(SoftrepaError, RuntimeError):
+    """An output folder that holds another run, is in use, or is damaged (the message says which)."""
+
+
+class StorageError(SoftrepaError, OSError):
+    """A write that failed (disk full, I/O error); the message names the path, partial files are gone."""
+
+
 class MetricError(SoftrepaError, RuntimeError):
     """A metric that cannot run (missing weights, bad inputs)."""
 
@@ -41,5 +49,5 @@ class WeightsError(MetricError):
     """A metric's weights are missing or do not match the expected architecture."""
 
 
-__all__ = ["ConfigError", "DatasetError", "LatentCacheError", "MetricError", "SoftTokensError", "SoftrepaError",
-           "TrainingDiverged", "WeightsError"]
+__all__ = ["ConfigError", "DatasetError", "LatentCacheError", "MetricError", "RunFolderError", "SoftTokensError",
+           "SoftrepaError", "StorageError", "TrainingDiverged", "WeightsError"]

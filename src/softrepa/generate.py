@@ -14,6 +14,7 @@ does not depend on its batch or on the device's random-number generator; the sam
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import os
@@ -28,6 +29,7 @@ from .artifact import load_into
 from .hooks import attached_handle
 from .family import family_of, resolve_denoiser
 from .prompts import warn_long_prompts
+from .runlock import RunLock
 from .runfolder import METADATA, append_row, atomic_write_bytes, finished_rows, open_image, png_bytes, tokens_record
 from .viz import image_grid
 
@@ -86,6 +88,7 @@ def generate_images(
     own = None
     if tokens is not None and attached_handle(pipe) is None:
         own = load_into(pipe, tokens)
+    stack = contextlib.ExitStack()
     try:
         family = family_of(pipe)
         defaults = family.sampling  # the paper's steps and CFG (Table 4)
@@ -107,6 +110,9 @@ def generate_images(
         }
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
+        # one writer per folder: two generations into it would interleave their metadata rows
+        lock = RunLock(out, "output folder").acquire()
+        stack.callback(lock.release)
         done = finished_rows(out, settings, RESUME_KEYS)
         jobs = [(i, p, s) for i, p in enumerate(prompts) for s in seeds]
         for i, p, s in jobs:  # a changed prompt list must not be mistaken for finished work
@@ -120,6 +126,7 @@ def generate_images(
         _render(pipe, todo, out, settings, max(1, int(batch_size)), progress, call_kwargs, done)
         return [done[image_name(i, s)] for i, _, s in jobs]
     finally:
+        stack.close()
         if own is not None:
             own.remove()
 

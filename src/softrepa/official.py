@@ -44,8 +44,11 @@ def load_official_tensor(path: str | os.PathLike, what: str) -> torch.Tensor:
             obj: Any = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:
         text = _ANSI.sub("", str(e))
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
-        detail = f"it contains {found.group(1)}" if found else f"{type(e).__name__}: {text.splitlines()[0][:300]}"
+        # torch words the refusal differently across versions ("Unsupported global: GLOBAL x.y",
+        # "unsupported GLOBAL x.y whose module x is blocked"); name the global, never quote the advice
+        found = re.search(r"GLOBAL\s+([\w.]+)", text)
+        detail = (f"it refers to the global {found.group(1)}, which is not allowed" if found
+                  else f"{type(e).__name__}: {text.split('. ')[0][:200]}")
         raise SoftTokensError(
             f"{what}: cannot read {path} as a weights-only PyTorch file ({detail}). "
             "Only tensors and nn.Embedding are accepted."

@@ -72,6 +72,8 @@ def read_prompts(spec: str, max_prompts: int | None = None) -> list[str]:
         FileNotFoundError: `spec` names a .txt / .jsonl / .json file that does not exist.
         ValueError: a file without prompts, or a .jsonl row without "prompt" (line number named).
     """
+    if not spec.strip():
+        raise ValueError("--prompts: the prompt is empty; give the prompt text or a prompt file")
     path = Path(spec).expanduser()
     is_file_name = re.fullmatch(r"\S+\.(txt|jsonl|json)", spec.strip()) is not None
     if not path.is_file():

@@ -10,17 +10,20 @@ runs with different tokens never mix in one folder.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
 import logging
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
 from PIL import Image, UnidentifiedImageError
 
+from .errors import StorageError
 from .hooks import attached_handle
 
 log = logging.getLogger(__name__)
@@ -29,11 +32,17 @@ METADATA = "metadata.jsonl"
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write `data` to `path` through a temporary file + rename, so readers never see half a file."""
+    """Write `data` to `path` through a temporary file + rename, so readers never see half a file.
+
+    Raises:
+        StorageError: the write failed (disk full, I/O error, permissions); the message names the
+            path and, for a full disk, the bytes needed; the temporary file is removed.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -43,10 +52,26 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as e:
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError) and not isinstance(e, StorageError):
+            raise StorageError(write_error_message(path, e, len(data))) from e
         raise
+
+
+def write_error_message(path: str | os.PathLike, error: OSError, size: int | None = None) -> str:
+    """One line for a failed write: the path, "disk full" (with the bytes needed and free) or the OS's reason."""
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        try:
+            free = shutil.disk_usage(Path(path).parent if Path(path).parent.exists() else ".").free
+            room = f"; {free} bytes free there"
+        except OSError:
+            room = ""
+        need = f" (needs {size} bytes{room})" if size is not None else ""
+        what = "disk full" if error.errno == errno.ENOSPC else "disk quota exceeded"
+        return f"cannot write {path}: {what}{need}"
+    return f"cannot write {path}: {error.strerror or error}"
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -72,11 +97,19 @@ def read_rows(path: Path) -> list[dict]:
 
 
 def append_row(path: Path, row: dict) -> None:
-    """Append one JSON line and fsync it (written only after the image it describes)."""
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(row) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    """Append one JSON line and fsync it (written only after the image it describes).
+
+    Raises:
+        StorageError: the append failed (a cut line is dropped by the next `read_rows`).
+    """
+    line = json.dumps(row) + "\n"
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise StorageError(write_error_message(path, e, len(line))) from e
 
 
 def finished_rows(out_dir: Path, settings: dict[str, Any], keys: Iterable[str]) -> dict[str, dict]:
@@ -145,5 +178,5 @@ def open_image(path: str | os.PathLike) -> Image.Image:
         raise ValueError(f"{path}: not a readable image file ({type(e).__name__}: {e})") from e
 
 
-__all__ = ["METADATA", "append_row", "atomic_write_bytes", "file_sha256", "finished_rows", "open_image", "png_bytes",
+__all__ = ["METADATA", "append_row", "atomic_write_bytes", "write_error_message", "file_sha256", "finished_rows", "open_image", "png_bytes",
            "read_rows", "tokens_record"]

@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -22,15 +23,18 @@ from typing import Any, Iterator
 import torch
 import yaml
 
-from .errors import TrainingDiverged
+from .errors import RunFolderError, TrainingDiverged
 from .backbone import Backbone, backbone_for
 from .pipeline import load_pipeline
 from .compilation import CompileConfig, compile_blocks
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import ConfigError, LossConfig, TrainConfig, config_dict, config_diff, load_config, loss_kwargs, save_config
+from .checkpoint import checkpoints_newest_first, latest_checkpoint, load_checkpoint, remove_leftovers, save_checkpoint
+from .config import (PATH_FIELDS, ConfigError, LossConfig, TrainConfig, absolute_path, absolute_paths, config_dict, config_diff, load_config, loss_kwargs,
+                     save_config)
 from .data import build_dataset, collate_pairs
+from .family import family_of
 from .hooks import attach
 from .runfolder import atomic_write_bytes
+from .runlock import RunLock
 from .artifact import save_soft_tokens
 from .negatives import CaptionNegatives
 from .pairs import PairBatch, all_reduce_grads, contrastive_backward, gather_prompts
@@ -118,9 +122,6 @@ class Trainer:
         # accelerate only warns when the tracker's package is missing and then logs nothing;
         # fail here, before the data is read and the model loaded, instead of after a run without logs.
         _check_trackers(cfg.log_with, self.acc.log_with)
-        # the data before the model: a bad --data is reported in seconds, not after minutes of loading
-        self.dataset = dataset if dataset is not None else build_dataset(
-            cfg.data, cfg.resolution, seed=cfg.seed, images=cfg.data_images, max_items=cfg.max_items)
         self.device = self.acc.device
         # Rank / world from torch.distributed itself: under torchrun on CPU, accelerate sets up the
         # gloo process group but reports a single process (DistributedType.NO).
@@ -131,6 +132,14 @@ class Trainer:
         self.rank = dist.get_rank() if self._dist else self.acc.process_index
         self.is_main = self.rank == 0
         _warn_single_process_launch(self.world)
+        # One writer per run folder, held until `train` returns: a second run on this folder fails
+        # here, in a second, not after the model has loaded. The main process writes the folder.
+        self.lock = RunLock(self.out).acquire() if self.is_main else None
+        # the saved config must still find its files when resumed from another directory
+        absolute_paths(cfg)
+        # the data before the model: a bad --data is reported in seconds, not after minutes of loading
+        self.dataset = dataset if dataset is not None else build_dataset(
+            cfg.data, cfg.resolution, seed=cfg.seed, images=cfg.data_images, max_items=cfg.max_items)
         if cfg.weights_dtype == "auto":
             half = self.device.type == "cuda" and cfg.mixed_precision != "no"
             wdtype = DTYPES[cfg.mixed_precision] if half else torch.float32
@@ -284,12 +293,31 @@ class Trainer:
         return row
 
     # ------------------------------------------------------------------ the loop
-    def train(self, resume: bool | str | None = None) -> Path:
-        """Run to `cfg.max_steps`; `resume=True` continues from the run's latest checkpoint
-        (or a given checkpoint folder). Returns the final tokens file."""
+    def train(self, resume: bool | str | None = None, overwrite: bool = False) -> Path:
+        """Run to `cfg.max_steps` and release the run folder; returns the final tokens file.
+
+        Args:
+            resume: True / "latest" continues from the run's newest intact checkpoint (a damaged
+                one is reported and skipped), a checkpoint folder from that one (newer checkpoints,
+                an abandoned continuation, are removed); a run killed before its first checkpoint
+                starts again from step 0.
+            overwrite: delete another run's artefacts in the folder first (without it, and
+                without `resume`, a folder holding a run is refused).
+        """
+        try:
+            return self._train(resume, overwrite)
+        finally:
+            if self.lock is not None:
+                self.lock.release()
+
+    def _train(self, resume: bool | str | None, overwrite: bool) -> Path:
         from tqdm.auto import tqdm
 
         cfg, main = self.cfg, self.is_main
+        if main:
+            claim_run_folder(self.out, resume, overwrite)
+            for name in remove_leftovers(self.out):
+                logger.info("removed %s (left by a killed writer)", name)
         if resume:
             saved = saved_run_config(resume, self.out)
             if saved is not None:  # the resume policy: same training, only its length / logging may change
@@ -305,12 +333,7 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out / "config.yaml")
         if resume:
-            ckpt = latest_checkpoint(self.out) if resume is True or resume == "latest" else Path(resume)
-            if ckpt is None:
-                raise FileNotFoundError(f"--resume: no checkpoint under {self.out / 'checkpoints'}")
-            state = load_checkpoint(ckpt, self.tokens, self.optimizer, self.scheduler, self.scaler)
-            self.step = int(state["step"])
-            logger.info("resumed from %s at step %d", ckpt, self.step)
+            self.step = self._resume(resume)
             if main:
                 # rows past the checkpoint were logged by the killed run and are logged again
                 trim_metrics(self.out / "metrics.jsonl", self.step)
@@ -356,6 +379,37 @@ class Trainer:
         self._barrier()
         return final
 
+    def _resume(self, resume: bool | str) -> int:
+        """Restore the newest intact checkpoint (or the given one); returns its step (0: none yet)."""
+        latest = resume is True or resume == "latest"
+        candidates = checkpoints_newest_first(self.out) if latest else [Path(resume)]
+        if not candidates:
+            if latest and (self.out / "config.yaml").is_file():
+                logger.warning("%s: the run stopped before its first checkpoint; starting it again from step 0",
+                               self.out)
+                return 0
+            raise FileNotFoundError(f"--resume: no checkpoint under {self.out / 'checkpoints'}")
+        for k, ckpt in enumerate(candidates):
+            try:
+                state = load_checkpoint(ckpt, self.tokens, self.optimizer, self.scheduler, self.scaler)
+            except RunFolderError as e:
+                if not latest or k == len(candidates) - 1:
+                    raise
+                logger.warning("%s; resuming from the previous checkpoint %s instead", e, candidates[k + 1].name)
+                continue
+            step = int(state["step"])
+            logger.info("resumed from %s at step %d", ckpt, step)
+            if self.is_main:
+                # checkpoints past this one belong to an abandoned continuation (or are damaged):
+                # keeping them would let a later `--resume` jump over the steps re-run from here
+                for newer in (p for p in (self.out / "checkpoints").glob("step_*") if p.name > ckpt.name):
+                    logger.warning("removing %s: the run continues from %s", newer, ckpt.name)
+                    shutil.rmtree(newer, ignore_errors=True)
+                for damaged in candidates[:k]:
+                    shutil.rmtree(damaged, ignore_errors=True)
+            return step
+        raise AssertionError("unreachable")
+
     def _loss_scale(self) -> float:
         """fp16: the GradScaler's current scale (scaling a unit tensor also initialises it)."""
         if self.scaler is None:
@@ -393,8 +447,10 @@ class Trainer:
             for seed in v.seeds:
                 gens = [torch.Generator().manual_seed(seed) for _ in v.prompts]
                 with nullcontext() if enabled else self.handle.disabled():  # disabled: the exact vanilla model
-                    out = self.pipe(list(v.prompts), num_inference_steps=v.steps, guidance_scale=v.guidance_scale,
-                                    height=res, width=res, generator=gens, output_type="np")
+                    # the family names the pipeline's CFG arguments (Qwen-Image: true_cfg_scale + negative)
+                    out = self.pipe(list(v.prompts), num_inference_steps=v.steps, height=res, width=res,
+                                    generator=gens, output_type="np",
+                                    **family_of(self.pipe).guidance_kwargs(v.guidance_scale))
                 ims += to_pil(out.images)
             rows.append(ims)
             labels.append("tokens" if enabled else "vanilla")
@@ -403,6 +459,36 @@ class Trainer:
         path.parent.mkdir(parents=True, exist_ok=True)
         image_grid(rows, labels, cols).save(path)
         return path
+
+
+#: what a training run writes into its folder (`--overwrite` removes exactly these)
+RUN_ARTEFACTS = ("config.yaml", "tokens.safetensors", "tokens.json", "metrics.jsonl", "curves.png", "checkpoints",
+                 "validation", "softrepa")  # softrepa/: accelerate's tracker logs (project "softrepa")
+
+
+def claim_run_folder(out: str | os.PathLike, resume: bool | str | None = None, overwrite: bool = False) -> None:
+    """A run folder belongs to one run: refuse to start a new run over another run's artefacts.
+
+    Args:
+        out: the run folder.
+        resume: a resumed run may use its own folder.
+        overwrite: remove the other run's artefacts (`RUN_ARTEFACTS`) first; other files stay.
+    Raises:
+        RunFolderError: the folder holds a run and neither `resume` nor `overwrite` was given
+            (the message names what is there and the three choices).
+    """
+    out = Path(out)
+    found = [name for name in RUN_ARTEFACTS if (out / name).exists()]
+    if not found or resume:
+        return
+    if overwrite:
+        for name in found:
+            path = out / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        logger.warning("--overwrite: removed the previous run's %s from %s", ", ".join(found), out)
+        return
+    raise RunFolderError(f"{out} holds another run ({', '.join(found)}): continue it with --resume, choose a new "
+                         "--out folder, or pass --overwrite to delete that run first")
 
 
 #: what may change when a run is resumed: its length, logging and validation, not what it learns
@@ -445,7 +531,10 @@ def check_resumable(cfg: TrainConfig, saved: str | os.PathLike) -> None:
     table = (old.get("loss") or {}).get("tau_table")
     if cfg.loss.tau_schedule == "calibrated" and cfg.loss.tau_table is None and table:
         cfg.loss.tau_table = [float(v) for v in table]
-    changed = [d for d in config_diff(old, config_dict(cfg)) if d.split(":")[0].split(".")[0] not in RESUMABLE_FIELDS]
+    new = config_dict(cfg)
+    for name in PATH_FIELDS:  # a relative path and its absolute form name the same file
+        old[name], new[name] = absolute_path(old.get(name)), absolute_path(new.get(name))
+    changed = [d for d in config_diff(old, new) if d.split(":")[0].split(".")[0] not in RESUMABLE_FIELDS]
     if changed:
         raise ConfigError(
             f"--resume: this config differs from the run's {saved} in what it trains ({'; '.join(changed[:6])}). "

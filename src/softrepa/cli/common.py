@@ -48,7 +48,8 @@ def add_model_arguments(p: argparse.ArgumentParser, *, tokens_help: str | None =
     add_dtype_argument(p)
     p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     p.add_argument("--max-sequence-length", type=int, default=None,
-                   help="SD3 only: T5 prompt length (default: the pipeline's 256; the authors trained with 512)")
+                   help="text length of families that take one (SD3: T5 tokens, default 256, the authors "
+                        "trained with 512; FLUX, Qwen-Image: their pipeline's default)")
     p.add_argument("--compile", action="store_true",
                    help="regional torch.compile of the denoiser's repeated blocks (the first call compiles)")
 

@@ -11,7 +11,8 @@ import argparse
 import yaml
 
 from ..config import parse_overrides
-from ..train import Trainer, resume_config
+from ..runlock import check_free
+from ..train import Trainer, claim_run_folder, resume_config
 from .common import add_progress_argument, check_data, check_model
 
 
@@ -22,6 +23,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "saved config.yaml is used when --config is not given (--out names the run)")
     p.add_argument("--out", "--output-dir", dest="out", default=None,
                    help="the run folder (the config field output_dir; --output_dir DIR works too)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="the --out folder holds another run: delete that run's files first (never mixes two runs)")
     p.add_argument("--compile", action="store_true",
                    help="regional torch.compile of the denoiser's blocks (the config field compile: true)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
@@ -41,11 +44,16 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         return 0
+    if args.resume and args.overwrite:
+        raise ValueError("--resume continues the run in --out, --overwrite deletes it: give one of them")
+    check_free(cfg.output_dir)  # another process training here: say so (pid, host) before anything else
+    if not args.overwrite:  # refuse in a second, before anything loads (--overwrite deletes under the lock)
+        claim_run_folder(cfg.output_dir, args.resume)
     if cfg.data and isinstance(cfg.data, str):
         check_data(cfg.data)  # before the model loads
     if cfg.model:
         check_model(cfg.model)
-    final = Trainer(cfg, progress=not args.no_progress).train(resume=args.resume)
+    final = Trainer(cfg, progress=not args.no_progress).train(resume=args.resume, overwrite=args.overwrite)
     print(f"tokens: {final}")
     return 0
 

@@ -45,17 +45,13 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..errors import MetricError, WeightsError  # the one error hierarchy (softrepa.errors)
+
 #: OpenAI CLIP's normalisation, also used by open_clip's LAION models, PickScore and ImageReward.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-class MetricError(RuntimeError):
-    """A metric could not be computed (bad inputs, unusable model)."""
-
-
-class WeightsError(MetricError):
-    """A metric's weights are missing or unusable; the message names the file/id and its URL."""
 
 
 def hub_offline(cfg: dict | None = None) -> bool:
@@ -263,9 +259,16 @@ def load_on_meta(factory, sd: dict[str, torch.Tensor], *, metric: str, path: Any
 # ---------------------------------------------------------------------------------------- images
 
 def load_rgb(path: str | os.PathLike) -> Image.Image:
-    """Open an image file as RGB (fully read, file closed)."""
-    with Image.open(path) as im:
-        return im.convert("RGB")
+    """Open an image file as RGB (fully read, file closed).
+
+    Raises:
+        MetricError: a file that is not a complete image (truncated, not an image), named.
+    """
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (OSError, SyntaxError, ValueError) as e:  # PIL: UnidentifiedImageError / "image file is truncated"
+        raise MetricError(f"{path}: not a readable image ({type(e).__name__}: {e})") from e
 
 
 def resize_shorter(img: Image.Image, size: int, resample=Image.BICUBIC) -> Image.Image:

@@ -93,11 +93,11 @@ def train_arm(pipe: Any, recipe: str, overrides: dict[str, Any], data: Path, out
     import yaml
 
     from ..config import _merge as merge_overrides
-    from ..config import config_dict, config_diff, load_config
+    from ..config import absolute_paths, config_dict, config_diff, load_config
     from ..train import Trainer
 
     ov = merge_overrides(overrides, {"data": str(data), "output_dir": str(out)})
-    cfg = load_config(recipe, ov)
+    cfg = absolute_paths(load_config(recipe, ov))  # as the trainer saves it
     tokens = out / "tokens.safetensors"
     saved = out / "config.yaml"
     if saved.is_file():
@@ -111,7 +111,8 @@ def train_arm(pipe: Any, recipe: str, overrides: dict[str, Any], data: Path, out
                              "rerun with --fresh, or choose another --out")
     if not tokens.is_file():
         trainer = Trainer(cfg, pipe=pipe, keep_negative=training_text_allowed)
-        resume = (out / "checkpoints" / "latest").is_file()
+        # the recipe matched above: continue what a killed run left (from step 0 if it left no checkpoint)
+        resume = (out / "config.yaml").is_file()
         try:
             trainer.train(resume=resume or None)
         finally:
