@@ -4,10 +4,11 @@ The server is the real command (`python -m softrepa ui --port P`, a subprocess o
 port) on the bundled SD3 miniature with its packaged tokens. The browser types, clicks and
 uploads as a user does; the checks read what the page shows:
 
-* bad inputs (an empty prompt, a non-image upload, a model folder that does not load) each show
-  their one-line message in the page, and the server keeps serving (the generation after them);
 * generation shows the vanilla and the tokens image of the same seed, they differ, and the vanilla
   image is exactly the stock pipeline's for that seed (tokens disabled = the vanilla model);
+* bad inputs (an empty prompt, a model folder that does not load, a non-image upload, an upload
+  over the size limit) each show their one-line message in the page, and the server keeps
+  serving (a generation after them);
 * an edit round-trips: an uploaded render comes back edited by both arms, at the source's size;
 * the page loads nothing from outside the server (offline, no analytics, no external fonts).
 
@@ -35,7 +36,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
-STEPS, SIZE, SEEDS = 10, 32, (0, 1)
+STEPS, SIZE, SEEDS = 20, 32, (0, 1)  # the page's defaults for the miniature, 2 seeds
 WAIT = 240  # seconds for one job on 2 shared CPU cores (typically a few)
 
 
@@ -171,27 +172,6 @@ def _upload(driver, elem_id: str, path: Path) -> None:
 
 
 # ---------------------------------------------------------------------- tests
-def test_bad_inputs_show_their_message_and_the_server_keeps_serving(browser, tmp_path):
-    _tab(browser, "Generate")
-    _type(browser, "gen-prompt", "")
-    browser.find_element("id", "gen-run").click()
-    _expect_message(browser, "empty prompt")
-
-    # a model folder that does not load: named in the page, the loaded model stays
-    before = browser.find_element("id", "model-status").text
-    browser.find_element("xpath", "//*[normalize-space(text())='Model']").click()
-    _type(browser, "model-path", str(tmp_path / "not_a_model"))
-    browser.find_element("id", "model-load").click()
-    _expect_message(browser, "no diffusers pipeline there")
-    assert before in browser.find_element("id", "model-status").text  # (under the "Error" badge)
-
-    _tab(browser, "Edit")
-    notes = tmp_path / "notes.txt"
-    notes.write_text("not an image\n")
-    _upload(browser, "edit-upload", notes)
-    _expect_message(browser, "not an image: notes.txt")
-
-
 def test_generate_shows_vanilla_and_tokens_side_by_side(browser, server, tmp_path):
     _tab(browser, "Generate")
     prompt = "a red circle to the left of a blue square"
@@ -226,10 +206,47 @@ def test_generate_shows_vanilla_and_tokens_side_by_side(browser, server, tmp_pat
     with Image.open(shot) as im:
         assert np.asarray(im.convert("L")).std() > 5  # not a blank page
         if os.environ.get("SOFTREPA_UPDATE_SCREENSHOT") == "1":  # the README's picture
-            small = im.convert("RGB").resize((im.width * 3 // 4, im.height * 3 // 4), Image.LANCZOS)
+            rgb = np.asarray(im.convert("RGB"))
+            rows = np.nonzero((rgb < 240).any(axis=(1, 2)))[0]  # crop the empty page below the content
+            page = im.convert("RGB").crop((0, 0, im.width, min(im.height, int(rows[-1]) + 24)))
+            small = page.resize((page.width * 3 // 4, page.height * 3 // 4), Image.LANCZOS)
             small.quantize(128).save(ROOT / "docs" / "ui.png", optimize=True)
     print(f"\nsoftrepa ui: startup {server[1]:.1f} s; {len(SEEDS)} seeds x 2 arms, {STEPS} steps, {SIZE} px: "
           f"{seconds:.1f} s in the browser; server: {browser.find_element('id', 'gen-status').text}")
+
+
+def test_bad_inputs_show_their_message_and_the_server_keeps_serving(browser, tmp_path):
+    _tab(browser, "Generate")
+    _type(browser, "gen-prompt", "")
+    browser.find_element("id", "gen-run").click()
+    _expect_message(browser, "empty prompt")
+
+    # a model folder that does not load: named in the page, the loaded model stays
+    before = browser.find_element("id", "model-status").text
+    browser.find_element("xpath", "//*[normalize-space(text())='Model']").click()
+    _type(browser, "model-path", str(tmp_path / "not_a_model"))
+    browser.find_element("id", "model-load").click()
+    _expect_message(browser, "no diffusers pipeline there")
+    assert before in browser.find_element("id", "model-status").text  # (under the "Error" badge)
+
+    _tab(browser, "Edit")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not an image\n")
+    _upload(browser, "edit-upload", notes)
+    _expect_message(browser, "not an image: notes.txt")
+    huge = tmp_path / "huge.png"  # over the server's upload limit: refused before it is sent
+    with open(huge, "wb") as f:
+        f.truncate(21 * 2**20)
+    _upload(browser, "edit-upload", huge)
+    _expect_message(browser, "exceed the maximum allowed size of 20")
+
+    # the server still serves, with the model it had: a short generation after all of that
+    _tab(browser, "Generate")
+    _type(browser, "gen-prompt", "a green square at the top")
+    _type(browser, "gen-seeds", "7")
+    _type(browser, "gen-steps", "2")
+    browser.find_element("id", "gen-run").click()
+    _wait(browser, lambda d: "1 seed(s) x 2 arms" in d.find_element("id", "gen-status").text, "no generation after errors")
 
 
 def test_edit_round_trips_with_and_without_tokens(browser, tmp_path):
@@ -254,6 +271,7 @@ def test_edit_round_trips_with_and_without_tokens(browser, tmp_path):
     assert "n_max 33, target CFG 13.5" in notes[0] and "n_max 30, target CFG 9" in notes[1]  # paper presets per arm
     assert all("judge:" in n for n in notes)
     status = browser.find_element("id", "edit-status").text
+    print(f"\nsoftrepa ui: FlowEdit of a {SIZE} px render, paper presets, {status}")
     # LPIPS where its weights are configured, else the page says why (never a stand-in number)
     assert "LPIPS unavailable" in status or all("LPIPS to the source" in n for n in notes)
 
@@ -269,3 +287,45 @@ def test_the_page_fetches_nothing_from_elsewhere(browser, server):
     assert urls, "no requests recorded"
     outside = [u for u in urls if not u.startswith((server[0], "data:", "blob:"))]
     assert not outside, f"the page fetched from outside the server: {outside[:5]}"
+
+
+# ---------------------------------------------------------------------- the checks behind the messages
+def test_input_checks_name_the_problem(tmp_path):
+    """The page's checks without a browser: each bad input is one line naming the problem."""
+    from types import SimpleNamespace
+
+    from transformers import CLIPTokenizer
+
+    from softrepa.pipeline import resolve_model_path
+    from softrepa.ui import jobs
+
+    bomb = tmp_path / "bomb.png"  # a small file that would decode to 50 megapixels
+    Image.new("1", (10_000, 5_000)).save(bomb)
+    assert bomb.stat().st_size < 2**20
+    text = tmp_path / "x.png"
+    text.write_text("hello")
+    for path, message in ((bomb, "image too large: 10000 x 5000 pixels"), (text, "not an image: x.png"),
+                          (None, "no source image")):
+        with pytest.raises(ValueError, match=message):
+            jobs.open_upload(str(path) if path else None)
+    tok = CLIPTokenizer.from_pretrained(Path(resolve_model_path("@assets/toy_sd3")) / "tokenizer")
+    pipe = SimpleNamespace(tokenizer=tok)  # the miniature reads 64 characters
+    assert jobs.check_prompt(pipe, "  a red circle on the left ") == "a red circle on the left"
+    with pytest.raises(ValueError, match="empty target prompt"):
+        jobs.check_prompt(pipe, "   ", "target prompt")
+    with pytest.raises(ValueError, match="prompt too long: .* tokens, the text encoder reads 64"):
+        jobs.check_prompt(pipe, "a red circle on the left " * 4)
+    with pytest.raises(ValueError, match=r"steps must be a whole number in \[1, 200\], got 2.5"):
+        jobs.check_number("2.5", "steps", 1, 200, integer=True)
+    with pytest.raises(ValueError, match="CFG: not a number"):
+        jobs.check_number(None, "CFG", 0, 50)
+
+
+def test_the_packaged_tokens_fit_the_bundled_miniature():
+    """An installed softrepa finds the demo's tokens without the repository, and they fit the model."""
+    from softrepa.artifact import load_soft_tokens
+    from softrepa.ui.bench import PACKAGED_TOKENS
+
+    layout = load_soft_tokens(PACKAGED_TOKENS).layout
+    assert (layout.family, layout.num_tokens, list(layout.layers), layout.model_depth) == ("sd3", 4, [0, 1, 2, 3, 4], 6)
+

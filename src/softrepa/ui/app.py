@@ -30,8 +30,9 @@ from . import jobs  # noqa: E402
 
 log = logging.getLogger(__name__)
 
-# the miniature's 32 px images would be blurred by the browser's smooth upscaling
-CSS = ".pixelated img { image-rendering: pixelated; } #model-status p { margin: 0; }"
+# small images (the miniature's are 32 px) fill their box, upscaled without the browser's blur
+CSS = (".pixelated img { image-rendering: pixelated; width: 100%; height: 100%; object-fit: contain; } "
+       "#model-status p { margin: 0; }")
 _EXPECTED = (SoftrepaError, ValueError, FileNotFoundError, OSError)
 
 
@@ -49,8 +50,9 @@ def page_errors() -> Iterator[None]:
 
 
 def _image(label: str, elem_id: str, height: int = 256) -> gr.Image:
+    # no "share" button: sharing goes through the Hugging Face Hub, and the page works offline
     return gr.Image(label=label, type="pil", format="png", interactive=False, height=height, elem_id=elem_id,
-                    elem_classes="pixelated")
+                    elem_classes="pixelated", buttons=["download", "fullscreen"])
 
 
 def build_app(bench: Workbench, examples_dir: str | None = None) -> gr.Blocks:

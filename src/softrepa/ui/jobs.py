@@ -78,6 +78,9 @@ def open_upload(path: str | None, max_mb: float = MAX_UPLOAD_MB, max_pixels: int
     try:
         with Image.open(p) as im:
             w, h = im.size
+    except Image.DecompressionBombError:  # PIL's own refusal, far above our limit
+        raise ValueError(f"image too large: {p.name} has more than {Image.MAX_IMAGE_PIXELS * 2 / 1e6:.0f} "
+                         "megapixels") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
         raise ValueError(f"not an image: {p.name} is no PNG / JPEG / WebP / ... file") from None
     if w * h > max_pixels:
