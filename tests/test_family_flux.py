@@ -317,3 +317,33 @@ def test_pure_loop_with_embedded_guidance():
     for extra in ({"n_min": 2}, {"n_avg": 3}):
         b = flowedit_latents(den, z, sigmas, EditConds(src, tar), FlowEditParams(**{**p.to_dict(), **extra}))
         assert torch.isfinite(b).all() and not torch.allclose(b, two)
+
+
+def test_true_cfg_on_a_guidance_distilled_model_runs_both_branches_with_the_tokens(tmp_path):
+    """`generate_images(true_cfg=...)` on FLUX.1-dev: the transformer sees the conditional and the
+    negative branch per step, both carrying the tokens; the metadata records it; a pipeline without
+    true CFG (SD3) refuses the option by name."""
+    from softrepa.generate import generate_images
+    from softrepa.tiny import tiny_sd3_pipeline
+
+    dev = tiny_flux_pipeline(guidance_embeds=True)
+    tokens = SoftTokens.for_model(dev, SoftTokensConfig(num_layers=1, num_tokens=2), seed=0)
+    handle = attach(dev, tokens)
+    calls = []
+    hook = dev.transformer.register_forward_pre_hook(
+        lambda m, a, k: calls.append(handle.current is not None), with_kwargs=True)
+    kw = dict(steps=2, height=32, width=32, progress=False)
+    rows = generate_images(dev, ["a red square"], [0], tmp_path / "true", true_cfg=3.0, **kw)
+    n_true = len(calls)
+    generate_images(dev, ["a red square"], [0], tmp_path / "plain", **kw)
+    hook.remove()
+    assert n_true == 2 * (len(calls) - n_true) and all(calls)  # two branches per step, tokens on both
+    assert rows[0]["true_cfg"] == 3.0
+    from PIL import Image
+    import numpy as np
+
+    a = np.asarray(Image.open(tmp_path / "true" / rows[0]["file"]), dtype=np.int16)
+    b = np.asarray(Image.open(tmp_path / "plain" / rows[0]["file"]), dtype=np.int16)
+    assert np.abs(a - b).max() > 0
+    with pytest.raises(ValueError, match="true_cfg_scale"):
+        generate_images(tiny_sd3_pipeline(num_layers=2), ["x"], [0], tmp_path / "sd3", true_cfg=3.0, **kw)

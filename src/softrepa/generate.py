@@ -36,7 +36,8 @@ from .viz import image_grid
 log = logging.getLogger(__name__)
 
 #: Settings that must agree between a run and the images already in its output folder.
-RESUME_KEYS = ("cfg", "steps", "height", "width", "model", "tokens_sha256", "family", "dtype", "max_sequence_length")
+RESUME_KEYS = ("cfg", "steps", "height", "width", "model", "tokens_sha256", "family", "dtype", "max_sequence_length",
+               "true_cfg")
 
 
 # --------------------------------------------------------------------------- generation
@@ -56,6 +57,7 @@ def generate_images(
     model: str | None = None,
     progress: bool = True,
     call_kwargs: dict[str, Any] | None = None,
+    true_cfg: float | None = None,
 ) -> list[dict]:
     """Render one PNG per (prompt, seed) with the stock pipeline; resumable.
 
@@ -76,6 +78,9 @@ def generate_images(
         model: model id / folder recorded in the metadata (default: the pipeline's name_or_path).
         progress: show a progress bar.
         call_kwargs: extra keyword arguments for `pipe(...)` (e.g. negative_prompt).
+        true_cfg: two-branch ("true") CFG on top of a guidance-distilled model's embedded guidance
+            (FLUX.1-dev: `true_cfg_scale` with the negative prompt " " unless `call_kwargs` names
+            one); the tokens are on both branches. Only for pipelines that take `true_cfg_scale`.
     Returns:
         The metadata rows of every requested image (already finished ones included), in order.
 
@@ -96,6 +101,13 @@ def generate_images(
         # the family maps the CFG scale onto its pipeline's arguments; explicit call_kwargs win
         call_kwargs = {**family.guidance_kwargs(float(cfg if cfg is not None else defaults.cfg)),
                        **dict(call_kwargs or {})}
+        if true_cfg is not None:
+            if "true_cfg_scale" not in inspect.signature(pipe.__call__).parameters:
+                raise ValueError(f"--true-cfg: {type(pipe).__name__} has no true_cfg_scale (guidance-distilled "
+                                 "pipelines such as FluxPipeline have it)")
+            # a negative prompt is what makes the pipeline run the second branch
+            call_kwargs = {**call_kwargs, "true_cfg_scale": float(true_cfg),
+                           "negative_prompt": call_kwargs.get("negative_prompt", " ")}
         if max_sequence_length is not None:
             if "max_sequence_length" not in inspect.signature(pipe.__call__).parameters:
                 raise ValueError(f"--max-sequence-length applies to SD3 pipelines, not {type(pipe).__name__}")
@@ -105,6 +117,7 @@ def generate_images(
             "height": int(height or width or native), "width": int(width or height or native),
             "model": model or getattr(pipe.config, "_name_or_path", None) or type(pipe).__name__,
             "max_sequence_length": max_sequence_length, **tokens_record(pipe, tokens), "family": family.name,
+            "true_cfg": None if true_cfg is None else float(true_cfg),
             "dtype": str(pipe.dtype).replace("torch.", ""),
             "softrepa_version": __version__,
         }

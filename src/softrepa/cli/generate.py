@@ -25,6 +25,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "or a COCO captions .json (first caption of each image)")
     p.add_argument("--seeds", default="0", help="seeds: 0,1,2 or 0-9 (default 0); one image per prompt and seed")
     p.add_argument("--cfg", type=float, default=None, help="CFG scale (default: SD3 4.0, SD1.5/SDXL 7.0)")
+    p.add_argument("--true-cfg", type=float, default=None,
+                   help="also two-branch CFG with this scale on a guidance-distilled model (FLUX.1-dev), "
+                        "tokens on both branches")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: SD3 28, SD1.5/SDXL 30)")
     p.add_argument("--size", default=None, help="H or HxW (default: the model's native resolution)")
     p.add_argument("--batch-size", type=int, default=1, help="images per pipeline call")
@@ -46,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     pipe, _ = load_model(args)
     kw = dict(steps=args.steps, cfg=args.cfg, height=size[0] if size else None, width=size[1] if size else None,
               batch_size=args.batch_size, max_sequence_length=args.max_sequence_length, tokens=args.tokens,
-              model=args.model, progress=not args.no_progress)
+              model=args.model, progress=not args.no_progress, true_cfg=args.true_cfg)
     if args.compare:
         grids = generate_comparison(pipe, prompts, seeds, args.out, **kw)
         print(f"{len(prompts) * len(seeds)} image pairs in {args.out}/vanilla, {args.out}/tokens; grids in {grids}")
