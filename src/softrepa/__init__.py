@@ -6,7 +6,8 @@ Public API::
     handle = softrepa.attach(pipe, tokens)      # stock pipeline now uses the tokens
     softrepa.save_soft_tokens(tokens, "tokens.safetensors")
     handle.remove()                             # model restored exactly
-    handle = softrepa.load_into(pipe, "tokens.safetensors")
+    handle = softrepa.load_into(pipe, "tokens.safetensors")   # or a Hub id: "owner/name[@rev][:file]"
+    softrepa.push_to_hub("runs/sd3/tokens.safetensors", "owner/name")   # tokens + config + model card
     compiled = softrepa.compile_blocks(pipe)    # regional torch.compile, hooks stay eager
 
 Layers, each importing only those above it: `errors`, `family` (the registry) -> `tokens` ->
@@ -21,6 +22,7 @@ from .compilation import CompileConfig, CompiledBlocks, compile_blocks
 from .hooks import AttachHandle, attach, attached_handle
 from .errors import SoftrepaError, SoftTokensError
 from .family import Family, family_of, register_family
+from .publish import push_to_hub
 from .tokens import SoftTokens, SoftTokensConfig, TokenLayout
 
 __all__ = [
@@ -40,6 +42,7 @@ __all__ = [
     "family_of",
     "load_into",
     "load_soft_tokens",
+    "push_to_hub",
     "register_family",
     "save_soft_tokens",
 ]

@@ -4,11 +4,21 @@
 (buckets, num_sets, model_dim), both fp32; its header metadata holds `softrepa_layout` (JSON) and
 `softrepa_version`. A readable copy of the layout is written beside it as `tokens.json`.
 Nothing here unpickles anything.
+
+Provenance (optional header keys; files without them load as before, silently):
+`softrepa_base_model` (the hub id or path the tokens were trained on), `softrepa_base_revision`
+(its commit when known), `softrepa_denoiser_hash` (`denoiser_config_hash`: 12 hex digits of the
+denoiser's architecture config) and `softrepa_train_config` (the resolved training config, JSON).
+`load_into` warns once when the target denoiser's hash differs, naming both models.
+
+Every reader here also takes a Hub reference (``owner/name[@revision][:file]``, see `softrepa.hub`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -22,8 +32,123 @@ from .family import resolve_denoiser
 from .runfolder import atomic_write_bytes
 from .tokens import SoftTokens, TokenLayout
 
+logger = logging.getLogger(__name__)
+
 LAYOUT_KEY = "softrepa_layout"
 VERSION_KEY = "softrepa_version"
+BASE_MODEL_KEY = "softrepa_base_model"
+BASE_REVISION_KEY = "softrepa_base_revision"
+DENOISER_HASH_KEY = "softrepa_denoiser_hash"
+TRAIN_CONFIG_KEY = "softrepa_train_config"
+#: the attribute of a `SoftTokens` whose string dict `save_soft_tokens` adds to the header, so
+#: that every writer (checkpoints included) records the provenance the trainer set once
+PROVENANCE_ATTR = "provenance"
+PROVENANCE_KEYS = (BASE_MODEL_KEY, BASE_REVISION_KEY, DENOISER_HASH_KEY, TRAIN_CONFIG_KEY)
+_warned: set[tuple[str, str, str]] = set()
+
+
+def denoiser_config_hash(model: Any) -> str:
+    """12 hex digits identifying a denoiser's architecture: sha256 of its config without the
+    private keys (`_name_or_path`, `_diffusers_version`, ...), which name where it came from, not
+    what it is. Two checkpoints of one architecture share it; the base model id tells them apart.
+
+    Args:
+        model: a pipeline or a denoiser (anything `resolve_denoiser` accepts).
+    Example:
+        >>> denoiser_config_hash(pipe) == denoiser_config_hash(pipe.transformer)
+        True
+    """
+    config = getattr(resolve_denoiser(model), "config", {}) or {}
+    public = {k: v for k, v in dict(config).items() if not str(k).startswith("_")}
+    return hashlib.sha256(json.dumps(public, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def model_name(model: Any) -> str:
+    """The hub id or path a pipeline / denoiser was loaded from ("" when unknown)."""
+    for obj in (model, resolve_denoiser(model)):
+        name = (getattr(obj, "config", None) or {}).get("_name_or_path") if hasattr(obj, "config") else None
+        if name:
+            return str(name)
+        name = getattr(obj, "name_or_path", None)
+        if name:
+            return str(name)
+    return ""
+
+
+def provenance_metadata(model: Any, base_model: str | None = None, revision: str | None = None,
+                        train_config: dict[str, Any] | None = None) -> dict[str, str]:
+    """Header entries recording what tokens were trained on (pass as `extra_metadata`, or set as
+    `tokens.provenance` so every save of those tokens carries them).
+
+    Args:
+        model: the pipeline / denoiser the tokens are trained on.
+        base_model: its hub id or path (default: what the pipeline records).
+        revision: the model's commit / revision, when known.
+        train_config: the resolved training config (`TrainConfig.to_dict()`).
+    Example:
+        >>> save_soft_tokens(tokens, "t.safetensors", extra_metadata=provenance_metadata(pipe, "org/model"))
+    """
+    meta = {BASE_MODEL_KEY: str(base_model or model_name(model) or "unknown"),
+            DENOISER_HASH_KEY: denoiser_config_hash(model)}
+    if revision:
+        meta[BASE_REVISION_KEY] = str(revision)
+    if train_config is not None:
+        meta[TRAIN_CONFIG_KEY] = json.dumps(train_config, default=str)
+    return meta
+
+
+def provenance_of(path: str | os.PathLike) -> dict[str, Any]:
+    """The provenance recorded in a tokens file: {base_model, base_revision, denoiser_config_hash,
+    train_config (dict)}; only the keys present ({} for files written before provenance existed).
+
+    Args:
+        path: a tokens file or reference.
+    """
+    meta = read_metadata(path)
+    out: dict[str, Any] = {}
+    for key, name in ((BASE_MODEL_KEY, "base_model"), (BASE_REVISION_KEY, "base_revision"),
+                      (DENOISER_HASH_KEY, "denoiser_config_hash")):
+        if meta.get(key):
+            out[name] = meta[key]
+    if meta.get(TRAIN_CONFIG_KEY):
+        try:
+            out["train_config"] = json.loads(meta[TRAIN_CONFIG_KEY])
+        except ValueError:  # a damaged config must not make the tokens unloadable
+            out["train_config"] = meta[TRAIN_CONFIG_KEY]
+    return out
+
+
+def check_base(tokens_source: str, meta: dict[str, str], model: Any) -> bool:
+    """Warn (once per tokens / base / target) when tokens are attached to another base model.
+
+    Args:
+        tokens_source: how the tokens were named (for the message).
+        meta: the tokens file's header metadata.
+        model: the pipeline / denoiser they are attached to.
+    Returns:
+        True when the base is known and differs.
+    """
+    trained = meta.get(DENOISER_HASH_KEY)
+    if not trained:
+        return False  # an old file: nothing to compare
+    target = denoiser_config_hash(model)
+    base, here = meta.get(BASE_MODEL_KEY, "unknown"), model_name(model) or "an unnamed model"
+    # same architecture hash and same (or unknown) name: the same base
+    if trained == target and (base in ("unknown", "") or not model_name(model) or _same_name(base, here)):
+        return False
+    key = (tokens_source, trained + base, target + here)
+    if key not in _warned:
+        _warned.add(key)
+        logger.warning("%s: these tokens were trained on %s (denoiser config %s) and are being attached to %s "
+                       "(denoiser config %s); they may not work as intended", tokens_source, base, trained, here,
+                       target)
+    return True
+
+
+def _same_name(a: str, b: str) -> bool:
+    # a local snapshot of a hub model keeps the id in its path (.../models--org--name/snapshots/...)
+    norm = [x.rstrip("/").replace("models--", "").replace("--", "/") for x in (a, b)]
+    return norm[0] == norm[1] or norm[0] in norm[1] or norm[1] in norm[0]
 
 
 def save_soft_tokens(tokens: SoftTokens, path: str | os.PathLike, extra_metadata: dict[str, str] | None = None) -> Path:
@@ -45,6 +170,7 @@ def save_soft_tokens(tokens: SoftTokens, path: str | os.PathLike, extra_metadata
     if tokens.time is not None:
         tensors["time"] = tokens.time.detach().float().cpu().contiguous()
     meta = {LAYOUT_KEY: json.dumps(tokens.layout.to_dict()), VERSION_KEY: __version__}
+    meta.update({str(k): str(v) for k, v in (getattr(tokens, PROVENANCE_ATTR, None) or {}).items()})
     meta.update(extra_metadata or {})
     atomic_write_bytes(path, save(tensors, metadata=meta))
     sidecar = {"layout": tokens.layout.to_dict(), "softrepa_version": __version__,
@@ -54,10 +180,16 @@ def save_soft_tokens(tokens: SoftTokens, path: str | os.PathLike, extra_metadata
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
-    """The safetensors header metadata of a tokens file (clear errors for bad files)."""
+    """The safetensors header metadata of a tokens file (clear errors for bad files).
+
+    Args:
+        path: a tokens file, a folder holding tokens.safetensors, or a Hub reference.
+    """
     from safetensors import safe_open
 
-    path = Path(path)
+    from .hub import resolve_tokens
+
+    path = resolve_tokens(path)
     if not path.is_file():
         raise SoftTokensError(f"{path}: no such tokens file")
     try:
@@ -74,7 +206,8 @@ def load_soft_tokens(path: str | os.PathLike, device: str | torch.device | None 
     """Load tokens saved by `save_soft_tokens`.
 
     Args:
-        path: the `.safetensors` file.
+        path: the `.safetensors` file, a folder holding `tokens.safetensors`, or a Hub reference
+            ``owner/name[@revision][:file.safetensors]`` (`softrepa.hub`; a local path wins).
         device: where to put the parameters (default CPU).
     Raises:
         SoftTokensError: missing, truncated or non-safetensors file; missing/invalid layout;
@@ -82,7 +215,9 @@ def load_soft_tokens(path: str | os.PathLike, device: str | torch.device | None 
     """
     from safetensors.torch import load_file
 
-    path = Path(path)
+    from .hub import resolve_tokens
+
+    path = resolve_tokens(path)
     meta = read_metadata(path)
     if LAYOUT_KEY not in meta:
         raise SoftTokensError(f"{path}: safetensors file has no '{LAYOUT_KEY}' metadata; not a softrepa tokens file")
@@ -107,6 +242,9 @@ def load_soft_tokens(path: str | os.PathLike, device: str | torch.device | None 
         tokens.base.copy_(tensors["base"])
         if tokens.time is not None:
             tokens.time.copy_(tensors["time"])
+    provenance = {k: v for k, v in meta.items() if k in PROVENANCE_KEYS}
+    if provenance:  # kept, so that re-saving (e.g. after fine-tuning further) keeps where they came from
+        setattr(tokens, PROVENANCE_ATTR, provenance)
     return tokens.to(device) if device is not None else tokens
 
 
@@ -124,13 +262,15 @@ def load_into(pipeline: Any, path: str | os.PathLike) -> AttachHandle:
 
     Args:
         pipeline: a stock diffusers pipeline (or its transformer / UNet).
-        path: tokens `.safetensors`.
+        path: tokens `.safetensors`, a folder holding `tokens.safetensors`, or a Hub reference
+            ``owner/name[@revision][:file.safetensors]`` (a local path wins).
     Returns:
-        The `AttachHandle`; `handle.remove()` detaches.
+        The `AttachHandle`; `handle.remove()` detaches. Tokens recording another base model than
+        the pipeline's (provenance) attach with one warning naming both.
 
     Example:
         >>> pipe = StableDiffusion3Pipeline.from_pretrained("stabilityai/stable-diffusion-3-medium-diffusers")
-        >>> handle = softrepa.load_into(pipe, "tokens.safetensors")
+        >>> handle = softrepa.load_into(pipe, "tokens.safetensors")   # or "user/softrepa-sd3-tokens"
         >>> image = pipe("two cats and a red ball").images[0]     # the stock call, with the tokens
         >>> handle.remove()                                        # the stock model again, bit for bit
     """
@@ -140,6 +280,7 @@ def load_into(pipeline: Any, path: str | os.PathLike) -> AttachHandle:
     except StopIteration:
         device = None
     tokens = load_soft_tokens(path, device=device)
+    check_base(str(path), {k: str(v) for k, v in (getattr(tokens, PROVENANCE_ATTR, None) or {}).items()}, pipeline)
     try:
         return attach(pipeline, tokens)
     except SoftTokensError as e:

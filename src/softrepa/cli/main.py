@@ -1,4 +1,4 @@
-"""`softrepa` command line: train | generate | edit | evaluate | compare | diagnose | toy | demo | import-official | info | ui.
+"""`softrepa` command line: train | generate | edit | evaluate | compare | diagnose | toy | demo | import-official | info | push | ui.
 
 Argparse only: each subcommand module has `add_arguments(parser)` and `run(args) -> int`, which
 parses, calls one library function and prints; this file holds the explicit command table and
@@ -17,7 +17,7 @@ from .._version import __version__
 from ..errors import SoftrepaError
 from ..toy import cli as toy_cli
 from ..toy import demo as toy_demo
-from . import diagnose, edit, evaluate, generate, tokens, train, ui
+from . import diagnose, edit, evaluate, generate, push, tokens, train, ui
 
 
 class Command(NamedTuple):
@@ -43,6 +43,7 @@ COMMANDS: dict[str, Command] = {
     "import-official": Command(tokens.add_import_official_arguments, tokens.run_import_official,
                                "convert the paper authors' released .pth token files"),
     "info": Command(tokens.add_info_arguments, tokens.run_info, "print the layout of a softrepa tokens file"),
+    "push": Command(push.add_arguments, push.run, "upload tokens, config and a model card to the Hugging Face Hub"),
     "ui": Command(ui.add_arguments, ui.run, "local web page: vanilla vs tokens side by side, generation and FlowEdit"),
 }
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..artifact import load_soft_tokens, read_metadata
+from ..artifact import PROVENANCE_KEYS, load_soft_tokens, provenance_of, read_metadata
 from ..family import family_names
 from ..official import import_official
 from ..tokens import UNET_BLOCK_GROUPS
@@ -42,7 +42,8 @@ def run_import_official(args: argparse.Namespace) -> int:
 
 
 def add_info_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("tokens", help="a softrepa .safetensors tokens file")
+    p.add_argument("tokens", help="a softrepa .safetensors tokens file, a folder holding tokens.safetensors, or a "
+                                  "Hub reference owner/name[@revision][:file.safetensors]")
 
 
 def run_info(args: argparse.Namespace) -> int:
@@ -50,5 +51,8 @@ def run_info(args: argparse.Namespace) -> int:
     meta = read_metadata(args.tokens)
     print(json.dumps({"layout": tokens.layout.to_dict(),
                       "parameters": sum(p.numel() for p in tokens.parameters()),
-                      "metadata": {k: v for k, v in meta.items() if k != "softrepa_layout"}}, indent=2))
+                      "provenance": provenance_of(args.tokens) or "not recorded (written before softrepa 0.1 "
+                                                                   "recorded the base model)",
+                      "metadata": {k: v for k, v in meta.items()
+                                   if k != "softrepa_layout" and k not in PROVENANCE_KEYS}}, indent=2))
     return 0
