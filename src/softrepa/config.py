@@ -135,7 +135,24 @@ class ScheduleConfig:
 
 @dataclass
 class ValidationConfig:
-    """Every `every` steps: a grid of the same prompts and seeds without / with the tokens."""
+    """Every `every` steps: the same prompts and seeds without / with the tokens.
+
+    The grid is saved under `validation/`, logged as images to the trackers that take images
+    (`log_with`), and scored by `metrics` (each arm's mean, as scalars `validation/<metric>/vanilla`,
+    `.../tokens`, `.../delta` in the trackers and in metrics.jsonl rows with `"validation": true`).
+
+    Args:
+        prompts, seeds, steps, guidance_scale, resolution: what is generated (resolution None:
+            the training resolution).
+        every: steps between validations (0: none).
+        metrics: names from the evaluation registry (`softrepa.evaluation.metric_names()`) that
+            score an image against its prompt: `world` on the miniature; clip, pickscore,
+            imagereward, hps when their weights are configured (`metrics_config`). Metrics needing
+            reference images (fid, lpips) are refused.
+        metrics_config: a metrics.yaml (`softrepa.evaluation.load_metrics_config`) for weights
+            paths / hub ids; None: the packaged defaults.
+        log_images: send the grid to the trackers.
+    """
 
     prompts: list[str] = field(default_factory=lambda: [
         "a photo of a cat sitting on a red sofa", "two dogs playing in the snow",
@@ -145,10 +162,15 @@ class ValidationConfig:
     steps: int = 28
     guidance_scale: float = 4.0
     resolution: int | None = None
+    metrics: list[str] = field(default_factory=list)
+    metrics_config: str | None = None
+    log_images: bool = True
 
     def __post_init__(self) -> None:
         if self.every < 0:
             raise ConfigError("validation.every must be >= 0 (0 disables the grids)")
+        if not self.prompts:
+            raise ConfigError("validation.prompts must name at least one prompt")
 
 
 @dataclass
@@ -219,14 +241,34 @@ class TrainConfig:
             (self.log_every >= 1, f"log_every must be >= 1 (steps between log rows), got {self.log_every}"),
             (self.checkpoint_every >= 1, "checkpoint_every must be >= 1"),
             (self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1"),
-            (self.log_with in (None, "tensorboard", "wandb"), f"log_with must be null, tensorboard or wandb, got {self.log_with!r}"),
+            (not self._unknown_trackers(),
+             f"log_with: unknown tracker(s) {self._unknown_trackers()}; expected null or a comma-separated list of "
+             f"accelerate's trackers: {', '.join(tracker_names())}"),
         ]
         for ok, msg in checks:
             if not ok:
                 raise ConfigError(msg)
 
+    def _unknown_trackers(self) -> list[str]:
+        return [n for n in split_trackers(self.log_with) if n not in tracker_names()]
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def tracker_names() -> tuple[str, ...]:
+    """The `log_with` names accelerate knows: its built-in trackers and those registered with
+    `accelerate.tracking.register_tracker_class` (and "all": every installed one)."""
+    try:
+        from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+    except ImportError:  # pragma: no cover - accelerate is a dependency
+        return ("tensorboard", "wandb")
+    return ("all", *LOGGER_TYPE_TO_CLASS)
+
+
+def split_trackers(log_with: str | None) -> list[str]:
+    """"tensorboard, wandb" -> ["tensorboard", "wandb"] (None / "" -> [])."""
+    return [n.strip() for n in (log_with or "").split(",") if n.strip()]
 
 
 # ---------------------------------------------------------------------------- loading
@@ -394,7 +436,7 @@ def config_diff(old: Any, new: Any, prefix: str = "") -> list[str]:
 PATH_FIELDS = ("model", "data", "data_images", "latent_cache")
 
 
-def absolute_path(value: Any, keep_missing: bool = True) -> Any:
+def absolute_path(value: Any) -> Any:
     """An existing local path as an absolute one; anything else (hub ids, @assets/..., specs) unchanged."""
     if not isinstance(value, str) or not value or value.startswith("@") or "://" in value:
         return value

@@ -29,16 +29,17 @@ from .pipeline import load_pipeline
 from .compilation import CompileConfig, compile_blocks
 from .checkpoint import checkpoints_newest_first, latest_checkpoint, load_checkpoint, remove_leftovers, save_checkpoint
 from .config import (PATH_FIELDS, ConfigError, LossConfig, TrainConfig, absolute_path, absolute_paths, config_dict, config_diff, load_config, loss_kwargs,
-                     save_config)
+                     save_config, split_trackers)
 from .data import build_dataset, collate_pairs
 from .family import family_of
 from .hooks import attach
-from .runfolder import atomic_write_bytes
+from .runfolder import append_row, atomic_write_bytes, png_bytes
 from .runlock import RunLock
-from .artifact import save_soft_tokens
+from .artifact import model_name, provenance_metadata, save_soft_tokens
 from .negatives import CaptionNegatives
 from .pairs import PairBatch, all_reduce_grads, contrastive_backward, gather_prompts
 from .tokens import SoftTokens
+from .validation import check_trackers, load_validation_metrics, log_images, score_arms
 
 logger = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -118,7 +119,7 @@ class Trainer:
         self.progress = progress
         # Autocast / GradScaler are handled here (the contrastive backward is manual), so accelerate
         # is used for device placement, process setup and trackers only.
-        self.acc = Accelerator(log_with=cfg.log_with, project_dir=str(self.out))
+        self.acc = Accelerator(log_with=split_trackers(cfg.log_with) or None, project_dir=str(self.out))
         # accelerate only warns when the tracker's package is missing and then logs nothing;
         # fail here, before the data is read and the model loaded, instead of after a run without logs.
         _check_trackers(cfg.log_with, self.acc.log_with)
@@ -135,11 +136,25 @@ class Trainer:
         # One writer per run folder, held until `train` returns: a second run on this folder fails
         # here, in a second, not after the model has loaded. The main process writes the folder.
         self.lock = RunLock(self.out).acquire() if self.is_main else None
+        try:
+            self._build(pipe, dataset, keep_negative)
+        except BaseException:  # a failed set-up must not keep the folder locked (notebooks keep frames alive)
+            if self.lock is not None:
+                self.lock.release()
+            raise
+
+    def _build(self, pipe: Any, dataset: Any, keep_negative: Any) -> None:
+        """The rest of `__init__`, under the run folder's lock: data, model, tokens, optimiser."""
+        cfg = self.cfg
         # the saved config must still find its files when resumed from another directory
         absolute_paths(cfg)
         # the data before the model: a bad --data is reported in seconds, not after minutes of loading
         self.dataset = dataset if dataset is not None else build_dataset(
             cfg.data, cfg.resolution, seed=cfg.seed, images=cfg.data_images, max_items=cfg.max_items)
+        # validation scorers before the model too: an unknown metric or missing weights fail now
+        v = cfg.validation
+        self.validation_scorers = (load_validation_metrics(v.metrics, v.metrics_config, device=self.device)
+                                   if self.is_main and v.every and v.metrics else {})
         if cfg.weights_dtype == "auto":
             half = self.device.type == "cuda" and cfg.mixed_precision != "no"
             wdtype = DTYPES[cfg.mixed_precision] if half else torch.float32
@@ -304,6 +319,8 @@ class Trainer:
             overwrite: delete another run's artefacts in the folder first (without it, and
                 without `resume`, a folder holding a run is refused).
         """
+        if self.is_main and (self.lock is None or not self.lock.held):  # a second train() call
+            self.lock = RunLock(self.out).acquire()
         try:
             return self._train(resume, overwrite)
         finally:
@@ -314,6 +331,8 @@ class Trainer:
         from tqdm.auto import tqdm
 
         cfg, main = self.cfg, self.is_main
+        # before anything is written: was there a run here? (every rank must agree: rank 0 decides)
+        had_run = self._from_main((self.out / "config.yaml").is_file() if main else None)
         if main:
             claim_run_folder(self.out, resume, overwrite)
             for name in remove_leftovers(self.out):
@@ -332,8 +351,12 @@ class Trainer:
         if main:
             self.out.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out / "config.yaml")
+        # provenance in every tokens file the run writes (checkpoints and final): the base model and
+        # the resolved config, after calibration so a calibrated tau table is part of it
+        self.tokens.provenance = provenance_metadata(self.pipe, model_name(self.pipe) or cfg.model or None,
+                                                     train_config=config_dict(cfg))
         if resume:
-            self.step = self._resume(resume)
+            self.step = self._resume(resume, had_run)
             if main:
                 # rows past the checkpoint were logged by the killed run and are logged again
                 trim_metrics(self.out / "metrics.jsonl", self.step)
@@ -353,8 +376,7 @@ class Trainer:
             bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['accuracy']:.2f}", lr=f"{row['lr']:.1e}",
                             pairs_s=f"{row['pairs_per_s']:.1f}")
             if main and (self.step % cfg.log_every == 0 or self.step == cfg.max_steps or self.step == 1):
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(row) + "\n")
+                append_row(metrics_path, row)  # fsynced; a full disk is a StorageError naming the file
                 if cfg.log_with:
                     self.acc.log({k: v for k, v in row.items() if k != "step"}, step=self.step)
             if self.step % cfg.checkpoint_every == 0 or self.step == cfg.max_steps:
@@ -369,7 +391,7 @@ class Trainer:
                 from .viz import plot_training_curves
 
                 plot_training_curves(metrics_path, self.out / "curves.png")
-            except (ImportError, ValueError) as e:
+            except (ImportError, ValueError, OSError) as e:  # a plot must not fail a finished run
                 logger.warning("no training curve written: %s", e)
             skipped = dict(getattr(self.dataset, "skipped", {}) or {})
             if skipped:
@@ -379,16 +401,31 @@ class Trainer:
         self._barrier()
         return final
 
-    def _resume(self, resume: bool | str) -> int:
-        """Restore the newest intact checkpoint (or the given one); returns its step (0: none yet)."""
+    def _from_main(self, value: Any) -> Any:
+        """Rank 0's `value` on every rank (itself without torch.distributed)."""
+        if not self._dist:
+            return value
+        import torch.distributed as dist
+
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def _resume(self, resume: bool | str, had_run: bool) -> int:
+        """Restore the newest intact checkpoint (or the given one); returns its step (0: none yet).
+
+        `had_run`: the folder held this run's config.yaml before this call wrote one, i.e. the run
+        was started here and killed before its first checkpoint (then it starts again from 0).
+        """
         latest = resume is True or resume == "latest"
         candidates = checkpoints_newest_first(self.out) if latest else [Path(resume)]
         if not candidates:
-            if latest and (self.out / "config.yaml").is_file():
+            if latest and had_run:
                 logger.warning("%s: the run stopped before its first checkpoint; starting it again from step 0",
                                self.out)
                 return 0
-            raise FileNotFoundError(f"--resume: no checkpoint under {self.out / 'checkpoints'}")
+            raise FileNotFoundError(f"--resume: no checkpoint under {self.out / 'checkpoints'} (nothing to resume; "
+                                    "start a new run without --resume)")
         for k, ckpt in enumerate(candidates):
             try:
                 state = load_checkpoint(ckpt, self.tokens, self.optimizer, self.scheduler, self.scaler)
@@ -399,16 +436,32 @@ class Trainer:
                 continue
             step = int(state["step"])
             logger.info("resumed from %s at step %d", ckpt, step)
+            self._barrier()  # every rank has read its checkpoint before rank 0 changes the folder
             if self.is_main:
-                # checkpoints past this one belong to an abandoned continuation (or are damaged):
-                # keeping them would let a later `--resume` jump over the steps re-run from here
-                for newer in (p for p in (self.out / "checkpoints").glob("step_*") if p.name > ckpt.name):
-                    logger.warning("removing %s: the run continues from %s", newer, ckpt.name)
-                    shutil.rmtree(newer, ignore_errors=True)
-                for damaged in candidates[:k]:
-                    shutil.rmtree(damaged, ignore_errors=True)
+                self._drop_abandoned(ckpt, step, candidates[:k])
             return step
         raise AssertionError("unreachable")
+
+    def _drop_abandoned(self, ckpt: Path, step: int, damaged: list[Path]) -> None:
+        """After resuming at `step`: what a later continuation wrote goes, damaged checkpoints move aside.
+
+        Checkpoints, validation grids and final tokens past `step` belong to a continuation being
+        abandoned: kept, a later `--resume` could jump over the steps re-run from here, and the
+        folder would mix two runs. Only this run's own folder is touched.
+        """
+        root = self.out / "checkpoints"
+        for bad in damaged:  # kept for inspection, out of every glob that finds checkpoints
+            os.replace(bad, bad.with_name(f"damaged.{bad.name}"))
+        if ckpt.resolve().parent == root.resolve():
+            # by step number, not name: `ckpt` may be the hidden folder of an interrupted re-save
+            for newer in (p for p in root.glob("step_*") if p.is_dir() and int(p.name[5:]) > step):
+                logger.warning("removing %s: the run continues from %s", newer, ckpt.name)
+                shutil.rmtree(newer, ignore_errors=True)
+        for grid in (self.out / "validation").glob("step_*.png"):
+            if int(grid.stem.split("_")[1]) > step:
+                grid.unlink()
+        (self.out / "tokens.safetensors").unlink(missing_ok=True)  # the run is not finished any more
+        (self.out / "tokens.json").unlink(missing_ok=True)
 
     def _loss_scale(self) -> float:
         """fp16: the GradScaler's current scale (scaling a unit tensor also initialises it)."""
@@ -436,7 +489,12 @@ class Trainer:
 
     @torch.no_grad()
     def validation_grid(self) -> Path:
-        """Same prompts and seeds without (top row) and with (bottom row) the tokens."""
+        """Same prompts and seeds without (top row) and with (bottom row) the tokens.
+
+        The grid is saved under `validation/`, sent to the trackers that take images, and scored
+        by `validation.metrics` (scalars `validation/<metric>/{vanilla,tokens,delta}` in the
+        trackers and a metrics.jsonl row with `"validation": true`).
+        """
         from .viz import image_grid, to_pil
 
         v = self.cfg.validation
@@ -457,7 +515,18 @@ class Trainer:
         cols = [f"{p[:24]} s{s}" for s in v.seeds for p in v.prompts]
         path = self.out / "validation" / f"step_{self.step:07d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
-        image_grid(rows, labels, cols).save(path)
+        grid = image_grid(rows, labels, cols)
+        atomic_write_bytes(path, png_bytes(grid))  # whole or absent; a full disk is one line
+        if self.cfg.log_with and v.log_images:
+            log_images(self.acc.trackers, "validation/grid", grid, self.step)
+        if self.validation_scorers:
+            prompts = [p for _ in v.seeds for p in v.prompts]  # the order of the images of each row
+            scores = score_arms(self.validation_scorers, prompts, rows[0], rows[1])
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({"step": self.step, "validation": True, **scores}) + "\n")
+            if self.cfg.log_with:
+                self.acc.log(scores, step=self.step)
+            logger.info("validation at step %d: %s", self.step, {k: round(x, 4) for k, x in scores.items()})
         return path
 
 
@@ -469,26 +538,44 @@ RUN_ARTEFACTS = ("config.yaml", "tokens.safetensors", "tokens.json", "metrics.js
 def claim_run_folder(out: str | os.PathLike, resume: bool | str | None = None, overwrite: bool = False) -> None:
     """A run folder belongs to one run: refuse to start a new run over another run's artefacts.
 
+    A folder holds a run when its `config.yaml` is a softrepa training config (folders merely named
+    like artefacts, e.g. your own `validation/`, do not count and are never deleted).
+
     Args:
         out: the run folder.
-        resume: a resumed run may use its own folder.
+        resume: "latest" / True, or a checkpoint inside `out/checkpoints`: the run continues in its
+            own folder. A checkpoint of another run starts a new run here from its state, so `out`
+            must not hold a run.
         overwrite: remove the other run's artefacts (`RUN_ARTEFACTS`) first; other files stay.
     Raises:
-        RunFolderError: the folder holds a run and neither `resume` nor `overwrite` was given
-            (the message names what is there and the three choices).
+        RunFolderError: the folder holds a run and neither a resume of it nor `overwrite` was given
+            (the message names what is there and the three choices), or its config.yaml is not a
+            softrepa config.
     """
     out = Path(out)
-    found = [name for name in RUN_ARTEFACTS if (out / name).exists()]
-    if not found or resume:
+    own = resume is True or resume == "latest" or (
+        bool(resume) and Path(resume).resolve().parent == (out / "checkpoints").resolve())
+    if own:
         return
+    config = out / "config.yaml"
+    if not config.is_file():
+        return
+    try:
+        saved = yaml.safe_load(config.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError):
+        saved = None
+    if not (isinstance(saved, dict) and {"tokens", "loss", "model"} <= set(saved)):
+        raise RunFolderError(f"{out} holds a config.yaml that is not a softrepa run's; choose another --out folder")
+    found = [name for name in RUN_ARTEFACTS if (out / name).exists()]
     if overwrite:
         for name in found:
             path = out / name
             shutil.rmtree(path) if path.is_dir() else path.unlink()
         logger.warning("--overwrite: removed the previous run's %s from %s", ", ".join(found), out)
         return
-    raise RunFolderError(f"{out} holds another run ({', '.join(found)}): continue it with --resume, choose a new "
-                         "--out folder, or pass --overwrite to delete that run first")
+    what = "a resume from another run's checkpoint" if resume else "a new run"
+    raise RunFolderError(f"{out} holds another run ({', '.join(found)}), so {what} cannot start there: continue "
+                         "that run with --resume, choose a new --out folder, or pass --overwrite to delete it first")
 
 
 #: what may change when a run is resumed: its length, logging and validation, not what it learns
@@ -617,12 +704,7 @@ def trim_metrics(path: str | os.PathLike, step: int) -> int:
 
 
 def _check_trackers(requested: str | None, got: list[Any]) -> None:
-    if requested and not got:
-        extra = " (or pip install 'softrepa[tensorboard]')" if requested == "tensorboard" else ""
-        raise ConfigError(
-            f"log_with: {requested!r} was requested but accelerate could not set up that tracker, most likely "
-            f"because the {requested} package is not installed: pip install {requested}{extra}, "
-            "or set log_with: null to log to metrics.jsonl only")
+    check_trackers(requested, got)  # softrepa.validation: every accelerate tracker, the package to install
 
 
 def _warn_single_process_launch(world: int) -> None:
