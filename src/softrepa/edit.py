@@ -218,21 +218,75 @@ def edit_image(pipe: Any, image: Image.Image | str, source_prompt: str, target_p
 
 
 # --------------------------------------------------------------------------- manifests
+def _flowedit_yaml_rows(path: Path, text: str) -> list[tuple[str, dict[str, str]]]:
+    """(label, row) per target prompt of FlowEdit's own edit file (its repo's edits.yaml).
+
+    That file is a YAML list of entries {input_img (the authors' Data/flowedit.yaml: init_img),
+    source_prompt, target_prompts: [..], target_codes: [..] (optional, one per target)}.
+    """
+    import yaml
+
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from e
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a YAML list of FlowEdit entries (input_img, source_prompt, "
+                         f"target_prompts), got {type(data).__name__}")
+    rows = []
+    for n, e in enumerate(data, 1):
+        if not isinstance(e, dict):
+            raise ValueError(f"{path}: entry {n} is not a mapping")
+        image = e.get("input_img", e.get("init_img"))
+        if not isinstance(image, str) or not image.strip():
+            raise ValueError(f"{path}: entry {n} has no 'input_img'")
+        if not isinstance(e.get("source_prompt"), str) or not e["source_prompt"].strip():
+            raise ValueError(f"{path}: entry {n} has no 'source_prompt'")
+        targets = e.get("target_prompts", e.get("target_prompt"))
+        targets = [targets] if isinstance(targets, str) else targets
+        if not isinstance(targets, list) or not targets:
+            raise ValueError(f"{path}: entry {n} has no 'target_prompts' (a list of prompts)")
+        codes = e.get("target_codes")
+        if codes is not None and (not isinstance(codes, list) or len(codes) != len(targets)):
+            raise ValueError(f"{path}: entry {n}: 'target_codes' must list one code per target prompt "
+                             f"({len(targets)})")
+        for k, target in enumerate(targets):
+            # YAML folds long prompts over lines: whitespace runs become one space, as in the official loader
+            row = {"image": image.strip(), "source_prompt": " ".join(e["source_prompt"].split()),
+                   "target_prompt": " ".join(str(target).split()) if target is not None else ""}
+            if codes is not None:
+                row["target_code"] = str(codes[k])
+            rows.append((f"{n} (target {k + 1})", row))
+    return rows
+
+
 def read_manifest(path: str | Path) -> list[dict[str, str]]:
-    """Rows {image (absolute), source_prompt, target_prompt} of a .jsonl or .json manifest.
+    """Rows {image (absolute), source_prompt, target_prompt} of a .jsonl, .json or FlowEdit .yaml manifest.
+
+    A `.yaml` / `.yml` file is FlowEdit's own edit format (a list of entries with `input_img`,
+    `source_prompt`, `target_prompts` and optional `target_codes`): one row per target prompt, with
+    `target_code` when given. Its relative image paths are tried against its folder, then the
+    current directory (the official script opens them from where it runs).
 
     Args:
         path: the manifest file; relative image paths are resolved against its folder.
     Raises:
         FileNotFoundError: missing manifest or images (the first few are named);
-        ValueError: malformed rows (row number and missing field named).
+        ValueError: malformed rows (row / entry number and missing field named).
+
+    Example:
+        >>> rows = read_manifest("FlowEdit/edits.yaml")     # 2 entries -> one row per target prompt
+        >>> rows[0]["target_prompt"], rows[0]["target_code"]
     """
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"--manifest: no such file {path}")
     text = path.read_text(encoding="utf-8")
+    is_yaml = path.suffix.lower() in (".yaml", ".yml")
     try:
-        if path.suffix == ".jsonl":
+        if is_yaml:
+            raw = _flowedit_yaml_rows(path, text)
+        elif path.suffix == ".jsonl":
             raw = [(n, json.loads(ln)) for n, ln in enumerate(text.splitlines(), 1) if ln.strip()]
         else:
             data = json.loads(text)
@@ -249,11 +303,14 @@ def read_manifest(path: str | Path) -> list[dict[str, str]]:
                 raise ValueError(f"{path}: row {n} has no {key!r}")
         image = Path(r["image"]).expanduser()
         image = image if image.is_absolute() else path.parent / image
+        if is_yaml and not image.is_file() and Path(r["image"]).expanduser().is_file():
+            image = Path(r["image"]).expanduser()
         if not image.is_file():
             missing.append(str(image))
         # absolute, so that `evaluate` (LPIPS against the source) finds it from any directory
         rows.append({"image": str(image.resolve()), "source_prompt": r["source_prompt"],
-                     "target_prompt": r["target_prompt"]})
+                     "target_prompt": r["target_prompt"],
+                     **({"target_code": r["target_code"]} if "target_code" in r else {})})
     if missing:  # checked up front: a run must not stop half-way over a typo
         raise FileNotFoundError(f"{path}: {len(missing)} source image(s) not found, e.g. {missing[:3]}")
     if not rows:
