@@ -65,7 +65,12 @@ def server():
     """The real `softrepa ui` command on a free port; yields (base url, startup seconds)."""
     _need_browser()
     port = _free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
+    import torch
+
+    # the server computes with as many threads as this process (conftest: 2), so that the vanilla
+    # image can be compared with this process's own stock-pipeline image
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1",
+           "OMP_NUM_THREADS": str(torch.get_num_threads())}
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "softrepa", "ui", "--port", str(port)], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -199,7 +204,9 @@ def test_generate_shows_vanilla_and_tokens_side_by_side(browser, server, tmp_pat
     pipe = load_pipeline("@assets/toy_sd3")
     ref = pipe(prompt=[prompt], num_inference_steps=STEPS, height=SIZE, width=SIZE, guidance_scale=5.0,
                max_sequence_length=8, generator=[torch.Generator().manual_seed(SEEDS[0])]).images[0]
-    assert np.array_equal(np.asarray(ref.convert("RGB")), van)
+    gap = np.abs(np.asarray(ref.convert("RGB")).astype(int) - van.astype(int))
+    # equal up to a rounding flip (the tokens move pixels by several levels: mean 2.4 / 255 here)
+    assert gap.max() <= 1 and gap.mean() < 0.05, (gap.max(), gap.mean())
 
     shot = tmp_path / "ui.png"
     browser.save_screenshot(str(shot))

@@ -182,7 +182,11 @@ def process_age() -> float | None:
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nobody listens on right now (for `--port 0`)."""
+    """A TCP port nobody listens on right now (for `--port 0`).
+
+    Args:
+        host: the address the server will listen on.
+    """
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])

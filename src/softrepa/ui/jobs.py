@@ -37,7 +37,13 @@ Progress = Callable[[float, str], None]
 
 # ---------------------------------------------------------------------- input checks
 def check_prompt(pipe: Any, prompt: str | None, what: str = "prompt") -> str:
-    """The stripped prompt; ValueError for an empty one or one the text encoder would truncate."""
+    """The stripped prompt; ValueError for an empty one or one the text encoder would truncate.
+
+    Args:
+        pipe: the pipeline (its tokenizer sets the length limit).
+        prompt: the text from the page.
+        what: its name in the message ("prompt", "source prompt", ...).
+    """
     from ..prompts import check_prompt_length
 
     text = (prompt or "").strip()
@@ -50,7 +56,14 @@ def check_prompt(pipe: Any, prompt: str | None, what: str = "prompt") -> str:
 
 
 def check_number(value: Any, name: str, lo: float, hi: float, integer: bool = False) -> float | int:
-    """`value` as a number in [lo, hi]; ValueError naming the field otherwise."""
+    """`value` as a number in [lo, hi]; ValueError naming the field otherwise.
+
+    Args:
+        value: what the page sent (a number, a numeric string or None).
+        name: the field's name in the message.
+        lo, hi: the accepted range, both ends included.
+        integer: only whole numbers (returned as int).
+    """
     try:
         v = float(value)
     except (TypeError, ValueError):
@@ -66,6 +79,11 @@ def open_upload(path: str | None, max_mb: float = MAX_UPLOAD_MB, max_pixels: int
 
     The pixel count is read from the header before decoding, so a small file that decodes to a
     huge image (a decompression bomb) is refused without allocating it.
+
+    Args:
+        path: the uploaded file (gradio's copy), or None when nothing was uploaded.
+        max_mb: file size limit in MiB.
+        max_pixels: width x height limit.
     """
     from ..runfolder import open_image
 
@@ -90,7 +108,12 @@ def open_upload(path: str | None, max_mb: float = MAX_UPLOAD_MB, max_pixels: int
 
 # ---------------------------------------------------------------------- judging
 def verdict(image: Image.Image, prompt: str) -> str:
-    """The world judge's reading of one miniature image against its prompt, one line."""
+    """The world judge's reading of one miniature image against its prompt, one line.
+
+    Args:
+        image: the generated or edited image.
+        prompt: the prompt it should show (the miniature's grammar; other text gets a hint).
+    """
     from ..toy import judge_scene
 
     try:
@@ -104,7 +127,12 @@ def verdict(image: Image.Image, prompt: str) -> str:
 
 
 def tally(images: Sequence[Image.Image], prompt: str) -> str:
-    """How many seeds the judge accepts, e.g. "judge over 4 seeds: 3/4 match"."""
+    """How many seeds the judge accepts, e.g. "judge over 4 seeds: 3/4 match" ("" off the grammar).
+
+    Args:
+        images: one image per seed.
+        prompt: their prompt.
+    """
     from ..toy import judge_scene
 
     try:
