@@ -1,4 +1,5 @@
-"""Training data: (image, caption) pairs from COCO / image folders / manifests, batching.
+"""Training data: (image, caption) pairs from COCO / image folders / manifests / ImageFolders with
+metadata.jsonl / webdataset shards / Hugging Face datasets, batching.
 
     ds = build_dataset("coco/annotations/captions_train2017.json", size=512, seed=0)
     loader = DataLoader(ds, batch_size=16, shuffle=True, collate_fn=collate_pairs, num_workers=8)
@@ -35,28 +36,39 @@ from PIL import Image
 
 from .data_sources import (
     IMAGE_EXTENSIONS,
+    SHARD_SEP,
     DatasetError,
     Record,
     SkipLog,
     coco_records,
+    expand_shards,
     folder_records,
+    hf_records,
+    imagefolder_records,
+    is_saved_dataset,
     manifest_records,
+    metadata_files,
+    open_hf_dataset,
+    shard_records,
 )
 from .latent_cache import LatentCache, LatentCacheError
 
 logger = logging.getLogger("softrepa.data")
 
 RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS, "bilinear": Image.Resampling.BILINEAR}
-SOURCE_TYPES = ("coco", "folder", "manifest")
+SOURCE_TYPES = ("coco", "folder", "manifest", "imagefolder", "webdataset", "hf", "hf_disk")
 
 __all__ = [
     "IMAGE_EXTENSIONS",
     "DatasetError",
     "LatentCache",
     "LatentCacheError",
+    "HFPairDataset",
     "PairDataset",
     "Record",
+    "ShardPairDataset",
     "build_dataset",
+    "check_data_spec",
     "collate_pairs",
     "load_image",
     "preprocess_image",
@@ -175,15 +187,23 @@ class PairDataset(torch.utils.data.Dataset):
         """The caption of image `index` in `epoch` (default: the current one)."""
         return self.records[index].captions[self.caption_index(index, epoch)]
 
+    def open_image(self, record: Record) -> Image.Image:
+        """The decoded image of a record (subclasses read shards / datasets rows)."""
+        return load_image(record.image)
+
+    def describe(self, record: Record) -> str:
+        """How messages name a record's image (a file path here)."""
+        return record.image
+
     def _load(self, index: int) -> dict[str, Any] | None:
         rec = self.records[index]
         try:
-            image = load_image(rec.image)
+            image = self.open_image(rec)
         except FileNotFoundError:
-            self._log.skip("missing_image", rec.image)
+            self._log.skip("missing_image", self.describe(rec))
             return None
         except Exception as e:  # noqa: BLE001 - PIL raises many types for bad files; never crash a run
-            self._log.skip("unreadable_image", f"{rec.image} ({type(e).__name__}: {e})")
+            self._log.skip("unreadable_image", f"{self.describe(rec)} ({type(e).__name__}: {e})")
             return None
         return {
             "pixels": preprocess_image(image, self.size, self.resample),  # (3, S, S)
@@ -216,6 +236,56 @@ class PairDataset(torch.utils.data.Dataset):
         return f"PairDataset({self.source!r}, items={len(self)}, size={self.size}, seed={self.seed}, epoch={self.epoch})"
 
 
+class ShardPairDataset(PairDataset):
+    """A `PairDataset` over webdataset shards: records point at `shard.tar::offset:size`, the
+    image bytes are read by seeking there (indexed access: seeded epochs and exact resume work
+    as with files). Undecodable images are skipped and counted like any other source's."""
+
+    def open_image(self, record: Record) -> Image.Image:
+        import io
+
+        shard, _, where = record.image.rpartition(SHARD_SEP)
+        offset, size = (int(x) for x in where.split(":"))
+        with open(shard, "rb") as f:
+            f.seek(offset)
+            data = f.read(size)
+        if len(data) != size:
+            raise OSError("the shard ends inside the sample")
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            return im.copy()
+
+    def describe(self, record: Record) -> str:
+        shard = record.image.rpartition(SHARD_SEP)[0]
+        return f"sample {record.key} of {shard}"
+
+
+class HFPairDataset(PairDataset):
+    """A `PairDataset` over a `datasets.Dataset`: records point at `<source>::<row>`; the image
+    column is decoded when the item is loaded (a PIL image, or a dict with bytes / path)."""
+
+    def __init__(self, records: Sequence[Record], size: int, hf_dataset: Any, image_column: str, **kw: Any):
+        super().__init__(records, size, **kw)
+        self.hf_dataset, self.image_column = hf_dataset, image_column
+
+    def open_image(self, record: Record) -> Image.Image:
+        import io
+
+        row = int(record.image.rpartition(SHARD_SEP)[2])
+        value = self.hf_dataset[row][self.image_column]
+        if isinstance(value, dict):  # an undecoded Image feature / a plain struct
+            value = Image.open(io.BytesIO(value["bytes"])) if value.get("bytes") else Image.open(value["path"])
+        elif isinstance(value, (str, os.PathLike)):
+            value = Image.open(value)
+        if not isinstance(value, Image.Image):
+            raise TypeError(f"column {self.image_column!r} holds {type(value).__name__}, not an image")
+        value.load()
+        return value
+
+    def describe(self, record: Record) -> str:
+        return f"row {record.image.rpartition(SHARD_SEP)[2]} of {self.source} (column {self.image_column!r})"
+
+
 def collate_pairs(batch: Sequence[Mapping[str, Any] | None]) -> dict[str, Any]:
     """Stack items into a batch; `None` items are dropped.
 
@@ -238,18 +308,52 @@ def collate_pairs(batch: Sequence[Mapping[str, Any] | None]) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- factory
+def _is_shard_spec(text: str) -> bool:
+    import re
+
+    return text.endswith(".tar") or bool(re.search(r"\{\d+\.\.\d+\}", text)) or (
+        any(c in text for c in "*?[") and ".tar" in text)
+
+
+def _hub_dataset_id(text: str) -> str | None:
+    """`hf://datasets/owner/name`, `hf:owner/name` or a bare `owner/name` -> "owner/name"."""
+    import re
+
+    for prefix in ("hf://datasets/", "hf:"):
+        if text.startswith(prefix):
+            return text[len(prefix):]
+    if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", text) and not text.endswith((".json", ".jsonl", ".csv", ".tar")):
+        return text
+    return None
+
+
 def _spec_from_path(path: Path, images) -> dict[str, Any]:
+    text = str(path)
+    if not path.exists() and _is_shard_spec(text):
+        return {"type": "webdataset", "path": text}
     if path.is_dir():
+        if is_saved_dataset(path):
+            return {"type": "hf_disk", "path": path}
+        if metadata_files(path):
+            return {"type": "imagefolder", "path": path}
+        if any(p.suffix == ".tar" for p in path.iterdir()) and not any(
+                p.suffix.lower() in IMAGE_EXTENSIONS for p in path.iterdir()):
+            return {"type": "webdataset", "path": text}
         return {"type": "folder", "path": path}
     suffix = path.suffix.lower()
+    if suffix == ".tar":
+        return {"type": "webdataset", "path": text}
     if suffix in (".jsonl", ".csv"):
         return {"type": "manifest", "path": path}
     if suffix == ".json":
         return {"type": "coco", "annotations": path, "images": images}
     if not path.exists():
+        hub = _hub_dataset_id(text)
+        if hub is not None:
+            return {"type": "hf", "path": hub}
         raise DatasetError(
             f"dataset path {str(path)!r} does not exist (expected an image folder, a .jsonl/.csv "
-            "manifest or a COCO captions .json)"
+            "manifest, a COCO captions .json, webdataset .tar shards or a Hugging Face dataset id)"
         )
     raise DatasetError(
         f"cannot tell the dataset type of {str(path)!r}: expected an image folder, a .jsonl/.csv "
@@ -275,7 +379,20 @@ def build_dataset(
     `.jsonl` / `.csv` -> manifest; `.json` -> COCO captions (images from `images`, or guessed
     next to it: `coco/annotations/captions_X.json` -> `coco/X`). A dict names the type:
     {"type": "coco", "annotations": ..., "images": ...}, {"type": "folder", "path": ...},
-    {"type": "manifest", "path": ..., "image_key": ..., "caption_key": ...}.
+    {"type": "manifest", "path": ..., "image_key": ..., "caption_key": ...}, and:
+
+    * a folder with `metadata.jsonl` / `.csv` (`file_name`, `text`): a Hugging Face ImageFolder
+      ({"type": "imagefolder", "path": ..., "caption_column": ...});
+    * `.tar` files, a folder of them, `shards/{000000..000009}.tar` or a glob: webdataset shards
+      of `key.jpg|png|webp` + `key.txt|json` ({"type": "webdataset", "path": ..., "caption_column": ...});
+    * a folder written by `datasets`' `save_to_disk` ({"type": "hf_disk", "path": ..., "split": ...,
+      "image_column": ..., "caption_column": ...});
+    * a Hub dataset id `owner/name` (also `hf:owner/name`, `hf://datasets/owner/name`), loaded with
+      `datasets.load_dataset` ({"type": "hf", "path": ..., "name": config, "split": "train",
+      "revision": ..., "image_column": ..., "caption_column": ...}); needs `softrepa[datasets]`.
+
+    Column defaults: image "image" (or the only Image column); caption the first of text, caption,
+    captions, prompt. A local path always wins over a Hub id of the same spelling.
 
     Args:
         spec: path or dict as above.
@@ -294,9 +411,11 @@ def build_dataset(
     if isinstance(spec, Mapping):
         spec = dict(spec)
     else:
-        spec = _spec_from_path(Path(spec).expanduser(), images)
+        hub = _hub_dataset_id(str(spec)) if str(spec).startswith("hf:") else None
+        spec = {"type": "hf", "path": hub} if hub else _spec_from_path(Path(spec).expanduser(), images)
     kind = spec.pop("type", None)
     log = SkipLog()
+    cls, extra = PairDataset, {}
     if kind == "coco":
         source = str(spec["annotations"])
         records = coco_records(spec["annotations"], spec.get("images"), log, check_files)
@@ -308,6 +427,19 @@ def build_dataset(
         records = manifest_records(
             spec["path"], log, check_files, spec.get("image_key", image_key), spec.get("caption_key", caption_key)
         )
+    elif kind == "imagefolder":
+        source = str(spec["path"])
+        records = imagefolder_records(spec["path"], log, check_files, spec.get("caption_column"))
+    elif kind == "webdataset":
+        source = str(spec["path"])
+        records = shard_records(spec["path"], log, spec.get("caption_column"))
+        cls = ShardPairDataset
+    elif kind in ("hf", "hf_disk"):
+        source = str(spec["path"])
+        ds = open_hf_dataset(source, split=spec.get("split", "train"), from_disk=kind == "hf_disk",
+                             name=spec.get("name"), revision=spec.get("revision"))
+        records, column = hf_records(ds, source, log, spec.get("image_column"), spec.get("caption_column"))
+        cls, extra = HFPairDataset, {"hf_dataset": ds, "image_column": column}
     else:
         raise DatasetError(f"dataset spec type must be one of {SOURCE_TYPES}, got {kind!r}")
     log.summary(f"dataset {source!r}")
@@ -319,4 +451,30 @@ def build_dataset(
             f"skipped: {dict(log.counts)}"
         )
     logger.info("dataset %r: %d images (%s)", source, len(records), kind)
-    return PairDataset(records, size, seed, resample, source=source, skipped=log.counts)
+    return cls(records, size, seed=seed, resample=resample, source=source, skipped=log.counts, **extra)
+
+
+def check_data_spec(spec: Any, option: str = "--data") -> None:
+    """Fail in milliseconds on a `--data` that cannot be a dataset (before any model loads).
+
+    A local path must exist; webdataset shard patterns must match shards; Hub dataset ids
+    (`owner/name`, `hf:owner/name`, `hf://datasets/owner/name`) and dict specs pass (they are
+    checked when loaded).
+
+    Args:
+        spec: the data spec (string or mapping).
+        option: the option name for the message.
+    Raises:
+        FileNotFoundError: a missing local path; DatasetError: a shard pattern matching nothing.
+    """
+    if not isinstance(spec, (str, os.PathLike)):
+        return
+    text = str(spec)
+    path = Path(text).expanduser()
+    if path.exists() or text.startswith(("hf:", "hf://")):
+        return
+    if _is_shard_spec(text):
+        expand_shards(text)
+        return
+    if _hub_dataset_id(text) is None:
+        raise FileNotFoundError(f"{option}: no such file or folder {text!r}")

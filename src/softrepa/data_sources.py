@@ -4,6 +4,9 @@ Each reader turns one on-disk format into a list of `Record`s (an image path and
 captions) without opening any image; `softrepa.data` turns records into a torch Dataset.
 
 Formats:
+  * Hugging Face ImageFolder: images + `metadata.jsonl` / `metadata.csv` rows {file_name, text}.
+  * webdataset shards: tar files of `key.jpg|png|webp` + `key.txt|json`, indexed (stdlib tarfile).
+  * Hugging Face `datasets`: a Hub dataset id or a `save_to_disk` folder (image / caption columns).
   * COCO captions JSON (`annotations/captions_train2017.json`): {"images": [{"id", "file_name"}],
     "annotations": [{"image_id", "caption"}]} + an image folder. One record per image, all of its
     captions (COCO has ~5 per image).
@@ -281,3 +284,289 @@ def manifest_records(
         if rec is not None:
             records.append(rec)
     return records
+
+
+# --------------------------------------------------------------------------- ImageFolder + metadata
+METADATA_FILES = ("metadata.jsonl", "metadata.csv")
+
+
+def metadata_files(root: Path) -> list[Path]:
+    """The `metadata.jsonl` / `metadata.csv` files of a Hugging Face ImageFolder (any depth, sorted)."""
+    return sorted(p for name in METADATA_FILES for p in root.rglob(name) if p.is_file())
+
+
+def imagefolder_records(root: str | os.PathLike, log: SkipLog, check_files: bool = True,
+                        caption_key: str | None = None) -> list[Record]:
+    """Records of a Hugging Face ImageFolder: images with `metadata.jsonl` / `.csv` rows
+    {"file_name": path relative to the metadata file, "text": caption (or a list)}.
+
+    The layout `datasets.load_dataset("imagefolder", data_dir=root)` and diffusers' training
+    scripts (`--train_data_dir`) read; read here without `datasets`, since it is a manifest.
+
+    Args:
+        root: the folder.
+        log: where skipped samples are counted.
+        check_files: skip rows whose image file does not exist.
+        caption_key: the caption column (default: the first of text, caption, captions, prompt
+            that the metadata has).
+    Raises:
+        DatasetError: no metadata file, or a metadata file without `file_name` / the caption column
+            (named, with the columns it has).
+    """
+    root = _require(Path(root).expanduser(), "an ImageFolder with metadata.jsonl")
+    files = metadata_files(root)
+    if not files:
+        raise DatasetError(f"{str(root)!r}: no metadata.jsonl or metadata.csv (expected an ImageFolder)")
+    records: list[Record] = []
+    for meta in files:
+        key = caption_key or _caption_column(meta)
+        for rec in manifest_records(meta, log, check_files, image_key="file_name", caption_key=key):
+            records.append(Record(rec.image, rec.captions, _relkey(Path(rec.image), root)))
+    return records
+
+
+def _caption_column(meta: Path) -> str:
+    """The caption column of a metadata file: the first known name its first row / header has."""
+    names: list[str] = []
+    with open(meta, encoding="utf-8", errors="replace") as f:
+        first = f.readline()
+    if meta.suffix == ".csv":
+        names = [n.strip() for n in next(csv.reader([first]), [])]
+    else:
+        try:
+            names = list(json.loads(first))
+        except (ValueError, TypeError):
+            names = []
+    for cand in CAPTION_COLUMNS:
+        if cand in names:
+            return cand
+    raise DatasetError(f"{meta}: no caption column: expected one of {list(CAPTION_COLUMNS)} "
+                       f"(columns: {names}); name it with caption_key")
+
+
+#: caption column names tried, in order, when none is given
+CAPTION_COLUMNS = ("text", "caption", "captions", "prompt")
+
+
+# --------------------------------------------------------------------------- webdataset shards
+# Shards are read with the stdlib `tarfile` rather than the `webdataset` package: training needs
+# random access (a seeded permutation per epoch, exact resume), so the shards are indexed once
+# (member offsets) and each sample is read by seeking to it; `webdataset` streams sequentially.
+SHARD_SEP = "::"
+
+
+def expand_shards(spec: str) -> list[Path]:
+    """Shard files of a spec: one `.tar`, a brace range `data/{000000..000099}.tar`, a glob
+    `data/*.tar`, or a folder of `.tar` files (sorted).
+
+    Args:
+        spec: as above.
+    Raises:
+        DatasetError: nothing matches (the spec is named).
+    """
+    import glob
+    import re
+
+    m = re.search(r"\{(\d+)\.\.(\d+)\}", spec)
+    if m:  # webdataset's brace notation, zero-padded to the width written
+        lo, hi, width = int(m[1]), int(m[2]), len(m[1])
+        names = [spec[:m.start()] + str(i).zfill(width) + spec[m.end():] for i in range(lo, hi + 1)]
+        paths = [Path(n).expanduser() for n in names]
+        missing = [str(p) for p in paths if not p.is_file()]
+        if missing:
+            raise DatasetError(f"webdataset {spec!r}: {len(missing)} shard(s) missing, e.g. {missing[:3]}")
+        return paths
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        paths = sorted(p for p in path.iterdir() if p.suffix == ".tar" and p.is_file())
+    elif any(c in spec for c in "*?["):
+        paths = sorted(Path(p) for p in glob.glob(str(path)))
+    else:
+        paths = [path] if path.is_file() else []
+    if not paths:
+        raise DatasetError(f"webdataset {spec!r}: no .tar shard found")
+    return paths
+
+
+def _sample_key(name: str) -> tuple[str, str]:
+    """("dir/x", "jpg") of a member "dir/x.jpg"; webdataset's rule: the extension starts at the
+    first dot of the file name, so "x.seg.png" belongs to sample "x"."""
+    head, _, base = name.rpartition("/")
+    stem, dot, ext = base.partition(".")
+    return (f"{head}/{stem}" if head else stem), (ext.lower() if dot else "")
+
+
+def _shard_caption(data: bytes, ext: str, caption_key: str | None) -> list[object]:
+    text = data.decode("utf-8")  # UnicodeDecodeError: counted by the caller
+    if ext == "txt":
+        return text.splitlines()
+    obj = json.loads(text)
+    if not isinstance(obj, dict):
+        raise ValueError("not a JSON object")
+    for key in ([caption_key] if caption_key else CAPTION_COLUMNS):
+        if key in obj:
+            v = obj[key]
+            return v if isinstance(v, list) else [v]
+    raise ValueError(f"no caption field ({caption_key or ', '.join(CAPTION_COLUMNS)})")
+
+
+def shard_records(spec: str | os.PathLike, log: SkipLog, caption_key: str | None = None) -> list[Record]:
+    """Records of webdataset shards: tar files of samples `key.jpg|png|webp` + `key.txt` or `key.json`.
+
+    Each record's `image` is `shard.tar::offset:size` (read by `softrepa.data.ShardPairDataset`);
+    `key` is `shard.tar/key`. Bad samples are skipped and counted, never raised: no image
+    ("missing_image"), no caption ("missing_caption"), a caption that is not UTF-8 / valid JSON
+    ("caption_not_utf8" / "malformed_row"), blank captions ("empty_caption"), a shard cut short
+    ("truncated_shard": its samples up to the damage are kept). Undecodable images are found
+    when loaded ("unreadable_image").
+
+    Args:
+        spec: see `expand_shards`.
+        log: where skipped samples are counted.
+        caption_key: the field of `.json` captions (default: text, caption, captions, prompt).
+    """
+    import tarfile
+
+    records: list[Record] = []
+    for shard in expand_shards(str(spec)):
+        samples: dict[str, dict[str, object]] = {}
+        file_size = shard.stat().st_size
+        end = 0  # where the last member's (padded) data ends
+        cut: set[str] = set()  # samples with a member running past the end of the file
+        try:
+            with tarfile.open(shard, "r:") as tar:  # "r:": uncompressed, so members can be seeked to
+                for m in tar:
+                    if not m.isfile():
+                        continue
+                    key, ext = _sample_key(m.name)
+                    end = max(end, m.offset_data + -(-m.size // 512) * 512)
+                    if m.offset_data + m.size > file_size:
+                        cut.add(key)
+                        continue
+                    s = samples.setdefault(key, {})
+                    if "." + ext in IMAGE_EXTENSIONS or ext in ("jpg", "jpeg", "png", "webp"):
+                        s["image"] = (m.offset_data, m.size)
+                    elif ext in ("txt", "json"):
+                        s["caption"] = (ext, tar.extractfile(m).read())
+        except (tarfile.TarError, OSError, EOFError) as e:
+            if not samples:
+                raise DatasetError(f"webdataset shard {str(shard)!r} is not a readable tar file ({e})") from e
+            cut.add(f"<after the last readable member: {e}>")
+        # tarfile stops quietly at the end of a cut file: a shard without its end-of-archive blocks
+        # (two zero records after the last member) lost its tail
+        if end and end + 1024 > file_size:
+            cut.add("<end of archive missing>")
+        for key in sorted(cut):
+            samples.pop(key, None)
+            log.skip("truncated_shard", f"{shard}: sample {key} is cut short; the shard's earlier samples are used")
+        for key, s in samples.items():
+            name = f"{shard.name}/{key}"
+            if "image" not in s:
+                log.skip("missing_image", name)
+                continue
+            if "caption" not in s:
+                log.skip("missing_caption", name)
+                continue
+            ext, data = s["caption"]
+            try:
+                caps = _shard_caption(data, ext, caption_key)
+            except UnicodeDecodeError as e:
+                log.skip("caption_not_utf8", f"{name}.{ext}: invalid UTF-8 at byte {e.start}")
+                continue
+            except ValueError as e:
+                log.skip("malformed_row", f"{name}.{ext}: {e}")
+                continue
+            captions = clean_captions(caps)
+            if not captions:
+                log.skip("empty_caption", name)
+                continue
+            offset, size = s["image"]
+            records.append(Record(f"{shard}{SHARD_SEP}{offset}:{size}", captions, name))
+    return records
+
+
+# --------------------------------------------------------------------------- Hugging Face datasets
+def is_saved_dataset(path: Path) -> bool:
+    """A folder written by `datasets.Dataset.save_to_disk` / `DatasetDict.save_to_disk`."""
+    return path.is_dir() and ((path / "state.json").is_file() or (path / "dataset_dict.json").is_file())
+
+
+def open_hf_dataset(path: str, *, split: str = "train", from_disk: bool = False, name: str | None = None,
+                    revision: str | None = None) -> object:
+    """A `datasets.Dataset`: `load_from_disk(path)` or `load_dataset(path, name, split=, revision=)`.
+
+    Args:
+        path: a saved-dataset folder, or a Hub dataset id (the Hub cache and HF_HUB_OFFLINE /
+            HF_DATASETS_OFFLINE apply).
+        split: the split (of a DatasetDict / a Hub dataset).
+        from_disk: `path` is a `save_to_disk` folder.
+        name: the Hub dataset's configuration.
+        revision: the Hub dataset's revision.
+    Raises:
+        DatasetError: `datasets` is not installed, the dataset / split cannot be loaded (one line
+            naming the id or folder).
+    """
+    try:
+        import datasets
+    except ImportError as e:
+        raise DatasetError(f"data {path!r}: Hugging Face datasets need the datasets package: "
+                           "pip install 'softrepa[datasets]'") from e
+    try:
+        if from_disk:
+            ds = datasets.load_from_disk(path)
+            if isinstance(ds, datasets.DatasetDict):
+                if split not in ds:
+                    raise DatasetError(f"data {path!r}: no split {split!r} (splits: {list(ds)})")
+                ds = ds[split]
+            return ds
+        return datasets.load_dataset(path, name, split=split, revision=revision)
+    except DatasetError:
+        raise
+    except Exception as e:  # noqa: BLE001 - datasets raises many types (hub, offline, split, schema)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        what = "the saved dataset" if from_disk else "no such local path, and cannot load the Hugging Face dataset"
+        raise DatasetError(f"data {path!r}: {what} ({type(e).__name__}: {first})") from e
+
+
+def hf_records(ds: object, source: str, log: SkipLog, image_column: str | None = None,
+               caption_column: str | None = None) -> tuple[list[Record], str]:
+    """Records of a `datasets.Dataset`: `image` is `<source>::<row>`, read by `softrepa.data.HFPairDataset`.
+
+    Only the caption column is read here; images are decoded when loaded.
+
+    Args:
+        ds: the dataset.
+        source: its id / folder (for keys and messages).
+        log: where skipped samples are counted.
+        image_column: the image column (default: "image", else the only column of Image type).
+        caption_column: the caption column (default: text, caption, captions, prompt).
+    Returns:
+        (records, the image column used).
+    Raises:
+        DatasetError: a named column is missing, or none can be guessed (the columns are listed).
+    """
+    columns = list(ds.column_names)
+    features = getattr(ds, "features", {}) or {}
+    if image_column is None:
+        images = [c for c in columns if type(features.get(c)).__name__ == "Image"]
+        image_column = "image" if "image" in columns else (images[0] if len(images) == 1 else None)
+        if image_column is None:
+            raise DatasetError(f"data {source!r}: cannot tell the image column (columns: {columns}); "
+                               "give image_column")
+    if image_column not in columns:
+        raise DatasetError(f"data {source!r}: no image column {image_column!r} (columns: {columns})")
+    if caption_column is None:
+        caption_column = next((c for c in CAPTION_COLUMNS if c in columns), None)
+        if caption_column is None:
+            raise DatasetError(f"data {source!r}: no caption column, expected one of {list(CAPTION_COLUMNS)} "
+                               f"(columns: {columns}); give caption_column")
+    if caption_column not in columns:
+        raise DatasetError(f"data {source!r}: no caption column {caption_column!r} (columns: {columns})")
+    records = []
+    for i, cap in enumerate(ds[caption_column]):
+        caps = clean_captions(cap if isinstance(cap, list) else [cap])
+        if not caps:
+            log.skip("empty_caption", f"{source} row {i}")
+            continue
+        records.append(Record(f"{source}{SHARD_SEP}{i}", caps, f"{source}/{i}"))
+    return records, image_column

@@ -87,9 +87,11 @@ def check_model(model: str) -> None:
 
 
 def check_data(data: str, option: str = "--data") -> None:
-    """A local dataset path must exist (checked before the model loads)."""
-    if not Path(data).expanduser().exists():
-        raise FileNotFoundError(f"{option}: no such file or folder {data!r}")
+    """A local dataset path must exist, shard patterns must match (checked before the model loads);
+    Hub dataset ids pass (`softrepa.data.check_data_spec`)."""
+    from ..data import check_data_spec
+
+    check_data_spec(data, option)
 
 
 def load_model(args: argparse.Namespace) -> tuple[Any, Any]:
