@@ -10,6 +10,7 @@ uploads as a user does; the checks read what the page shows:
   over the size limit) each show their one-line message in the page, and the server keeps
   serving (a generation after them);
 * an edit round-trips: an uploaded render comes back edited by both arms, at the source's size;
+* the Model panel loads another family (the UNet miniature) and the form takes its defaults;
 * the page loads nothing from outside the server (offline, no analytics, no external fonts).
 
 Skipped only when chromium / chromedriver are not installed (scripts/test.sh installs them with
@@ -281,6 +282,34 @@ def test_edit_round_trips_with_and_without_tokens(browser, tmp_path):
     print(f"\nsoftrepa ui: FlowEdit of a {SIZE} px render, paper presets, {status}")
     # LPIPS where its weights are configured, else the page says why (never a stand-in number)
     assert "LPIPS unavailable" in status or all("LPIPS to the source" in n for n in notes)
+
+
+def test_model_panel_loads_another_family(browser, tmp_path):
+    """The UNet miniature with tokens of its recipe's layout (untrained), loaded from the page."""
+    from softrepa.artifact import save_soft_tokens
+    from softrepa.config import load_config
+    from softrepa.pipeline import load_pipeline
+    from softrepa.tokens import SoftTokens
+
+    tokens = tmp_path / "sd15_tokens.safetensors"
+    save_soft_tokens(SoftTokens.for_model(load_pipeline("@assets/toy_sd15"), load_config("toy_sd15").tokens), tokens)
+    if not browser.find_elements("id", "model-load") or not browser.find_element("id", "model-load").is_displayed():
+        browser.find_element("xpath", "//*[normalize-space(text())='Model']").click()
+    _type(browser, "model-path", "@assets/toy_sd15")
+    _type(browser, "model-tokens", str(tokens))
+    browser.find_element("id", "model-load").click()
+    _wait(browser, lambda d: "toy_sd15" in d.find_element("id", "model-status").text, "the UNet miniature did not load")
+    # the form takes the new model's defaults (the toy_sd15 recipe samples with CFG 6)
+    _wait(browser, lambda d: d.find_element("css selector", "#gen-cfg input").get_attribute("value") == "6",
+          "the form kept the old defaults", timeout=30)
+    _tab(browser, "Generate")
+    _type(browser, "gen-seeds", "0")
+    _type(browser, "gen-steps", "3")
+    before = _image_src(browser, "gen-tokens")  # the earlier tests' result: wait for a new one
+    browser.find_element("id", "gen-run").click()
+    _wait(browser, lambda d: _image_src(d, "gen-tokens") not in (None, before)
+          and "1 seed(s) x 2 arms" in d.find_element("id", "gen-status").text, "no UNet generation")
+    assert _fetch_image(_image_src(browser, "gen-tokens")).shape == (SIZE, SIZE, 3)
 
 
 def test_the_page_fetches_nothing_from_elsewhere(browser, server):
