@@ -120,8 +120,11 @@ def test_provenance_is_recorded_shown_and_kept(tmp_path, sd3_model, capsys):
     tokens.provenance = provenance_metadata(sd3_model, "org/sd3-a", train_config={"lr": 0.001, "model": "org/sd3-a"})
     path = save_soft_tokens(tokens, tmp_path / "t")
     prov = provenance_of(path)
+    probe = prov.pop("denoiser_weights_probe")
+    assert len(probe) == 12 and all(isinstance(v, float) for v in probe)
     assert prov == {"base_model": "org/sd3-a", "denoiser_config_hash": denoiser_config_hash(sd3_model),
                     "train_config": {"lr": 0.001, "model": "org/sd3-a"}}
+    prov["denoiser_weights_probe"] = probe
     # re-saving loaded tokens (e.g. a checkpoint of a continued run) keeps where they came from
     again = save_soft_tokens(load_soft_tokens(path), tmp_path / "again")
     assert provenance_of(again) == prov
@@ -153,13 +156,51 @@ def test_a_different_base_warns_once_naming_both(tmp_path, sd3_model, caplog):
         softrepa.load_into(sd3_model, path).remove()
         softrepa.load_into(other, old).remove()
     assert not [r for r in caplog.records if "trained on" in r.getMessage()]
-    # another checkpoint of the same architecture, named differently: warns, naming both
-    same_arch = tiny_sd3_transformer(num_layers=6)
+    # another checkpoint of the same architecture (other weights): warns, naming both
+    same_arch = tiny_sd3_transformer(num_layers=6, seed=1)
     same_arch.register_to_config(_name_or_path="org/sd3-b")
     with caplog.at_level(logging.WARNING, logger="softrepa.artifact"):
         softrepa.load_into(same_arch, path).remove()
     msg = [r.getMessage() for r in caplog.records if "trained on" in r.getMessage()]
-    assert len(msg) == 1 and "org/sd3-a" in msg[0] and "org/sd3-b" in msg[0]
+    assert len(msg) == 1 and "org/sd3-a" in msg[0] and "org/sd3-b" in msg[0] and "other weights" in msg[0]
+    caplog.clear()
+    # the same weights under another name (a local copy), in half precision: silent
+    copy = tiny_sd3_transformer(num_layers=6).to(torch.bfloat16)
+    copy.register_to_config(_name_or_path="/data/models/my-copy")
+    with caplog.at_level(logging.WARNING, logger="softrepa.artifact"):
+        softrepa.load_into(copy, path).remove()
+    assert not [r for r in caplog.records if "trained on" in r.getMessage()]
+    # a file with provenance but no weights probe falls back to the names
+    from softrepa.artifact import WEIGHTS_PROBE_KEY
+
+    meta = {k: v for k, v in provenance_metadata(sd3_model, "org/sd3-a").items() if k != WEIGHTS_PROBE_KEY}
+    no_probe = save_soft_tokens(tokens, tmp_path / "noprobe", extra_metadata=meta)
+    with caplog.at_level(logging.WARNING, logger="softrepa.artifact"):
+        softrepa.load_into(copy, no_probe).remove()
+    assert len([r for r in caplog.records if "trained on" in r.getMessage()]) == 1
+
+
+def test_revision_is_read_from_a_hub_snapshot_path(sd3_model):
+    sd3_model.register_to_config(_name_or_path=f"/cache/models--org--sd3/snapshots/{COMMIT}/transformer")
+    meta = provenance_metadata(sd3_model)
+    assert meta["softrepa_base_revision"] == COMMIT and "softrepa_denoiser_probe" in meta
+
+
+def test_a_hub_repo_that_does_not_exist_online_is_one_line(monkeypatch):
+    import huggingface_hub
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    import httpx
+
+    def missing(*a, **kw):
+        url = "https://huggingface.co/nobody/nothing/resolve/main/tokens.safetensors"
+        raise RepositoryNotFoundError("404 Client Error.\n\nRepository Not Found for url: " + url,
+                                      response=httpx.Response(404, request=httpx.Request("GET", url)))
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", missing)
+    with pytest.raises(SoftTokensError, match=r"nobody/nothing: no such Hub repo 'nobody/nothing'") as e:
+        load_soft_tokens("nobody/nothing")
+    assert "\n" not in str(e.value)
 
 
 # --------------------------------------------------------------------------- push

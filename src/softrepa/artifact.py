@@ -7,9 +7,12 @@ Nothing here unpickles anything.
 
 Provenance (optional header keys; files without them load as before, silently):
 `softrepa_base_model` (the hub id or path the tokens were trained on), `softrepa_base_revision`
-(its commit when known), `softrepa_denoiser_hash` (`denoiser_config_hash`: 12 hex digits of the
-denoiser's architecture config) and `softrepa_train_config` (the resolved training config, JSON).
-`load_into` warns once when the target denoiser's hash differs, naming both models.
+(its commit when known: given, or read from a Hub-cache snapshot path), `softrepa_denoiser_hash`
+(`denoiser_config_hash`: 12 hex digits of the denoiser's architecture config),
+`softrepa_denoiser_probe` (`weights_probe`: a dozen weight values, the weights' identity) and
+`softrepa_train_config` (the resolved training config, JSON). `load_into` warns once, naming both
+models, when the target's config hash differs or its weights do (by the probe, with a tolerance
+that absorbs fp16 / bf16 loading; without a probe, by the model's name).
 
 Every reader here also takes a Hub reference (``owner/name[@revision][:file]``, see `softrepa.hub`).
 """
@@ -40,10 +43,14 @@ BASE_MODEL_KEY = "softrepa_base_model"
 BASE_REVISION_KEY = "softrepa_base_revision"
 DENOISER_HASH_KEY = "softrepa_denoiser_hash"
 TRAIN_CONFIG_KEY = "softrepa_train_config"
+WEIGHTS_PROBE_KEY = "softrepa_denoiser_probe"
 #: the attribute of a `SoftTokens` whose string dict `save_soft_tokens` adds to the header, so
 #: that every writer (checkpoints included) records the provenance the trainer set once
 PROVENANCE_ATTR = "provenance"
-PROVENANCE_KEYS = (BASE_MODEL_KEY, BASE_REVISION_KEY, DENOISER_HASH_KEY, TRAIN_CONFIG_KEY)
+PROVENANCE_KEYS = (BASE_MODEL_KEY, BASE_REVISION_KEY, DENOISER_HASH_KEY, WEIGHTS_PROBE_KEY, TRAIN_CONFIG_KEY)
+#: values read from each probed parameter, and the tolerance two probes of the same weights agree to
+#: (the same checkpoint loaded in fp16 / bf16 / fp32 rounds differently)
+PROBE_VALUES, PROBE_RTOL, PROBE_ATOL = 4, 2e-2, 2e-3
 _warned: set[tuple[str, str, str]] = set()
 
 
@@ -61,6 +68,30 @@ def denoiser_config_hash(model: Any) -> str:
     config = getattr(resolve_denoiser(model), "config", {}) or {}
     public = {k: v for k, v in dict(config).items() if not str(k).startswith("_")}
     return hashlib.sha256(json.dumps(public, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def weights_probe(model: Any) -> list[float] | None:
+    """A few weight values of the denoiser (first values of its first, middle and last parameter):
+    the identity of its weights at no cost, compared with a tolerance across dtypes.
+
+    Two checkpoints of one architecture (SD3-medium and a fine-tune of it) share the config hash
+    but not these values. None when the weights cannot be read (meta device).
+
+    Args:
+        model: a pipeline or a denoiser.
+    """
+    params = [p for p in resolve_denoiser(model).parameters() if p.numel() >= PROBE_VALUES]
+    if not params:
+        return None
+    try:
+        picked = [params[0], params[len(params) // 2], params[-1]]
+        return [round(float(v), 6) for p in picked for v in p.detach().reshape(-1)[:PROBE_VALUES].float().cpu()]
+    except (RuntimeError, NotImplementedError):  # meta tensors hold no values
+        return None
+
+
+def _probes_agree(a: list[float], b: list[float]) -> bool:
+    return len(a) == len(b) and all(abs(x - y) <= PROBE_ATOL + PROBE_RTOL * abs(y) for x, y in zip(a, b))
 
 
 def model_name(model: Any) -> str:
@@ -88,8 +119,16 @@ def provenance_metadata(model: Any, base_model: str | None = None, revision: str
     Example:
         >>> save_soft_tokens(tokens, "t.safetensors", extra_metadata=provenance_metadata(pipe, "org/model"))
     """
-    meta = {BASE_MODEL_KEY: str(base_model or model_name(model) or "unknown"),
-            DENOISER_HASH_KEY: denoiser_config_hash(model)}
+    import re
+
+    name = str(base_model or model_name(model) or "unknown")
+    meta = {BASE_MODEL_KEY: name, DENOISER_HASH_KEY: denoiser_config_hash(model)}
+    probe = weights_probe(model)
+    if probe is not None:
+        meta[WEIGHTS_PROBE_KEY] = json.dumps(probe)
+    # a model loaded from the Hub cache names its commit in its path (.../snapshots/<commit>/)
+    snapshot = re.search(r"snapshots[/\\]([0-9a-f]{40})", model_name(model) or name)
+    revision = revision or (snapshot[1] if snapshot else None)
     if revision:
         meta[BASE_REVISION_KEY] = str(revision)
     if train_config is not None:
@@ -110,6 +149,11 @@ def provenance_of(path: str | os.PathLike) -> dict[str, Any]:
                       (DENOISER_HASH_KEY, "denoiser_config_hash")):
         if meta.get(key):
             out[name] = meta[key]
+    if meta.get(WEIGHTS_PROBE_KEY):
+        try:
+            out["denoiser_weights_probe"] = json.loads(meta[WEIGHTS_PROBE_KEY])
+        except ValueError:
+            pass
     if meta.get(TRAIN_CONFIG_KEY):
         try:
             out["train_config"] = json.loads(meta[TRAIN_CONFIG_KEY])
@@ -133,15 +177,25 @@ def check_base(tokens_source: str, meta: dict[str, str], model: Any) -> bool:
         return False  # an old file: nothing to compare
     target = denoiser_config_hash(model)
     base, here = meta.get(BASE_MODEL_KEY, "unknown"), model_name(model) or "an unnamed model"
-    # same architecture hash and same (or unknown) name: the same base
-    if trained == target and (base in ("unknown", "") or not model_name(model) or _same_name(base, here)):
-        return False
+    probe = None
+    try:
+        probe = json.loads(meta[WEIGHTS_PROBE_KEY]) if meta.get(WEIGHTS_PROBE_KEY) else None
+    except ValueError:
+        pass
+    target_probe = weights_probe(model) if probe is not None else None
+    if trained == target:
+        if probe is not None and target_probe is not None:
+            # the weights themselves decide: a local copy of the same model under another name is the same base
+            if _probes_agree(probe, target_probe):
+                return False
+        elif base in ("unknown", "") or not model_name(model) or _same_name(base, here):
+            return False  # same architecture and the same (or an unknown) name
     key = (tokens_source, trained + base, target + here)
     if key not in _warned:
         _warned.add(key)
         logger.warning("%s: these tokens were trained on %s (denoiser config %s) and are being attached to %s "
-                       "(denoiser config %s); they may not work as intended", tokens_source, base, trained, here,
-                       target)
+                       "(denoiser config %s%s); they may not work as intended", tokens_source, base, trained, here,
+                       target, ", other weights" if trained == target else "")
     return True
 
 
