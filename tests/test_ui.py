@@ -106,7 +106,7 @@ def browser(server):
 
     opts = Options()
     opts.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1280,1500",
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1280,1800",
                 "--hide-scrollbars"):
         opts.add_argument(arg)
     opts.set_capability("goog:loggingPrefs", {"performance": "ALL"})  # every request the page makes
@@ -158,6 +158,17 @@ def _image_src(driver, elem_id: str) -> str | None:
 def _fetch_image(url: str) -> np.ndarray:
     with urllib.request.urlopen(url, timeout=30) as r:
         return np.asarray(Image.open(io.BytesIO(r.read())).convert("RGB"))
+
+
+def _keep_screenshot(im: Image.Image, name: str) -> None:
+    """With SOFTREPA_UPDATE_SCREENSHOT=1: docs/<name>, cropped to the content, 3/4 size, 128 colours."""
+    if os.environ.get("SOFTREPA_UPDATE_SCREENSHOT") != "1":
+        return
+    rgb = np.asarray(im.convert("RGB"))
+    rows = np.nonzero((rgb < 240).any(axis=(1, 2)))[0]  # crop the empty page below the content
+    page = im.convert("RGB").crop((0, 0, im.width, min(im.height, int(rows[-1]) + 24)))
+    small = page.resize((page.width * 3 // 4, page.height * 3 // 4), Image.LANCZOS)
+    small.quantize(128).save(ROOT / "docs" / name, optimize=True)
 
 
 def _tab(driver, name: str) -> None:
@@ -213,14 +224,40 @@ def test_generate_shows_vanilla_and_tokens_side_by_side(browser, server, tmp_pat
     browser.save_screenshot(str(shot))
     with Image.open(shot) as im:
         assert np.asarray(im.convert("L")).std() > 5  # not a blank page
-        if os.environ.get("SOFTREPA_UPDATE_SCREENSHOT") == "1":  # the README's picture
-            rgb = np.asarray(im.convert("RGB"))
-            rows = np.nonzero((rgb < 240).any(axis=(1, 2)))[0]  # crop the empty page below the content
-            page = im.convert("RGB").crop((0, 0, im.width, min(im.height, int(rows[-1]) + 24)))
-            small = page.resize((page.width * 3 // 4, page.height * 3 // 4), Image.LANCZOS)
-            small.quantize(128).save(ROOT / "docs" / "ui.png", optimize=True)
+        _keep_screenshot(im, "ui.png")
     print(f"\nsoftrepa ui: startup {server[1]:.1f} s; {len(SEEDS)} seeds x 2 arms, {STEPS} steps, {SIZE} px: "
           f"{seconds:.1f} s in the browser; server: {browser.find_element('id', 'gen-status').text}")
+
+
+def test_edit_round_trips_with_and_without_tokens(browser, tmp_path):
+    from softrepa.toy.world import Scene, WorldObject, place_scene
+
+    source = tmp_path / "red_circle.png"
+    scene = place_scene(Scene((WorldObject("red", "circle"),), position="left"), np.random.default_rng(3))
+    scene.render(size=SIZE).save(source)
+    _tab(browser, "Edit")
+    _upload(browser, "edit-upload", source)
+    _wait(browser, lambda d: _image_src(d, "edit-source"), "the upload is not shown", timeout=60)
+    _type(browser, "edit-src-prompt", "a red circle on the left")
+    _type(browser, "edit-tar-prompt", "a blue circle on the left")
+    browser.find_element("id", "edit-run").click()
+    _wait(browser, lambda d: "both arms in" in d.find_element("id", "edit-status").text, "no edit result")
+    src = np.asarray(Image.open(source).convert("RGB"))
+    for arm in ("edit-vanilla", "edit-tokens"):
+        out = _fetch_image(_image_src(browser, arm))
+        assert out.shape == src.shape
+        assert np.abs(out.astype(int) - src.astype(int)).mean() > 1, f"{arm}: the edit changed nothing"
+    notes = [browser.find_element("id", i).text for i in ("edit-vanilla-note", "edit-tokens-note")]
+    assert "n_max 33, target CFG 13.5" in notes[0] and "n_max 30, target CFG 9" in notes[1]  # paper presets per arm
+    assert all("judge:" in n for n in notes)
+    status = browser.find_element("id", "edit-status").text
+    print(f"\nsoftrepa ui: FlowEdit of a {SIZE} px render, paper presets, {status}")
+    shot = tmp_path / "ui_edit.png"
+    browser.save_screenshot(str(shot))
+    with Image.open(shot) as im:
+        _keep_screenshot(im, "ui_edit.png")
+    # LPIPS where its weights are configured, else the page says why (never a stand-in number)
+    assert "LPIPS unavailable" in status or all("LPIPS to the source" in n for n in notes)
 
 
 def test_bad_inputs_show_their_message_and_the_server_keeps_serving(browser, tmp_path):
@@ -255,33 +292,6 @@ def test_bad_inputs_show_their_message_and_the_server_keeps_serving(browser, tmp
     _type(browser, "gen-steps", "2")
     browser.find_element("id", "gen-run").click()
     _wait(browser, lambda d: "1 seed(s) x 2 arms" in d.find_element("id", "gen-status").text, "no generation after errors")
-
-
-def test_edit_round_trips_with_and_without_tokens(browser, tmp_path):
-    from softrepa.toy.world import Scene, WorldObject, place_scene
-
-    source = tmp_path / "red_circle.png"
-    scene = place_scene(Scene((WorldObject("red", "circle"),), position="left"), np.random.default_rng(3))
-    scene.render(size=SIZE).save(source)
-    _tab(browser, "Edit")
-    _upload(browser, "edit-upload", source)
-    _wait(browser, lambda d: _image_src(d, "edit-source"), "the upload is not shown", timeout=60)
-    _type(browser, "edit-src-prompt", "a red circle on the left")
-    _type(browser, "edit-tar-prompt", "a blue circle on the left")
-    browser.find_element("id", "edit-run").click()
-    _wait(browser, lambda d: "both arms in" in d.find_element("id", "edit-status").text, "no edit result")
-    src = np.asarray(Image.open(source).convert("RGB"))
-    for arm in ("edit-vanilla", "edit-tokens"):
-        out = _fetch_image(_image_src(browser, arm))
-        assert out.shape == src.shape
-        assert np.abs(out.astype(int) - src.astype(int)).mean() > 1, f"{arm}: the edit changed nothing"
-    notes = [browser.find_element("id", i).text for i in ("edit-vanilla-note", "edit-tokens-note")]
-    assert "n_max 33, target CFG 13.5" in notes[0] and "n_max 30, target CFG 9" in notes[1]  # paper presets per arm
-    assert all("judge:" in n for n in notes)
-    status = browser.find_element("id", "edit-status").text
-    print(f"\nsoftrepa ui: FlowEdit of a {SIZE} px render, paper presets, {status}")
-    # LPIPS where its weights are configured, else the page says why (never a stand-in number)
-    assert "LPIPS unavailable" in status or all("LPIPS to the source" in n for n in notes)
 
 
 def test_model_panel_loads_another_family(browser, tmp_path):
