@@ -19,6 +19,7 @@ import softrepa
 from softrepa import SoftTokens, SoftTokensConfig, SoftTokensError, load_soft_tokens, save_soft_tokens
 from softrepa.artifact import denoiser_config_hash, provenance_metadata, provenance_of
 from softrepa.cli import main as cli_main
+from softrepa.cli import main as main_cli
 from softrepa.hub import HubRef, parse_hub_ref, resolve_tokens
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -291,3 +292,15 @@ def test_push_without_provenance_takes_the_run_config_and_checks_inputs(tmp_path
     (tmp_path / "junk.safetensors").write_bytes(b"junk")
     with pytest.raises(SoftTokensError, match="junk.safetensors"):
         softrepa.push_to_hub(tmp_path / "junk.safetensors", "me/t4")
+
+
+def test_generate_cli_takes_tokens_by_repo_id(hub_cache, tmp_path):
+    """`--tokens owner/name` through the shared model options: the packaged miniature tokens from the cache."""
+    from softrepa.ui.bench import PACKAGED_TOKENS
+
+    put_in_cache(hub_cache, "someone/toy-sd3-tokens", {"tokens.safetensors": PACKAGED_TOKENS.read_bytes()})
+    out = tmp_path / "gen"
+    assert main_cli(["generate", "--model", "@assets/toy_sd3", "--tokens", "someone/toy-sd3-tokens",
+                     "--prompts", "a red circle on the left", "--steps", "2", "--no-progress", "--out", str(out)]) == 0
+    rows = [json.loads(x) for x in (out / "metadata.jsonl").read_text().splitlines()]
+    assert len(rows) == 1 and (out / rows[0]["file"]).is_file()

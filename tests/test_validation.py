@@ -125,3 +125,14 @@ def test_a_metric_that_cannot_read_a_prompt_is_skipped_with_a_warning(caplog):
     assert "validation metric world not computed" in caplog.text
     row = score_arms(scorers, ["a red circle on the left"], im, im)
     assert row["validation/world/delta"] == 0.0
+
+
+def test_a_tracker_without_its_package_stops_before_the_model_loads(tmp_path):
+    from softrepa.train import Trainer
+
+    missing = next((n for n in ("dvclive", "swanlab", "aim", "clearml") if importlib.util.find_spec(n) is None), None)
+    if missing is None:
+        pytest.skip("every candidate tracker package is installed")
+    cfg = load_config(None, {"log_with": missing, "output_dir": str(tmp_path / "run"), "model": "unused"})
+    with pytest.raises(ConfigError, match=rf"log_with: '{missing}'.*pip install {missing}"):
+        Trainer(cfg)

@@ -149,8 +149,10 @@ def tokens_record(pipe: Any, tokens: str | os.PathLike | None) -> dict[str, Any]
     handle = attached_handle(pipe)
     if handle is None or not handle.enabled:
         return {"tokens": None, "tokens_sha256": None}
-    if tokens is not None:
-        return {"tokens": str(tokens), "tokens_sha256": file_sha256(tokens)}
+    if tokens is not None:  # a Hub reference (softrepa.hub) is hashed as the cached file it names
+        from .hub import resolve_tokens
+
+        return {"tokens": str(tokens), "tokens_sha256": file_sha256(resolve_tokens(tokens))}
     h = hashlib.sha256()  # in-memory tokens: hash their values so runs stay distinguishable
     for p in handle.tokens.state_dict().values():
         h.update(p.detach().float().cpu().numpy().tobytes())

@@ -3,7 +3,8 @@
 * `--out` (aliases `--output-dir`, `--output_dir`): the output folder of every command.
 * `--dtype`: fp32 / fp16 / bf16 (aliases float32 / float16 / bfloat16).
 * `--no-progress`: no progress bars (ours and the libraries' "Loading ..." bars).
-* `--model`, `--tokens`, `--device`, `--max-sequence-length`: the same meaning everywhere.
+* `--model`, `--tokens`, `--device`, `--max-sequence-length`: the same meaning everywhere
+  (`--tokens` also takes a run folder or a Hub repo id, `softrepa.hub`).
 """
 
 from __future__ import annotations
@@ -44,7 +45,9 @@ def add_dtype_argument(p: argparse.ArgumentParser, *,
 def add_model_arguments(p: argparse.ArgumentParser, *, tokens_help: str | None = None) -> None:
     """Model-loading options shared by generate, edit and diagnose."""
     p.add_argument("--model", required=True, help="diffusers pipeline: hub id, local folder or @assets/toy_sd3")
-    p.add_argument("--tokens", default=None, help=tokens_help or "soft tokens .safetensors (omit for the vanilla model)")
+    p.add_argument("--tokens", default=None, help=tokens_help or "soft tokens: a .safetensors file, a run folder, or a Hub "
+                                                "repo owner/name[@revision][:file.safetensors] (omit for the "
+                                                "vanilla model)")
     add_dtype_argument(p)
     p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     p.add_argument("--max-sequence-length", type=int, default=None,
