@@ -100,12 +100,14 @@ def resolve_tokens(spec: str | os.PathLike) -> Path:
 
 
 def download_tokens(ref: HubRef) -> Path:
-    """`hf_hub_download` of a tokens file and, best effort, its layout json (one-line errors).
+    """`hf_hub_download` of a tokens file (one-line errors naming the reference).
 
     Args:
         ref: the parsed reference.
     Returns:
         The cached tokens file.
+    Example:
+        >>> download_tokens(parse_hub_ref("user/softrepa-sd3-tokens@v1"))
     """
     try:
         from huggingface_hub import hf_hub_download
