@@ -61,11 +61,14 @@ def test_compiled_step_equals_eager_and_does_not_recompile(chunk):
 
     before = _graphs()
     compiled = compile_blocks(model)
-    loss_c, grads_c = _step(model, tokens, batch, chunk)  # first step: compiles
+    # hitting the recompile limit would silently run eager (and still match): make it an error
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        loss_c, grads_c = _step(model, tokens, batch, chunk)  # first step: compiles
     after_first = _graphs()
     assert after_first > before, "nothing was compiled"
-    for _ in range(2):
-        loss_again, grads_again = _step(model, tokens, batch, chunk)
+    with torch._dynamo.config.patch(error_on_recompile=True):  # steps 2 and 3 must reuse every graph
+        for _ in range(2):
+            loss_again, grads_again = _step(model, tokens, batch, chunk)
     assert _graphs() == after_first, "a later step recompiled"
     torch.testing.assert_close(loss_c, loss_e, rtol=RTOL, atol=ATOL)
     for gc, ge in zip(grads_c, grads_e):

@@ -23,7 +23,7 @@ import torch
 import softrepa
 from softrepa.cli import main
 from softrepa.errors import RunFolderError, StorageError
-from softrepa.runlock import OWNER_FILE, RunFolderBusy, RunLock
+from softrepa.runlock import OWNER_FILE, RunFolderBusy, RunLock, read_owner
 from tests.test_train import _args, toy_files  # noqa: F401  (toy_files is a fixture)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -73,8 +73,9 @@ def test_overwrite_removes_the_old_run_first_and_never_mixes(toy_files, tmp_path
     assert (run / "notes.txt").read_text() == "mine"
 
 
-def test_resume_of_a_run_killed_before_its_first_checkpoint_starts_again_cleanly(toy_files, tmp_path):
-    run = tmp_path / "run"
+def test_resume_of_a_run_killed_before_its_first_checkpoint_starts_again_cleanly(toy_files, tmp_path, one_thread):
+    full, run = tmp_path / "full", tmp_path / "run"
+    assert main(_args(toy_files, full, 3)) == 0
     assert main(_args(toy_files, run, 1, "--checkpoint_every", "5")) == 0
     import shutil
 
@@ -82,6 +83,39 @@ def test_resume_of_a_run_killed_before_its_first_checkpoint_starts_again_cleanly
     (run / "tokens.safetensors").unlink()
     assert main(_args(toy_files, run, 3, "--resume")) == 0
     assert _steps(run) == [1, 2, 3]
+    assert _tokens_equal(full / "tokens.safetensors", run / "tokens.safetensors")
+
+
+def test_resume_into_a_folder_without_a_run_is_an_error(toy_files, tmp_path, capsys):
+    assert main(_args(toy_files, tmp_path / "typo", 2, "--resume")) == 2
+    assert "nothing to resume" in capsys.readouterr().err
+
+
+def test_another_runs_checkpoint_never_resumes_into_a_folder_holding_a_run(toy_files, tmp_path, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(_args(toy_files, a, 2)) == 0
+    assert main(_args(toy_files, b, 4)) == 0
+    before = _digest(b)
+    assert main(_args(toy_files, b, 4, "--resume", str(a / "checkpoints" / "step_0000002"))) == 2
+    assert "holds another run" in capsys.readouterr().err
+    assert _digest(b) == before
+    # into an empty folder it starts a new run from that state
+    assert main(_args(toy_files, tmp_path / "c", 3, "--resume", str(a / "checkpoints" / "step_0000002"))) == 0
+    assert _steps(tmp_path / "c") == [3]
+
+
+def test_overwrite_never_deletes_a_folder_that_is_not_a_run(toy_files, tmp_path, capsys):
+    mine = tmp_path / "project"
+    (mine / "validation").mkdir(parents=True)
+    (mine / "validation" / "data.csv").write_text("keep")
+    assert main(_args(toy_files, mine, 2, "--overwrite")) == 0  # no run there: nothing removed
+    assert (mine / "validation" / "data.csv").read_text() == "keep"
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.yaml").write_text("name: my experiment\n")
+    assert main(_args(toy_files, other, 2, "--overwrite")) == 2
+    assert "not a softrepa run" in capsys.readouterr().err
+    assert (other / "config.yaml").read_text() == "name: my experiment\n"
 
 
 # ------------------------------------------------------------------------------ one writer
@@ -115,12 +149,18 @@ def test_a_second_process_on_a_training_folder_exits_at_once_and_the_first_finis
     while not (run / "metrics.jsonl").is_file():  # the first run is training
         assert first.poll() is None and time.time() < deadline, first.stderr.read() if first.poll() else "timeout"
         time.sleep(0.05)
-    for extra in ((), ("--resume",), ("--overwrite",)):  # whatever the second asks, the folder is taken
-        t0 = time.perf_counter()
-        assert main(_args(toy_files, run, 6, *extra)) == 2
-        err = capsys.readouterr().err
-        assert f"in use by pid {first.pid} on " in err and "Traceback" not in err, err
-        assert time.perf_counter() - t0 < 2.0  # at once: before any data or model is read
+    import softrepa.train as T
+
+    def never(*a, **k):
+        raise AssertionError("the second run read data or loaded a model")
+
+    with pytest.MonkeyPatch.context() as mp:  # "at once": refused before any data or model is touched
+        mp.setattr(T, "build_dataset", never)
+        mp.setattr(T, "load_pipeline", never)
+        for extra in ((), ("--resume",), ("--overwrite",)):  # whatever the second asks, the folder is taken
+            assert main(_args(toy_files, run, 6, *extra)) == 2
+            err = capsys.readouterr().err
+            assert f"in use by pid {first.pid} on " in err and "Traceback" not in err, err
     assert first.wait(timeout=300) == 0, first.stderr.read()[-2000:]
     assert _steps(run) == [1, 2, 3, 4, 5, 6]
 
@@ -226,7 +266,8 @@ def test_a_chain_of_real_sigkills_ends_as_an_uninterrupted_run(toy_files, tmp_pa
         proc = subprocess.Popen([sys.executable, "-c", script, *args], env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         deadline = time.time() + 120
-        while not (part / OWNER_FILE).is_file() and proc.poll() is None and time.time() < deadline:
+        # this process holds the folder (a killed one leaves its owner record behind)
+        while read_owner(part).get("pid") != proc.pid and proc.poll() is None and time.time() < deadline:
             time.sleep(0.02)
         time.sleep(rng.uniform(0.5, 3.0) if kills < 4 else 0)
         if kills < 4 and proc.poll() is None:

@@ -16,6 +16,7 @@ live in the run's `metrics.jsonl`).
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import random
@@ -183,15 +184,25 @@ def remove_leftovers(run_dir: str | os.PathLike) -> list[str]:
     """
     run_dir = Path(run_dir)
     removed = []
+    pointer = run_dir / "checkpoints" / "latest"
+    # a kill in the middle of re-saving a step leaves `latest` naming a hidden folder: keep that one
+    named = pointer.read_text().strip() if pointer.is_file() else None
     for folder in (run_dir, run_dir / "checkpoints"):
         if not folder.is_dir():
             continue
         for p in folder.iterdir():
+            if p.name == named:
+                continue
             if p.name.startswith(".") and (p.name.endswith(".tmp") or (folder.name == "checkpoints"
                                                                        and p.name.startswith(".step_"))):
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
                 removed.append(str(p.relative_to(run_dir)))
     return removed
+
+
+#: read errors that say "cannot read now" (I/O error, permissions, a network filesystem), not "damaged"
+_CANNOT_READ_NOW = {errno.EIO, errno.EACCES, errno.EPERM, errno.ETIMEDOUT, errno.ESTALE, errno.EAGAIN, errno.EINTR,
+                    errno.ENOMEM}
 
 
 def load_checkpoint(path: str | os.PathLike, tokens: SoftTokens, optimizer: torch.optim.Optimizer,
@@ -212,10 +223,18 @@ def load_checkpoint(path: str | os.PathLike, tokens: SoftTokens, optimizer: torc
         state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
         if not isinstance(state, dict) or not {"step", "optimizer", "scheduler", "rng"} <= set(state):
             raise ValueError("missing keys")
+    except OSError as e:
+        if e.errno in _CANNOT_READ_NOW:  # not proof of damage: never skip (and move aside) a good checkpoint
+            raise
+        raise RunFolderError(f"{path / 'state.pt'} is damaged ({type(e).__name__}: {e})") from e
     except Exception as e:  # truncated zip, bad pickle, wrong content: all mean "damaged"
         raise RunFolderError(f"{path / 'state.pt'} is damaged ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
     try:
         loaded = load_soft_tokens(path / "tokens.safetensors")
+    except OSError as e:
+        if e.errno in _CANNOT_READ_NOW:
+            raise
+        raise RunFolderError(f"{path / 'tokens.safetensors'} is damaged ({type(e).__name__}: {e})") from e
     except Exception as e:
         raise RunFolderError(f"{path / 'tokens.safetensors'} is damaged ({type(e).__name__}: "
                              f"{str(e).splitlines()[0][:200] if str(e) else ''})") from e

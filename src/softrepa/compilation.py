@@ -138,7 +138,9 @@ def compile_blocks(model_or_pipeline: Any, config: CompileConfig | None = None) 
         raise SoftTokensError(f"{type(denoiser).__name__}: its blocks are already compiled (or their forward "
                               "was replaced); call .remove() on the earlier CompiledBlocks first")
     dynamo = torch._dynamo.config
-    dynamo.recompile_limit = max(dynamo.recompile_limit, config.recompile_limit)
+    # torch < 2.7 calls it cache_size_limit; the setting is process-wide and stays raised after remove()
+    name = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"
+    setattr(dynamo, name, max(getattr(dynamo, name), config.recompile_limit))
     for block in blocks:
         # bound method -> compiled function stored on the instance; the class's forward is untouched
         block.forward = torch.compile(block.forward, mode=config.mode, dynamic=config.dynamic,

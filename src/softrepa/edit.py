@@ -69,7 +69,8 @@ def encode_source(backbone: Any, pixels: torch.Tensor) -> torch.Tensor:
     # batch-normed; Qwen-Image: a 3-D VAE) encodes the source itself
     own = getattr(backbone, "encode_source", None)
     if own is not None:
-        return own(pixels).float()
+        with vae_upcast(backbone.vae):  # an fp16 VAE that asks for fp32 gets it on every path
+            return own(pixels).float()
     vae = backbone.vae
     with vae_upcast(vae):
         post = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist
@@ -370,7 +371,7 @@ def edit_manifest(pipe: Any, rows: Sequence[dict[str, str]], out: str | Path, *,
     """
     family = family_of(pipe)
     if max_sequence_length is not None and not family.text_length_option:
-        raise ValueError(f"--max-sequence-length applies to SD3 models, not {family.name}")
+        raise ValueError(f"--max-sequence-length: {family.title} models take no text length")
     base = (params or FlowEditParams.preset(family, with_tokens=_tokens_active(pipe))).validate()
     cfgs = list(dict.fromkeys(float(c) for c in (target_cfgs or [base.tar_cfg])))
     common: dict[str, Any] = {"model": model or getattr(pipe.config, "_name_or_path", None) or type(pipe).__name__,

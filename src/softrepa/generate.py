@@ -102,6 +102,8 @@ def generate_images(
         call_kwargs = {**family.guidance_kwargs(float(cfg if cfg is not None else defaults.cfg)),
                        **dict(call_kwargs or {})}
         if true_cfg is not None:
+            if "true_cfg_scale" in call_kwargs:  # the family already guides with true CFG (Qwen-Image: --cfg)
+                raise ValueError(f"--true-cfg: {family.title} already uses two-branch CFG; set it with --cfg")
             if "true_cfg_scale" not in inspect.signature(pipe.__call__).parameters:
                 raise ValueError(f"--true-cfg: {type(pipe).__name__} has no true_cfg_scale (guidance-distilled "
                                  "pipelines such as FluxPipeline have it)")
@@ -110,7 +112,8 @@ def generate_images(
                            "negative_prompt": call_kwargs.get("negative_prompt", " ")}
         if max_sequence_length is not None:
             if "max_sequence_length" not in inspect.signature(pipe.__call__).parameters:
-                raise ValueError(f"--max-sequence-length applies to SD3 pipelines, not {type(pipe).__name__}")
+                raise ValueError(f"--max-sequence-length: {type(pipe).__name__} takes no text length "
+                                 "(SD3, FLUX and Qwen-Image pipelines do)")
             call_kwargs["max_sequence_length"] = int(max_sequence_length)
         settings = {
             "cfg": float(cfg if cfg is not None else defaults.cfg), "steps": int(steps or defaults.steps),

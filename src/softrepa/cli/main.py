@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(COMMANDS[args.command].run(args) or 0)
-    except (SoftrepaError, FileNotFoundError, ValueError) as e:
+    except (SoftrepaError, OSError, ValueError) as e:  # OSError: missing files, permissions, full disks
         print(f"softrepa {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
