@@ -136,3 +136,66 @@ def test_a_tracker_without_its_package_stops_before_the_model_loads(tmp_path):
     cfg = load_config(None, {"log_with": missing, "output_dir": str(tmp_path / "run"), "model": "unused"})
     with pytest.raises(ConfigError, match=rf"log_with: '{missing}'.*pip install {missing}"):
         Trainer(cfg)
+
+
+def test_a_per_prompt_metric_is_scored_in_batches_on_both_arms(monkeypatch):
+    """The path clip / pickscore / imagereward / hps take (PER_PROMPT `score(images, prompts)`), with a
+    stand-in metric: no weights needed. Its config section comes from `validation.metrics_config`."""
+    from dataclasses import dataclass
+
+    import numpy as np
+    from PIL import Image
+
+    import softrepa.validation as validation
+    from softrepa.evaluation import MetricConfig, MetricKind, MetricSpec
+    from softrepa.evaluation import spec as spec_module
+    from softrepa.validation import score_arms
+
+    @dataclass(frozen=True)
+    class BrightConfig(MetricConfig):
+        scale: float = 1.0
+
+    calls = []
+
+    class Bright:
+        def __init__(self, cfg):
+            self.scale = cfg.scale
+
+        def score(self, images, prompts):
+            calls.append(len(images))
+            return np.array([self.scale * np.asarray(im).mean() / 255 for im in images])
+
+    def load(cfg, *, device="cpu", dtype=None, offline=True):
+        return Bright(BrightConfig.coerce(cfg, metric="bright"))
+
+    monkeypatch.setitem(spec_module._REGISTRY, "bright", MetricSpec(
+        name="bright", kind=MetricKind.PER_PROMPT, loader=load, note="mean brightness (test)",
+        higher_is_better=True, config=BrightConfig))
+    monkeypatch.setattr(validation, "SCORE_BATCH", 2)
+    scorers = load_validation_metrics(["bright"], metrics_config=None)
+    white, black = Image.new("RGB", (4, 4), (255, 255, 255)), Image.new("RGB", (4, 4))
+    row = score_arms(scorers, ["p"] * 3, [black] * 3, [white, white, black])
+    assert row == pytest.approx({"validation/bright/vanilla": 0.0, "validation/bright/tokens": 2 / 3,
+                                 "validation/bright/delta": 2 / 3})
+    assert calls == [2, 1, 2, 1]  # batches of SCORE_BATCH per arm
+
+
+def test_metrics_config_reaches_the_validation_scorer(tmp_path, monkeypatch):
+    from dataclasses import dataclass
+
+    from softrepa.evaluation import MetricConfig, MetricKind, MetricSpec
+    from softrepa.evaluation import spec as spec_module
+
+    @dataclass(frozen=True)
+    class ScaleConfig(MetricConfig):
+        scale: float = 1.0
+
+    def load(cfg, *, device="cpu", dtype=None, offline=True):
+        return ScaleConfig.coerce(cfg, metric="scaled")
+
+    monkeypatch.setitem(spec_module._REGISTRY, "scaled", MetricSpec(
+        name="scaled", kind=MetricKind.PER_PROMPT, loader=load, note="test", higher_is_better=True,
+        config=ScaleConfig))
+    (tmp_path / "metrics.yaml").write_text("scaled: {scale: 2.5}\n")
+    scorers = load_validation_metrics(["scaled"], metrics_config=str(tmp_path / "metrics.yaml"))
+    assert scorers["scaled"][1].scale == 2.5
