@@ -224,3 +224,17 @@ def test_unknown_hub_dataset_offline_is_one_line(monkeypatch):
         build_dataset("nobody/no-such-dataset-xyz", size=16)
     msg = str(e.value)
     assert "nobody/no-such-dataset-xyz" in msg and "\n" not in msg
+
+
+def test_saved_config_holds_absolute_shard_patterns_and_spec_paths(tmp_path, monkeypatch):
+    """A run resumed from another directory finds its shards / saved dataset (config.absolute_path)."""
+    from softrepa.config import absolute_path
+
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "saved").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert absolute_path("shards/{000000..000009}.tar") == str(tmp_path / "shards" / "{000000..000009}.tar")
+    assert absolute_path({"type": "hf_disk", "path": "saved", "split": "train"}) == {
+        "type": "hf_disk", "path": str(tmp_path / "saved"), "split": "train"}
+    assert absolute_path({"type": "hf", "path": "owner/name"}) == {"type": "hf", "path": "owner/name"}
+    assert absolute_path("owner/name") == "owner/name"

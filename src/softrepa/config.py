@@ -437,11 +437,21 @@ PATH_FIELDS = ("model", "data", "data_images", "latent_cache")
 
 
 def absolute_path(value: Any) -> Any:
-    """An existing local path as an absolute one; anything else (hub ids, @assets/..., specs) unchanged."""
+    """An existing local path as an absolute one; anything else (hub ids, @assets/...) unchanged.
+
+    A dataset spec mapping has its `path` / `annotations` / `images` made absolute the same way,
+    and a webdataset shard pattern (`shards/{000000..000009}.tar`, `shards/*.tar`) its folder.
+    """
+    if isinstance(value, dict):
+        return {k: absolute_path(v) if k in ("path", "annotations", "images") else v for k, v in value.items()}
     if not isinstance(value, str) or not value or value.startswith("@") or "://" in value:
         return value
     path = Path(value).expanduser()
-    return str(path.resolve()) if path.exists() else value
+    if path.exists():
+        return str(path.resolve())
+    if ("{" in path.name or any(c in path.name for c in "*?[")) and path.parent.is_dir():
+        return str(path.parent.resolve() / path.name)
+    return value
 
 
 def absolute_paths(cfg: TrainConfig) -> TrainConfig:
