@@ -304,3 +304,20 @@ def test_generate_cli_takes_tokens_by_repo_id(hub_cache, tmp_path):
                      "--prompts", "a red circle on the left", "--steps", "2", "--no-progress", "--out", str(out)]) == 0
     rows = [json.loads(x) for x in (out / "metadata.jsonl").read_text().splitlines()]
     assert len(rows) == 1 and (out / rows[0]["file"]).is_file()
+
+
+def test_a_refused_push_is_one_line(tmp_path, sd3_model, monkeypatch, capsys):
+    import httpx
+    import huggingface_hub
+    from huggingface_hub.errors import HfHubHTTPError
+
+    def refuse(self, repo_id, **kw):
+        url = "https://huggingface.co/api/repos/create"
+        raise HfHubHTTPError("401 Client Error: Unauthorized for url: " + url + "\nInvalid credentials",
+                             response=httpx.Response(401, request=httpx.Request("POST", url)))
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", refuse)
+    path = save_soft_tokens(SoftTokens.for_model(sd3_model, SoftTokensConfig(num_layers=2)), tmp_path / "t")
+    assert cli_main(["push", str(path), "me/tokens"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "push to me/tokens: 401 Client Error" in err and "HF_TOKEN" in err

@@ -23,7 +23,11 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import SoftTokensError
+from .errors import SoftrepaError, SoftTokensError
+
+
+class HubError(SoftrepaError, OSError):
+    """The Hub refused or could not be reached (push: not logged in, no write access, offline)."""
 
 #: the file a repo (or a folder) is expected to hold when the reference names none
 DEFAULT_FILENAME = "tokens.safetensors"
@@ -134,4 +138,4 @@ def download_tokens(ref: HubRef) -> Path:
     return Path(file)
 
 
-__all__ = ["DEFAULT_FILENAME", "HubRef", "download_tokens", "parse_hub_ref", "resolve_tokens"]
+__all__ = ["DEFAULT_FILENAME", "HubError", "HubRef", "download_tokens", "parse_hub_ref", "resolve_tokens"]

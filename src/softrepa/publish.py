@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .artifact import load_soft_tokens, provenance_of
-from .hub import DEFAULT_FILENAME, parse_hub_ref
+from .hub import DEFAULT_FILENAME, HubError, parse_hub_ref
 
 logger = logging.getLogger(__name__)
 
@@ -125,7 +125,8 @@ def push_to_hub(tokens_file: str | os.PathLike, repo_id: str, *, config: str | o
     Returns:
         huggingface_hub's `CommitInfo` of the upload.
     Raises:
-        SoftTokensError: not a tokens file; ValueError: a bad repo id.
+        SoftTokensError: not a tokens file; ValueError: a bad repo id; HubError: the Hub refused
+            the upload or cannot be reached (one line naming the repo).
 
     Example:
         >>> softrepa.push_to_hub("runs/sd3/tokens.safetensors", "me/softrepa-sd3", evaluation="eval/tokens")
@@ -165,11 +166,16 @@ def push_to_hub(tokens_file: str | os.PathLike, repo_id: str, *, config: str | o
         (stage / "README.md").write_text(model_card(repo_id, src, config=cfg_dict, evaluation=evaluation,
                                                     filename=filename), encoding="utf-8")
         api = HfApi(token=token)
-        api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
-        if revision and revision != "main":
-            api.create_branch(repo_id, branch=revision, repo_type="model", exist_ok=True)
-        info = api.upload_folder(repo_id=repo_id, folder_path=str(stage), repo_type="model", revision=revision,
-                                 commit_message=commit_message or "Upload SoftREPA tokens")
+        try:
+            api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+            if revision and revision != "main":
+                api.create_branch(repo_id, branch=revision, repo_type="model", exist_ok=True)
+            info = api.upload_folder(repo_id=repo_id, folder_path=str(stage), repo_type="model", revision=revision,
+                                     commit_message=commit_message or "Upload SoftREPA tokens")
+        except OSError as e:  # HfHubHTTPError (401 / 403 / 404), offline mode, no connection
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise HubError(f"push to {repo_id}: {first} (log in with `huggingface-cli login` or set HF_TOKEN; "
+                           "HF_HUB_OFFLINE must be unset)") from e
     logger.info("pushed %s to %s", src, repo_id)
     return info
 
