@@ -51,8 +51,7 @@ def run_info(args: argparse.Namespace) -> int:
     meta = read_metadata(args.tokens)
     print(json.dumps({"layout": tokens.layout.to_dict(),
                       "parameters": sum(p.numel() for p in tokens.parameters()),
-                      "provenance": provenance_of(args.tokens) or "not recorded (written before softrepa 0.1 "
-                                                                   "recorded the base model)",
+                      "provenance": provenance_of(args.tokens) or "not recorded (an older or imported file)",
                       "metadata": {k: v for k, v in meta.items()
                                    if k != "softrepa_layout" and k not in PROVENANCE_KEYS}}, indent=2))
     return 0
