@@ -29,7 +29,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="diffusers pipeline: hub id, local folder or @assets/toy_sd3")
     p.add_argument("--data", required=True, help="dataset (COCO captions JSON, image folder, JSONL / CSV manifest)")
     p.add_argument("--data-images", default=None, help="COCO image folder (when --data is a captions JSON)")
-    p.add_argument("--tokens", default=None, help="soft tokens .safetensors to measure with (default: the bare model)")
+    p.add_argument("--tokens", default=None, help="soft tokens to measure with: a .safetensors file, a run folder or a Hub id "
+                        "owner/name[@rev][:file] (default: the bare model)")
     add_out_argument(p, required=False, default="diagnose_out")
     p.add_argument("--bins", type=int, default=10, help="timestep bins over 0..1000")
     p.add_argument("--batches-per-bin", type=int, default=2, help="batches drawn per bin")

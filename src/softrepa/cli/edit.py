@@ -4,8 +4,9 @@
         --image cat.png --source-prompt "a cat on a sofa" --target-prompt "a dog on a sofa" --out edits/
     softrepa edit --model ... --tokens ... --manifest div2k.jsonl --target-cfg 9,11,13 --out edits/
 
-A manifest is a .jsonl file (or a .json list) of rows {"image", "source_prompt", "target_prompt"};
-relative image paths are resolved against the manifest's folder. Several --target-cfg values write one
+A manifest is a .jsonl file (or a .json list) of rows {"image", "source_prompt", "target_prompt"},
+or the official FlowEdit .yaml edit file (`input_img`, `source_prompt`, `target_prompts`: one row per
+target); relative image paths are resolved against the manifest's folder. Several --target-cfg values write one
 subfolder per value (`cfg_9/`, `cfg_11/`, ...); `--tar-cfg` / `--src-cfg` are accepted as aliases of
 `--target-cfg` / `--source-cfg`. Images are resized (never cropped) to a size the model accepts and
 the edit is resized back to the source image's size. Every output folder has a `metadata.jsonl`; images
@@ -43,7 +44,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--source-prompt", default=None, help="caption of the source image")
     src.add_argument("--target-prompt", default=None, help="caption of the wanted edit")
     src.add_argument("--manifest", default=None,
-                     help=".jsonl / .json rows {image, source_prompt, target_prompt} (paths relative to it)")
+                     help=".jsonl / .json rows {image, source_prompt, target_prompt}, or FlowEdit's .yaml edit "
+                          "file (input_img, source_prompt, target_prompts); paths relative to it")
     fe = p.add_argument_group("FlowEdit")
     fe.add_argument("--steps", type=int, default=None, help="NFE of the sigma grid (default: the preset's 50)")
     fe.add_argument("--n-max", type=int, default=None,

@@ -22,7 +22,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help="diffusers pipeline: hub id, local folder or @assets/toy_sd3 (default: the bundled SD3 miniature)")
     p.add_argument("--tokens", default=None,
-                   help="soft tokens .safetensors (default: the demo's tokens for the bundled miniature; another "
+                   help="soft tokens: a .safetensors file, a run folder or a Hub id owner/name (default: the demo's "
+                        "tokens for the bundled miniature; another "
                         "miniature trains --train-steps steps on start; other models need this)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=7860, help="port (default 7860; 0: any free port)")
