@@ -21,5 +21,6 @@ fi
 
 python3 -m venv .venv
 .venv/bin/pip install -q --upgrade pip
-.venv/bin/pip install -q -e ".[cpu,test,ui]"
+# tensorboard and datasets: their code paths (tracker images, Hub / save_to_disk data) run in the suite too
+.venv/bin/pip install -q -e ".[cpu,test,ui,tensorboard,datasets]"
 .venv/bin/python -m pytest "$@"
