@@ -33,8 +33,8 @@ from ..backbone import Backbone, TextCond
 from ..errors import SoftrepaError
 from ..family import EditPresets, ModelInfo, SamplingDefaults, register_family
 from ..flowedit import embedded_flow_denoiser, flow_add_noise, flow_sigmas
-from ..hooks import AttachHandle, call_argument, model_pre_hook, replace_argument
-from .sd3 import SD3Family, drop_hook
+from ..hooks import AttachHandle, model_pre_hook
+from .sd3 import SD3Family, drop_hook, prepend_hook
 
 
 class FluxBackbone(Backbone):
@@ -96,28 +96,10 @@ class FluxBackbone(Backbone):
         return pipe._unpack_latents(out, h * f, w * f, f)  # (B, C, h, w)
 
 
-def prepend_with_position_hook(handle: AttachHandle, set_index: int):
-    """Dual-stream block pre-hook: [s_1..s_m, text] and m rotary rows of the first text position."""
-
-    def hook(block: nn.Module, args: tuple, kwargs: dict) -> Any:
-        toks = handle.current
-        if toks is None:
-            return None
-        ehs = call_argument(block, args, kwargs, "encoder_hidden_states")  # (B, n_txt, D)
-        if ehs.shape[0] != toks.shape[0]:
-            raise RuntimeError(
-                f"soft tokens were computed for a batch of {toks.shape[0]} but block received {ehs.shape[0]}"
-            )
-        m = toks.shape[2]
-        args, kwargs = replace_argument(block, args, kwargs, "encoder_hidden_states",
-                                        torch.cat([toks[:, set_index].to(ehs.dtype), ehs], dim=1))  # (B, m + n_txt, D)
-        rotary = call_argument(block, args, kwargs, "image_rotary_emb")  # (cos, sin), each (n_txt + n_img, d)
-        if rotary is not None:
-            rotary = tuple(torch.cat([r[:1].expand(m, -1), r], dim=0) for r in rotary)  # (m + n_txt + n_img, d)
-            args, kwargs = replace_argument(block, args, kwargs, "image_rotary_emb", rotary)
-        return args, kwargs
-
-    return hook
+def first_text_rows(rotary: tuple, m: int) -> tuple:
+    """The tokens' rotary rows: m copies of the first text position's (FLUX.1's text ids are all zero,
+    so that is the position of every text token)."""
+    return tuple(r[:1].expand(m, -1) for r in rotary)  # (cos, sin), each (m, d)
 
 
 class FluxFamily(SD3Family):
@@ -151,8 +133,8 @@ class FluxFamily(SD3Family):
             model_pre_hook(handle, projection, "hidden_states", timestep_scale=1000.0), with_kwargs=True))
         for set_index, block_index in enumerate(layout.layers):
             block = denoiser.transformer_blocks[block_index]
-            handle.add(block.register_forward_pre_hook(prepend_with_position_hook(handle, set_index),
-                                                       with_kwargs=True))
+            hook = prepend_hook(handle, set_index, rotary_rows=first_text_rows)
+            handle.add(block.register_forward_pre_hook(hook, with_kwargs=True))
             handle.add(block.register_forward_hook(drop_hook(handle)))
 
     def backbone(self, pipe: Any, **kwargs: Any) -> FluxBackbone:

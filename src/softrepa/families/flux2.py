@@ -51,9 +51,9 @@ from ..backbone import Backbone, TextCond
 from ..errors import SoftrepaError
 from ..family import EditPresets, SamplingDefaults, register_family
 from ..flowedit import embedded_flow_denoiser, flow_add_noise, flow_denoiser, flow_sigmas
-from ..hooks import AttachHandle, call_argument, model_pre_hook, replace_argument
+from ..hooks import AttachHandle, call_argument, model_pre_hook
 from .flux import FluxFamily
-from .sd3 import drop_hook
+from .sd3 import drop_hook, prepend_hook
 
 
 class Flux2Backbone(Backbone):
@@ -189,31 +189,6 @@ def token_rotary_hook(handle: AttachHandle, state: dict):
     return hook
 
 
-def prepend_with_rows_hook(handle: AttachHandle, set_index: int, state: dict):
-    """Dual-stream block pre-hook: [s_1..s_m, text] and the tokens' m rotary rows before the text's."""
-
-    def hook(block: nn.Module, args: tuple, kwargs: dict) -> Any:
-        toks = handle.current
-        if toks is None:
-            return None
-        ehs = call_argument(block, args, kwargs, "encoder_hidden_states")  # (B, n_txt, D)
-        if ehs.shape[0] != toks.shape[0]:
-            raise RuntimeError(
-                f"soft tokens were computed for a batch of {toks.shape[0]} but block received {ehs.shape[0]}"
-            )
-        args, kwargs = replace_argument(block, args, kwargs, "encoder_hidden_states",
-                                        torch.cat([toks[:, set_index].to(ehs.dtype), ehs], dim=1))  # (B, m + n_txt, D)
-        rotary = call_argument(block, args, kwargs, "image_rotary_emb")  # (cos, sin), each (n_txt + n_img, d)
-        if rotary is not None:
-            rows = state["rotary"]  # (cos, sin), each (m, d)
-            rotary = tuple(torch.cat([t.to(r.device, r.dtype), r], dim=0)
-                           for t, r in zip(rows, rotary))  # (m + n_txt + n_img, d)
-            args, kwargs = replace_argument(block, args, kwargs, "image_rotary_emb", rotary)
-        return args, kwargs
-
-    return hook
-
-
 class Flux2Family(FluxFamily):
     name = "flux2"
     title = "FLUX.2 (dev)"
@@ -240,8 +215,9 @@ class Flux2Family(FluxFamily):
         handle.add(denoiser.register_forward_pre_hook(token_rotary_hook(handle, state), with_kwargs=True))
         for set_index, block_index in enumerate(layout.layers):
             block = denoiser.transformer_blocks[block_index]
-            handle.add(block.register_forward_pre_hook(prepend_with_rows_hook(handle, set_index, state),
-                                                       with_kwargs=True))
+            # the tokens' rows were computed by the denoiser pre-hook for this call's text ids
+            hook = prepend_hook(handle, set_index, rotary_rows=lambda rotary, m: state["rotary"])
+            handle.add(block.register_forward_pre_hook(hook, with_kwargs=True))
             handle.add(block.register_forward_hook(drop_hook(handle)))
 
     def backbone(self, pipe: Any, **kwargs: Any) -> Flux2Backbone:

@@ -10,7 +10,7 @@ x_t = (1 - sigma) x0 + sigma eps, target = eps - x0.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from diffusers import SD3Transformer2DModel
@@ -47,8 +47,17 @@ class SD3Backbone(Backbone):
                              pooled_projections=cond.pooled, return_dict=False)[0]
 
 
-def prepend_hook(handle: AttachHandle, set_index: int):
-    """Block pre-hook: [s_1..s_m, text] as the block's `encoder_hidden_states`."""
+def prepend_hook(handle: AttachHandle, set_index: int, rotary_rows: Callable | None = None):
+    """Block pre-hook: [s_1..s_m, text] as the block's `encoder_hidden_states`.
+
+    Args:
+        handle: the attachment whose tokens (computed by the denoiser pre-hook) to insert.
+        set_index: which of the layout's token sets this block gets.
+        rotary_rows: for families whose rotary embedding runs over (text, image) positions (FLUX.1,
+            FLUX.2): `rotary_rows(rotary, m)` returns the m rows (cos, sin), each (m, d), placed
+            before the text's in `image_rotary_emb`; the family decides which positions the tokens
+            take. None (SD3): the text stream has no positions.
+    """
 
     def hook(block: nn.Module, args: tuple, kwargs: dict) -> Any:
         toks = handle.current
@@ -60,7 +69,14 @@ def prepend_hook(handle: AttachHandle, set_index: int):
                 f"soft tokens were computed for a batch of {toks.shape[0]} but block received {ehs.shape[0]}"
             )
         new = torch.cat([toks[:, set_index].to(ehs.dtype), ehs], dim=1)  # (B, m + n_txt, D)
-        return replace_argument(block, args, kwargs, "encoder_hidden_states", new)
+        args, kwargs = replace_argument(block, args, kwargs, "encoder_hidden_states", new)
+        rotary = call_argument(block, args, kwargs, "image_rotary_emb") if rotary_rows is not None else None
+        if rotary is not None:  # (cos, sin), each (n_txt + n_img, d)
+            rows = rotary_rows(rotary, toks.shape[2])  # (cos, sin), each (m, d)
+            rotary = tuple(torch.cat([t.to(r.device, r.dtype), r], dim=0)
+                           for t, r in zip(rows, rotary))  # (m + n_txt + n_img, d)
+            args, kwargs = replace_argument(block, args, kwargs, "image_rotary_emb", rotary)
+        return args, kwargs
 
     return hook
 
