@@ -133,11 +133,25 @@ def _wait(driver, cond, what: str, timeout: float = WAIT):
 def _type(driver, elem_id: str, text: str) -> None:
     from selenium.webdriver.common.keys import Keys
 
-    box = driver.find_element("css selector", f"#{elem_id} textarea, #{elem_id} input")
+    sel = f"#{elem_id} textarea, #{elem_id} input"
+    # wait until it is shown: a panel that was just opened renders its fields a moment later
+    _wait(driver, lambda d: [b for b in d.find_elements("css selector", sel) if b.is_displayed()],
+          f"no field #{elem_id} on the page", timeout=30)
+    box = [b for b in driver.find_elements("css selector", sel) if b.is_displayed()][0]
     box.send_keys(Keys.CONTROL, "a")
     box.send_keys(Keys.BACKSPACE)  # key events, so that the page sees the change (clear() fires none)
     if text:
         box.send_keys(text)
+
+
+def _open_model_panel(driver) -> None:
+    """Open the Model accordion unless it is open already (a second click would close it)."""
+    def shown(d):
+        return any(b.is_displayed() for b in d.find_elements("css selector", "#model-load"))
+
+    if not shown(driver):
+        driver.find_element("xpath", "//*[normalize-space(text())='Model']").click()
+    _wait(driver, shown, "the Model panel did not open", timeout=30)
 
 
 def _toasts(driver) -> str:
@@ -268,7 +282,7 @@ def test_bad_inputs_show_their_message_and_the_server_keeps_serving(browser, tmp
 
     # a model folder that does not load: named in the page, the loaded model stays
     before = browser.find_element("id", "model-status").text
-    browser.find_element("xpath", "//*[normalize-space(text())='Model']").click()
+    _open_model_panel(browser)
     _type(browser, "model-path", str(tmp_path / "not_a_model"))
     browser.find_element("id", "model-load").click()
     _expect_message(browser, "no diffusers pipeline there")
@@ -303,8 +317,7 @@ def test_model_panel_loads_another_family(browser, tmp_path):
 
     tokens = tmp_path / "sd15_tokens.safetensors"
     save_soft_tokens(SoftTokens.for_model(load_pipeline("@assets/toy_sd15"), load_config("toy_sd15").tokens), tokens)
-    if not browser.find_elements("id", "model-load") or not browser.find_element("id", "model-load").is_displayed():
-        browser.find_element("xpath", "//*[normalize-space(text())='Model']").click()
+    _open_model_panel(browser)
     _type(browser, "model-path", "@assets/toy_sd15")
     _type(browser, "model-tokens", str(tokens))
     browser.find_element("id", "model-load").click()
