@@ -149,9 +149,15 @@ def _open_model_panel(driver) -> None:
     def shown(d):
         return any(b.is_displayed() for b in d.find_elements("css selector", "#model-load"))
 
-    if not shown(driver):
+    for _ in range(3):  # a click that lands while the page is still busy can be lost: try again
+        if shown(driver):
+            return
         driver.find_element("xpath", "//*[normalize-space(text())='Model']").click()
-    _wait(driver, shown, "the Model panel did not open", timeout=30)
+        try:
+            _wait(driver, shown, "the Model panel did not open", timeout=10)
+        except AssertionError:
+            continue
+    _wait(driver, shown, "the Model panel did not open", timeout=10)
 
 
 def _toasts(driver) -> str:
