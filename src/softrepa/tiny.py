@@ -314,6 +314,43 @@ def tiny_flux2_pipeline(*, guidance_embeds: bool = True, num_layers: int = 2, nu
     return Flux2Pipeline(scheduler=scheduler, vae=vae, text_encoder=te, tokenizer=tok, transformer=transformer)
 
 
+def tiny_flux2_klein_pipeline(*, is_distilled: bool = False, num_layers: int = 2, num_single_layers: int = 1,
+                              seed: int = 0):
+    """A complete tiny `Flux2KleinPipeline` (FLUX.2 [klein]): a 27-layer, 16-wide `Qwen3ForCausalLM` (the
+    pipeline stacks its hidden states 9, 18 and 27: text width 48), a byte-level Qwen tokenizer with a
+    Qwen3-style chat template (`enable_thinking`), FLUX.2's factor-2 VAE and a `Flux2Transformer2DModel`
+    without a guidance embedding. `is_distilled=False` is a base model the pipeline samples with true
+    CFG; `True` a step-distilled one it samples without guidance."""
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    tok = make_qwen2_tokenizer(model_max_length=512)
+    tok.add_tokens(["<think>", "</think>"], special_tokens=True)
+    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                         "{% if add_generation_prompt %}<|im_start|>assistant\n{% if enable_thinking is defined "
+                         "and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}")
+    torch.manual_seed(seed + 1)
+    te = Qwen3ForCausalLM(Qwen3Config(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=27,
+                                      num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                                      max_position_embeddings=1024, pad_token_id=0)).eval()
+    torch.manual_seed(seed)
+    transformer = Flux2Transformer2DModel(
+        patch_size=1, in_channels=16, num_layers=num_layers, num_single_layers=num_single_layers,
+        attention_head_dim=16, num_attention_heads=2, joint_attention_dim=3 * 16, timestep_guidance_channels=32,
+        axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False,
+    ).eval()
+    torch.manual_seed(seed + 4)
+    vae = AutoencoderKLFlux2(block_out_channels=(16, 32), latent_channels=4, layers_per_block=1, norm_num_groups=8,
+                             sample_size=32, down_block_types=("DownEncoderBlock2D",) * 2,
+                             up_block_types=("UpDecoderBlock2D",) * 2).eval()
+    with torch.no_grad():
+        vae.bn.running_mean.copy_(0.1 * torch.randn(vae.bn.num_features))
+        vae.bn.running_var.copy_(0.5 + torch.rand(vae.bn.num_features))
+    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, shift=3.0)
+    return Flux2KleinPipeline(scheduler=scheduler, vae=vae, text_encoder=te, tokenizer=tok, transformer=transformer,
+                              is_distilled=is_distilled)
+
+
 #: Words of the Qwen-Image prompt template. `QwenImagePipeline` drops the template's system part
 #: after encoding (`prompt_template_encode_start_idx` = 34 tokens of the real Qwen2.5 tokenizer); the
 #: tiny tokenizer merges these words whole, so that the same text is 34 tokens and is dropped too.

@@ -1,4 +1,8 @@
-"""FLUX.2 (`Flux2Transformer2DModel`, `Flux2Pipeline`): Algorithm 1 on the dual-stream blocks.
+"""FLUX.2 (`Flux2Transformer2DModel`; `Flux2Pipeline`, `Flux2KleinPipeline`): Algorithm 1 on the dual-stream blocks.
+
+FLUX.2 [klein] uses the same transformer class without the guidance embedding and a Qwen3 text
+encoder; its pipeline's `encode_prompt` and ids are FLUX.2's, so one family serves both (tested on a
+tiny `Flux2KleinPipeline`, base and step-distilled: `tests/test_family_flux2_klein.py`).
 
 As for SD3 and FLUX.1, at each selected dual-stream block k the block's m tokens are prepended to
 the text stream and dropped from the block's text output (the single-stream blocks come after every
@@ -191,7 +195,7 @@ def token_rotary_hook(handle: AttachHandle, state: dict):
 
 class Flux2Family(FluxFamily):
     name = "flux2"
-    title = "FLUX.2 (dev)"
+    title = "FLUX.2 (dev, klein)"
     denoiser_class = "Flux2Transformer2DModel"
     # Flux2Pipeline.__call__'s defaults in diffusers 0.42.1 (50 steps, guidance 4.0)
     sampling = SamplingDefaults(steps=50, cfg=4.0)
