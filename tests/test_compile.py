@@ -78,6 +78,38 @@ def test_compiled_step_equals_eager_and_does_not_recompile(chunk):
     handle.remove()
 
 
+def test_compiled_blocks_under_gradient_checkpointing_equal_eager():
+    """The big-model recipes train with gradient checkpointing *and* compile: diffusers then calls each
+    block through `torch.utils.checkpoint` (hooks and the compiled forward run again in the backward
+    pass). Loss and token gradients == the eager step without checkpointing; steps 2-3 compile nothing."""
+    model, tokens, batch = _setup(seed=2)
+    handle = attach(model, tokens)
+    calls: list[int] = []
+    counter = model.transformer_blocks[0].register_forward_pre_hook(lambda *a: calls.append(1))
+    loss_e, grads_e = _step(model, tokens, batch, 4)
+    eager_calls = len(calls)
+    model.enable_gradient_checkpointing()
+    compiled = compile_blocks(model)
+    try:
+        with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+            loss_c, grads_c = _step(model, tokens, batch, 4)
+        # 9 pairs in chunks of 4: 3 no-grad + 3 grad calls, and the 3 grad calls again in the backward
+        assert (eager_calls, len(calls) - eager_calls) == (6, 9), "checkpointing did not re-run the blocks"
+        counter.remove()
+        after_first = _graphs()
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            loss_again, _ = _step(model, tokens, batch, 4)
+        assert _graphs() == after_first, "a later step recompiled"
+    finally:
+        compiled.remove()
+        model.disable_gradient_checkpointing()
+        handle.remove()
+    torch.testing.assert_close(loss_c, loss_e, rtol=RTOL, atol=ATOL)
+    for gc, ge in zip(grads_c, grads_e):
+        torch.testing.assert_close(gc, ge, rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(loss_again, loss_c, rtol=0, atol=0)
+
+
 def test_attach_disable_and_detach_stay_exact_with_compiled_blocks():
     """On a compiled model: attaching changes the output, `disabled()` and `remove()` give the compiled
     vanilla output bit for bit (the hooks run eagerly around the compiled forward, never baked in);
