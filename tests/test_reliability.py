@@ -8,7 +8,6 @@ import errno
 import hashlib
 import json
 import os
-import pickle
 import random
 import signal
 import subprocess
@@ -22,7 +21,6 @@ import torch
 
 import softrepa
 from softrepa.cli import main
-from softrepa.errors import RunFolderError, StorageError
 from softrepa.runlock import OWNER_FILE, RunFolderBusy, RunLock, read_owner
 from tests.test_train import _args, toy_files  # noqa: F401  (toy_files is a fixture)
 
@@ -212,6 +210,32 @@ def test_a_truncated_latest_state_falls_back_to_the_previous_checkpoint(toy_file
     with caplog.at_level("WARNING"):
         assert main(_args(toy_files, part, 6, "--resume")) == 0
     assert "step_0000004/state.pt is damaged" in caplog.text and "previous checkpoint step_0000002" in caplog.text
+    assert _tokens_equal(full / "tokens.safetensors", part / "tokens.safetensors")
+    assert _steps(part) == [1, 2, 3, 4, 5, 6]
+
+
+def _torchrun(args: list[str], port_offset: int) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(31500 + (os.getpid() + port_offset) % 1000), "-m", "softrepa.cli", *args],
+                          capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
+
+
+def test_two_ranks_fall_back_from_a_damaged_checkpoint_together(toy_files, tmp_path):
+    """torchrun, 2 ranks: rank 0 picks the newest intact checkpoint and both ranks resume from it (never
+    one rank from step 4 and the other from step 2); the result equals an uninterrupted 2-rank run."""
+    full, part = tmp_path / "full", tmp_path / "part"
+    two = ["--batch_size", "2", "--no-progress"]
+    proc = _torchrun(_args(toy_files, full, 6) + two, 0)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = _torchrun(_args(toy_files, part, 4) + two, 1)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    state = part / "checkpoints" / "step_0000004" / "state.pt"
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
+    proc = _torchrun(_args(toy_files, part, 6, "--resume") + two, 2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "previous checkpoint step_0000002" in proc.stderr
+    assert (part / "checkpoints" / "damaged.step_0000004").is_dir()
     assert _tokens_equal(full / "tokens.safetensors", part / "tokens.safetensors")
     assert _steps(part) == [1, 2, 3, 4, 5, 6]
 

@@ -426,6 +426,36 @@ class Trainer:
                 return 0
             raise FileNotFoundError(f"--resume: no checkpoint under {self.out / 'checkpoints'} (nothing to resume; "
                                     "start a new run without --resume)")
+        # Rank 0 chooses the checkpoint and the other ranks load the one it chose: left to themselves,
+        # a rank whose read of a checkpoint failed transiently would fall back to an older one and the
+        # ranks would train on from different steps without noticing.
+        chooser = self.is_main or not self._dist
+        pick, step, failure = -1, -1, None
+        if chooser:
+            try:
+                pick, step = self._load_newest_intact(candidates, latest)
+            except Exception as e:  # re-raised below, once the other ranks know not to wait for rank 0
+                failure = e
+        chosen = str(candidates[pick]) if pick >= 0 else None
+        chosen, step = self._from_main((chosen, step))  # a path, not an index: ranks list the folder apart
+        if failure is not None:
+            raise failure
+        if chosen is None:
+            raise RunFolderError(f"{self.out}: rank 0 could not resume (its error names the checkpoint)")
+        ckpt = Path(chosen)
+        if not chooser:
+            state = load_checkpoint(ckpt, self.tokens, self.optimizer, self.scheduler, self.scaler)
+            if int(state["step"]) != step:
+                raise RunFolderError(f"{ckpt}: this rank read step {state['step']}, rank 0 step {step}")
+        logger.info("resumed from %s at step %d", ckpt, step)
+        self._barrier()  # every rank has read its checkpoint before rank 0 changes the folder
+        if self.is_main:
+            self._drop_abandoned(ckpt, step, candidates[:pick])
+        return step
+
+    def _load_newest_intact(self, candidates: list[Path], latest: bool) -> tuple[int, int]:
+        """Load the first of `candidates` that reads whole (only the newest one when not `latest`);
+        returns its index and its step."""
         for k, ckpt in enumerate(candidates):
             try:
                 state = load_checkpoint(ckpt, self.tokens, self.optimizer, self.scheduler, self.scaler)
@@ -434,12 +464,7 @@ class Trainer:
                     raise
                 logger.warning("%s; resuming from the previous checkpoint %s instead", e, candidates[k + 1].name)
                 continue
-            step = int(state["step"])
-            logger.info("resumed from %s at step %d", ckpt, step)
-            self._barrier()  # every rank has read its checkpoint before rank 0 changes the folder
-            if self.is_main:
-                self._drop_abandoned(ckpt, step, candidates[:k])
-            return step
+            return k, int(state["step"])
         raise AssertionError("unreachable")
 
     def _drop_abandoned(self, ckpt: Path, step: int, damaged: list[Path]) -> None:
