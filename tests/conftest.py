@@ -70,3 +70,19 @@ def randomize_tokens(tokens, seed: int = 1, std: float = 0.5):
         for p in tokens.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * std)
     return tokens
+
+
+def write_square_images(folder, colours=None):
+    """A tiny image-folder dataset: one 40 x 40 white image per colour with a square of that colour
+    (shifted by its index) and the caption "a <colour> square"."""
+    import numpy as np
+    from PIL import Image
+
+    colours = colours or {"red": (230, 20, 20), "blue": (20, 20, 230), "green": (20, 200, 20)}
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, (name, rgb) in enumerate(colours.items()):
+        a = np.full((40, 40, 3), 255, np.uint8)
+        a[8 + i:28 + i, 10:30] = rgb
+        Image.fromarray(a).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(f"a {name} square\n")
+    return folder

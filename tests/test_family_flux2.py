@@ -18,6 +18,7 @@ from softrepa.cli import main
 from softrepa.family import family_of
 from softrepa.flowedit import FlowEditParams
 from softrepa.tiny import tiny_flux2_pipeline
+from tests.conftest import write_square_images
 
 
 @pytest.fixture(params=[True, False], ids=["dev", "no-guidance"])
@@ -286,13 +287,7 @@ def saved(tmp_path_factory):
     with torch.no_grad():
         tokens.base.mul_(50)
     softrepa.save_soft_tokens(tokens, root / "t.safetensors")
-    data = root / "data"
-    data.mkdir()
-    for i, (name, rgb) in enumerate({"red": (230, 20, 20), "blue": (20, 20, 230), "green": (20, 200, 20)}.items()):
-        a = np.full((40, 40, 3), 255, np.uint8)
-        a[8 + i:28 + i, 10:30] = rgb
-        Image.fromarray(a).save(data / f"{i}.png")
-        (data / f"{i}.txt").write_text(f"a {name} square\n")
+    write_square_images(root / "data")
     return root
 
 

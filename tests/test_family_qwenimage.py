@@ -16,6 +16,7 @@ from softrepa import SoftTokens, SoftTokensConfig, attach
 from softrepa.backbone import backbone_for, encode_prompt
 from softrepa.family import family_of
 from softrepa.tiny import tiny_qwenimage_pipeline, tiny_sd3_pipeline
+from tests.conftest import write_square_images
 
 
 @pytest.fixture(scope="module")
@@ -290,13 +291,7 @@ def test_flowedit_on_an_image_through_the_backbone(pipe):
 def saved(tmp_path_factory):
     root = tmp_path_factory.mktemp("qwenimage")
     tiny_qwenimage_pipeline(num_layers=2).save_pretrained(root / "qwen")
-    data = root / "data"
-    data.mkdir()
-    for i, (name, rgb) in enumerate({"red": (230, 20, 20), "blue": (20, 20, 230), "green": (20, 200, 20)}.items()):
-        a = np.full((40, 40, 3), 255, np.uint8)
-        a[8 + i:28 + i, 10:30] = rgb
-        Image.fromarray(a).save(data / f"{i}.png")
-        (data / f"{i}.txt").write_text(f"a {name} square\n")
+    write_square_images(root / "data")
     return root
 
 

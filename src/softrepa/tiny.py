@@ -278,24 +278,10 @@ def make_chat_tokenizer(model_max_length: int = 512):
     return tok
 
 
-def tiny_flux2_pipeline(*, guidance_embeds: bool = True, num_layers: int = 2, num_single_layers: int = 1,
-                        seed: int = 0):
-    """A complete tiny `Flux2Pipeline`: a 30-layer, 16-wide `Mistral3ForConditionalGeneration` (the
-    pipeline stacks its hidden states 10, 20 and 30: text width 48), a chat-template tokenizer, a
-    factor-2 `AutoencoderKLFlux2` with non-trivial latent batch-norm statistics, and a
-    `Flux2Transformer2DModel` with (`guidance_embeds=True`, FLUX.2-dev) or without a guidance embedding."""
-    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Pipeline, Flux2Transformer2DModel
-    from transformers import Mistral3Config, Mistral3ForConditionalGeneration, MistralConfig, PixtralVisionConfig
+def _tiny_flux2_parts(guidance_embeds: bool, num_layers: int, num_single_layers: int, seed: int):
+    """The FLUX.2 transformer (text width 48), factor-2 VAE and scheduler both tiny FLUX.2 pipelines share."""
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
 
-    tok = make_chat_tokenizer()
-    torch.manual_seed(seed + 1)
-    text = MistralConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=30,
-                         num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=1024,
-                         pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    vision = PixtralVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                 image_size=32, patch_size=8, head_dim=8)
-    te = Mistral3ForConditionalGeneration(Mistral3Config(text_config=text, vision_config=vision,
-                                                         image_token_index=len(tok) - 1)).eval()
     torch.manual_seed(seed)
     transformer = Flux2Transformer2DModel(
         patch_size=1, in_channels=16, num_layers=num_layers, num_single_layers=num_single_layers,
@@ -310,7 +296,28 @@ def tiny_flux2_pipeline(*, guidance_embeds: bool = True, num_layers: int = 2, nu
         vae.bn.running_mean.copy_(0.1 * torch.randn(vae.bn.num_features))
         vae.bn.running_var.copy_(0.5 + torch.rand(vae.bn.num_features))
     # dynamic shifting as FLUX.2-dev's scheduler (the pipeline computes mu itself)
-    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, shift=3.0)
+    return transformer, vae, FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, shift=3.0)
+
+
+def tiny_flux2_pipeline(*, guidance_embeds: bool = True, num_layers: int = 2, num_single_layers: int = 1,
+                        seed: int = 0):
+    """A complete tiny `Flux2Pipeline`: a 30-layer, 16-wide `Mistral3ForConditionalGeneration` (the
+    pipeline stacks its hidden states 10, 20 and 30: text width 48), a chat-template tokenizer, a
+    factor-2 `AutoencoderKLFlux2` with non-trivial latent batch-norm statistics, and a
+    `Flux2Transformer2DModel` with (`guidance_embeds=True`, FLUX.2-dev) or without a guidance embedding."""
+    from diffusers import Flux2Pipeline
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration, MistralConfig, PixtralVisionConfig
+
+    tok = make_chat_tokenizer()
+    torch.manual_seed(seed + 1)
+    text = MistralConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=30,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=1024,
+                         pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    vision = PixtralVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                 image_size=32, patch_size=8, head_dim=8)
+    te = Mistral3ForConditionalGeneration(Mistral3Config(text_config=text, vision_config=vision,
+                                                         image_token_index=len(tok) - 1)).eval()
+    transformer, vae, scheduler = _tiny_flux2_parts(guidance_embeds, num_layers, num_single_layers, seed)
     return Flux2Pipeline(scheduler=scheduler, vae=vae, text_encoder=te, tokenizer=tok, transformer=transformer)
 
 
@@ -321,7 +328,7 @@ def tiny_flux2_klein_pipeline(*, is_distilled: bool = False, num_layers: int = 2
     Qwen3-style chat template (`enable_thinking`), FLUX.2's factor-2 VAE and a `Flux2Transformer2DModel`
     without a guidance embedding. `is_distilled=False` is a base model the pipeline samples with true
     CFG; `True` a step-distilled one it samples without guidance."""
-    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
+    from diffusers import Flux2KleinPipeline
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     tok = make_qwen2_tokenizer(model_max_length=512)
@@ -333,20 +340,7 @@ def tiny_flux2_klein_pipeline(*, is_distilled: bool = False, num_layers: int = 2
     te = Qwen3ForCausalLM(Qwen3Config(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=27,
                                       num_attention_heads=2, num_key_value_heads=1, head_dim=8,
                                       max_position_embeddings=1024, pad_token_id=0)).eval()
-    torch.manual_seed(seed)
-    transformer = Flux2Transformer2DModel(
-        patch_size=1, in_channels=16, num_layers=num_layers, num_single_layers=num_single_layers,
-        attention_head_dim=16, num_attention_heads=2, joint_attention_dim=3 * 16, timestep_guidance_channels=32,
-        axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False,
-    ).eval()
-    torch.manual_seed(seed + 4)
-    vae = AutoencoderKLFlux2(block_out_channels=(16, 32), latent_channels=4, layers_per_block=1, norm_num_groups=8,
-                             sample_size=32, down_block_types=("DownEncoderBlock2D",) * 2,
-                             up_block_types=("UpDecoderBlock2D",) * 2).eval()
-    with torch.no_grad():
-        vae.bn.running_mean.copy_(0.1 * torch.randn(vae.bn.num_features))
-        vae.bn.running_var.copy_(0.5 + torch.rand(vae.bn.num_features))
-    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, shift=3.0)
+    transformer, vae, scheduler = _tiny_flux2_parts(False, num_layers, num_single_layers, seed)
     return Flux2KleinPipeline(scheduler=scheduler, vae=vae, text_encoder=te, tokenizer=tok, transformer=transformer,
                               is_distilled=is_distilled)
 
