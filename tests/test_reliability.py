@@ -21,7 +21,7 @@ import torch
 
 import softrepa
 from softrepa.cli import main
-from softrepa.runlock import OWNER_FILE, RunFolderBusy, RunLock, read_owner
+from softrepa.runlock import OWNER_FILE, RunFolderBusy, RunLock
 from tests.test_train import _args, toy_files  # noqa: F401  (toy_files is a fixture)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -261,13 +261,29 @@ def test_resuming_an_older_checkpoint_then_again_leaves_no_gap(toy_files, tmp_pa
     assert _steps(run) == [1, 2, 3, 4, 5]
 
 
+def _last_step(run: Path) -> int:
+    """The highest step in a metrics log being written (a row cut short is ignored)."""
+    last = 0
+    if (run / "metrics.jsonl").is_file():
+        for line in (run / "metrics.jsonl").read_text().splitlines():
+            try:
+                last = max(last, int(json.loads(line)["step"]))
+            except (ValueError, KeyError, TypeError):
+                pass
+    return last
+
+
 def test_a_chain_of_real_sigkills_ends_as_an_uninterrupted_run(toy_files, tmp_path, one_thread):
     """SIGKILL at random moments (writes slowed down so that some kills land inside checkpoint writes),
-    resume after each: the tokens equal an uninterrupted run's and every step is logged once."""
+    resume after each: the tokens equal an uninterrupted run's and every step is logged once.
+
+    Each kill waits for the run to reach a random step and then a random fraction of a second, so the
+    kills happen whatever the machine's speed (a kill after a fixed delay could come after a fast
+    machine had already finished)."""
     steps = 8
     full, part = tmp_path / "full", tmp_path / "part"
     assert main(_args(toy_files, full, steps)) == 0
-    script = textwrap.dedent(f"""
+    script = textwrap.dedent("""
         import sys, time
         import torch
         torch.set_num_threads(1)
@@ -279,31 +295,35 @@ def test_a_chain_of_real_sigkills_ends_as_an_uninterrupted_run(toy_files, tmp_pa
         rf.atomic_write_bytes = slow
         import softrepa.checkpoint as ck
         ck.atomic_write_bytes = slow
+        import softrepa.train as T
+        step = T.Trainer.train_step
+        def slow_step(self, batch):  # every step leaves time for a kill after it
+            time.sleep(0.2)
+            return step(self, batch)
+        T.Trainer.train_step = slow_step
         from softrepa.cli import main
         sys.exit(main(sys.argv[1:]))
     """)
     rng = random.Random(0)
+    targets = sorted(rng.sample(range(1, steps), 4))  # the step after which each kill comes
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    kills, resumed = 0, False
-    for attempt in range(12):
-        args = _args(toy_files, part, steps, *(["--resume"] if resumed else []))
+    kills = 0
+    while True:
+        args = _args(toy_files, part, steps, *(["--resume"] if kills else []))
         proc = subprocess.Popen([sys.executable, "-c", script, *args], env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        deadline = time.time() + 120
-        # this process holds the folder (a killed one leaves its owner record behind)
-        while read_owner(part).get("pid") != proc.pid and proc.poll() is None and time.time() < deadline:
+        if kills == len(targets):
+            break
+        deadline = time.time() + 180
+        while _last_step(part) < targets[kills] and proc.poll() is None and time.time() < deadline:
             time.sleep(0.02)
-        time.sleep(rng.uniform(0.5, 3.0) if kills < 4 else 0)
-        if kills < 4 and proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-            kills += 1
-            resumed = True
-            continue
-        rc = proc.wait(timeout=300)
-        assert rc == 0, proc.stderr.read()[-2000:]
-        break
-    assert kills >= 3
+        time.sleep(rng.uniform(0.0, 0.4))
+        assert proc.poll() is None, f"run {kills + 1} ended before its kill: {proc.stderr.read()[-2000:]}"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        kills += 1
+    rc = proc.wait(timeout=300)
+    assert rc == 0, proc.stderr.read()[-2000:]
     assert _tokens_equal(full / "tokens.safetensors", part / "tokens.safetensors")
     assert _steps(part) == list(range(1, steps + 1))
 

@@ -218,7 +218,7 @@ def test_edit_image_defaults_to_the_presets_of_the_tokens_in_effect(monkeypatch)
 def test_trainer_resume_applies_the_resume_policy(tmp_path):
     """`Trainer(cfg).train(resume=True)` refuses a config that trains something else, as the CLI does."""
     from softrepa.config import ConfigError, load_config, save_config
-    from softrepa.train import check_resumable, resume_config
+    from softrepa.resume import check_resumable, resume_config
 
     old = load_config(None, {"output_dir": str(tmp_path), "lr": 1e-3})
     save_config(old, tmp_path / "config.yaml")

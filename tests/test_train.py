@@ -136,7 +136,7 @@ def test_resume_past_a_checkpoint_logs_each_step_once(toy_files, tmp_path):
 
 
 def test_trim_metrics_drops_later_and_cut_rows(tmp_path):
-    from softrepa.train import trim_metrics
+    from softrepa.resume import trim_metrics
 
     log = tmp_path / "metrics.jsonl"
     log.write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 0.9}\n{"step": 3, "loss": 0.8}\n{"step": 4, "lo')

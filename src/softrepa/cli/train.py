@@ -1,7 +1,7 @@
 """`softrepa train --config recipes/<recipe>.yaml [--resume [CKPT]] [--key value ...]`.
 
-Everything is `softrepa.train`: `resume_config` (the resume policy: a resumed run continues with
-its saved config; a given config must train the same thing) and `Trainer`.
+Everything is in the library: `softrepa.resume.resume_config` (the resume policy: a resumed run continues with
+its saved config; a given config must train the same thing) and `softrepa.train.Trainer`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ import yaml
 
 from ..config import parse_overrides
 from ..runlock import check_free
-from ..train import Trainer, claim_run_folder, resume_config
+from ..resume import claim_run_folder, resume_config
+from ..train import Trainer
 from .common import add_progress_argument, check_data, check_model
 
 
