@@ -214,25 +214,51 @@ def test_a_truncated_latest_state_falls_back_to_the_previous_checkpoint(toy_file
     assert _steps(part) == [1, 2, 3, 4, 5, 6]
 
 
-def _torchrun(args: list[str], port_offset: int) -> subprocess.CompletedProcess:
+def _torchrun(args: list[str], port_offset: int, script: Path | None = None) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1")
+    target = [str(script)] if script else ["-m", "softrepa.cli"]
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           str(31500 + (os.getpid() + port_offset) % 1000), "-m", "softrepa.cli", *args],
+                           str(31500 + (os.getpid() + port_offset) % 1000), *target, *args],
                           capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
 
 
-def test_two_ranks_fall_back_from_a_damaged_checkpoint_together(toy_files, tmp_path):
-    """torchrun, 2 ranks: rank 0 picks the newest intact checkpoint and both ranks resume from it (never
-    one rank from step 4 and the other from step 2); the result equals an uninterrupted 2-rank run."""
+def test_two_ranks_resume_from_the_checkpoint_rank_0_chooses(toy_files, tmp_path):
+    """torchrun, 2 ranks. (1) Rank 1 alone sees the latest checkpoint as damaged: rather than resume
+    from an older one while rank 0 resumes from the latest (ranks training apart), every rank stops
+    with one error naming rank 1, and nothing in the folder changes. (2) The checkpoint really damaged:
+    both ranks fall back to the previous one together; the result equals an uninterrupted 2-rank run."""
     full, part = tmp_path / "full", tmp_path / "part"
     two = ["--batch_size", "2", "--no-progress"]
     proc = _torchrun(_args(toy_files, full, 6) + two, 0)
     assert proc.returncode == 0, proc.stderr[-3000:]
     proc = _torchrun(_args(toy_files, part, 4) + two, 1)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+    rank1_damage = tmp_path / "rank1_damage.py"
+    rank1_damage.write_text(textwrap.dedent("""
+        import os, sys
+        import softrepa.train as T
+        from softrepa.errors import RunFolderError
+        real = T.load_checkpoint
+        def load(path, *args, **kwargs):
+            if os.environ.get("RANK") == "1" and "step_0000004" in str(path):
+                raise RunFolderError(f"{path}/state.pt is damaged (seen by rank 1 only)")
+            return real(path, *args, **kwargs)
+        T.load_checkpoint = load
+        from softrepa.cli import main
+        sys.exit(main(sys.argv[1:]))
+    """))
+    before = _digest(part)
+    proc = _torchrun(_args(toy_files, part, 6, "--resume") + two, 2, script=rank1_damage)
+    assert proc.returncode != 0
+    assert "rank 1 could not resume from the checkpoint rank 0 chose" in proc.stderr, proc.stderr[-3000:]
+    after = _digest(part)
+    assert {k: v for k, v in after.items() if k != "config.yaml"} == \
+        {k: v for k, v in before.items() if k != "config.yaml"}  # no step trained, nothing moved or removed
+
     state = part / "checkpoints" / "step_0000004" / "state.pt"
     state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
-    proc = _torchrun(_args(toy_files, part, 6, "--resume") + two, 2)
+    proc = _torchrun(_args(toy_files, part, 6, "--resume") + two, 3)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "previous checkpoint step_0000002" in proc.stderr
     assert (part / "checkpoints" / "damaged.step_0000004").is_dir()

@@ -415,42 +415,72 @@ class Trainer:
 
         `had_run`: the folder held this run's config.yaml before this call wrote one, i.e. the run
         was started here and killed before its first checkpoint (then it starts again from 0).
+
+        Rank 0 decides (which checkpoint, a fresh start, or the error) and the other ranks follow:
+        left to themselves, a rank whose view of the folder or read of a checkpoint differed (a
+        transient I/O error, a lagging network filesystem) would resume from another step, or start
+        over, and the ranks would train on apart without noticing. A rank that cannot read the
+        checkpoint rank 0 chose stops every rank with one error, before any of them trains.
         """
+        chooser = self.is_main or not self._dist
+        decision, failure = None, None  # ("start",) or ("resume", checkpoint, step, damaged checkpoints)
+        if chooser:
+            try:
+                decision = self._choose_checkpoint(resume, had_run)
+            except Exception as e:  # re-raised below, once the other ranks know not to wait for rank 0
+                failure = e
+        decision = self._from_main(decision)
+        if failure is not None:
+            raise failure
+        if decision is None:
+            raise RunFolderError(f"{self.out}: rank 0 could not resume (its error names the cause)")
+        if decision[0] == "start":
+            return 0
+        _, chosen, step, damaged = decision
+        error = None
+        if not chooser:
+            try:
+                state = self._load(Path(chosen))
+                if int(state["step"]) != step:
+                    error = f"it read step {state['step']}, rank 0 step {step}"
+            except Exception as e:  # noqa: BLE001 - reported by every rank below, then raised
+                error = f"{type(e).__name__}: {e}"
+        # a collective, so also the barrier: every rank has read its checkpoint before rank 0 changes the folder
+        failed = [(rank, e) for rank, e in enumerate(self._gather(error)) if e]
+        if failed:
+            rank, e = failed[0]
+            raise RunFolderError(f"{chosen}: rank {rank} could not resume from the checkpoint rank 0 chose ({e}); "
+                                 "no rank has trained")
+        logger.info("resumed from %s at step %d", chosen, step)
+        if self.is_main:
+            drop_abandoned(self.out, Path(chosen), step, [Path(p) for p in damaged])
+        return step
+
+    def _choose_checkpoint(self, resume: bool | str, had_run: bool) -> tuple:
+        """Rank 0's resume decision; restores the chosen checkpoint into this rank's state."""
         latest = resume is True or resume == "latest"
         candidates = checkpoints_newest_first(self.out) if latest else [Path(resume)]
         if not candidates:
             if latest and had_run:
                 logger.warning("%s: the run stopped before its first checkpoint; starting it again from step 0",
                                self.out)
-                return 0
+                return ("start",)
             raise FileNotFoundError(f"--resume: no checkpoint under {self.out / 'checkpoints'} (nothing to resume; "
                                     "start a new run without --resume)")
-        # Rank 0 chooses the checkpoint and the other ranks load the one it chose: left to themselves,
-        # a rank whose read of a checkpoint failed transiently would fall back to an older one and the
-        # ranks would train on from different steps without noticing.
-        chooser = self.is_main or not self._dist
-        pick, step, failure = -1, -1, None
-        if chooser:
-            try:
-                pick, step = newest_intact(candidates, latest, self._load)
-            except Exception as e:  # re-raised below, once the other ranks know not to wait for rank 0
-                failure = e
-        chosen = str(candidates[pick]) if pick >= 0 else None
-        chosen, step = self._from_main((chosen, step))  # a path, not an index: ranks list the folder apart
-        if failure is not None:
-            raise failure
-        if chosen is None:
-            raise RunFolderError(f"{self.out}: rank 0 could not resume (its error names the checkpoint)")
-        ckpt = Path(chosen)
-        if not chooser:
-            state = self._load(ckpt)
-            if int(state["step"]) != step:
-                raise RunFolderError(f"{ckpt}: this rank read step {state['step']}, rank 0 step {step}")
-        logger.info("resumed from %s at step %d", ckpt, step)
-        self._barrier()  # every rank has read its checkpoint before rank 0 changes the folder
-        if self.is_main:
-            drop_abandoned(self.out, ckpt, step, candidates[:pick])
-        return step
+        pick, step = newest_intact(candidates, latest, self._load)
+        # paths, not indices: the other ranks never list the folder themselves
+        return ("resume", str(candidates[pick]), step, [str(p) for p in candidates[:pick]])
+
+    def _gather(self, value: Any) -> list[Any]:
+        """Every rank's `value` in rank order (`[value]` without torch.distributed); a barrier too."""
+        if not self._dist:
+            self._barrier()
+            return [value]
+        import torch.distributed as dist
+
+        values: list[Any] = [None] * self.world
+        dist.all_gather_object(values, value)
+        return values
 
     def _load(self, ckpt: Path) -> dict[str, Any]:
         """Restore one checkpoint into this run's tokens, optimizer, schedule and scaler."""

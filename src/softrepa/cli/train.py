@@ -7,6 +7,7 @@ its saved config; a given config must train the same thing) and `softrepa.train.
 from __future__ import annotations
 
 import argparse
+import os
 
 import yaml
 
@@ -47,9 +48,12 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.resume and args.overwrite:
         raise ValueError("--resume continues the run in --out, --overwrite deletes it: give one of them")
-    check_free(cfg.output_dir)  # another process training here: say so (pid, host) before anything else
-    if not args.overwrite:  # refuse in a second, before anything loads (--overwrite deletes under the lock)
-        claim_run_folder(cfg.output_dir, args.resume)
+    # Rank 0 only (torchrun / accelerate set RANK): another rank could meet rank 0's own lock or the
+    # config.yaml rank 0 has just written, and take this run for another; rank 0 checks again under the lock.
+    if int(os.environ.get("RANK", "0")) == 0:
+        check_free(cfg.output_dir)  # another process training here: say so (pid, host) before anything else
+        if not args.overwrite:  # refuse in a second, before anything loads (--overwrite deletes under the lock)
+            claim_run_folder(cfg.output_dir, args.resume)
     if cfg.data and isinstance(cfg.data, str):
         check_data(cfg.data)  # before the model loads
     if cfg.model:
