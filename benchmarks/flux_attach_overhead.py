@@ -84,12 +84,12 @@ def main():
     from diffusers import FluxTransformer2DModel, Flux2Transformer2DModel, QwenImageTransformer2DModel
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--only", nargs="*", choices=["flux", "flux2", "qwenimage"], default=["flux", "flux2", "qwenimage"])
+    ap.add_argument("--only", nargs="+", choices=["flux", "flux2", "qwenimage"], default=["flux", "flux2", "qwenimage"])
     only = ap.parse_args().only
 
     rows = ["| model (random bf16) | params | token layers | plain ms | tokens ms | overhead | detach bit-exact "
             "| max abs effect |", "|---|---|---|---|---|---|---|---|"]
-    n_txt, side = (512, 64) if not SMALL else (16, 8)  # 1024 px: 64 x 64 packed tokens for both
+    n_txt, side = (512, 64) if not SMALL else (16, 8)  # 1024 px: 64 x 64 packed tokens for each model
     shrink = (lambda c: dict(c, num_layers=min(c["num_layers"], 6), num_single_layers=2, num_attention_heads=2,
                              attention_head_dim=c["attention_head_dim"] // 4,
                              axes_dims_rope=tuple(a // 4 for a in c["axes_dims_rope"]))) if SMALL else (lambda c: c)

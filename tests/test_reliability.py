@@ -287,25 +287,13 @@ def test_resuming_an_older_checkpoint_then_again_leaves_no_gap(toy_files, tmp_pa
     assert _steps(run) == [1, 2, 3, 4, 5]
 
 
-def _last_step(run: Path) -> int:
-    """The highest step in a metrics log being written (a row cut short is ignored)."""
-    last = 0
-    if (run / "metrics.jsonl").is_file():
-        for line in (run / "metrics.jsonl").read_text().splitlines():
-            try:
-                last = max(last, int(json.loads(line)["step"]))
-            except (ValueError, KeyError, TypeError):
-                pass
-    return last
-
-
 def test_a_chain_of_real_sigkills_ends_as_an_uninterrupted_run(toy_files, tmp_path, one_thread):
     """SIGKILL at random moments (writes slowed down so that some kills land inside checkpoint writes),
     resume after each: the tokens equal an uninterrupted run's and every step is logged once.
 
-    Each kill waits for the run to reach a random step and then a random fraction of a second, so the
-    kills happen whatever the machine's speed (a kill after a fixed delay could come after a fast
-    machine had already finished)."""
+    Each kill waits until the process being killed has itself finished a random step (it says so in a
+    progress file), then a random fraction of a second, so the kills happen whatever the machine's
+    speed (a kill after a fixed delay could come after a fast machine had already finished)."""
     steps = 8
     full, part = tmp_path / "full", tmp_path / "part"
     assert main(_args(toy_files, full, steps)) == 0
@@ -321,18 +309,31 @@ def test_a_chain_of_real_sigkills_ends_as_an_uninterrupted_run(toy_files, tmp_pa
         rf.atomic_write_bytes = slow
         import softrepa.checkpoint as ck
         ck.atomic_write_bytes = slow
+        import os
         import softrepa.train as T
         step = T.Trainer.train_step
-        def slow_step(self, batch):  # every step leaves time for a kill after it
+        def slow_step(self, batch):  # every step leaves time for a kill after it, and says it is done
             time.sleep(0.2)
-            return step(self, batch)
+            row = step(self, batch)
+            with open(os.environ["PROGRESS"], "w") as f:
+                f.write(f"{os.getpid()} {self.step}")
+            return row
         T.Trainer.train_step = slow_step
         from softrepa.cli import main
         sys.exit(main(sys.argv[1:]))
     """)
     rng = random.Random(0)
     targets = sorted(rng.sample(range(1, steps), 4))  # the step after which each kill comes
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    progress = tmp_path / "progress"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PROGRESS=str(progress))
+
+    def reached(pid: int, target: int) -> bool:
+        try:
+            who, done = map(int, progress.read_text().split())
+        except (OSError, ValueError):  # not written yet, or read mid-write
+            return False
+        return who == pid and done >= target
+
     kills = 0
     while True:
         args = _args(toy_files, part, steps, *(["--resume"] if kills else []))
@@ -341,7 +342,7 @@ def test_a_chain_of_real_sigkills_ends_as_an_uninterrupted_run(toy_files, tmp_pa
         if kills == len(targets):
             break
         deadline = time.time() + 180
-        while _last_step(part) < targets[kills] and proc.poll() is None and time.time() < deadline:
+        while not reached(proc.pid, targets[kills]) and proc.poll() is None and time.time() < deadline:
             time.sleep(0.02)
         time.sleep(rng.uniform(0.0, 0.4))
         assert proc.poll() is None, f"run {kills + 1} ended before its kill: {proc.stderr.read()[-2000:]}"

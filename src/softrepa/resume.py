@@ -215,6 +215,8 @@ def newest_intact(candidates: list[Path], latest: bool, load: Callable[[Path], d
         (index of the restored checkpoint, its step).
     Raises:
         RunFolderError: the only (or the last) candidate is damaged.
+        OSError: a read that failed for another reason ("cannot read now": I/O error, permissions, a
+            network filesystem) is passed on as it is, never taken for damage.
     """
     for k, ckpt in enumerate(candidates):
         try:
