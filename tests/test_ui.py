@@ -154,7 +154,7 @@ def _open_model_panel(driver) -> None:
             return
         driver.find_element("xpath", "//*[normalize-space(text())='Model']").click()
         try:
-            _wait(driver, shown, "the Model panel did not open", timeout=10)
+            _wait(driver, shown, "the Model panel did not open", timeout=20)
         except AssertionError:
             continue
     _wait(driver, shown, "the Model panel did not open", timeout=10)
