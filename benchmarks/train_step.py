@@ -105,7 +105,7 @@ def side_by_side(args: argparse.Namespace) -> list[str]:
     from diffusers import SD3Transformer2DModel
     from torch._dynamo.utils import counters
 
-    from softrepa import SoftTokens, SoftTokensConfig, attach, compile_blocks
+    from softrepa import CompileConfig, SoftTokens, SoftTokensConfig, attach, compile_blocks
     from softrepa.backbone import TextCond
     from softrepa.families.sd3 import SD3Backbone
     from softrepa.pairs import PairBatch, contrastive_backward
@@ -141,7 +141,8 @@ def side_by_side(args: argparse.Namespace) -> list[str]:
     def use_compiled(on: bool) -> None:
         nonlocal compiled
         if on and compiled is None:
-            compiled = compile_blocks(model)  # dynamo's cache outlives remove(): re-wrapping recompiles nothing
+            # dynamo's cache outlives remove(): re-wrapping recompiles nothing
+            compiled = compile_blocks(model, CompileConfig(mode=args.compile_mode))
         elif not on and compiled is not None:
             compiled.remove()
             compiled = None
@@ -194,7 +195,8 @@ def side_by_side(args: argparse.Namespace) -> list[str]:
     lines = [f"config: {'SD3-medium' if args.full else 'reduced SD3 (8 blocks, width 384)'}, random weights, "
              f"{args.resolution} px, T5 {args.text_len}, {args.dtype}, B = {B} ({B * B} pairs), tokens m=4 L=5 "
              f"with time buckets, device: {dev}; one process, arms alternated step by step, median of "
-             f"{args.iters} steps after {args.warmup} warm-up round(s); graphs compiled after the warm-up: "
+             f"{args.iters} steps after {args.warmup} warm-up round(s); compile mode "
+             f"{args.compile_mode or 'default'}; graphs compiled after the warm-up: "
              f"{recompiled}", "",
              "| arm | pairs/forward | step s | pairs/s | vs floor | compiled / eager | compile s | peak GiB |",
              "|---|---|---|---|---|---|---|---|"]
@@ -228,6 +230,8 @@ def main() -> None:
     ap.add_argument("--no-floor", action="store_true",
                     help="side by side: no floor arm (it runs all B*B pairs in one pass: too large at B = 16)")
     ap.add_argument("--compiled-floor", action="store_true", help="side by side: also the compiled floor")
+    ap.add_argument("--compile-mode", default=None, choices=[None, "default", "max-autotune-no-cudagraphs"],
+                    help="side by side: torch.compile mode of the compiled arms (default: inductor's default)")
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.resolution = args.resolution or (512 if args.full else 128)
