@@ -44,6 +44,7 @@ true CFG, or no guidance when the pipeline says the model is step-distilled.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Sequence
 
 import numpy as np
@@ -53,7 +54,7 @@ from torch import nn
 
 from ..backbone import Backbone, TextCond
 from ..errors import SoftrepaError
-from ..family import EditPresets, SamplingDefaults, register_family
+from ..family import SamplingDefaults, register_family
 from ..flowedit import embedded_flow_denoiser, flow_add_noise, flow_denoiser, flow_sigmas
 from ..hooks import AttachHandle, call_argument, model_pre_hook
 from .flux import FluxFamily
@@ -203,9 +204,8 @@ class Flux2Family(FluxFamily):
     # n_max 24, guidance embedding 1.5 -> 5.5; fallenshock/FlowEdit FLUX_exp.yaml), FLUX.2-dev being
     # guidance-distilled with the embedding on the same scale (its sampling default 4.0, FLUX.1-dev's
     # 3.5). With tokens the same numbers (no SoftREPA preset), so with / without compares only the tokens.
-    edit = EditPresets(steps=28, src_cfg=1.5, vanilla=(24, 5.5), tokens=(24, 5.5),
-                       source="FlowEdit's FLUX.1-dev setting carried over (fallenshock/FlowEdit FLUX_exp.yaml: "
-                              "28 steps, n_max 24, guidance 1.5 -> 5.5); not tuned for FLUX.2; same with tokens")
+    edit = replace(FluxFamily.edit, source="FlowEdit's FLUX.1-dev setting carried over (fallenshock/FlowEdit "
+                   "FLUX_exp.yaml: 28 steps, n_max 24, guidance 1.5 -> 5.5); not tuned for FLUX.2; same with tokens")
 
     def matches(self, denoiser: nn.Module) -> bool:
         return isinstance(denoiser, Flux2Transformer2DModel)
