@@ -44,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--arms", default=None, help="comma-separated subset of arm names")
     p.add_argument("--train-images", type=int, default=2000)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--model", default=None, help="pipeline folder (default: the recipe's, the bundled miniature)")
+    p.add_argument("--cfg", type=float, default=None, help="vanilla CFG (default: the recipe's validation CFG)")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     from diffusers.utils import logging as dlogging
@@ -51,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     dlogging.set_verbosity_error()
     recipe = f"toy_{a.backbone}"
     base = load_config(recipe)
-    cfg5 = base.validation.guidance_scale
+    cfg5 = a.cfg or base.validation.guidance_scale
     arms = [
         Arm("vanilla", None, note="frozen miniature"),
         Arm(f"vanilla CFG {1.5 * cfg5:g}", None, 1.5 * cfg5, "stronger guidance alone"),
@@ -75,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     seeds = list(VALIDATION_SEEDS if a.split == "validation" else TEST_SEEDS)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    model = resolve_model_path(base.model)
+    model = resolve_model_path(a.model or base.model)
     pipe = load_pipeline(model)
     pipe.set_progress_bar_config(disable=True)
     data = out / "data"

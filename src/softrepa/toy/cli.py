@@ -41,6 +41,21 @@ def add_toy_arguments(parser: argparse.ArgumentParser) -> None:
                    help="torch threads (default 1: fastest on a shared 2-core machine)")
     p.add_argument("--caption-noise", type=float, default=None,
                    help="share of two-object captions describing a corrupted scene (web-like noise; default: the bundle's)")
+    p.add_argument("--vae-from", default=None,
+                   help="reuse the trained VAE of this pipeline folder instead of training one "
+                        "(e.g. src/softrepa/assets/toy_sd15: the bundled miniatures share it)")
+    p.add_argument("--text-steps", type=int, default=None,
+                   help="SD3: contrastive text-encoder pretraining steps before the denoiser (0 = joint "
+                        "training, the first-generation miniature; default 1500)")
+    p.add_argument("--pooled-drop", type=float, default=None,
+                   help="SD3: share of samples trained with the empty prompt's pooled vector (default 0.5)")
+    p.add_argument("--caption-omit", type=float, default=None,
+                   help="SD3: share of captions leaving an attribute or the relation out (default 0.3)")
+    p.add_argument("--snapshots", type=int, nargs="+", default=None,
+                   help="SD3: also save the EMA model after these steps (OUT/toy_sd3_step<N>)")
+    p.add_argument("--heads", type=int, default=None, help="SD3: attention heads of the transformer (default 4)")
+    p.add_argument("--joint-text", action="store_true",
+                   help="SD3: train the text encoders with the denoiser instead of freezing them")
     p.add_argument("--no-amp", action="store_true", help="fp32 VAE training instead of bf16 autocast")
     p.add_argument("--sequential", action="store_true",
                    help="with --backbone both, train one after the other instead of in two processes")
@@ -72,9 +87,16 @@ def _run_pretrain(args) -> int:
     if args.vae_steps is not None:
         over["vae_steps"] = args.vae_steps
     for key, attr in (("seed", "seed"), ("batch_size", "batch_size"), ("n_images", "images"), ("threads", "threads"),
-                      ("caption_noise", "caption_noise")):
+                      ("caption_noise", "caption_noise"), ("vae_from", "vae_from"), ("text_steps", "text_steps"),
+                      ("pooled_drop", "pooled_drop"), ("caption_omit", "caption_omit")):
         if getattr(args, attr) is not None:
             over[key] = getattr(args, attr)
+    if args.snapshots:
+        over["snapshots"] = tuple(args.snapshots)
+    if args.heads is not None:
+        over["sd3"] = {**cfg.sd3, "heads": args.heads}
+    if args.joint_text:
+        over["freeze_text"] = False
     if args.no_amp:
         over["vae_amp"] = False
     if args.sequential:

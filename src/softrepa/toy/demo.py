@@ -123,13 +123,34 @@ def run_demo(args: argparse.Namespace) -> int:
                 for key, prompts in sets.items()}
     from .effect import comparison_table, summary
 
+    with timer("leverage of the trained tokens (gate 1's measure)"):
+        gates = _gates(pipe, model_dir, cfg, arms)
     table = comparison_table(results, list(sets))
     headline = summary(results, list(sets), "SoftREPA")
     print("\n" + table)
-    _report(out, args, cfg, sets, seeds, results, table, headline, timer.rows)
+    print("\n" + "\n".join(gates))
+    _report(out, args, cfg, sets, seeds, results, table, headline, timer.rows, gates)
     print("\n" + _headline(headline))
     print(f"\nreport: {out / 'report.md'}")
     return 0
+
+
+def _gates(pipe: Any, model_dir: Path, cfg: Any, arms: dict[str, Any]) -> list[str]:
+    """Report lines: the model's gates as measured on validation seeds (its `gates.json`, written
+    by benchmarks/miniature_gates.py), and the leverage of the tokens this demo trained."""
+    from .gates import gate_lines, token_leverage
+
+    lines = []
+    saved = model_dir / "gates.json"
+    if saved.is_file():
+        lines += gate_lines(json.loads(saved.read_text()))
+    else:
+        lines.append(f"* gates: {saved} not found (measure them with benchmarks/miniature_gates.py)")
+    trained = {k: v for k, v in arms.items() if v is not None}
+    lev = token_leverage(pipe, list(trained.values()), max_sequence_length=cfg.max_sequence_length or 8)
+    lines.append("* leverage of the tokens trained here: " + ", ".join(
+        f"{name} {v:.3f}" for name, v in zip(trained, lev["leverage"])))
+    return lines
 
 
 def _headline(h: dict[str, Any]) -> str:
@@ -151,7 +172,8 @@ def _slug(name: str) -> str:
 
 
 def _report(out: Path, args: argparse.Namespace, cfg: Any, sets: dict[str, list[str]], seeds: list[int],
-            results: dict[str, Any], table: str, headline: dict[str, Any], stages: list[tuple[str, float]]) -> None:
+            results: dict[str, Any], table: str, headline: dict[str, Any], stages: list[tuple[str, float]],
+            gates: list[str]) -> None:
     legend = _grid(out, sets, seeds, results)
     import yaml
 
@@ -176,6 +198,8 @@ def _report(out: Path, args: argparse.Namespace, cfg: Any, sets: dict[str, list[
         "(loss.contrastive_weight 0, loss.denoise_weight 1).", "",
         "**" + _headline(headline).replace("\n", "**  \n**") + "**", "",
         table, "",
+        "Gates of the miniature (docs/effect.md; validation seeds, measured before any token arm saw a test seed):", "",
+        *gates, "",
         "Alignment: share of images whose every prompt attribute (both colours, both shapes, both bindings, "
         "the relation) the analytic judge reads correctly; 95% CI: Wilson (arm), Newcombe (paired delta); "
         "up/down: pairs the arm gets right and vanilla wrong / the reverse; quality proxy: Fréchet distance of "
@@ -189,7 +213,7 @@ def _report(out: Path, args: argparse.Namespace, cfg: Any, sets: dict[str, list[
         "![training curves](curves.png)", "",
     ]
     (out / "report.md").write_text("\n".join(lines))
-    js = {"results": results, "summary": headline, "stages": stages,
+    js = {"results": results, "summary": headline, "stages": stages, "gates": gates,
           "sets": {k: {"prompts": v, "seeds": seeds} for k, v in sets.items()}}
     (out / "results.json").write_text(json.dumps(js, indent=2, default=str))
 

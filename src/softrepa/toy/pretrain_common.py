@@ -94,7 +94,8 @@ class WorldImages:
         """Images idx as float in [-1, 1], (B, 3, H, W): the range diffusers VAEs work in."""
         return self.pixels[idx].float() / 127.5 - 1.0
 
-    def captions(self, idx: torch.Tensor, rng: np.random.Generator, drop: float = 0.0) -> list[str]:
+    def captions(self, idx: torch.Tensor, rng: np.random.Generator, drop: float = 0.0,
+                 omit: float = 0.0) -> list[str]:
         """A fresh random caption per item; with probability `drop` the empty prompt instead.
 
         The empty prompt is exactly what the stock pipelines encode as the negative prompt, so
@@ -104,7 +105,11 @@ class WorldImages:
             idx: item indices.
             rng: numpy generator for the templates and the dropout.
             drop: caption-dropout probability.
+            omit: probability that the caption leaves one attribute or the relation out
+                (`pretrain_text.omit`: web-like incomplete captions, never a wrong one).
         """
+        from .pretrain_text import omit as omitted
+
         out = []
         for i in idx.tolist():
             if rng.random() < drop:
@@ -114,6 +119,10 @@ class WorldImages:
             # only draw from rng when noise is on: noise 0 keeps the caption stream of older bundles
             if self.caption_noise and len(scene.objects) == 2 and rng.random() < self.caption_noise:
                 scene = web_noise(scene, rng)
+            # only draw from rng when omissions are on: 0 keeps the caption stream of older bundles
+            if omit and rng.random() < omit:
+                out.append(omitted(scene, rng))
+                continue
             out.append(caption(scene, rng))
         return out
 
@@ -234,6 +243,14 @@ class EMA:
         self.n += 1
         for s, p in zip(self.shadow, self.params):
             s.lerp_(p.detach(), 1 - d)
+
+    @torch.no_grad()
+    def swap(self) -> None:
+        """Exchange the averaged and the live weights (twice = unchanged): for mid-run snapshots."""
+        for s, p in zip(self.shadow, self.params):
+            tmp = p.detach().clone()
+            p.copy_(s)
+            s.copy_(tmp)
 
     @torch.no_grad()
     def copy_to(self) -> None:

@@ -89,7 +89,7 @@ class CollapsedNullAttnProcessor:
 def build_sd3_components(seed: int = 0, width: int = 64, layers: int = 6, heads: int = 4,
                          text_width: int = 64, text_layers: int = 3, patch_size: int = 2,
                          latent_size: int = 8, latent_channels: int = 4,
-                         max_length: int = TOKENIZER_MAX_LENGTH) -> dict:
+                         max_length: int | None = None, tokenizer: str = "char") -> dict:
     """Untrained miniature SD3 components (everything but the VAE and scheduler).
 
     Args:
@@ -104,13 +104,21 @@ def build_sd3_components(seed: int = 0, width: int = 64, layers: int = 6, heads:
             on the same wall-clock budget (judge accuracy 0.80 vs 0.34 on one-object prompts).
         latent_size: latent side (image side / VAE factor); the transformer's `sample_size`.
         latent_channels: VAE latent channels.
-        max_length: tokenizer length (character tokens, BOS/EOS included).
+        max_length: tokenizer length, BOS/EOS included (default: 64 for characters, 16 for words).
+        tokenizer: "word" (every world word one token, `pretrain_text.make_word_tokenizer`: the
+            second-generation miniature) or "char" (character tokens: the first one).
     Returns:
         dict(tokenizer, tokenizer_2, text_encoder, text_encoder_2, transformer).
     """
     from diffusers import SD3Transformer2DModel
 
-    tok = make_clip_tokenizer(max_length)
+    from .pretrain_text import WORD_MAX_LENGTH, make_word_tokenizer
+
+    if tokenizer not in ("word", "char"):
+        raise ValueError(f"tokenizer must be 'word' or 'char', got {tokenizer!r}")
+    make = make_word_tokenizer if tokenizer == "word" else make_clip_tokenizer
+    max_length = max_length or (WORD_MAX_LENGTH if tokenizer == "word" else TOKENIZER_MAX_LENGTH)
+    tok = make(max_length)
     te1 = _clip_text_encoder(text_width, text_layers, len(tok), max_length, seed + 1, True)
     te2 = _clip_text_encoder(text_width, text_layers, len(tok), max_length, seed + 2, True)
     torch.manual_seed(seed)
@@ -120,7 +128,7 @@ def build_sd3_components(seed: int = 0, width: int = 64, layers: int = 6, heads:
         num_attention_heads=heads, joint_attention_dim=2 * text_width, caption_projection_dim=width,
         pooled_projection_dim=2 * text_width, pos_embed_max_size=latent_size // patch_size,
     )
-    return dict(tokenizer=tok, tokenizer_2=make_clip_tokenizer(max_length), text_encoder=te1,
+    return dict(tokenizer=tok, tokenizer_2=make(max_length), text_encoder=te1,
                 text_encoder_2=te2, transformer=transformer)
 
 
@@ -150,8 +158,10 @@ def sample_null_counts(n: int, g: torch.Generator, k_max: int = 512) -> torch.Te
 
 def train_sd3(parts: dict, latents: tuple[torch.Tensor, torch.Tensor], data: WorldImages,
               scale: float, shift: float, steps: int, batch_size: int = 32, lr: float = 5e-4,
-              caption_dropout: float = 0.1, seed: int = 0, amp: bool = False) -> dict:
-    """Rectified-flow training of the transformer and both text encoders (in place).
+              caption_dropout: float = 0.1, seed: int = 0, amp: bool = False, freeze_text: bool = False,
+              pooled_drop: float = 0.0, caption_omit: float = 0.0, snapshot_steps: tuple[int, ...] = (),
+              on_snapshot=None) -> dict:
+    """Rectified-flow training of the transformer (and the text encoders unless frozen), in place.
 
     Per step: x0 = (posterior sample - shift) * scale, s ~ logit-normal(0, 1) (SD3's default
     weighting of noise levels), x_s = (1 - s) x0 + s eps, target eps - x0, timestep 1000 s
@@ -170,11 +180,20 @@ def train_sd3(parts: dict, latents: tuple[torch.Tensor, torch.Tensor], data: Wor
         seed: seed of batches, captions, noise and noise levels.
         amp: bf16 autocast (off by default: for models this small the casts cost more than
             the faster bf16 matmuls save on a CPU; measured 1.6x slower).
+        freeze_text: keep the text encoders fixed (pretrained apart, as real models' are).
+        pooled_drop: share of samples whose pooled vector is the empty prompt's while the
+            sequence keeps the caption: the denoiser must then read the detail from the
+            sequence (where soft tokens act), not from the adaLN path.
+        caption_omit: share of captions with an attribute or the relation left out
+            (`pretrain_text.omit`).
+        snapshot_steps, on_snapshot: after each of these steps `on_snapshot(step)` is called
+            with the EMA weights swapped into the modules (then swapped back): one run gives
+            the model at several training lengths of the same schedule.
     Returns:
         {"steps", "seconds", "loss"} (loss: mean of the last 100 steps).
     """
     tr, te1, te2 = parts["transformer"], parts["text_encoder"], parts["text_encoder_2"]
-    modules = [tr, te1, te2]
+    modules = [tr] if freeze_text else [tr, te1, te2]
     for m in modules:
         m.train().requires_grad_(True)
     proc = CollapsedNullAttnProcessor()
@@ -185,26 +204,38 @@ def train_sd3(parts: dict, latents: tuple[torch.Tensor, torch.Tensor], data: Wor
     rng = np.random.default_rng([seed, 3])
     mean, std = latents
     losses, t0 = [], time.perf_counter()
-    for _ in tqdm(range(steps), desc="sd3", mininterval=5):
+    for step in tqdm(range(steps), desc="sd3", mininterval=5):
         idx = torch.randint(len(data), (batch_size,), generator=g)
         x0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g) - shift) * scale
         eps = torch.randn(x0.shape, generator=g)
         s = torch.sigmoid(torch.randn(batch_size, generator=g)).view(-1, 1, 1, 1)
         x_s = (1 - s) * x0 + s * eps
-        ids = tokens(data.captions(idx, rng, caption_dropout))
+        ids = tokens(data.captions(idx, rng, caption_dropout, omit=caption_omit))
         proc.log_k = sample_null_counts(batch_size, g)
         with autocast(amp):
-            ctx, pooled = sd3_text_context(te1, te2, ids)
+            with torch.set_grad_enabled(not freeze_text):
+                ctx, pooled = sd3_text_context(te1, te2, ids)
+            if pooled_drop:
+                keep = torch.rand(batch_size, generator=g) >= pooled_drop
+                with torch.set_grad_enabled(not freeze_text):
+                    _, empty = sd3_text_context(te1, te2, tokens([""]))
+                pooled = torch.where(keep[:, None], pooled, empty.expand_as(pooled))
             ctx = torch.cat([ctx, ctx.new_zeros(batch_size, 1, ctx.shape[-1])], dim=1)  # the null token
             pred = tr(hidden_states=x_s, encoder_hidden_states=ctx, pooled_projections=pooled,
                       timestep=s.flatten() * 1000).sample
         loss = F.mse_loss(pred.float(), eps - x0)
         losses.append(optimizer_step(loss, opt, params, sched, ema))
+        if step + 1 in snapshot_steps and on_snapshot is not None:
+            ema.swap()
+            try:
+                on_snapshot(step + 1)
+            finally:
+                ema.swap()
     ema.copy_to()
     from diffusers.models.attention_processor import JointAttnProcessor2_0
 
     tr.set_attn_processor(JointAttnProcessor2_0())  # back to the stock processor
-    for m in modules:
+    for m in (tr, te1, te2):
         m.eval().requires_grad_(False)
     return {"steps": steps, "seconds": time.perf_counter() - t0, "loss": float(np.mean(losses[-100:]))}
 
