@@ -46,6 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--model", default=None, help="pipeline folder (default: the recipe's, the bundled miniature)")
     p.add_argument("--cfg", type=float, default=None, help="vanilla CFG (default: the recipe's validation CFG)")
+    p.add_argument("--variant", nargs=2, action="append", default=[], metavar=("NAME", "JSON"),
+                   help="an extra trained arm: its name and recipe overrides as JSON, e.g. "
+                        "--variant 'lr 1e-2' '{\"lr\": 0.01}' (recipe variants are compared on validation seeds)")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     from diffusers.utils import logging as dlogging
@@ -70,10 +73,11 @@ def main(argv: list[str] | None = None) -> int:
             {"loss": {"tau_schedule": "calibrated"}, "negatives": {"per_image": 2, "swap": TOY_SWAPS}},
             note="calibrated tau, 2 hard-negative captions per image"),
     ]
-    arms = _distinct(arms, recipe)
     if a.arms:
         keep = {x.strip() for x in a.arms.split(",")}
         arms = [arm for arm in arms if arm.name in keep or arm.name == "vanilla"]
+    arms += [Arm(name, json.loads(ov), note=f"variant: {ov}") for name, ov in a.variant]
+    arms = _distinct(arms, recipe)
     seeds = list(VALIDATION_SEEDS if a.split == "validation" else TEST_SEEDS)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

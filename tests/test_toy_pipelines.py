@@ -119,7 +119,8 @@ def test_pretrain_cli_end_to_end_tiny_budget(tmp_path, capsys):
     from softrepa.cli import main
 
     rc = main(["toy", "pretrain", "--backbone", "both", "--out", str(tmp_path), "--steps", "3",
-               "--vae-steps", "3", "--images", "64", "--seed", "1", "--batch-size", "4"])
+               "--vae-steps", "3", "--images", "64", "--seed", "1", "--batch-size", "4",
+               "--text-steps", "2", "--snapshots", "2"])
     assert rc == 0
     out = capsys.readouterr().out
     assert "VAE round trip" in out and "total" in out
@@ -128,3 +129,7 @@ def test_pretrain_cli_end_to_end_tiny_budget(tmp_path, capsys):
         assert (folder / "model_index.json").exists() and (folder / "pretrain.json").exists()
         assert not list(folder.rglob("*.bin")), "weights must be safetensors"
         _check_images(_generate(DiffusionPipeline.from_pretrained(folder), 1), 1)
+    # the SD3 snapshot is an ordinary pipeline folder too; text pretraining is recorded
+    _check_images(_generate(DiffusionPipeline.from_pretrained(tmp_path / "toy_sd3_step2"), 1), 1)
+    record = __import__("json").loads((tmp_path / FOLDERS["sd3"] / "pretrain.json").read_text())
+    assert record["train"]["text_encoders"]["steps"] == 2

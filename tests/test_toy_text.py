@@ -189,3 +189,24 @@ def test_reusing_a_vae_needs_a_pipeline_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="vae/config.json"):
         load_vae(tmp_path)
     assert load_vae(ASSETS / "toy_sd15").config.latent_channels == 4
+
+
+def test_snapshots_do_not_change_the_final_model(tmp_path):
+    """The bundle's pretraining run also saved snapshots: the final weights must not depend on it."""
+    from softrepa.toy.pretrain_common import WorldImages
+    from softrepa.toy.pretrain_sd3 import assemble_sd3, train_sd3
+    from softrepa.toy.pretrain import load_vae
+
+    data = WorldImages(16, 0)
+    latents = (torch.randn(16, 4, 8, 8), torch.full((16, 4, 8, 8), 0.1))
+    vae = load_vae(ASSETS / "toy_sd15")
+    finals, saved = [], []
+    for snap in ((), (1, 2)):
+        parts = _tiny_parts(2)
+        on_snapshot = lambda step: (saved.append(step), assemble_sd3(parts, vae).save_pretrained(tmp_path / f"s{step}"))  # noqa: E731
+        train_sd3(parts, latents, data, 1.0, 0.0, steps=3, batch_size=4, freeze_text=True, pooled_drop=0.5,
+                  caption_omit=0.5, snapshot_steps=snap, on_snapshot=on_snapshot)
+        finals.append({k: v.clone() for k, v in parts["transformer"].state_dict().items()})
+    assert saved == [1, 2]
+    for k, v in finals[0].items():
+        assert torch.equal(v, finals[1][k]), k

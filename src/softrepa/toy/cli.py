@@ -48,11 +48,13 @@ def add_toy_arguments(parser: argparse.ArgumentParser) -> None:
                    help="SD3: contrastive text-encoder pretraining steps before the denoiser (0 = joint "
                         "training, the first-generation miniature; default 1500)")
     p.add_argument("--pooled-drop", type=float, default=None,
-                   help="SD3: share of samples trained with the empty prompt's pooled vector (default 0.5)")
+                   help="SD3: share of samples trained with the empty prompt's pooled vector (default 0.8)")
     p.add_argument("--caption-omit", type=float, default=None,
-                   help="SD3: share of captions leaving an attribute or the relation out (default 0.3)")
+                   help="SD3: share of captions leaving an attribute or the relation out (default 0.7)")
     p.add_argument("--snapshots", type=int, nargs="+", default=None,
                    help="SD3: also save the EMA model after these steps (OUT/toy_sd3_step<N>)")
+    p.add_argument("--tokenizer", choices=("word", "char"), default=None,
+                   help="SD3: word-level (default) or character-level (the first-generation miniature) tokenizer")
     p.add_argument("--heads", type=int, default=None, help="SD3: attention heads of the transformer (default 4)")
     p.add_argument("--joint-text", action="store_true",
                    help="SD3: train the text encoders with the denoiser instead of freezing them")
@@ -93,8 +95,9 @@ def _run_pretrain(args) -> int:
             over[key] = getattr(args, attr)
     if args.snapshots:
         over["snapshots"] = tuple(args.snapshots)
-    if args.heads is not None:
-        over["sd3"] = {**cfg.sd3, "heads": args.heads}
+    if args.heads is not None or args.tokenizer is not None:
+        over["sd3"] = {**cfg.sd3, **({"heads": args.heads} if args.heads is not None else {}),
+                       **({"tokenizer": args.tokenizer} if args.tokenizer else {})}
     if args.joint_text:
         over["freeze_text"] = False
     if args.no_amp:

@@ -92,8 +92,8 @@ class PretrainConfig:
     caption_noise: float = 0.0
     text_steps: int = 1500
     freeze_text: bool = True
-    pooled_drop: float = 0.5
-    caption_omit: float = 0.3
+    pooled_drop: float = 0.8
+    caption_omit: float = 0.7
     vae_from: str | None = None
     snapshots: tuple[int, ...] = ()
     sd3: dict = field(default_factory=lambda: dict(width=64, layers=6, heads=4, text_width=64, text_layers=3,
