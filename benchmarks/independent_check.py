@@ -14,8 +14,10 @@ from scratch; no scipy, no project judge, metric or statistics module.
 From `softrepa.toy.world` it takes only data: the declared held-out compositions, and the
 ground-truth renderer, used solely to validate this judge before it judges anything.
 
-    .venv/bin/python benchmarks/independent_check.py --tokens benchmarks/results/toy_sd3_demo_tokens.safetensors \
-        --cfg 5 --out benchmarks/results/independent_check [--prompts 60 --heldout 30 --seeds 500-504]
+    .venv/bin/python benchmarks/independent_check.py --tokens demo_out/train/tokens.safetensors \
+        --cfg 1.5 --out /tmp/indep [--prompts 60 --heldout 30 --seeds 500-504]
+
+(CFG 1.5: the miniature's operating point, the demo's; results/independent_check_sd3.md.)
 
 Images are cached as PNG under --out (keyed by a fingerprint of model, tokens and sampling
 settings), so a rerun resumes; results go to --out/report.md and --out/results.json.

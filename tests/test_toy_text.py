@@ -90,8 +90,8 @@ def test_omission_share_zero_keeps_the_caption_stream():
     data = WorldImages(64, 0)
     idx = torch.arange(64)
     plain = data.captions(idx, np.random.default_rng(5), 0.1)
-    assert data.captions(idx, np.random.default_rng(5), 0.1, omit=0.0) == plain
-    omitted = data.captions(idx, np.random.default_rng(5), 0.1, omit=1.0)
+    assert data.captions(idx, np.random.default_rng(5), 0.1, omit_share=0.0) == plain
+    omitted = data.captions(idx, np.random.default_rng(5), 0.1, omit_share=1.0)
     assert omitted != plain and all(o == "" or "shape" in o or " and " in o or o not in plain for o in omitted)
 
 

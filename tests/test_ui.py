@@ -233,8 +233,11 @@ def test_generate_shows_vanilla_and_tokens_side_by_side(browser, server, tmp_pat
 
     from softrepa.pipeline import load_pipeline
 
+    from softrepa.config import load_config
+
     pipe = load_pipeline("@assets/toy_sd3")
-    ref = pipe(prompt=[prompt], num_inference_steps=STEPS, height=SIZE, width=SIZE, guidance_scale=5.0,
+    cfg = load_config("toy_sd3").validation.guidance_scale  # the page's default CFG for the miniature
+    ref = pipe(prompt=[prompt], num_inference_steps=STEPS, height=SIZE, width=SIZE, guidance_scale=cfg,
                max_sequence_length=8, generator=[torch.Generator().manual_seed(SEEDS[0])]).images[0]
     gap = np.abs(np.asarray(ref.convert("RGB")).astype(int) - van.astype(int))
     # equal up to a rounding flip (the tokens move pixels by several levels: mean 2.4 / 255 here)
@@ -374,11 +377,11 @@ def test_input_checks_name_the_problem(tmp_path):
         with pytest.raises(ValueError, match=message):
             jobs.open_upload(str(path) if path else None)
     tok = CLIPTokenizer.from_pretrained(Path(resolve_model_path("@assets/toy_sd3")) / "tokenizer")
-    pipe = SimpleNamespace(tokenizer=tok)  # the miniature reads 64 characters
+    pipe = SimpleNamespace(tokenizer=tok)  # the miniature reads 16 word tokens
     assert jobs.check_prompt(pipe, "  a red circle on the left ") == "a red circle on the left"
     with pytest.raises(ValueError, match="empty target prompt"):
         jobs.check_prompt(pipe, "   ", "target prompt")
-    with pytest.raises(ValueError, match="prompt too long: .* tokens, the text encoder reads 64"):
+    with pytest.raises(ValueError, match="prompt too long: .* tokens, the text encoder reads 16"):
         jobs.check_prompt(pipe, "a red circle on the left " * 4)
     with pytest.raises(ValueError, match=r"steps must be a whole number in \[1, 200\], got 2.5"):
         jobs.check_number("2.5", "steps", 1, 200, integer=True)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .world import INVERSE, Scene, WorldDataset, caption, is_heldout
+from .world import INVERSE, POSITION_PHRASES, RELATION_PHRASES, Scene, WorldDataset, caption, is_heldout
 
 #: Token budget of the miniature CLIP tokenizers: the longest caption the world's templates can
 #: produce is 54 character tokens (BOS/EOS included); 64 leaves room for a few extra words.
@@ -95,7 +95,7 @@ class WorldImages:
         return self.pixels[idx].float() / 127.5 - 1.0
 
     def captions(self, idx: torch.Tensor, rng: np.random.Generator, drop: float = 0.0,
-                 omit: float = 0.0) -> list[str]:
+                 omit_share: float = 0.0) -> list[str]:
         """A fresh random caption per item; with probability `drop` the empty prompt instead.
 
         The empty prompt is exactly what the stock pipelines encode as the negative prompt, so
@@ -105,11 +105,9 @@ class WorldImages:
             idx: item indices.
             rng: numpy generator for the templates and the dropout.
             drop: caption-dropout probability.
-            omit: probability that the caption leaves one attribute or the relation out
-                (`pretrain_text.omit`: web-like incomplete captions, never a wrong one).
+            omit_share: probability that the caption leaves one attribute or the relation out
+                (`omit`: web-like incomplete captions, never a wrong one).
         """
-        from .pretrain_text import omit as omitted
-
         out = []
         for i in idx.tolist():
             if rng.random() < drop:
@@ -120,8 +118,8 @@ class WorldImages:
             if self.caption_noise and len(scene.objects) == 2 and rng.random() < self.caption_noise:
                 scene = web_noise(scene, rng)
             # only draw from rng when omissions are on: 0 keeps the caption stream of older bundles
-            if omit and rng.random() < omit:
-                out.append(omitted(scene, rng))
+            if omit_share and rng.random() < omit_share:
+                out.append(omit(scene, rng))
                 continue
             out.append(caption(scene, rng))
         return out
@@ -146,6 +144,40 @@ def web_noise(scene: Scene, rng: np.random.Generator) -> Scene:
         if not is_heldout(wrong):
             return wrong
     return scene
+
+
+def omit(scene: Scene, rng: np.random.Generator) -> str:
+    """A caption of the scene with one thing left out (true, only less complete).
+
+    Two objects: one colour, one shape ("a red shape") or the relation ("a red circle and a blue
+    square", either order) is dropped; one object: its colour, its shape or its position.
+
+    Args:
+        scene: the scene (one or two objects).
+        rng: numpy generator choosing what to drop and the phrasing.
+    """
+    def phrase(o, drop: str | None) -> str:
+        if drop == "colour":
+            return f"a {o.shape}"
+        if drop == "shape":
+            return f"a {o.colour} shape"
+        return o.phrase
+
+    if len(scene.objects) == 1:
+        o = scene.objects[0]
+        what = ("colour", "shape", "position")[rng.integers(3)]
+        if what == "position":
+            return o.phrase
+        return f"{phrase(o, what)} {POSITION_PHRASES[scene.position][rng.integers(4)]}"
+    a, b = scene.objects
+    what = int(rng.integers(5))  # colour a, colour b, shape a, shape b, relation
+    if what == 4:
+        first, second = (a, b) if rng.random() < 0.5 else (b, a)
+        return f"{first.phrase} and {second.phrase}"
+    da = ("colour", None, "shape", None)[what]
+    db = (None, "colour", None, "shape")[what]
+    rel = RELATION_PHRASES[scene.relation][rng.integers(3)]
+    return f"{phrase(a, da)} {rel} {phrase(b, db)}"
 
 
 class TokenCache:
@@ -289,5 +321,5 @@ def folder_megabytes(path: str | os.PathLike) -> float:
     return total / 1e6
 
 
-__all__ = ["EMA", "TOKENIZER_MAX_LENGTH", "Timer", "TokenCache", "WorldImages", "autocast", "diffusion_optimizer", "optimizer_step",
+__all__ = ["omit", "EMA", "TOKENIZER_MAX_LENGTH", "Timer", "TokenCache", "WorldImages", "autocast", "diffusion_optimizer", "optimizer_step",
            "folder_megabytes", "lr_factor", "param_count", "seed_everything", "set_threads"]

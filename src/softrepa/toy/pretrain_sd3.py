@@ -185,7 +185,7 @@ def train_sd3(parts: dict, latents: tuple[torch.Tensor, torch.Tensor], data: Wor
             sequence keeps the caption: the denoiser must then read the detail from the
             sequence (where soft tokens act), not from the adaLN path.
         caption_omit: share of captions with an attribute or the relation left out
-            (`pretrain_text.omit`).
+            (`pretrain_common.omit`).
         snapshot_steps, on_snapshot: after each of these steps `on_snapshot(step)` is called
             with the EMA weights swapped into the modules (then swapped back): one run gives
             the model at several training lengths of the same schedule.
@@ -210,7 +210,7 @@ def train_sd3(parts: dict, latents: tuple[torch.Tensor, torch.Tensor], data: Wor
         eps = torch.randn(x0.shape, generator=g)
         s = torch.sigmoid(torch.randn(batch_size, generator=g)).view(-1, 1, 1, 1)
         x_s = (1 - s) * x0 + s * eps
-        ids = tokens(data.captions(idx, rng, caption_dropout, omit=caption_omit))
+        ids = tokens(data.captions(idx, rng, caption_dropout, omit_share=caption_omit))
         proc.log_k = sample_null_counts(batch_size, g)
         with autocast(amp):
             with torch.set_grad_enabled(not freeze_text):

@@ -9,7 +9,7 @@ reproduces at miniature scale:
   every word of the world's captions into one token (`WORLD_WORDS`); any other word still
   tokenizes, into characters, as rare words do in a real CLIP vocabulary. A caption is 6-14 of
   16 positions, as a COCO caption is ~15 of CLIP's 77.
-* **web captions leave things out.** `omit` drops one attribute (a colour, a shape) or the
+* **web captions leave things out.** `omit` (in `pretrain_common`, beside `web_noise`) drops one attribute (a colour, a shape) or the
   relation from a caption ("a circle to the left of a blue square", "a red circle and a blue
   square"): never a wrong statement, only a less complete one. Pretraining sees a share of
   such captions; SoftREPA then trains on complete ones (SD3: web -> COCO).
@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .world import (COLOURS, PAIR_TEMPLATES, POSITION_PHRASES, RELATION_PHRASES, SHAPES, SINGLE_TEMPLATES, Scene)
+from .pretrain_common import omit
+from .world import COLOURS, PAIR_TEMPLATES, POSITION_PHRASES, RELATION_PHRASES, SHAPES, SINGLE_TEMPLATES
 
 #: Positions of the word-level tokenizer, BOS and EOS included: the longest world caption is 12
 #: words (14 tokens); the rest is padding, as in a real CLIP's 77.
@@ -98,40 +99,6 @@ def make_word_tokenizer(model_max_length: int = WORD_MAX_LENGTH):
     raise RuntimeError(f"cannot make {broken} single tokens")  # not reached for the world's words
 
 
-def omit(scene: Scene, rng: np.random.Generator) -> str:
-    """A caption of the scene with one thing left out (true, only less complete).
-
-    Two objects: one colour, one shape ("a red shape") or the relation ("a red circle and a blue
-    square", either order) is dropped; one object: its colour, its shape or its position.
-
-    Args:
-        scene: the scene (one or two objects).
-        rng: numpy generator choosing what to drop and the phrasing.
-    """
-    def phrase(o, drop: str | None) -> str:
-        if drop == "colour":
-            return f"a {o.shape}"
-        if drop == "shape":
-            return f"a {o.colour} shape"
-        return o.phrase
-
-    if len(scene.objects) == 1:
-        o = scene.objects[0]
-        what = ("colour", "shape", "position")[rng.integers(3)]
-        if what == "position":
-            return o.phrase
-        return f"{phrase(o, what)} {POSITION_PHRASES[scene.position][rng.integers(4)]}"
-    a, b = scene.objects
-    what = int(rng.integers(5))  # colour a, colour b, shape a, shape b, relation
-    if what == 4:
-        first, second = (a, b) if rng.random() < 0.5 else (b, a)
-        return f"{first.phrase} and {second.phrase}"
-    da = ("colour", None, "shape", None)[what]
-    db = (None, "colour", None, "shape")[what]
-    rel = RELATION_PHRASES[scene.relation][rng.integers(3)]
-    return f"{phrase(a, da)} {rel} {phrase(b, db)}"
-
-
 class ImageEncoder(torch.nn.Module):
     """A small CNN for 32x32 renders: the image tower of the miniature CLIP (discarded after).
 
@@ -196,7 +163,7 @@ def pretrain_text_encoders(encoders: list, tokenizer, data, steps: int, batch_si
     for _ in tqdm(range(steps), desc="text encoders", mininterval=5):
         idx = torch.randint(len(data), (batch_size,), generator=g)
         images = data.images(idx)
-        ids = tokens(data.captions(idx, rng, 0.0, omit=omit_share))
+        ids = tokens(data.captions(idx, rng, 0.0, omit_share=omit_share))
         loss, acc = 0.0, 0.0
         labels = torch.arange(batch_size)
         for te, tower, s in zip(encoders, towers, scales):
