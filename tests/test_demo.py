@@ -16,6 +16,9 @@ def test_demo_smoke(tmp_path):
     assert rc == 0
     report = (out / "report.md").read_text()
     assert "McNemar p" in report and "quality proxy" in report and "positive-only" in report
+    # the gates of the bundled miniature (its gates.json) and the trained tokens' own leverage
+    assert "leverage of random tokens" in report and "operating point: CFG" in report
+    assert "leverage of the tokens trained here: positive-only" in report
     assert (out / "grid.png").is_file() and (out / "curves.png").is_file()
     js = json.loads((out / "results.json").read_text())
     res = js["results"]
