@@ -90,7 +90,6 @@ def token_leverage(pipe: Any, tokens: Sequence[Any] | None = None, *, n_images: 
     """
     from ..artifact import load_soft_tokens
     from ..backbone import backbone_for
-    from ..family import family_of
     from ..hooks import attach
     from ..tokens import SoftTokens, SoftTokensConfig
     from .world import prompt as canonical_prompt
@@ -122,9 +121,8 @@ def token_leverage(pipe: Any, tokens: Sequence[Any] | None = None, *, n_images: 
     if tokens is not None:
         vals = [measure(load_soft_tokens(t) if isinstance(t, (str, Path)) else t) for t in tokens]
         return {"leverage": vals, "per_draw": vals, "s": s, "n": len(scenes) * len(timesteps)}
-    sd3_like = family_of(pipe).name != "sd15"
-    where = {"num_layers": num_layers} if sd3_like else {"blocks": ("down", "mid")}
-    cfg = SoftTokensConfig(num_tokens=num_tokens, time_buckets=0, init="normal", **where)
+    # the config is model-independent: MM-DiT families read num_layers, UNets their default blocks
+    cfg = SoftTokensConfig(num_tokens=num_tokens, num_layers=num_layers, time_buckets=0, init="normal")
     per_draw = []
     for k in range(draws):
         tok = SoftTokens.for_model(pipe, cfg, seed=seed + k)

@@ -61,7 +61,7 @@ class PretrainConfig:
         pooled_drop: SD3 only: share of samples trained with the empty prompt's pooled vector
             (the sequence then has to carry the caption).
         caption_omit: SD3 only: share of captions with an attribute or the relation left out
-            (`pretrain_text.omit`; text-encoder and denoiser stages).
+            (`pretrain_common.omit`; text-encoder and denoiser stages).
         snapshots: SD3 only: also save the EMA model after these steps, as `toy_sd3_step<N>`
             beside the final folder (training lengths compared in one run).
         vae_from: a pipeline folder whose trained VAE is reused instead of training one (the

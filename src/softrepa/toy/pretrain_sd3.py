@@ -203,6 +203,10 @@ def train_sd3(parts: dict, latents: tuple[torch.Tensor, torch.Tensor], data: Wor
     g = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng([seed, 3])
     mean, std = latents
+    empty = None
+    if pooled_drop and freeze_text:  # a frozen encoder's empty-prompt pooled vector is a constant
+        with torch.no_grad(), autocast(amp):
+            _, empty = sd3_text_context(te1, te2, tokens([""]))
     losses, t0 = [], time.perf_counter()
     for step in tqdm(range(steps), desc="sd3", mininterval=5):
         idx = torch.randint(len(data), (batch_size,), generator=g)
@@ -217,7 +221,7 @@ def train_sd3(parts: dict, latents: tuple[torch.Tensor, torch.Tensor], data: Wor
                 ctx, pooled = sd3_text_context(te1, te2, ids)
             if pooled_drop:
                 keep = torch.rand(batch_size, generator=g) >= pooled_drop
-                with torch.set_grad_enabled(not freeze_text):
+                if not freeze_text:  # trained encoders: the empty prompt's pooled vector moves each step
                     _, empty = sd3_text_context(te1, te2, tokens([""]))
                 pooled = torch.where(keep[:, None], pooled, empty.expand_as(pooled))
             ctx = torch.cat([ctx, ctx.new_zeros(batch_size, 1, ctx.shape[-1])], dim=1)  # the null token

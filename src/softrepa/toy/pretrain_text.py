@@ -9,8 +9,8 @@ reproduces at miniature scale:
   every word of the world's captions into one token (`WORLD_WORDS`); any other word still
   tokenizes, into characters, as rare words do in a real CLIP vocabulary. A caption is 6-14 of
   16 positions, as a COCO caption is ~15 of CLIP's 77.
-* **web captions leave things out.** `omit` (in `pretrain_common`, beside `web_noise`) drops one attribute (a colour, a shape) or the
-  relation from a caption ("a circle to the left of a blue square", "a red circle and a blue
+* **web captions leave things out.** `pretrain_common.omit` (beside `web_noise`) drops one
+  attribute (a colour, a shape) or the relation from a caption ("a circle to the left of a blue square", "a red circle and a blue
   square"): never a wrong statement, only a less complete one. Pretraining sees a share of
   such captions; SoftREPA then trains on complete ones (SD3: web -> COCO).
 * **text encoders pretrained apart and frozen.** `pretrain_text_encoders` trains the two CLIP
@@ -29,7 +29,6 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .pretrain_common import omit
 from .world import COLOURS, PAIR_TEMPLATES, POSITION_PHRASES, RELATION_PHRASES, SHAPES, SINGLE_TEMPLATES
 
 #: Positions of the word-level tokenizer, BOS and EOS included: the longest world caption is 12
@@ -185,5 +184,5 @@ def pretrain_text_encoders(encoders: list, tokenizer, data, steps: int, batch_si
             "retrieval": float(np.mean(accs[-50:]))}
 
 
-__all__ = ["ImageEncoder", "OMISSION_WORDS", "WORD_MAX_LENGTH", "WORLD_WORDS", "make_word_tokenizer", "omit",
+__all__ = ["ImageEncoder", "OMISSION_WORDS", "WORD_MAX_LENGTH", "WORLD_WORDS", "make_word_tokenizer",
            "pretrain_text_encoders"]
