@@ -91,17 +91,21 @@ class Backbone:
     Args:
         pipe: a loaded `StableDiffusion3Pipeline`, `StableDiffusionPipeline` or
             `StableDiffusionXLPipeline` (or compatible).
-        max_sequence_length: T5 length for SD3 prompts (authors trained with 512).
+        max_sequence_length: text positions of a prompt, for families that take a length (default:
+            the family's `text_length`, the one train, generate and edit share).
     """
 
     family: str = ""  # the registered family name
     prediction: str = ""
 
-    def __init__(self, pipe: Any, max_sequence_length: int = 256):
+    def __init__(self, pipe: Any, max_sequence_length: int | None = None):
         self.pipe = pipe
         self.denoiser = resolve_denoiser(pipe)
         self.vae = pipe.vae
-        self.max_sequence_length = max_sequence_length
+        family = family_of(pipe)
+        # a length given for a family that takes none is ignored here (configs written before the
+        # family contract carried 512 for every family); the CLI refuses it with a message
+        self.max_sequence_length = family.resolve_text_length(max_sequence_length if family.text_length else None)
 
     # ---------------------------------------------------------------- shared helpers
     @property
@@ -141,6 +145,16 @@ class Backbone:
             z = post.sample(generator)
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         return ((z - shift) * vae.config.scaling_factor).to(self.dtype)
+
+    @torch.no_grad()
+    def encode_source(self, pixels: torch.Tensor) -> torch.Tensor:
+        """FlowEdit's source: (B, 3, H, W) in [-1, 1] -> float32 model latents from the VAE posterior
+        *mode* (deterministic, as FlowEdit does), so that an edit with n_max = 0 returns exactly
+        decode(encode(x)). Families whose model latent is not the VAE's shifted / scaled one override it."""
+        vae = self.vae
+        post = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return ((post.mode() - shift) * vae.config.scaling_factor).float()
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:

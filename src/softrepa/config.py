@@ -214,7 +214,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     compile: bool = False
     compile_mode: str | None = None
-    max_sequence_length: int = 512
+    max_sequence_length: int | None = None  # None: the family's text_length
     seed: int = 0
     num_workers: int = 2
     log_every: int = 10

@@ -274,7 +274,7 @@ class Diagnosis:
 
 def diagnose(pipe: Any, data: Any, tokens: Any = None, *, bins: int = 10, batches_per_bin: int = 2,
              batch_size: int = 16, loss: Any = None, negatives: Any = None, resolution: int | None = None,
-             max_sequence_length: int = 256, seed: int = 0, grad_share: bool = True, progress: bool = True,
+             max_sequence_length: int | None = None, seed: int = 0, grad_share: bool = True, progress: bool = True,
              pair_chunk: int | None = None) -> Diagnosis:
     """Measure the loss regime per timestep bin (see the module docstring).
 

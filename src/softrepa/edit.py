@@ -60,28 +60,16 @@ def vae_upcast(vae: Any) -> Iterator[None]:
 
 
 def encode_source(backbone: Any, pixels: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) in [-1, 1] -> scaled latents from the VAE posterior *mode* (deterministic,
-    as FlowEdit does), so that n_max = 0 returns exactly decode(encode(x)).
-
-    A backbone with its own `encode_source(pixels)` (families whose model latent is not the VAE's
-    shifted / scaled latent) is used instead; the result is float32 either way."""
-    # a family whose model latent is not the VAE's shifted / scaled one (FLUX.2: 2 x 2 patches,
-    # batch-normed; Qwen-Image: a 3-D VAE) encodes the source itself
-    own = getattr(backbone, "encode_source", None)
-    if own is not None:
-        with vae_upcast(backbone.vae):  # an fp16 VAE that asks for fp32 gets it on every path
-            return own(pixels).float()
-    vae = backbone.vae
-    with vae_upcast(vae):
-        post = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
-    return ((post.mode() - shift) * vae.config.scaling_factor).float()
+    """(B, 3, H, W) in [-1, 1] -> float32 model latents of the VAE posterior *mode* (`Backbone.encode_source`),
+    with an fp16 VAE that asks for fp32 upcast on the way."""
+    with vae_upcast(backbone.vae):
+        return backbone.encode_source(pixels).float()
 
 
 @torch.no_grad()
 def edit_latents(pipe: Any, z_src: torch.Tensor, source_prompts: list[str], target_prompts: list[str],
                  params: FlowEditParams, *, resolution: int | tuple[int, int] | None = None,
-                 generator: torch.Generator | None = None, max_sequence_length: int = 256, progress: bool = False,
+                 generator: torch.Generator | None = None, max_sequence_length: int | None = None, progress: bool = False,
                  warn_long: bool = True) -> torch.Tensor:
     """FlowEdit on latents with a pipeline's model (and whatever tokens are attached to it).
 
@@ -93,7 +81,7 @@ def edit_latents(pipe: Any, z_src: torch.Tensor, source_prompts: list[str], targ
         resolution: image size, a side or (H, W), for SDXL's size conditioning (default: the pixel
             size of `z_src`, (h, w) times the VAE factor).
         generator: forward-noise generator (default: CPU, seeded with params.seed).
-        max_sequence_length: SD3 T5 prompt length (the pipeline's default 256, as FlowEdit).
+        max_sequence_length: text length (default: the family's `text_length`).
         progress: progress bar over the steps.
         warn_long: log a warning for prompts the text encoder truncates (as generation does);
             callers that already checked a whole manifest turn it off.
@@ -176,7 +164,7 @@ def pixels_to_image(pixels: torch.Tensor) -> Image.Image:
 @torch.no_grad()
 def edit_image(pipe: Any, image: Image.Image | str, source_prompt: str, target_prompt: str,
                params: FlowEditParams | None = None, *, size: tuple[int, int] | None = None,
-               max_sequence_length: int = 256, progress: bool = False, warn_long: bool = True) -> Image.Image:
+               max_sequence_length: int | None = None, progress: bool = False, warn_long: bool = True) -> Image.Image:
     """Edit one image with FlowEdit; the result has the source image's size.
 
     The whole image is edited: it is resized (bicubic, never cropped) to a working size the model
@@ -194,7 +182,7 @@ def edit_image(pipe: Any, image: Image.Image | str, source_prompt: str, target_p
             tokens when tokens are attached and enabled, else vanilla).
         size: working (H, W); default: the image's size, longer side capped at the model's native
             resolution, each side rounded to the model's size multiple (`size_multiple`).
-        max_sequence_length: SD3 T5 prompt length.
+        max_sequence_length: text length (default: the family's `text_length`).
         progress: progress bar over the steps.
         warn_long: log a warning when a prompt is longer than the text encoder reads.
     Returns:
@@ -357,7 +345,7 @@ def edit_manifest(pipe: Any, rows: Sequence[dict[str, str]], out: str | Path, *,
         params: FlowEdit settings (default: the family's paper preset, vanilla or with tokens);
             its `tar_cfg` is replaced by each value of `target_cfgs`.
         size: working (H, W) (default: each image's own, capped at the native resolution).
-        max_sequence_length: T5 prompt length (families that take it; default 256).
+        max_sequence_length: text length (families that take one; default: the family's `text_length`).
         model, tokens: recorded in the metadata (model id / folder; the tokens file in effect).
         manifest: name outputs `{index:05d}_{stem}.png` (True) or `{stem}.png` (one image).
         size_spec: the size as the user wrote it (recorded; part of the resume check).
@@ -414,7 +402,7 @@ def _edit_planned(pipe, rows, out_root: Path, base: FlowEditParams, cfgs: list[f
         for i, r in tqdm(todo, desc=f"edit tar_cfg={p.tar_cfg:g}", unit="img", disable=not progress):
             src = open_image(r["image"])
             edited = edit_image(pipe, src, r["source_prompt"], r["target_prompt"], p, size=size,
-                                max_sequence_length=max_sequence_length or 256, warn_long=False)
+                                max_sequence_length=max_sequence_length, warn_long=False)
             name = output_name(i, r["image"], manifest)
             atomic_write_bytes(folder / name, png_bytes(edited))  # the image first, then its row
             append_row(folder / "metadata.jsonl", {"file": name, "index": i, **r, "width": src.width,

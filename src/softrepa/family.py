@@ -89,7 +89,10 @@ class Family:
             scheduler by the backbone).
         sampling: paper sampling defaults.
         edit: FlowEdit presets.
-        text_length_option: whether `max_sequence_length` (T5 length) applies to this family.
+        text_length: the text positions prompts are encoded to when the user gives none (the
+            pipeline's `max_sequence_length`: T5 / Mistral / Qwen length, the length the family's
+            recipe trains with), used alike by train, generate, edit, diagnose and the page; None
+            for families whose pipelines take no text length (UNets: CLIP's fixed 77).
         repeated_blocks: class names of the blocks `compile_blocks` compiles when the diffusers
             model does not declare them itself (its `_repeated_blocks`).
     """
@@ -99,7 +102,7 @@ class Family:
     denoiser_class: str = ""
     sampling: SamplingDefaults = SamplingDefaults(30, 7.0)
     edit: EditPresets = EditPresets(50, 3.5, (33, 13.5), (30, 9.0))
-    text_length_option: bool = False
+    text_length: int | None = None
     repeated_blocks: tuple[str, ...] = ()
 
     # ----------------------------------------------------------------- recognition and widths
@@ -154,6 +157,25 @@ class Family:
             arguments (Qwen-Image: `true_cfg_scale` and a negative prompt) overrides this.
         """
         return {"guidance_scale": cfg}
+
+    @property
+    def text_length_option(self) -> bool:
+        """Whether `max_sequence_length` applies to this family."""
+        return self.text_length is not None
+
+    def resolve_text_length(self, explicit: int | None = None) -> int | None:
+        """The text length to use: `explicit` (a user's `--max-sequence-length`) or the family's.
+
+        Raises:
+            SoftTokensError: a length given for a family that takes none, or a length < 1.
+        """
+        if explicit is None:
+            return self.text_length
+        if self.text_length is None:
+            raise SoftTokensError(f"max_sequence_length: {self.title} models take no text length, got {explicit}")
+        if int(explicit) < 1:
+            raise SoftTokensError(f"max_sequence_length must be >= 1, got {explicit}")
+        return int(explicit)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, denoiser={self.denoiser_class})"

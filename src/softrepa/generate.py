@@ -72,8 +72,8 @@ def generate_images(
         steps, cfg: sampling steps and CFG scale (default: the family's paper setting).
         height, width: image size (default: the pipeline's native resolution).
         batch_size: images per pipeline call.
-        max_sequence_length: SD3 only: T5 prompt length (pipeline default 256; the authors
-            trained their SD3 tokens with 512).
+        max_sequence_length: text length of families that take one (default: the family's
+            `text_length`, the length train and edit use too).
         tokens: the tokens file in effect (recorded with its sha256 in the metadata).
         model: model id / folder recorded in the metadata (default: the pipeline's name_or_path).
         progress: show a progress bar.
@@ -110,11 +110,10 @@ def generate_images(
             # a negative prompt is what makes the pipeline run the second branch
             call_kwargs = {**call_kwargs, "true_cfg_scale": float(true_cfg),
                            "negative_prompt": call_kwargs.get("negative_prompt", " ")}
+        # one text length per family, shared with train and edit (an explicit one wins)
+        max_sequence_length = family.resolve_text_length(max_sequence_length)
         if max_sequence_length is not None:
-            if "max_sequence_length" not in inspect.signature(pipe.__call__).parameters:
-                raise ValueError(f"--max-sequence-length: {type(pipe).__name__} takes no text length "
-                                 "(SD3, FLUX and Qwen-Image pipelines do)")
-            call_kwargs["max_sequence_length"] = int(max_sequence_length)
+            call_kwargs["max_sequence_length"] = max_sequence_length
         settings = {
             "cfg": float(cfg if cfg is not None else defaults.cfg), "steps": int(steps or defaults.steps),
             "height": int(height or width or native), "width": int(width or height or native),

@@ -45,7 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a word group for hard-negative swaps (repeatable; default: colour words)")
     p.add_argument("--no-grad-share", action="store_true", help="skip the token-gradient split (one backward per batch)")
     p.add_argument("--pair-chunk", type=int, default=None, help="pairs per forward pass (memory bound)")
-    p.add_argument("--max-sequence-length", type=int, default=256, help="SD3 T5 prompt length")
+    p.add_argument("--max-sequence-length", type=int, default=None, help="text length (default: the family's)")
     add_dtype_argument(p)
     p.add_argument("--device", default=None, help="torch device (default: cuda when available)")
     p.add_argument("--seed", type=int, default=0)

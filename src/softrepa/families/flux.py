@@ -49,7 +49,7 @@ class FluxBackbone(Backbone):
     family = "flux"
     prediction = "flow"
 
-    def __init__(self, pipe: Any, max_sequence_length: int = 512, guidance: float = 3.5):
+    def __init__(self, pipe: Any, max_sequence_length: int | None = None, guidance: float = 3.5):
         super().__init__(pipe, max_sequence_length)
         self.guidance = float(guidance)
 

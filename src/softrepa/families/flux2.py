@@ -73,7 +73,7 @@ class Flux2Backbone(Backbone):
     family = "flux2"
     prediction = "flow"
 
-    def __init__(self, pipe: Any, max_sequence_length: int = 512, guidance: float = 4.0):
+    def __init__(self, pipe: Any, max_sequence_length: int | None = None, guidance: float = 4.0):
         super().__init__(pipe, max_sequence_length)
         self.guidance = float(guidance)
 

@@ -82,7 +82,7 @@ class QwenImageBackbone(Backbone):
     family = "qwenimage"
     prediction = "flow"
 
-    def __init__(self, pipe: Any, max_sequence_length: int = 512):
+    def __init__(self, pipe: Any, max_sequence_length: int | None = None):
         super().__init__(pipe, max_sequence_length)
 
     # ---------------------------------------------------------------- prompts

@@ -103,7 +103,7 @@ class SD3Family(Family):
     sampling = SamplingDefaults(steps=28, cfg=4.0)  # paper Table 4
     edit = EditPresets(steps=50, src_cfg=3.5, vanilla=(33, 13.5), tokens=(30, 9.0),
                        source="FlowEdit's SD3 setting (vanilla); SoftREPA Tables 5-6 (tokens)")
-    text_length_option = True
+    text_length = 512  # the recipe's T5 length (authors' SD3 training); the pipeline's own default is 256
     repeated_blocks = ("JointTransformerBlock",)  # SD3Transformer2DModel declares no `_repeated_blocks`
     #: config names of the block width and the text width, for error messages
     width_names = ("caption_projection_dim", "joint_attention_dim")

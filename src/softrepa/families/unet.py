@@ -29,7 +29,7 @@ class SD15Backbone(Backbone):
 
     family = "sd15"
 
-    def __init__(self, pipe: Any, max_sequence_length: int = 256):
+    def __init__(self, pipe: Any, max_sequence_length: int | None = None):
         super().__init__(pipe, max_sequence_length)
         cfg = pipe.scheduler.config
         self.prediction = cfg.get("prediction_type", "epsilon")
