@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .family import family_of, resolve_denoiser
+from .registry import family_of, resolve_denoiser
 
 
 @dataclass
@@ -95,17 +95,22 @@ class Backbone:
             the family's `text_length`, the one train, generate and edit share).
     """
 
-    family: str = ""  # the registered family name
-    prediction: str = ""
+    prediction: str = ""  # "flow", "epsilon" or "v_prediction": what `target` returns
 
     def __init__(self, pipe: Any, max_sequence_length: int | None = None):
         self.pipe = pipe
         self.denoiser = resolve_denoiser(pipe)
         self.vae = pipe.vae
-        family = family_of(pipe)
+        self._family = family_of(pipe)
         # a length given for a family that takes none is ignored here (configs written before the
         # family contract carried 512 for every family); the CLI refuses it with a message
-        self.max_sequence_length = family.resolve_text_length(max_sequence_length if family.text_length else None)
+        length = max_sequence_length if self._family.text_length else None
+        self.max_sequence_length = self._family.resolve_text_length(length)
+
+    @property
+    def family(self) -> str:
+        """The registered name of the pipeline's family."""
+        return self._family.name
 
     # ---------------------------------------------------------------- shared helpers
     @property
@@ -125,44 +130,64 @@ class Backbone:
             if mod is not None:
                 mod.requires_grad_(False)
 
+    # ---------------------------------------------------------------- latents: VAE <-> model space
+    # A family whose model latent is not the VAE's shifted / scaled one (FLUX.2: 2 x 2 patches,
+    # batch-normed; Qwen-Image: one-frame clips of a 3-D VAE) overrides these four maps; sampling,
+    # the deterministic FlowEdit source and decoding are written once, here.
+    def vae_input(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) pixels -> what the VAE's `encode` takes (already on its device and dtype)."""
+        return pixels
+
+    def latents_from_vae(self, z: torch.Tensor) -> torch.Tensor:
+        """A VAE latent (posterior sample or mode) -> the model's latent (B, C, h, w)."""
+        vae = self.vae
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return (z - shift) * vae.config.scaling_factor
+
+    def vae_from_latents(self, x: torch.Tensor) -> torch.Tensor:
+        """Inverse of `latents_from_vae` (x already in the VAE's dtype)."""
+        vae = self.vae
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return x / vae.config.scaling_factor + shift
+
+    def vae_output(self, decoded: torch.Tensor) -> torch.Tensor:
+        """What the VAE's `decode` returns -> (B, 3, H, W) pixels."""
+        return decoded
+
+    def _posterior(self, pixels: torch.Tensor) -> Any:
+        vae = self.vae
+        return vae.encode(self.vae_input(pixels.to(device=vae.device, dtype=vae.dtype))).latent_dist
+
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor,
                       generator: torch.Generator | Sequence[torch.Generator] | None = None) -> torch.Tensor:
-        """(B, 3, H, W) in [-1, 1] -> scaled latents (B, C, H/f, W/f) (a sample of the VAE posterior).
+        """(B, 3, H, W) in [-1, 1] -> model latents (B, C, h, w): a sample of the VAE posterior.
 
         Args:
             pixels: images in [-1, 1].
             generator: one generator for the batch, or one per image (so that an image's latent
                 does not depend on which batch or rank it is encoded in).
         """
-        vae = self.vae
-        x = pixels.to(device=vae.device, dtype=vae.dtype)
-        post = vae.encode(x).latent_dist
+        post = self._posterior(pixels)
         if isinstance(generator, (list, tuple)):
             eps = torch.stack([torch.randn(post.mean.shape[1:], generator=g) for g in generator])
             z = post.mean + post.std * eps.to(post.mean.device, post.mean.dtype)
         else:
             z = post.sample(generator)
-        shift = getattr(vae.config, "shift_factor", None) or 0.0
-        return ((z - shift) * vae.config.scaling_factor).to(self.dtype)
+        return self.latents_from_vae(z).to(self.dtype)
 
     @torch.no_grad()
     def encode_source(self, pixels: torch.Tensor) -> torch.Tensor:
         """FlowEdit's source: (B, 3, H, W) in [-1, 1] -> float32 model latents from the VAE posterior
         *mode* (deterministic, as FlowEdit does), so that an edit with n_max = 0 returns exactly
-        decode(encode(x)). Families whose model latent is not the VAE's shifted / scaled one override it."""
-        vae = self.vae
-        post = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist
-        shift = getattr(vae.config, "shift_factor", None) or 0.0
-        return ((post.mode() - shift) * vae.config.scaling_factor).float()
+        decode(encode(x))."""
+        return self.latents_from_vae(self._posterior(pixels).mode()).float()
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """Inverse of `encode_images`: latents -> (B, 3, H, W) in [-1, 1]."""
-        vae = self.vae
-        shift = getattr(vae.config, "shift_factor", None) or 0.0
-        z = latents.to(vae.dtype) / vae.config.scaling_factor + shift
-        return vae.decode(z, return_dict=False)[0].clamp(-1, 1)
+        """Inverse of `encode_images`: model latents -> (B, 3, H, W) in [-1, 1]."""
+        z = self.vae_from_latents(latents.to(self.vae.dtype))
+        return self.vae_output(self.vae.decode(z, return_dict=False)[0]).clamp(-1, 1)
 
     def sample_timesteps(self, n: int, generator: torch.Generator | None = None, shared: bool = True,
                          t_min: int = 0, t_max: int = 1000) -> torch.Tensor:

@@ -1,15 +1,17 @@
 """What a model family is, and the registry of the supported ones.
 
 A *family* is everything softrepa knows about one kind of diffusers denoiser: how to recognise it,
-its widths, where the soft tokens enter (hooks), how to train and sample through it (the
-`Backbone`), its paper sampling settings and its FlowEdit adapter and presets. Each family is one
-module under `softrepa/families/` that subclasses `Family` and ends with one line,
-`register_family(MyFamily())` — the pattern of peft's `register_peft_method`. Nothing outside those
-modules names a diffusers model class or branches on a family.
+its widths, where the soft tokens enter (a `softrepa.templates.Placement`: which of the three
+templates, the block list, argument names, masks, rotary rows, timestep scale), how to train and
+sample through it (its `Backbone`), its text length, its paper sampling settings and its FlowEdit
+adapter and presets. Each family is one module under `softrepa/families/` holding one `Family`
+subclass (no family class derives from another) and ending with one line,
+`register_family(MyFamily())` — the pattern of peft's `register_peft_method`. Nothing outside
+those modules names a diffusers model class or branches on a family.
 
-This module knows no concrete family (so that `tokens.py`, the attach plumbing and the trainer can
-import it without importing diffusers). The built-in families register when `softrepa` is imported
-(`softrepa/__init__` imports `softrepa.families`).
+`Family` declares every extension point; the defaults serve the per-block (MM-DiT) layouts, one
+token set per selected block. The registry lives apart, in `softrepa.registry` (its names are
+re-exported here for existing imports).
 """
 
 from __future__ import annotations
@@ -21,11 +23,13 @@ from typing import TYPE_CHECKING, Any, Callable
 from torch import nn
 
 from .errors import SoftTokensError
+from .registry import describe_model, family_names, family_of, get_family, register_family, resolve_denoiser, supported
+from .templates import Placement, install
+from .tokens import SoftTokensConfig, TokenLayout
 
-if TYPE_CHECKING:  # annotations only: these modules import this one
-    from .hooks import AttachHandle
+if TYPE_CHECKING:  # annotations only: the backbone and the attach plumbing look families up in the registry
     from .backbone import Backbone
-    from .tokens import SoftTokensConfig, TokenLayout
+    from .hooks import AttachHandle
 
 
 @dataclass(frozen=True)
@@ -95,6 +99,14 @@ class Family:
             for families whose pipelines take no text length (UNets: CLIP's fixed 77).
         repeated_blocks: class names of the blocks `compile_blocks` compiles when the diffusers
             model does not declare them itself (its `_repeated_blocks`).
+        placement: where the tokens enter (`softrepa.templates.Placement`: template + block metadata).
+        block_list: the denoiser attribute holding the blocks a per-block layout indexes.
+        width_names: config names of the block and text widths, for error messages.
+        projection_modules: denoiser attributes that map text-space tokens into the block width.
+
+    Extension points (methods): `matches`, `widths` / `describe`, `layout_for` / `check_layout` /
+    `check_fits`, `projection`, `install_hooks`, `backbone`, `edit_model`, `run_settings`,
+    `guidance_kwargs`, `resolve_text_length`; the backbone's `encode_source` is FlowEdit's source.
     """
 
     name: str = ""
@@ -104,35 +116,80 @@ class Family:
     edit: EditPresets = EditPresets(50, 3.5, (33, 13.5), (30, 9.0))
     text_length: int | None = None
     repeated_blocks: tuple[str, ...] = ()
+    placement: Placement
+    block_list: str = "transformer_blocks"
+    width_names: tuple[str, str] = ("inner_dim (num_attention_heads x attention_head_dim)", "joint_attention_dim")
+    projection_modules: tuple[str, ...] = ("context_embedder",)
 
     # ----------------------------------------------------------------- recognition and widths
     def matches(self, denoiser: nn.Module) -> bool:
-        """Whether `denoiser` is a model of this family."""
+        """Whether `denoiser` is a model of this family (an isinstance check of its diffusers class)."""
         raise NotImplementedError
+
+    def widths(self, denoiser: nn.Module) -> tuple[int, int]:
+        """(block width the tokens enter at, text-encoder width the model reads). Default: an MM-DiT's
+        `num_attention_heads * attention_head_dim` and `joint_attention_dim`."""
+        cfg = denoiser.config
+        return int(cfg.num_attention_heads * cfg.attention_head_dim), int(cfg.joint_attention_dim)
 
     def describe(self, denoiser: nn.Module) -> ModelInfo:
-        raise NotImplementedError
+        """Family, widths and depth (the length of the placement's block list) of `denoiser`."""
+        model_dim, text_dim = self.widths(denoiser)
+        return ModelInfo(self.name, model_dim, text_dim, len(getattr(denoiser, self.block_list)))
 
     # ----------------------------------------------------------------- tokens
-    def layout_for(self, denoiser: nn.Module, config: "SoftTokensConfig") -> "TokenLayout":
-        """The `TokenLayout` of tokens built with `config` for `denoiser` (errors name the field)."""
-        raise NotImplementedError
+    def layout_for(self, denoiser: nn.Module, config: SoftTokensConfig) -> TokenLayout:
+        """The `TokenLayout` of tokens built with `config` for `denoiser` (errors name the field).
 
-    def check_layout(self, layout: "TokenLayout") -> None:
+        Default: one token set per selected block of `block_list` (`config.layers`, else the first
+        `config.num_layers`), base tokens in the text-encoder or the block width (`config.token_space`).
+        """
+        info = self.describe(denoiser)
+        layers = config.layers if config.layers is not None else tuple(range(config.num_layers))
+        if max(layers) >= info.depth:
+            raise SoftTokensError(f"layers {list(layers)} go beyond the model depth: it has {info.depth} transformer "
+                                  f"blocks (num_layers must be <= {info.depth})")
+        token_dim = info.text_dim if config.token_space == "text" else info.model_dim
+        return TokenLayout(self.name, token_dim, info.model_dim, config.num_tokens, config.time_buckets,
+                           config.token_space, layers, (), info.depth)
+
+    def check_layout(self, layout: TokenLayout) -> None:
         """Family rules a layout must follow on its own (raise `SoftTokensError` naming the field)."""
+        if not layout.layers:
+            raise SoftTokensError(f"layers must not be empty for a per-block ({self.name}) layout")
 
-    def check_fits(self, layout: "TokenLayout", denoiser: nn.Module) -> None:
+    def check_fits(self, layout: TokenLayout, denoiser: nn.Module) -> None:
         """Raise `SoftTokensError` naming the first field of `layout` that does not fit `denoiser`."""
-        raise NotImplementedError
+        info = self.describe(denoiser)
+        if layout.family != info.family:
+            raise SoftTokensError(f"family: tokens are for '{layout.family}', the model is '{info.family}'")
+        block, text = self.width_names
+        if layout.model_dim != info.model_dim:
+            raise SoftTokensError(f"model_dim: tokens have width {layout.model_dim}, the model's "
+                                  f"{block} is {info.model_dim}")
+        if layout.token_space == "text" and layout.token_dim != info.text_dim:
+            raise SoftTokensError(f"token_dim: text-space tokens have width {layout.token_dim}, the model's "
+                                  f"{text} is {info.text_dim}")
+        if layout.token_space == "block" and layout.token_dim != info.model_dim:
+            raise SoftTokensError(f"token_dim: block-space tokens have width {layout.token_dim}, "
+                                  f"the model's {block} is {info.model_dim}")
+        if max(layout.layers) >= info.depth:
+            raise SoftTokensError(f"layers: tokens use blocks {list(layout.layers)}, the model has only "
+                                  f"{info.depth} transformer blocks")
 
     def projection(self, denoiser: nn.Module) -> Callable | None:
-        """The model's own map from the text-encoder width to the block width (MM-DiT:
-        `context_embedder`), or None when tokens enter at the text width (UNets)."""
-        return None
+        """The model's own map from the text-encoder width to the block width (`projection_modules`
+        in order: MM-DiT `context_embedder`; Qwen-Image `txt_norm` then `txt_in`), or None (UNets).
+        A new container of the model's own modules: nothing is added to the model."""
+        mods = [getattr(denoiser, name) for name in self.projection_modules]
+        if not mods:
+            return None
+        return mods[0] if len(mods) == 1 else nn.Sequential(*mods)
 
     def install_hooks(self, denoiser: nn.Module, handle: "AttachHandle") -> None:
-        """Register on `denoiser` the hooks that carry `handle.tokens` (each added with `handle.add`)."""
-        raise NotImplementedError
+        """Register the hooks of the family's `placement` that carry `handle.tokens` (through `handle.add`)."""
+        projection = self.projection(denoiser) if handle.tokens.layout.token_space == "text" else None
+        install(denoiser, handle, self.placement, projection)
 
     # ----------------------------------------------------------------- training, sampling, editing
     def backbone(self, pipe: Any, **kwargs: Any) -> "Backbone":
@@ -181,74 +238,5 @@ class Family:
         return f"{type(self).__name__}(name={self.name!r}, denoiser={self.denoiser_class})"
 
 
-_FAMILIES: dict[str, Family] = {}
-
-
-def register_family(family: Family) -> Family:
-    """Add a family to the registry (one line at the end of its module).
-
-    Raises:
-        ValueError: a family of that name is already registered.
-    """
-    if not family.name:
-        raise ValueError(f"{type(family).__name__} has no name")
-    if family.name in _FAMILIES:
-        raise ValueError(f"a family named {family.name!r} is already registered ({_FAMILIES[family.name]!r})")
-    _FAMILIES[family.name] = family
-    return family
-
-
-def family_names() -> tuple[str, ...]:
-    """Registered family names, in registration order."""
-    return tuple(_FAMILIES)
-
-
-def get_family(name: str) -> Family:
-    """The registered family called `name`.
-
-    Raises:
-        SoftTokensError: no such family (the message lists the known ones).
-    """
-    try:
-        return _FAMILIES[name]
-    except KeyError:
-        raise SoftTokensError(f"family must be one of {sorted(_FAMILIES)}, got {name!r}") from None
-
-
-def resolve_denoiser(model_or_pipeline: Any) -> nn.Module:
-    """The denoising network of a pipeline (`.transformer` / `.unet`), or the model itself."""
-    for attr in ("transformer", "unet"):
-        sub = getattr(model_or_pipeline, attr, None)
-        if isinstance(sub, nn.Module):
-            return sub
-    if isinstance(model_or_pipeline, nn.Module):
-        return model_or_pipeline
-    raise SoftTokensError(f"cannot find a denoiser in {type(model_or_pipeline).__name__}: expected one of "
-                          f"{supported()} or a pipeline with .transformer / .unet")
-
-
-def supported() -> str:
-    return ", ".join(f"{f.denoiser_class} ({f.title})" for f in _FAMILIES.values())
-
-
-def family_of(model_or_pipeline: Any) -> Family:
-    """The family of a model or pipeline, found by asking each registered family.
-
-    Raises:
-        SoftTokensError: no registered family recognises the model.
-    """
-    denoiser = resolve_denoiser(model_or_pipeline)
-    for family in _FAMILIES.values():
-        if family.matches(denoiser):
-            return family
-    raise SoftTokensError(f"unsupported model {type(denoiser).__name__}: soft tokens attach to {supported()}")
-
-
-def describe_model(model_or_pipeline: Any) -> ModelInfo:
-    """Family and widths of a supported model or pipeline."""
-    denoiser = resolve_denoiser(model_or_pipeline)
-    return family_of(denoiser).describe(denoiser)
-
-
 __all__ = ["EditPresets", "Family", "ModelInfo", "SamplingDefaults", "describe_model", "family_names", "family_of",
-           "get_family", "register_family", "resolve_denoiser"]
+           "get_family", "register_family", "resolve_denoiser", "supported"]

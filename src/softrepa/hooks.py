@@ -1,12 +1,12 @@
 """Attach soft tokens to unmodified diffusers models through removable forward hooks.
 
-Nothing of the model is replaced or forked: the model's family (`softrepa.family`) installs a
-forward pre-hook on the denoiser, which computes the tokens once per call from the per-sample
-timesteps, and hooks on the selected blocks that insert them into the text stream.
+Nothing of the model is replaced or forked: the model's family installs, through its placement
+template (`softrepa.templates`), a forward pre-hook on the denoiser, which computes the tokens once
+per call from the per-sample timesteps, and hooks on the selected blocks that insert them into the text.
 `handle.remove()` removes every hook, after which the model is the same object with the same
-parameters and the same outputs, bit for bit. This module knows no family: the generic plumbing
-(the handle, forward-argument helpers, the denoiser pre-hook) lives here, the family-specific
-block hooks in `softrepa/families/`.
+parameters and the same outputs, bit for bit. This module knows no family: the handle and the
+forward-argument helpers live here, the three templates in `softrepa.templates`, the per-family data
+in `softrepa/families/`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .errors import SoftTokensError
-from .family import family_of, resolve_denoiser
+from .registry import family_of, resolve_denoiser
 from .tokens import SoftTokens
 
 # Which models currently carry tokens; a weak map so that nothing is stored on the model itself.
@@ -158,33 +158,4 @@ def attached_handle(model_or_pipeline: Any) -> AttachHandle | None:
     return h if h is not None and h.active else None
 
 
-def model_pre_hook(handle: AttachHandle, projection: Callable | None, sample_arg: str,
-                   timestep_scale: float = 1.0) -> Callable:
-    """Forward pre-hook for the denoiser: compute this call's tokens from its per-sample timesteps.
-
-    Args:
-        handle: the handle whose tokens to compute.
-        projection: the family's map of base tokens into the block width (or None).
-        sample_arg: the forward argument whose batch size and dtype the tokens follow.
-        timestep_scale: maps the model's timestep argument onto the tokens' 0..1000 scale (FLUX is
-            called with t / 1000: scale 1000).
-    """
-
-    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if not handle.enabled:
-            handle.current = None
-            return None
-        sample = call_argument(module, args, kwargs, sample_arg)
-        timestep = call_argument(module, args, kwargs, "timestep")
-        if timestep is None:
-            raise SoftTokensError(f"{type(module).__name__} was called without a timestep")
-        if timestep_scale != 1.0:
-            timestep = torch.as_tensor(timestep) * timestep_scale
-        handle.current = handle.tokens(timestep, sample.shape[0], projection=projection,
-                                       dtype=sample.dtype, device=sample.device)
-        return None
-
-    return hook
-
-
-__all__ = ["AttachHandle", "attach", "attached_handle", "call_argument", "model_pre_hook", "replace_argument"]
+__all__ = ["AttachHandle", "attach", "attached_handle", "call_argument", "replace_argument"]

@@ -21,9 +21,8 @@ import torch
 from torch import nn
 
 from .errors import SoftTokensError
-from .family import family_of, get_family, resolve_denoiser
+from .registry import family_of, get_family, resolve_denoiser
 
-UNET_BLOCK_GROUPS = ("down", "mid", "up")
 TOKEN_SPACES = ("block", "text")
 INITS = ("normal", "empty_prompt")
 
@@ -71,9 +70,9 @@ class SoftTokensConfig:
                 raise SoftTokensError("layers must name at least one block index")
             if min(self.layers) < 0 or len(set(self.layers)) != len(self.layers):
                 raise SoftTokensError(f"layers must be distinct indices >= 0, got {list(self.layers)}")
-        bad = [b for b in self.blocks if b not in UNET_BLOCK_GROUPS]
-        if bad or not self.blocks:
-            raise SoftTokensError(f"blocks must be a non-empty subset of {UNET_BLOCK_GROUPS}, got {list(self.blocks)}")
+        if not self.blocks or not all(isinstance(b, str) for b in self.blocks):
+            # which names are valid is the family's business (UNets: down / mid / up), checked at layout_for
+            raise SoftTokensError(f"blocks must be a non-empty list of block-group names, got {list(self.blocks)}")
         if self.time_buckets < 0:
             raise SoftTokensError(f"time_buckets must be >= 0, got {self.time_buckets}")
         if self.token_space not in TOKEN_SPACES:

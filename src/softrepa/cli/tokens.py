@@ -8,7 +8,7 @@ import json
 from ..artifact import PROVENANCE_KEYS, load_soft_tokens, provenance_of, read_metadata
 from ..family import family_names
 from ..official import import_official
-from ..tokens import UNET_BLOCK_GROUPS
+from ..families.unet import BLOCK_GROUPS as UNET_BLOCK_GROUPS  # the family validates; see the CLI note
 from .common import add_out_argument
 
 

@@ -1,11 +1,15 @@
 """The built-in model families, one module each; importing this package registers them.
 
-Adding a family: write `families/<name>.py` (a `Family` subclass + its `Backbone` + hooks, ending
-with `register_family(...)`) and add its import below — see docs/design-notes.md.
+Adding a family: write `families/<name>.py` — a `Family` subclass with its `Placement` (one of the
+three templates of `softrepa.templates`, configured by data), its `Backbone` (a `FlowBackbone` for
+flow-matching models) and its defaults, ending with `register_family(...)` — and add its import
+below. See docs/design-notes.md.
 """
 
-from . import flux, sd3, unet  # noqa: F401  (registration)
-from . import qwenimage  # noqa: F401  (registration)
-from . import flux2  # noqa: F401  (registration)
+from . import sd3  # noqa: F401  (registration, in this order: `family_names()` lists them so)
+from . import flux  # noqa: F401
+from . import unet  # noqa: F401  (sd15, sdxl)
+from . import qwenimage  # noqa: F401
+from . import flux2  # noqa: F401
 
 __all__: list[str] = []

@@ -6,9 +6,8 @@ tiny `Flux2KleinPipeline`, base and step-distilled: `tests/test_family_flux2_kle
 
 As for SD3 and FLUX.1, at each selected dual-stream block k the block's m tokens are prepended to
 the text stream and dropped from the block's text output (the single-stream blocks come after every
-dual-stream block, so the tokens have left the stream before them). The layout, checks and token
-spaces are FLUX.1's (`Flux2Family` derives from `FluxFamily`); what differs is position, latents
-and the text encoder.
+dual-stream block, so the tokens have left the stream before them): the dual-stream template, one
+token set per selected block; what differs from FLUX.1 is position, latents and the text encoder.
 
 Positions. FLUX.2 ids have four axes (T, H, W, L). The pipeline's text ids are (0, 0, 0, l) for
 l = 0 .. n_txt - 1 — the text is a *sequence* on the L axis, not FLUX.1's all-zero ids — and the
@@ -24,9 +23,9 @@ same position as the first text token (the BOS of the chat template), and append
 the padded text (L = n_txt ..) would make their distance to the prompt depend on the padding
 length. FLUX.2 has no text attention mask (padding is attended to), so nothing else follows.
 
-The token rows are computed by the model's own `pos_embed` in a denoiser pre-hook from the call's
-`txt_ids`, kept in a dict closed over by this attachment's hooks (nothing is stored on the model),
-and prepended to the rotary of each selected block by its pre-hook.
+The token rows are computed once per call by the model's own `pos_embed` from the call's `txt_ids`
+(the placement's `call_state`, kept in this attachment's hooks; nothing is stored on the model), and
+prepended to the rotary of each selected block by its pre-hook.
 
 Latents. The model's latent is the VAE latent in 2 x 2 patches (4C channels, half the side),
 normalised by the VAE's batch-norm statistics, then packed to (B, h * w, 4C) with ids (0, h, w, 0).
@@ -52,30 +51,25 @@ import torch
 from diffusers import Flux2Transformer2DModel
 from torch import nn
 
-from ..backbone import Backbone, TextCond
+from ..backbone import TextCond
 from ..errors import SoftrepaError
-from ..family import SamplingDefaults, register_family
-from ..flowedit import embedded_flow_denoiser, flow_add_noise, flow_denoiser, flow_sigmas
-from ..hooks import AttachHandle, call_argument, model_pre_hook
-from .flux import FluxFamily
-from .sd3 import drop_hook, prepend_hook
+from ..family import Family, SamplingDefaults, register_family
+from ..flow import FLOWEDIT_FLUX_DEV, FlowBackbone, flow_edit_model
+from ..flowedit import flow_sigmas
+from ..hooks import call_argument
+from ..templates import DUAL_STREAM, Placement
 
 
-class Flux2Backbone(Backbone):
+class Flux2Backbone(FlowBackbone):
     """FLUX.2: rectified flow on batch-normed 2 x 2 latent patches, velocity target eps - x0.
 
     Args:
         pipe: a `Flux2Pipeline`.
-        max_sequence_length: Mistral prompt length (the pipeline's 512).
+        max_sequence_length: Mistral prompt length (default the family's 512, the pipeline's).
         guidance: the guidance-embedding scale of guidance-distilled models (the pipeline's 4.0).
     """
 
-    family = "flux2"
-    prediction = "flow"
-
-    def __init__(self, pipe: Any, max_sequence_length: int | None = None, guidance: float = 4.0):
-        super().__init__(pipe, max_sequence_length)
-        self.guidance = float(guidance)
+    default_guidance = 4.0
 
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str], resolution: int | None = None) -> TextCond:
@@ -94,53 +88,20 @@ class Flux2Backbone(Backbone):
         return mean.to(like.device, like.dtype), std.to(like.device, like.dtype)
 
     def latents_from_vae(self, z: torch.Tensor) -> torch.Tensor:
-        """(B, C, H/f, W/f) VAE latent -> (B, 4C, H/2f, W/2f) model latent (2 x 2 patches, batch-normed)."""
+        """(B, C, H/f, W/f) VAE latent -> (B, 4C, H/2f, W/2f) model latent (2 x 2 patches, batch-normed).
+
+        FlowEdit's source (`encode_source`) is the posterior *mode* through this map, as the pipeline
+        encodes reference images."""
         patches = self.pipe._patchify_latents(z)  # (B, 4C, H/2f, W/2f)
         mean, std = self._bn(patches)
         return (patches - mean) / std
 
-    @torch.no_grad()
-    def encode_source(self, pixels: torch.Tensor) -> torch.Tensor:
-        """FlowEdit's source (`softrepa.edit.encode_source`): (B, 3, H, W) in [-1, 1] -> float32
-        (B, 4C, H/2f, W/2f) model latents from the posterior *mode*, as the pipeline encodes reference images."""
-        vae = self.vae
-        mode = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist.mode()  # (B, C, H/f, W/f)
-        return self.latents_from_vae(mode).float()
+    def vae_from_latents(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 4C, h, w) model latents -> (B, C, 2h, 2w) VAE latents."""
+        mean, std = self._bn(x)
+        return self.pipe._unpatchify_latents(x * std + mean)
 
-    @torch.no_grad()
-    def encode_images(self, pixels: torch.Tensor,
-                      generator: torch.Generator | Sequence[torch.Generator] | None = None) -> torch.Tensor:
-        """(B, 3, H, W) in [-1, 1] -> (B, 4C, H/2f, W/2f) model latents (a sample of the VAE posterior).
-
-        Args:
-            pixels: images in [-1, 1].
-            generator: one generator for the batch, or one per image (see `Backbone.encode_images`).
-        """
-        vae = self.vae
-        post = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist
-        if isinstance(generator, (list, tuple)):
-            eps = torch.stack([torch.randn(post.mean.shape[1:], generator=g) for g in generator])
-            z = post.mean + post.std * eps.to(post.mean.device, post.mean.dtype)  # (B, C, H/f, W/f)
-        else:
-            z = post.sample(generator)
-        return self.latents_from_vae(z).to(self.dtype)
-
-    @torch.no_grad()
-    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """Inverse of `encode_images`: (B, 4C, h, w) model latents -> (B, 3, H, W) in [-1, 1]."""
-        z = latents.to(self.vae.dtype)
-        mean, std = self._bn(z)
-        z = self.pipe._unpatchify_latents(z * std + mean)  # (B, C, 2h, 2w)
-        return self.vae.decode(z, return_dict=False)[0].clamp(-1, 1)
-
-    # ---------------------------------------------------------------- flow matching
-    def add_noise(self, x0, noise, t):
-        sigma = (t.to(x0.device, torch.float32) / 1000.0).view(-1, 1, 1, 1)  # (B, 1, 1, 1)
-        return ((1 - sigma) * x0.float() + sigma * noise.float()).to(x0.dtype)
-
-    def target(self, x0, noise, t):
-        return noise.float() - x0.float()
-
+    # ---------------------------------------------------------------- the model call
     def denoise(self, x_t, t, cond, guidance: float | torch.Tensor | None = None):
         """Velocity for (B, 4C, h, w) model latents.
 
@@ -156,12 +117,8 @@ class Flux2Backbone(Backbone):
         packed = x_t.flatten(2).transpose(1, 2)  # (B, h * w, 4C), as Flux2Pipeline._pack_latents
         img_ids = self.pipe._prepare_latent_ids(x_t).to(device)  # (B, h * w, 4): (0, row, col, 0)
         txt_ids = self.pipe._prepare_text_ids(cond.embeds).to(device)  # (B, n_txt, 4): (0, 0, 0, l)
-        if self.denoiser.config.guidance_embeds:
-            scale = self.guidance if guidance is None else guidance
-            guidance = torch.as_tensor(scale, dtype=torch.float32, device=device).expand(b)  # (B,)
-        else:
-            guidance = None
-        out = self.denoiser(hidden_states=packed, timestep=t.to(device) / 1000.0, guidance=guidance,
+        out = self.denoiser(hidden_states=packed, timestep=t.to(device) / 1000.0,
+                            guidance=self.guidance_vector(b, device, guidance),
                             encoder_hidden_states=cond.embeds, txt_ids=txt_ids, img_ids=img_ids,
                             return_dict=False)[0]  # (B, h * w, 4C)
         return out.transpose(1, 2).reshape(b, c, h, w)  # (B, 4C, h, w)
@@ -180,54 +137,37 @@ def token_ids(txt_ids: torch.Tensor, m: int) -> torch.Tensor:
     return first + offsets  # (m, 4): L = l_0 - m .. l_0 - 1
 
 
-def token_rotary_hook(handle: AttachHandle, state: dict):
-    """Denoiser pre-hook: the rotary (cos, sin) rows of the tokens' ids for this call into `state`."""
-
-    def hook(model: nn.Module, args: tuple, kwargs: dict) -> None:
-        state.pop("rotary", None)
-        if not handle.enabled:
-            return None
-        txt_ids = call_argument(model, args, kwargs, "txt_ids")  # (n_txt, 4) or (B, n_txt, 4)
-        state["rotary"] = model.pos_embed(token_ids(txt_ids, handle.tokens.layout.num_tokens))  # each (m, d)
-        return None
-
-    return hook
+def token_rotary(model: nn.Module, args: tuple, kwargs: dict, m: int) -> dict:
+    """Per call: the rotary (cos, sin) rows of the tokens' ids, each (m, d), from the call's text ids."""
+    txt_ids = call_argument(model, args, kwargs, "txt_ids")  # (n_txt, 4) or (B, n_txt, 4)
+    return {"rotary": model.pos_embed(token_ids(txt_ids, m))}
 
 
-class Flux2Family(FluxFamily):
+def prepend_token_rows(rotary: tuple, m: int, at: int, state: dict) -> tuple:
+    """The block's rotary (cos, sin), each (n_txt + n_img, d), with the tokens' rows of this call first."""
+    return tuple(torch.cat([t.to(r.device, r.dtype), r], dim=0) for t, r in zip(state["rotary"], rotary))
+
+
+class Flux2Family(Family):
     name = "flux2"
     title = "FLUX.2 (dev, klein)"
     denoiser_class = "Flux2Transformer2DModel"
-    # Flux2Pipeline.__call__'s defaults in diffusers 0.42.1 (50 steps, guidance 4.0)
-    sampling = SamplingDefaults(steps=50, cfg=4.0)
-    # No FlowEdit setting is published for FLUX.2: FlowEdit's FLUX.1-dev one is carried over (28 steps,
-    # n_max 24, guidance embedding 1.5 -> 5.5; fallenshock/FlowEdit FLUX_exp.yaml), FLUX.2-dev being
-    # guidance-distilled with the embedding on the same scale (its sampling default 4.0, FLUX.1-dev's
-    # 3.5). With tokens the same numbers (no SoftREPA preset), so with / without compares only the tokens.
-    edit = replace(FluxFamily.edit, source="FlowEdit's FLUX.1-dev setting carried over (fallenshock/FlowEdit "
+    sampling = SamplingDefaults(steps=50, cfg=4.0)  # Flux2Pipeline.__call__'s defaults in diffusers 0.42.1
+    # No FlowEdit setting is published for FLUX.2: FLUX.1-dev's is carried over, FLUX.2-dev being
+    # guidance-distilled with the embedding on the same scale (its sampling default 4.0, FLUX.1-dev's 3.5)
+    edit = replace(FLOWEDIT_FLUX_DEV, source="FlowEdit's FLUX.1-dev setting carried over (fallenshock/FlowEdit "
                    "FLUX_exp.yaml: 28 steps, n_max 24, guidance 1.5 -> 5.5); not tuned for FLUX.2; same with tokens")
+    text_length = 512  # Flux2Pipeline's prompt length (tokenizer_max_length 512)
+    placement = Placement(DUAL_STREAM, timestep_scale=1000.0, rotary_arg="image_rotary_emb",
+                          rotary=prepend_token_rows, call_state=token_rotary)
 
     def matches(self, denoiser: nn.Module) -> bool:
         return isinstance(denoiser, Flux2Transformer2DModel)
 
-    def install_hooks(self, denoiser: nn.Module, handle: AttachHandle) -> None:
-        layout = handle.tokens.layout
-        projection = denoiser.context_embedder if layout.token_space == "text" else None
-        state: dict = {}  # this attachment's token rotary rows; dropped with the hooks
-        handle.add(denoiser.register_forward_pre_hook(
-            model_pre_hook(handle, projection, "hidden_states", timestep_scale=1000.0), with_kwargs=True))
-        handle.add(denoiser.register_forward_pre_hook(token_rotary_hook(handle, state), with_kwargs=True))
-        for set_index, block_index in enumerate(layout.layers):
-            block = denoiser.transformer_blocks[block_index]
-            # the tokens' rows were computed by the denoiser pre-hook for this call's text ids
-            hook = prepend_hook(handle, set_index, rotary_rows=lambda rotary, m: state["rotary"])
-            handle.add(block.register_forward_pre_hook(hook, with_kwargs=True))
-            handle.add(block.register_forward_hook(drop_hook(handle)))
-
     def backbone(self, pipe: Any, **kwargs: Any) -> Flux2Backbone:
         return Flux2Backbone(pipe, **kwargs)
 
-    def edit_model(self, backbone: Backbone, steps: int, latent_shape: tuple[int, ...]):
+    def edit_model(self, backbone, steps: int, latent_shape: tuple[int, ...]):
         """FlowEdit guided as the stock pipeline samples the model, on the pipeline's own sigma grid:
         linspace(1, 1 / steps, steps) shifted by FLUX.2's `compute_empirical_mu` of the latent
         sequence length (the (h, w) of the patch latent) and the number of steps.
@@ -243,13 +183,10 @@ class Flux2Family(FluxFamily):
 
         seq = latent_shape[-2] * latent_shape[-1]  # packed tokens: one per 2 x 2 patch
         scheduler = backbone.pipe.scheduler
-        ntt = scheduler.config.get("num_train_timesteps", 1000)
         base = None if scheduler.config.get("use_flow_sigmas", False) else np.linspace(1.0, 1.0 / steps, steps)
         sigmas = flow_sigmas(scheduler, steps, seq, base_sigmas=base, mu=compute_empirical_mu(seq, steps))
         distilled = bool(getattr(backbone.pipe.config, "is_distilled", False))
-        if backbone.denoiser.config.guidance_embeds or distilled:
-            return embedded_flow_denoiser(backbone, ntt), sigmas, flow_add_noise
-        return flow_denoiser(backbone, ntt), sigmas, flow_add_noise
+        return flow_edit_model(backbone, sigmas, embedded=backbone.denoiser.config.guidance_embeds or distilled)
 
 
 register_family(Flux2Family())

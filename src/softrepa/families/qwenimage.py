@@ -2,9 +2,9 @@
 dual-stream blocks, with the text mask and the rotary rows following the extra text positions.
 
 At each selected block k the block's m tokens are prepended to the text stream and dropped from the
-block's text output, as for SD3 (the layout, checks and token spaces are SD3's, so
-`QwenImageFamily` derives from `SD3Family`). Qwen-Image adds two position-dependent inputs that a
-block reads besides the text itself, and both must grow by m entries:
+block's text output, as for SD3 (the dual-stream template, one token set per selected block).
+Qwen-Image adds two position-dependent inputs that a block reads besides the text itself, and both
+must grow by m entries (the placement's `mask_arg` and `rotary`):
 
 * **The text mask** `encoder_hidden_states_mask` (B, n_txt): the pipeline pads a batch's prompts to
   the longest one and marks padding 0; the attention processor turns it into a key mask over
@@ -49,18 +49,17 @@ import torch
 from diffusers import QwenImageTransformer2DModel
 from torch import nn
 
-from ..backbone import Backbone, TextCond
-from ..errors import SoftTokensError
-from ..family import EditPresets, ModelInfo, SamplingDefaults, register_family
-from ..flowedit import flow_add_noise, flow_denoiser
-from ..hooks import AttachHandle, call_argument, model_pre_hook, replace_argument
-from .sd3 import SD3Family, drop_hook
+from ..backbone import TextCond
+from ..errors import SoftrepaError
+from ..family import EditPresets, Family, SamplingDefaults, register_family
+from ..flow import FlowBackbone, flow_edit_model
+from ..templates import DUAL_STREAM, Placement
 
 #: mask key of `TextCond.extra`: 1 for prompt tokens, 0 for padding
 MASK = "mask"
 
 
-class QwenImageBackbone(Backbone):
+class QwenImageBackbone(FlowBackbone):
     """Qwen-Image: rectified flow on packed 2 x 2 latent patches of a 3-D VAE, velocity target eps - x0.
 
     Prompts are encoded by the stock `encode_prompt` (the chat template, the Qwen2.5-VL last hidden
@@ -79,12 +78,6 @@ class QwenImageBackbone(Backbone):
         max_sequence_length: text positions per prompt (the pipeline's default 512, at most 1024).
     """
 
-    family = "qwenimage"
-    prediction = "flow"
-
-    def __init__(self, pipe: Any, max_sequence_length: int | None = None):
-        super().__init__(pipe, max_sequence_length)
-
     # ---------------------------------------------------------------- prompts
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str], resolution: int | None = None) -> TextCond:
@@ -94,10 +87,10 @@ class QwenImageBackbone(Backbone):
             prompts: N prompts (the stock `encode_prompt` wraps each in the chat template).
             resolution: unused (Qwen-Image has no size conditioning).
         Raises:
-            SoftTokensError: the pipeline has no text encoder or tokenizer.
+            SoftrepaError: the pipeline has no text encoder or tokenizer (as FLUX's missing encoders).
         """
         if getattr(self.pipe, "text_encoder", None) is None or getattr(self.pipe, "tokenizer", None) is None:
-            raise SoftTokensError("the Qwen-Image pipeline has no text_encoder / tokenizer: prompts cannot be "
+            raise SoftrepaError("the Qwen-Image pipeline has no text_encoder / tokenizer: prompts cannot be "
                                   "encoded (load the pipeline with its Qwen2.5-VL text encoder)")
         embeds, mask = self.encode_prompt(prompts)  # (N, n, D), (N, n) or None when nothing is padded
         n_pos = self.max_sequence_length
@@ -111,68 +104,31 @@ class QwenImageBackbone(Backbone):
         full[:, :length] = mask[:, :length]
         return TextCond(padded.to(self.dtype), None, {MASK: full})
 
-    # ---------------------------------------------------------------- latents
+    # ---------------------------------------------------------------- latents: one-frame clips, normalised
     def _latent_stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.vae.config
         mean = torch.tensor(cfg.latents_mean, device=like.device, dtype=like.dtype).view(1, -1, 1, 1)  # (1, C, 1, 1)
         std = torch.tensor(cfg.latents_std, device=like.device, dtype=like.dtype).view(1, -1, 1, 1)
         return mean, std
 
-    @torch.no_grad()
-    def encode_images(self, pixels: torch.Tensor,
-                      generator: torch.Generator | Sequence[torch.Generator] | None = None) -> torch.Tensor:
-        """(B, 3, H, W) in [-1, 1] -> normalised latents (B, C, H/f, W/f), a posterior sample.
+    def vae_input(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, 3, 1, H, W): one-frame clips for the 3-D VAE (sides multiples of 16)."""
+        return pixels.unsqueeze(2)
 
-        Args:
-            pixels: images in [-1, 1].
-            generator: one generator for the batch, or one per image (an image's latent then does not
-                depend on its batch or rank).
-        """
-        vae = self.vae
-        x = pixels.to(device=vae.device, dtype=vae.dtype).unsqueeze(2)  # (B, 3, 1, H, W): one-frame clips
-        post = vae.encode(x).latent_dist
-        if isinstance(generator, (list, tuple)):
-            eps = torch.stack([torch.randn(post.mean.shape[1:], generator=g) for g in generator])
-            z = post.mean + post.std * eps.to(post.mean.device, post.mean.dtype)
-        else:
-            z = post.sample(generator)  # (B, C, 1, h, w)
+    def latents_from_vae(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, C, 1, h, w) VAE latent -> (B, C, h, w), normalised per channel (as the pipeline decodes)."""
         z = z[:, :, 0]  # (B, C, h, w)
         mean, std = self._latent_stats(z)
-        return ((z - mean) / std).to(self.dtype)
+        return (z - mean) / std
 
-    @torch.no_grad()
-    def encode_source(self, pixels: torch.Tensor) -> torch.Tensor:
-        """FlowEdit's source: (B, 3, H, W) in [-1, 1] -> float32 latents (B, C, H/f, W/f) from the posterior
-        *mode* (deterministic), normalised as `encode_images`.
+    def vae_from_latents(self, x: torch.Tensor) -> torch.Tensor:
+        mean, std = self._latent_stats(x)
+        return (x * std + mean).unsqueeze(2)  # (B, C, 1, h, w)
 
-        `softrepa.edit.encode_source` feeds 4-D pixels to the VAE, which Qwen-Image's 3-D VAE refuses;
-        this is the family's version of it (see docs/design-notes.md, Qwen-Image).
+    def vae_output(self, decoded: torch.Tensor) -> torch.Tensor:
+        return decoded[:, :, 0]  # (B, 3, H, W)
 
-        Args:
-            pixels: (B, 3, H, W) images in [-1, 1], sides multiples of twice the VAE factor (16 for Qwen-Image).
-        """
-        vae = self.vae
-        z = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype).unsqueeze(2)).latent_dist.mode()[:, :, 0]
-        mean, std = self._latent_stats(z)  # (1, C, 1, 1) each
-        return ((z - mean) / std).float()  # (B, C, h, w)
-
-    @torch.no_grad()
-    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """Inverse of `encode_images`: (B, C, h, w) latents -> (B, 3, H, W) in [-1, 1]."""
-        vae = self.vae
-        z = latents.to(vae.dtype)
-        mean, std = self._latent_stats(z)
-        z = (z * std + mean).unsqueeze(2)  # (B, C, 1, h, w)
-        return vae.decode(z, return_dict=False)[0][:, :, 0].clamp(-1, 1)  # (B, 3, H, W)
-
-    # ---------------------------------------------------------------- flow
-    def add_noise(self, x0, noise, t):
-        sigma = (t.to(x0.device, torch.float32) / 1000.0).view(-1, 1, 1, 1)  # (B, 1, 1, 1)
-        return ((1 - sigma) * x0.float() + sigma * noise.float()).to(x0.dtype)
-
-    def target(self, x0, noise, t):
-        return noise.float() - x0.float()
-
+    # ---------------------------------------------------------------- the model call
     def denoise(self, x_t, t, cond):
         b, c, h, w = x_t.shape
         pipe, device = self.pipe, x_t.device
@@ -210,42 +166,14 @@ def qwen_sigmas(scheduler: Any, steps: int, image_seq_len: int) -> torch.Tensor:
     return sched.sigmas.float().cpu()
 
 
-def prepend_text_position_hook(handle: AttachHandle, set_index: int):
-    """Dual-stream block pre-hook: [s_1..s_m, text], m mask entries 1 and m rotary rows of the first
-    text position (see the module docstring for why these)."""
-
-    def hook(block: nn.Module, args: tuple, kwargs: dict) -> Any:
-        toks = handle.current
-        if toks is None:
-            return None
-        ehs = call_argument(block, args, kwargs, "encoder_hidden_states")  # (B | 1, n_txt, D)
-        mask = call_argument(block, args, kwargs, "encoder_hidden_states_mask")  # (B | 1, n_txt) bool, or None
-        b = toks.shape[0]
-        if ehs.shape[0] == 1 and b > 1:
-            # one prompt for a batch of latents (the stock pipeline with a single string negative
-            # prompt and several prompts): the model broadcasts the text over the batch, so do we
-            ehs = ehs.expand(b, -1, -1)  # (B, n_txt, D)
-            mask = None if mask is None else mask.expand(b, -1)
-        if ehs.shape[0] != b:
-            raise RuntimeError(f"soft tokens were computed for a batch of {b} but block received {ehs.shape[0]}")
-        m = toks.shape[2]
-        args, kwargs = replace_argument(block, args, kwargs, "encoder_hidden_states",
-                                        torch.cat([toks[:, set_index].to(ehs.dtype), ehs], dim=1))  # (B, m + n_txt, D)
-        if mask is not None:
-            # the tokens are real keys: mask 1 (a 0 would hide them from every query)
-            args, kwargs = replace_argument(block, args, kwargs, "encoder_hidden_states_mask",
-                                            torch.cat([mask.new_ones(b, m), mask], dim=1))  # (B, m + n_txt)
-        rotary = call_argument(block, args, kwargs, "image_rotary_emb")  # (img (n_img, d/2), txt (n_txt, d/2))
-        if rotary is not None:
-            img, txt = rotary
-            txt = torch.cat([txt[:1].expand(m, -1), txt], dim=0)  # (m + n_txt, d/2): the first text position
-            args, kwargs = replace_argument(block, args, kwargs, "image_rotary_emb", (img, txt))
-        return args, kwargs
-
-    return hook
+def first_text_rows(rotary: tuple, m: int, at: int, state: dict) -> tuple:
+    """(image rows, text rows) with m copies of the first text position's row before the text's
+    (see the module docstring for why these)."""
+    img, txt = rotary  # (n_img, d/2), (n_txt, d/2)
+    return img, torch.cat([txt[:1].expand(m, -1), txt], dim=0)  # text (m + n_txt, d/2)
 
 
-class QwenImageFamily(SD3Family):
+class QwenImageFamily(Family):
     name = "qwenimage"
     title = "Qwen-Image"
     denoiser_class = "QwenImageTransformer2DModel"
@@ -259,32 +187,16 @@ class QwenImageFamily(SD3Family):
     edit = EditPresets(steps=50, src_cfg=3.5, vanilla=(37, 13.5), tokens=(35, 9.0),
                        source="chosen for softrepa, no official Qwen-Image FlowEdit setting: SD3's CFGs, n_max "
                               "matching SD3's starting noise level under Qwen-Image's schedule")
-    width_names = ("inner_dim (num_attention_heads x attention_head_dim)", "joint_attention_dim")
+    text_length = 512  # the pipeline's default (prompts are padded with mask 0; recipes may choose less)
+    # the tokens are real keys: mask 1 (a 0 would hide them from every query); the pipeline may hand one
+    # negative prompt to a batch of latents, which the model broadcasts
+    placement = Placement(DUAL_STREAM, timestep_scale=1000.0, mask_arg="encoder_hidden_states_mask",
+                          mask_kind="keep", rotary_arg="image_rotary_emb", rotary=first_text_rows,
+                          broadcast_text=True)
+    projection_modules = ("txt_norm", "txt_in")  # the prompt's own way in: RMS-normalised, then to the block width
 
     def matches(self, denoiser: nn.Module) -> bool:
         return isinstance(denoiser, QwenImageTransformer2DModel)
-
-    def describe(self, denoiser: nn.Module) -> ModelInfo:
-        cfg = denoiser.config
-        return ModelInfo(self.name, int(cfg.num_attention_heads * cfg.attention_head_dim),
-                         int(cfg.joint_attention_dim), len(denoiser.transformer_blocks))
-
-    def projection(self, denoiser: nn.Module) -> nn.Module:
-        """The prompt's own way in: RMS-normalised (`txt_norm`), then `txt_in` to the block width.
-
-        A new container of the model's own modules (nothing is added to the model)."""
-        return nn.Sequential(denoiser.txt_norm, denoiser.txt_in)
-
-    def install_hooks(self, denoiser: nn.Module, handle: AttachHandle) -> None:
-        layout = handle.tokens.layout
-        projection = self.projection(denoiser) if layout.token_space == "text" else None
-        handle.add(denoiser.register_forward_pre_hook(
-            model_pre_hook(handle, projection, "hidden_states", timestep_scale=1000.0), with_kwargs=True))
-        for set_index, block_index in enumerate(layout.layers):
-            block = denoiser.transformer_blocks[block_index]
-            handle.add(block.register_forward_pre_hook(prepend_text_position_hook(handle, set_index),
-                                                       with_kwargs=True))
-            handle.add(block.register_forward_hook(drop_hook(handle)))
 
     def guidance_kwargs(self, cfg: float) -> dict[str, Any]:
         """True CFG: `true_cfg_scale` needs a negative prompt to run the second branch; " " is the model
@@ -296,11 +208,9 @@ class QwenImageFamily(SD3Family):
     def backbone(self, pipe: Any, **kwargs: Any) -> QwenImageBackbone:
         return QwenImageBackbone(pipe, **kwargs)
 
-    def edit_model(self, backbone: Backbone, steps: int, latent_shape: tuple[int, ...]):
+    def edit_model(self, backbone, steps: int, latent_shape: tuple[int, ...]):
         seq = (latent_shape[-2] // 2) * (latent_shape[-1] // 2)  # packed latent tokens, for the shift
-        scheduler = backbone.pipe.scheduler
-        ntt = scheduler.config.get("num_train_timesteps", 1000)
-        return flow_denoiser(backbone, ntt), qwen_sigmas(scheduler, steps, seq), flow_add_noise
+        return flow_edit_model(backbone, qwen_sigmas(backbone.pipe.scheduler, steps, seq))
 
 
 register_family(QwenImageFamily())

@@ -1,0 +1,235 @@
+"""Where soft tokens enter a denoiser: three placement templates, configured per family by data.
+
+Every open text-to-image denoiser feeds text to its blocks in one of three ways, and each has one
+template here (cf. diffusers' per-class `TransformerBlockMetadata` and its one generic hook):
+
+* `DUAL_STREAM` — joint blocks with a separate text stream (SD3, FLUX.1 / FLUX.2 double blocks,
+  Qwen-Image): the m tokens are prepended to the block's text input and the first m rows are
+  dropped from its text output, so the next block sees the plain text stream again (Algorithm 1).
+* `SINGLE_STREAM` — blocks over one joint sequence in which the text is a slice (Z-Image's
+  `[image, caption]`): the tokens are inserted where the text starts and removed from the output.
+* `CROSS_ATTENTION` — blocks that read the text as a context and never return it (UNets, SANA,
+  PixArt, Wan): the tokens are inserted into the context after `position` rows (1: after BOS).
+
+A family declares a `Placement` (which template, the block list, the call's argument names, a mask
+that must grow with the tokens, the rows the tokens take in a rotary embedding, the timestep scale)
+and `install` registers the hooks: one forward pre-hook on the denoiser that computes the call's
+tokens from its per-sample timesteps, and per selected block a pre-hook that inserts them (plus a
+post-hook that drops them for the templates whose blocks return the stream). Every hook goes
+through `handle.add`, so `handle.remove()` restores the model bit for bit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+from torch import nn
+
+from .errors import SoftTokensError
+
+if TYPE_CHECKING:  # annotations only: hooks imports the registry, which must not import this module back
+    from .hooks import AttachHandle
+    from .tokens import TokenLayout
+
+DUAL_STREAM, SINGLE_STREAM, CROSS_ATTENTION = "dual_stream", "single_stream", "cross_attention"
+TEMPLATES = (DUAL_STREAM, SINGLE_STREAM, CROSS_ATTENTION)
+#: mask conventions: "keep" is 1 where a key is attended (B, n); "bias" is added to the logits (B, 1, n)
+MASK_KINDS = ("keep", "bias")
+
+#: (denoiser, layout) -> [(token-set index, block)]: the blocks that get tokens and which set each gets
+BlockSelector = Callable[[nn.Module, "TokenLayout"], "list[tuple[int, nn.Module]]"]
+#: (rotary of the call, m, position, per-call state) -> the rotary with the tokens' m rows inserted
+RotaryRule = Callable[[Any, int, int, dict], Any]
+
+
+def per_layer(attr: str = "transformer_blocks") -> BlockSelector:
+    """The blocks `layout.layers` of the list `denoiser.<attr>`, token set i for the i-th listed block."""
+
+    def select(denoiser: nn.Module, layout: "TokenLayout") -> list[tuple[int, nn.Module]]:
+        blocks = getattr(denoiser, attr)
+        return [(i, blocks[k]) for i, k in enumerate(layout.layers)]
+
+    return select
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Per-family metadata of where the tokens enter (the data a template is configured with).
+
+    Args:
+        template: `DUAL_STREAM`, `SINGLE_STREAM` or `CROSS_ATTENTION`.
+        select: which blocks get tokens and which token set each (`per_layer(...)` for per-block sets).
+        sample_arg: the denoiser's forward argument whose batch size, dtype and device the tokens follow.
+        timestep_scale: maps the denoiser's `timestep` argument onto the tokens' 0..1000 bucket scale
+            (FLUX-style models are called with t / 1000: scale 1000).
+        text_arg: the block argument carrying the text (dual-stream, cross-attention) or the joint
+            sequence (single-stream); an IP-Adapter tuple (context, image embeds) gets them in its first part.
+        position: rows kept before the tokens: cross-attention 1 keeps BOS first (UNets); dual-stream 0.
+        text_start: single-stream only: (block, args, kwargs) -> the row where the text starts in the
+            joint sequence (the tokens go there).
+        mask_arg: a block argument holding a text mask that must grow by m rows (None: no mask).
+        mask_kind: "keep" (1 = attended; the tokens get 1) or "bias" (additive; the tokens get 0).
+        rotary_arg: the block argument with the rotary embedding (None: no positions on the text).
+        rotary: the family's rule for the m rows the tokens take in that embedding.
+        call_state: (denoiser, args, kwargs, m) -> dict computed once per denoiser call, handed to
+            `rotary` (FLUX.2 computes the tokens' rotary rows from the call's text ids there).
+        output_index: dual- / single-stream: where the stream sits in the block's output tuple
+            (an output of None there — SD3's last `context_pre_only` block — has nothing to drop).
+        broadcast_text: accept a text batch of 1 for B latents (the model broadcasts it; Qwen-Image's
+            pipeline with one negative prompt for several images) by expanding it to B.
+    """
+
+    template: str
+    select: BlockSelector = per_layer()
+    sample_arg: str = "hidden_states"
+    timestep_scale: float = 1.0
+    text_arg: str = "encoder_hidden_states"
+    position: int = 0
+    text_start: Callable[[nn.Module, tuple, dict], int] | None = None
+    mask_arg: str | None = None
+    mask_kind: str = "keep"
+    rotary_arg: str | None = None
+    rotary: RotaryRule | None = None
+    call_state: Callable[[nn.Module, tuple, dict, int], dict] | None = None
+    output_index: int = 0
+    broadcast_text: bool = False
+
+    def __post_init__(self) -> None:
+        if self.template not in TEMPLATES:
+            raise ValueError(f"template must be one of {TEMPLATES}, got {self.template!r}")
+        if self.mask_kind not in MASK_KINDS:
+            raise ValueError(f"mask_kind must be one of {MASK_KINDS}, got {self.mask_kind!r}")
+        if (self.template == SINGLE_STREAM) != (self.text_start is not None):
+            raise ValueError("text_start is required by the single-stream template and only there")
+        if (self.rotary is None) != (self.rotary_arg is None):
+            raise ValueError("rotary and rotary_arg go together")
+
+
+# ------------------------------------------------------------------------------------ the hooks
+def insert_rows(x: torch.Tensor, rows: torch.Tensor, at: int, dim: int = 1) -> torch.Tensor:
+    """x with `rows` inserted before index `at` of `dim`: (B, n, D), (B, m, D) -> (B, n + m, D)."""
+    if at == 0:
+        return torch.cat([rows, x], dim=dim)
+    return torch.cat([x.narrow(dim, 0, at), rows, x.narrow(dim, at, x.shape[dim] - at)], dim=dim)
+
+
+def remove_rows(x: torch.Tensor, at: int, m: int) -> torch.Tensor:
+    """Inverse of `insert_rows` on dim 1: (B, n + m, D) -> (B, n, D)."""
+    if at == 0:
+        return x[:, m:]
+    return torch.cat([x[:, :at], x[:, at + m:]], dim=1)
+
+
+def denoiser_pre_hook(handle: "AttachHandle", placement: Placement, projection: Callable | None,
+                      state: dict) -> Callable:
+    """Denoiser pre-hook: this call's tokens (B, num_sets, m, D) into `handle.current`, and the
+    placement's per-call state into `state` (both cleared when the handle is disabled)."""
+    from .hooks import call_argument  # the plumbing module imports the registry; a top-level import would cycle
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        state.clear()
+        if not handle.enabled:
+            handle.current = None
+            return None
+        sample = call_argument(module, args, kwargs, placement.sample_arg)
+        timestep = call_argument(module, args, kwargs, "timestep")
+        if timestep is None:
+            raise SoftTokensError(f"{type(module).__name__} was called without a timestep")
+        if placement.timestep_scale != 1.0:
+            timestep = torch.as_tensor(timestep) * placement.timestep_scale
+        handle.current = handle.tokens(timestep, sample.shape[0], projection=projection,
+                                       dtype=sample.dtype, device=sample.device)
+        if placement.call_state is not None:
+            state.update(placement.call_state(module, args, kwargs, handle.tokens.layout.num_tokens))
+        return None
+
+    return hook
+
+
+def block_pre_hook(handle: "AttachHandle", placement: Placement, set_index: int, state: dict,
+                   where: dict) -> Callable:
+    """Block pre-hook: token set `set_index` inserted into the block's text (and its mask and rotary
+    rows); the insertion row is left in `where` for the post-hook."""
+    from .hooks import call_argument, replace_argument
+
+    p = placement
+
+    def hook(block: nn.Module, args: tuple, kwargs: dict) -> Any:
+        toks = handle.current  # (B, num_sets, m, D)
+        if toks is None:
+            return None
+        b, m = toks.shape[0], toks.shape[2]
+        value = call_argument(block, args, kwargs, p.text_arg)
+        if value is None:
+            raise SoftTokensError(f"{type(block).__name__} was called without {p.text_arg}")
+        seq, rest = (value[0], tuple(value[1:])) if isinstance(value, tuple) else (value, None)  # (B | 1, n, D)
+        mask = call_argument(block, args, kwargs, p.mask_arg) if p.mask_arg else None
+        if p.broadcast_text and seq.shape[0] == 1 and b > 1:
+            # one prompt for a batch of latents: the model broadcasts the text over the batch, so do we
+            seq = seq.expand(b, -1, -1)
+            mask = None if mask is None else mask.expand(b, *mask.shape[1:])
+        if seq.shape[0] != b:
+            raise RuntimeError(f"soft tokens were computed for a batch of {b} but block received {seq.shape[0]}")
+        at = p.text_start(block, args, kwargs) if p.text_start is not None else p.position
+        where["at"] = at
+        new = insert_rows(seq, toks[:, set_index].to(seq.dtype), at)  # (B, n + m, D)
+        args, kwargs = replace_argument(block, args, kwargs, p.text_arg, new if rest is None else (new,) + rest)
+        if mask is not None:
+            fill = mask.new_ones if p.mask_kind == "keep" else mask.new_zeros  # the tokens are always attended
+            grown = insert_rows(mask, fill(mask.shape[:-1] + (m,)), at, dim=mask.ndim - 1)  # (..., n + m)
+            args, kwargs = replace_argument(block, args, kwargs, p.mask_arg, grown)
+        if p.rotary is not None:
+            rotary = call_argument(block, args, kwargs, p.rotary_arg)
+            if rotary is not None:
+                args, kwargs = replace_argument(block, args, kwargs, p.rotary_arg, p.rotary(rotary, m, at, state))
+        return args, kwargs
+
+    return hook
+
+
+def block_post_hook(handle: "AttachHandle", placement: Placement, where: dict) -> Callable:
+    """Block post-hook (dual- and single-stream): the m token rows removed from the block's output stream."""
+    m = handle.tokens.layout.num_tokens
+    idx = placement.output_index
+
+    def hook(block: nn.Module, args: tuple, output: Any) -> Any:
+        if handle.current is None:
+            return None
+        if not isinstance(output, tuple):
+            return remove_rows(output, where["at"], m)
+        if output[idx] is None:  # e.g. SD3's last `context_pre_only` block: no text output to trim
+            return None
+        return output[:idx] + (remove_rows(output[idx], where["at"], m),) + output[idx + 1:]
+
+    return hook
+
+
+def install(denoiser: nn.Module, handle: "AttachHandle", placement: Placement, projection: Callable | None) -> None:
+    """Register the hooks of `placement` on `denoiser` for `handle`'s tokens (each through `handle.add`).
+
+    Args:
+        denoiser: the unmodified diffusers model.
+        handle: the attachment (its tokens, its enabled flag, the list of removable hooks).
+        placement: the family's `Placement`.
+        projection: the model's map of text-space tokens into the block width, or None.
+    Raises:
+        SoftTokensError: the layout selects no block of this model.
+    """
+    state: dict = {}  # per-call values of this attachment (FLUX.2's rotary rows); dropped with the hooks
+    blocks = placement.select(denoiser, handle.tokens.layout)
+    if not blocks:
+        raise SoftTokensError(f"the token layout selects no block of {type(denoiser).__name__} that reads text")
+    handle.add(denoiser.register_forward_pre_hook(denoiser_pre_hook(handle, placement, projection, state),
+                                                  with_kwargs=True))
+    for set_index, block in blocks:
+        where: dict = {}
+        handle.add(block.register_forward_pre_hook(block_pre_hook(handle, placement, set_index, state, where),
+                                                   with_kwargs=True))
+        if placement.template != CROSS_ATTENTION:  # a cross-attention block never returns its context
+            handle.add(block.register_forward_hook(block_post_hook(handle, placement, where)))
+
+
+__all__ = ["CROSS_ATTENTION", "DUAL_STREAM", "SINGLE_STREAM", "TEMPLATES", "Placement", "install", "insert_rows",
+           "per_layer", "remove_rows"]
