@@ -205,7 +205,7 @@ def test_family_layout_and_bad_input(pipe, tmp_path):
         attach(wide, tokens)
     no_text = tiny_qwenimage_pipeline(num_layers=1)
     no_text.text_encoder = None
-    with pytest.raises(softrepa.SoftTokensError, match="no text_encoder"):
+    with pytest.raises(softrepa.SoftrepaError, match="no text_encoder"):
         backbone_for(no_text).encode_prompts(["a red circle"])
 
 

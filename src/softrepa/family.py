@@ -18,18 +18,16 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 from torch import nn
 
+from .backbone import Backbone
 from .errors import SoftTokensError
+from .hooks import AttachHandle
 from .registry import describe_model, family_names, family_of, get_family, register_family, resolve_denoiser, supported
 from .templates import Placement, install
 from .tokens import SoftTokensConfig, TokenLayout
-
-if TYPE_CHECKING:  # annotations only: the backbone and the attach plumbing look families up in the registry
-    from .backbone import Backbone
-    from .hooks import AttachHandle
 
 
 @dataclass(frozen=True)
@@ -186,17 +184,17 @@ class Family:
             return None
         return mods[0] if len(mods) == 1 else nn.Sequential(*mods)
 
-    def install_hooks(self, denoiser: nn.Module, handle: "AttachHandle") -> None:
+    def install_hooks(self, denoiser: nn.Module, handle: AttachHandle) -> None:
         """Register the hooks of the family's `placement` that carry `handle.tokens` (through `handle.add`)."""
         projection = self.projection(denoiser) if handle.tokens.layout.token_space == "text" else None
         install(denoiser, handle, self.placement, projection)
 
     # ----------------------------------------------------------------- training, sampling, editing
-    def backbone(self, pipe: Any, **kwargs: Any) -> "Backbone":
+    def backbone(self, pipe: Any, **kwargs: Any) -> Backbone:
         """The `Backbone` (encode prompts, noise, target, denoise) over a loaded pipeline."""
         raise NotImplementedError
 
-    def edit_model(self, backbone: "Backbone", steps: int, latent_shape: tuple[int, ...]) -> tuple[Any, Any, Any]:
+    def edit_model(self, backbone: Backbone, steps: int, latent_shape: tuple[int, ...]) -> tuple[Any, Any, Any]:
         """(denoise, sigmas, add_noise) of FlowEdit for this family (see `softrepa.flowedit`)."""
         raise NotImplementedError
 

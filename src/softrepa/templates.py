@@ -22,16 +22,14 @@ through `handle.add`, so `handle.remove()` restores the model bit for bit.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from .errors import SoftTokensError
-
-if TYPE_CHECKING:  # annotations only: hooks imports the registry, which must not import this module back
-    from .hooks import AttachHandle
-    from .tokens import TokenLayout
+from .hooks import AttachHandle, call_argument, replace_argument
+from .tokens import TokenLayout
 
 DUAL_STREAM, SINGLE_STREAM, CROSS_ATTENTION = "dual_stream", "single_stream", "cross_attention"
 TEMPLATES = (DUAL_STREAM, SINGLE_STREAM, CROSS_ATTENTION)
@@ -39,7 +37,7 @@ TEMPLATES = (DUAL_STREAM, SINGLE_STREAM, CROSS_ATTENTION)
 MASK_KINDS = ("keep", "bias")
 
 #: (denoiser, layout) -> [(token-set index, block)]: the blocks that get tokens and which set each gets
-BlockSelector = Callable[[nn.Module, "TokenLayout"], "list[tuple[int, nn.Module]]"]
+BlockSelector = Callable[[nn.Module, TokenLayout], list[tuple[int, nn.Module]]]
 #: (rotary of the call, m, position, per-call state) -> the rotary with the tokens' m rows inserted
 RotaryRule = Callable[[Any, int, int, dict], Any]
 
@@ -47,7 +45,7 @@ RotaryRule = Callable[[Any, int, int, dict], Any]
 def per_layer(attr: str = "transformer_blocks") -> BlockSelector:
     """The blocks `layout.layers` of the list `denoiser.<attr>`, token set i for the i-th listed block."""
 
-    def select(denoiser: nn.Module, layout: "TokenLayout") -> list[tuple[int, nn.Module]]:
+    def select(denoiser: nn.Module, layout: TokenLayout) -> list[tuple[int, nn.Module]]:
         blocks = getattr(denoiser, attr)
         return [(i, blocks[k]) for i, k in enumerate(layout.layers)]
 
@@ -122,12 +120,10 @@ def remove_rows(x: torch.Tensor, at: int, m: int) -> torch.Tensor:
     return torch.cat([x[:, :at], x[:, at + m:]], dim=1)
 
 
-def denoiser_pre_hook(handle: "AttachHandle", placement: Placement, projection: Callable | None,
+def denoiser_pre_hook(handle: AttachHandle, placement: Placement, projection: Callable | None,
                       state: dict) -> Callable:
     """Denoiser pre-hook: this call's tokens (B, num_sets, m, D) into `handle.current`, and the
     placement's per-call state into `state` (both cleared when the handle is disabled)."""
-    from .hooks import call_argument  # the plumbing module imports the registry; a top-level import would cycle
-
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
         state.clear()
         if not handle.enabled:
@@ -148,12 +144,10 @@ def denoiser_pre_hook(handle: "AttachHandle", placement: Placement, projection: 
     return hook
 
 
-def block_pre_hook(handle: "AttachHandle", placement: Placement, set_index: int, state: dict,
+def block_pre_hook(handle: AttachHandle, placement: Placement, set_index: int, state: dict,
                    where: dict) -> Callable:
     """Block pre-hook: token set `set_index` inserted into the block's text (and its mask and rotary
     rows); the insertion row is left in `where` for the post-hook."""
-    from .hooks import call_argument, replace_argument
-
     p = placement
 
     def hook(block: nn.Module, args: tuple, kwargs: dict) -> Any:
@@ -189,7 +183,7 @@ def block_pre_hook(handle: "AttachHandle", placement: Placement, set_index: int,
     return hook
 
 
-def block_post_hook(handle: "AttachHandle", placement: Placement, where: dict) -> Callable:
+def block_post_hook(handle: AttachHandle, placement: Placement, where: dict) -> Callable:
     """Block post-hook (dual- and single-stream): the m token rows removed from the block's output stream."""
     m = handle.tokens.layout.num_tokens
     idx = placement.output_index
@@ -206,7 +200,7 @@ def block_post_hook(handle: "AttachHandle", placement: Placement, where: dict) -
     return hook
 
 
-def install(denoiser: nn.Module, handle: "AttachHandle", placement: Placement, projection: Callable | None) -> None:
+def install(denoiser: nn.Module, handle: AttachHandle, placement: Placement, projection: Callable | None) -> None:
     """Register the hooks of `placement` on `denoiser` for `handle`'s tokens (each through `handle.add`).
 
     Args:
