@@ -359,8 +359,9 @@ def edit_manifest(pipe: Any, rows: Sequence[dict[str, str]], out: str | Path, *,
         >>> edit_manifest(pipe, rows, "edits/", target_cfgs=[9, 11, 13])   # edits/cfg_9/, cfg_11/, ...
     """
     family = family_of(pipe)
-    if max_sequence_length is not None and not family.text_length_option:
-        raise ValueError(f"--max-sequence-length: {family.title} models take no text length")
+    # the family's length unless one is given (SoftTokensError for a family that takes none), recorded
+    # as resolved so that a folder made with the default and with the same explicit length agree
+    max_sequence_length = family.resolve_text_length(max_sequence_length)
     base = (params or FlowEditParams.preset(family, with_tokens=_tokens_active(pipe))).validate()
     cfgs = list(dict.fromkeys(float(c) for c in (target_cfgs or [base.tar_cfg])))
     common: dict[str, Any] = {"model": model or getattr(pipe.config, "_name_or_path", None) or type(pipe).__name__,
