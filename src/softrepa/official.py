@@ -19,6 +19,7 @@ from typing import Any, Sequence
 
 import torch
 
+from .families.unet import BLOCK_GROUPS as UNET_BLOCK_GROUPS
 from .tokens import SoftTokens, SoftTokensError, TokenLayout
 
 #: Widths of the released models' cross-attention / block width, used when a file does not say.
@@ -120,8 +121,11 @@ def convert_official(
                 # (buckets, L*width) -> (buckets, L, width): chunk k of the last dim is layer k.
                 tokens.time.copy_(dc_t_tokens.reshape(buckets, n_layers, width))
         return tokens
-    # which groups exist is the family's to say: the layout refuses others (SoftTokensError naming blocks)
     groups = tuple(b.strip() for b in (blocks.split(",") if isinstance(blocks, str) else blocks) if b.strip())
+    if not groups or any(b not in UNET_BLOCK_GROUPS for b in groups):
+        shown = blocks if isinstance(blocks, str) else ",".join(blocks)
+        raise SoftTokensError(f"--blocks: expected a comma-separated subset of {','.join(UNET_BLOCK_GROUPS)}, "
+                              f"got {shown!r}")
     if dc_tokens.dim() != 2:
         raise SoftTokensError(f"dc_tokens: {family} tokens must have shape (m, D), got {tuple(dc_tokens.shape)}")
     m, width = dc_tokens.shape
