@@ -118,8 +118,9 @@ def test_every_error_class_is_a_softrepa_error_and_its_built_in():
     classes = [c for _, c in inspect.getmembers(errors, inspect.isclass) if c is not errors.SoftrepaError]
     assert len(classes) >= 11 and set(errors.__all__) == {c.__name__ for c in classes} | {"SoftrepaError"}
     builtin = {errors.UsageError: ValueError, errors.ConfigError: ValueError, errors.DatasetError: ValueError,
-               errors.SoftTokensError: ValueError, errors.RunFolderError: RuntimeError, errors.MetricError: RuntimeError,
-               errors.StorageError: OSError, errors.MissingDependencyError: ImportError}
+               errors.SoftTokensError: ValueError, errors.RunFolderError: RuntimeError,
+               errors.MetricError: RuntimeError, errors.StorageError: OSError,
+               errors.MissingDependencyError: ImportError}
     for cls in classes:
         assert issubclass(cls, errors.SoftrepaError), cls
     for cls, base in builtin.items():

@@ -387,7 +387,8 @@ def _edit_planned(pipe, rows, out_root: Path, base: FlowEditParams, cfgs: list[f
         for i, r in enumerate(rows):  # a changed manifest must not be mistaken for finished work
             old = done.get(output_name(i, r["image"], manifest))
             if old is not None and any(old.get(key) != r[key] for key in r):
-                raise RunFolderError(f"{folder}: {old['file']} was made from another manifest row; choose another --out")
+                raise RunFolderError(f"{folder}: {old['file']} was made from another manifest row; "
+                                     "choose another --out")
         todo = [(i, r) for i, r in enumerate(rows) if output_name(i, r["image"], manifest) not in done]
         log.info("tar_cfg %g: %d to edit, %d already done in %s", cfg, len(todo), len(rows) - len(todo), folder)
         plan.append((folder, p, settings, todo))
