@@ -53,7 +53,7 @@ def add_model_arguments(p: argparse.ArgumentParser, *, tokens_help: str | None =
 
 def text_length_help(default: str = "the family's own") -> str:
     """Help of `--max-sequence-length`, naming the registered families' own text lengths."""
-    from ..family import family_names, get_family
+    from ..registry import family_names, get_family
 
     lengths = ", ".join(f"{f.title} {f.text_length}" for f in map(get_family, family_names()) if f.text_length)
     return (f"text length (prompt tokens) of families that take one (default: {default}, the length train, "

@@ -56,6 +56,9 @@ COMMANDS: dict[str, Command] = {
 }
 
 
+TRACEBACK_HELP = "print the traceback of an error too (errors are one line otherwise)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="softrepa", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"softrepa {__version__}")
@@ -69,9 +72,6 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--traceback", dest="traceback_here", action="store_true", default=argparse.SUPPRESS,
                        help=TRACEBACK_HELP)
     return parser
-
-
-TRACEBACK_HELP = "print the traceback of an error too (errors are one line otherwise)"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -137,7 +137,7 @@ def initial_tokens(pipe: Any, recipe: str, overrides: dict[str, Any], out: Path)
 def sampling_length(pipe: Any, cfg: Any) -> int | None:
     """The text length the recipe `cfg` trains with (its `max_sequence_length`, else the family's
     `text_length`) for families that take one, else None."""
-    from ..family import family_of
+    from ..registry import family_of
 
     family = family_of(pipe)
     return family.resolve_text_length(cfg.max_sequence_length) if family.text_length_option else None

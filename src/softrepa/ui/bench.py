@@ -36,7 +36,8 @@ class Defaults:
         prompt: an example prompt.
         steps, cfg, size: generation steps, CFG scale and image side.
         max_sequence_length: text length used for generation and editing (the family's `text_length`
-            unless `--max-sequence-length` or the miniature recipe says otherwise; None: the family takes none).
+            unless `--max-sequence-length` or the miniature recipe says otherwise; None: the family
+            takes none).
         edit_steps, src_cfg: FlowEdit steps and source CFG (the family's preset).
         vanilla, tokens: (n_max, target CFG) of each arm (the family's paper presets).
     """
@@ -91,7 +92,7 @@ def model_defaults(pipe: Any, miniature: bool, max_sequence_length: int | None =
         cfg = load_config(f"toy_{family.name}")
         return Defaults(prompt=heldout_pair_prompts()[0], steps=cfg.validation.steps,
                         cfg=cfg.validation.guidance_scale, size=cfg.resolution,
-                        max_sequence_length=length if max_sequence_length is not None else sampling_length(pipe, cfg),
+                        max_sequence_length=sampling_length(pipe, cfg) if max_sequence_length is None else length,
                         **common)
     return Defaults(prompt="a red cube on top of a blue sphere", steps=family.sampling.steps, cfg=family.sampling.cfg,
                     size=native_resolution(pipe), max_sequence_length=length, **common)
