@@ -2,6 +2,7 @@
 
 Public API::
 
+    pipe, handle = softrepa.load_model("stabilityai/stable-diffusion-3-medium-diffusers", tokens="tokens.safetensors")
     tokens = softrepa.SoftTokens.for_model(pipe, softrepa.SoftTokensConfig())
     handle = softrepa.attach(pipe, tokens)      # stock pipeline now uses the tokens
     softrepa.save_soft_tokens(tokens, "tokens.safetensors")
@@ -22,6 +23,7 @@ from .compilation import CompileConfig, CompiledBlocks, compile_blocks
 from .hooks import AttachHandle, attach, attached_handle
 from .errors import SoftrepaError, SoftTokensError
 from .family import Family, family_of, register_family
+from .loading import load_model
 from .publish import push_to_hub
 from .tokens import SoftTokens, SoftTokensConfig, TokenLayout
 
@@ -41,6 +43,7 @@ __all__ = [
     "compile_blocks",
     "family_of",
     "load_into",
+    "load_model",
     "load_soft_tokens",
     "push_to_hub",
     "register_family",

@@ -51,6 +51,7 @@ from .data_sources import (
     open_hf_dataset,
     shard_records,
 )
+from .errors import ConfigError, UsageError
 from .latent_cache import LatentCache, LatentCacheError
 
 logger = logging.getLogger("softrepa.data")
@@ -88,7 +89,7 @@ def preprocess_image(image: Image.Image, size: int, resample: str = "bicubic") -
         (3, size, size) float32 tensor in [-1, 1].
     """
     if size <= 0:
-        raise ValueError(f"size must be positive, got {size}")
+        raise UsageError(f"size must be positive, got {size}")
     if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -144,7 +145,7 @@ class PairDataset(torch.utils.data.Dataset):
         max_warnings: int = 5,
     ):
         if resample not in RESAMPLE:
-            raise ValueError(f"resample must be one of {sorted(RESAMPLE)}, got {resample!r}")
+            raise ConfigError(f"resample must be one of {sorted(RESAMPLE)}, got {resample!r}")
         if not records:
             raise DatasetError(f"dataset {source!r} has no usable (image, caption) pair; skipped: {dict(skipped or {})}")
         self.records = list(records)

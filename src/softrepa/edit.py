@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from ._version import __version__
 from .hooks import attached_handle
 from .backbone import TextCond, backbone_for
+from .errors import DatasetError, RunFolderError, UsageError
 from .family import family_of, resolve_denoiser
 from .flowedit import EditConds, FlowEditParams, flowedit_latents, guidance_mode
 from .generate import native_resolution
@@ -90,7 +91,7 @@ def edit_latents(pipe: Any, z_src: torch.Tensor, source_prompts: list[str], targ
     """
     params.validate()
     if not (len(source_prompts) == len(target_prompts) == z_src.shape[0]):
-        raise ValueError("source_prompts, target_prompts and z_src must have the same batch size")
+        raise UsageError("source_prompts, target_prompts and z_src must have the same batch size")
     if warn_long:
         warn_long_prompts(pipe, list(dict.fromkeys([*source_prompts, *target_prompts])))
     if resolution is None:  # condition on the size actually edited, not the native square
@@ -218,27 +219,27 @@ def _flowedit_yaml_rows(path: Path, text: str) -> list[tuple[str, dict[str, str]
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise ValueError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from e
+        raise DatasetError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from e
     if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a YAML list of FlowEdit entries (input_img, source_prompt, "
-                         f"target_prompts), got {type(data).__name__}")
+        raise DatasetError(f"{path}: expected a YAML list of FlowEdit entries (input_img, source_prompt, "
+                           f"target_prompts), got {type(data).__name__}")
     rows = []
     for n, e in enumerate(data, 1):
         if not isinstance(e, dict):
-            raise ValueError(f"{path}: entry {n} is not a mapping")
+            raise DatasetError(f"{path}: entry {n} is not a mapping")
         image = e.get("input_img", e.get("init_img"))
         if not isinstance(image, str) or not image.strip():
-            raise ValueError(f"{path}: entry {n} has no 'input_img'")
+            raise DatasetError(f"{path}: entry {n} has no 'input_img'")
         if not isinstance(e.get("source_prompt"), str) or not e["source_prompt"].strip():
-            raise ValueError(f"{path}: entry {n} has no 'source_prompt'")
+            raise DatasetError(f"{path}: entry {n} has no 'source_prompt'")
         targets = e.get("target_prompts", e.get("target_prompt"))
         targets = [targets] if isinstance(targets, str) else targets
         if not isinstance(targets, list) or not targets:
-            raise ValueError(f"{path}: entry {n} has no 'target_prompts' (a list of prompts)")
+            raise DatasetError(f"{path}: entry {n} has no 'target_prompts' (a list of prompts)")
         codes = e.get("target_codes")
         if codes is not None and (not isinstance(codes, list) or len(codes) != len(targets)):
-            raise ValueError(f"{path}: entry {n}: 'target_codes' must list one code per target prompt "
-                             f"({len(targets)})")
+            raise DatasetError(f"{path}: entry {n}: 'target_codes' must list one code per target prompt "
+                               f"({len(targets)})")
         for k, target in enumerate(targets):
             # YAML folds long prompts over lines: whitespace runs become one space, as in the official loader
             row = {"image": image.strip(), "source_prompt": " ".join(e["source_prompt"].split()),
@@ -261,7 +262,7 @@ def read_manifest(path: str | Path) -> list[dict[str, str]]:
         path: the manifest file; relative image paths are resolved against its folder.
     Raises:
         FileNotFoundError: missing manifest or images (the first few are named);
-        ValueError: malformed rows (row / entry number and missing field named).
+        DatasetError: malformed rows (row / entry number and missing field named).
 
     Example:
         >>> rows = read_manifest("FlowEdit/edits.yaml")     # 2 entries -> one row per target prompt
@@ -282,14 +283,14 @@ def read_manifest(path: str | Path) -> list[dict[str, str]]:
             data = data.get("rows", data) if isinstance(data, dict) else data
             raw = list(enumerate(data, 1))
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
+        raise DatasetError(f"{path}: not valid JSON ({e})") from e
     rows, missing = [], []
     for n, r in raw:
         if not isinstance(r, dict):
-            raise ValueError(f"{path}: row {n} is not an object")
+            raise DatasetError(f"{path}: row {n} is not an object")
         for key in ("image", "source_prompt", "target_prompt"):
             if not isinstance(r.get(key), str) or not r[key].strip():
-                raise ValueError(f"{path}: row {n} has no {key!r}")
+                raise DatasetError(f"{path}: row {n} has no {key!r}")
         image = Path(r["image"]).expanduser()
         image = image if image.is_absolute() else path.parent / image
         if is_yaml and not image.is_file() and Path(r["image"]).expanduser().is_file():
@@ -303,7 +304,7 @@ def read_manifest(path: str | Path) -> list[dict[str, str]]:
     if missing:  # checked up front: a run must not stop half-way over a typo
         raise FileNotFoundError(f"{path}: {len(missing)} source image(s) not found, e.g. {missing[:3]}")
     if not rows:
-        raise ValueError(f"{path}: no rows")
+        raise DatasetError(f"{path}: no rows")
     return rows
 
 
@@ -317,9 +318,9 @@ def parse_cfgs(spec: str | float | Sequence[float] | None, default: float) -> li
         parts = spec.split(",") if isinstance(spec, str) else list(spec)
         vals = [float(v) for v in parts if str(v).strip()]
     except ValueError as e:
-        raise ValueError(f"--target-cfg: cannot parse {spec!r} (use e.g. 13.5 or 9,11,13)") from e
+        raise UsageError(f"--target-cfg: cannot parse {spec!r} (use e.g. 13.5 or 9,11,13)") from e
     if not vals:
-        raise ValueError(f"--target-cfg: no values in {spec!r}")
+        raise UsageError(f"--target-cfg: no values in {spec!r}")
     return list(dict.fromkeys(vals))
 
 
@@ -358,8 +359,9 @@ def edit_manifest(pipe: Any, rows: Sequence[dict[str, str]], out: str | Path, *,
         >>> edit_manifest(pipe, rows, "edits/", target_cfgs=[9, 11, 13])   # edits/cfg_9/, cfg_11/, ...
     """
     family = family_of(pipe)
-    if max_sequence_length is not None and not family.text_length_option:
-        raise ValueError(f"--max-sequence-length: {family.title} models take no text length")
+    # the family's length unless one is given (SoftTokensError for a family that takes none), recorded
+    # as resolved so that a folder made with the default and with the same explicit length agree
+    max_sequence_length = family.resolve_text_length(max_sequence_length)
     base = (params or FlowEditParams.preset(family, with_tokens=_tokens_active(pipe))).validate()
     cfgs = list(dict.fromkeys(float(c) for c in (target_cfgs or [base.tar_cfg])))
     common: dict[str, Any] = {"model": model or getattr(pipe.config, "_name_or_path", None) or type(pipe).__name__,
@@ -385,7 +387,8 @@ def _edit_planned(pipe, rows, out_root: Path, base: FlowEditParams, cfgs: list[f
         for i, r in enumerate(rows):  # a changed manifest must not be mistaken for finished work
             old = done.get(output_name(i, r["image"], manifest))
             if old is not None and any(old.get(key) != r[key] for key in r):
-                raise ValueError(f"{folder}: {old['file']} was made from another manifest row; choose another --out")
+                raise RunFolderError(f"{folder}: {old['file']} was made from another manifest row; "
+                                     "choose another --out")
         todo = [(i, r) for i, r in enumerate(rows) if output_name(i, r["image"], manifest) not in done]
         log.info("tar_cfg %g: %d to edit, %d already done in %s", cfg, len(todo), len(rows) - len(todo), folder)
         plan.append((folder, p, settings, todo))

@@ -45,6 +45,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from .errors import UsageError
+
 #: (x (N, C, h, w) float32, sigma 0-dim tensor, cond) -> dx/dsigma (N, C, h, w) float32
 Denoise = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
 #: (x0, noise, sigma) -> x_sigma, the forward process of the ODE's parameterisation
@@ -123,17 +125,17 @@ class FlowEditParams:
         return dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
 
     def validate(self) -> "FlowEditParams":
-        """Raise ValueError naming the first invalid field; return self."""
+        """Raise `UsageError` naming the first invalid field; return self."""
         if self.steps < 1:
-            raise ValueError(f"steps must be >= 1, got {self.steps}")
+            raise UsageError(f"steps must be >= 1, got {self.steps}")
         if not 0 <= self.n_max <= self.steps:
-            raise ValueError(f"n_max must be in [0, steps={self.steps}], got {self.n_max}")
+            raise UsageError(f"n_max must be in [0, steps={self.steps}], got {self.n_max}")
         if not 0 <= self.n_min <= self.n_max:
-            raise ValueError(f"n_min must be in [0, n_max={self.n_max}], got {self.n_min}")
+            raise UsageError(f"n_min must be in [0, n_max={self.n_max}], got {self.n_min}")
         if self.n_avg < 1:
-            raise ValueError(f"n_avg must be >= 1, got {self.n_avg}")
+            raise UsageError(f"n_avg must be >= 1, got {self.n_avg}")
         if self.guidance not in GUIDANCE:
-            raise ValueError(f"guidance must be one of {GUIDANCE}, got {self.guidance!r}")
+            raise UsageError(f"guidance must be one of {GUIDANCE}, got {self.guidance!r}")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -231,7 +233,7 @@ def flowedit_latents(
     p = params.validate()
     embedded = guidance_mode(denoise) == "embedded"
     if embedded and p.guidance != "standard":
-        raise ValueError(f"guidance {p.guidance!r} is a CFG form; this model's guidance is an embedding "
+        raise UsageError(f"guidance {p.guidance!r} is a CFG form; this model's guidance is an embedding "
                          "(one conditional branch), use guidance='standard'")
     if len(sigmas) != p.steps + 1:
         raise ValueError(f"sigmas: expected steps + 1 = {p.steps + 1} values, got {len(sigmas)}")

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from ._version import __version__
 from .artifact import load_into
 from .hooks import attached_handle
+from .errors import RunFolderError, UsageError
 from .family import family_of, resolve_denoiser
 from .prompts import warn_long_prompts
 from .runlock import RunLock
@@ -103,9 +104,9 @@ def generate_images(
                        **dict(call_kwargs or {})}
         if true_cfg is not None:
             if "true_cfg_scale" in call_kwargs:  # the family already guides with true CFG (Qwen-Image: --cfg)
-                raise ValueError(f"--true-cfg: {family.title} already uses two-branch CFG; set it with --cfg")
+                raise UsageError(f"--true-cfg: {family.title} already uses two-branch CFG; set it with --cfg")
             if "true_cfg_scale" not in inspect.signature(pipe.__call__).parameters:
-                raise ValueError(f"--true-cfg: {type(pipe).__name__} has no true_cfg_scale (guidance-distilled "
+                raise UsageError(f"--true-cfg: {type(pipe).__name__} has no true_cfg_scale (guidance-distilled "
                                  "pipelines such as FluxPipeline have it)")
             # a negative prompt is what makes the pipeline run the second branch
             call_kwargs = {**call_kwargs, "true_cfg_scale": float(true_cfg),
@@ -133,8 +134,8 @@ def generate_images(
         for i, p, s in jobs:  # a changed prompt list must not be mistaken for finished work
             row = done.get(image_name(i, s))
             if row is not None and row["prompt"] != p:
-                raise ValueError(f"{out}: {row['file']} was made for prompt {row['prompt']!r}, not {p!r}; "
-                                 "choose another output folder")
+                raise RunFolderError(f"{out}: {row['file']} was made for prompt {row['prompt']!r}, not {p!r}; "
+                                     "choose another output folder")
         todo = [j for j in jobs if image_name(j[0], j[2]) not in done]
         if todo:
             warn_long_prompts(pipe, list(dict.fromkeys(p for _, p, _ in todo)))
@@ -205,7 +206,7 @@ def generate_comparison(
     Returns:
         The `compare/` folder.
     Raises:
-        ValueError: no tokens attached and none given.
+        UsageError: no tokens attached and none given.
 
     Example:
         >>> grids = generate_comparison(pipe, prompts, [0, 1, 2], "cmp/", tokens="tokens.safetensors")
@@ -213,7 +214,7 @@ def generate_comparison(
     own = load_into(pipe, tokens) if tokens is not None and attached_handle(pipe) is None else None
     handle = attached_handle(pipe)
     if handle is None:
-        raise ValueError("--compare needs soft tokens (--tokens FILE)")
+        raise UsageError("--compare needs soft tokens (--tokens FILE)")
     out = Path(out_dir)
     try:
         with handle.disabled():  # hooks stay, tokens are skipped: the exact vanilla model

@@ -15,15 +15,18 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
+from .families.unet import BLOCK_GROUPS as UNET_BLOCK_GROUPS
 from .tokens import SoftTokens, SoftTokensError, TokenLayout
 
 #: Widths of the released models' cross-attention / block width, used when a file does not say.
 DEFAULT_MODEL_DIM = {"sd3": 1536, "sd15": 768, "sdxl": 2048}
 DEFAULT_TEXT_DIM = {"sd3": 4096}
+#: The families whose released token files can be converted (`softrepa import-official --family`).
+FAMILIES = tuple(DEFAULT_MODEL_DIM)
 
 # torch colours parts of its unpickling errors; our message goes to logs and terminals alike
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -74,25 +77,26 @@ def convert_official(
     dc_t_tokens: torch.Tensor | None = None,
     *,
     layers: int | None = None,
-    blocks: tuple[str, ...] = ("down",),
+    blocks: str | Sequence[str] = ("down",),
     model_dim: int | None = None,
     model_depth: int = 0,
 ) -> SoftTokens:
     """Build `SoftTokens` that reproduce the authors' forward with their tensors.
 
     Args:
-        family: "sd3", "sd15" or "sdxl".
+        family: one of `FAMILIES` ("sd3", "sd15", "sdxl").
         dc_tokens: SD3 (L, m, 4096 | width); UNet (m, width).
         dc_t_tokens: the embedding weight, SD3 (buckets, width * L); UNet (buckets, width); or None.
         layers: SD3: expected L (checked against the tensor).
-        blocks: UNet block groups the tokens go to. Default down only: every one of the
+        blocks: UNet block groups the tokens go to, a sequence or a comma-separated string
+            ("down,mid"). Default down only: every one of the
             authors' SD1.5 scripts (train default, run_train, run_train_dist, run_eval) passes
             `--apply_dc True False False`; the paper's text says Down + Mid.
         model_dim: block width for SD3 text-space tokens without a time part (default 1536).
         model_depth: number of transformer blocks of the target model, if known (0: unchecked).
     """
-    if family not in DEFAULT_MODEL_DIM:
-        raise SoftTokensError(f"family must be one of {sorted(DEFAULT_MODEL_DIM)}, got {family!r}")
+    if family not in FAMILIES:
+        raise SoftTokensError(f"family must be one of {list(FAMILIES)}, got {family!r}")
     if family == "sd3":
         if dc_tokens.dim() != 3:
             raise SoftTokensError(f"dc_tokens: SD3 tokens must have shape (L, m, D), got {tuple(dc_tokens.shape)}")
@@ -117,6 +121,11 @@ def convert_official(
                 # (buckets, L*width) -> (buckets, L, width): chunk k of the last dim is layer k.
                 tokens.time.copy_(dc_t_tokens.reshape(buckets, n_layers, width))
         return tokens
+    groups = tuple(b.strip() for b in (blocks.split(",") if isinstance(blocks, str) else blocks) if b.strip())
+    if not groups or any(b not in UNET_BLOCK_GROUPS for b in groups):
+        shown = blocks if isinstance(blocks, str) else ",".join(blocks)
+        raise SoftTokensError(f"--blocks: expected a comma-separated subset of {','.join(UNET_BLOCK_GROUPS)}, "
+                              f"got {shown!r}")
     if dc_tokens.dim() != 2:
         raise SoftTokensError(f"dc_tokens: {family} tokens must have shape (m, D), got {tuple(dc_tokens.shape)}")
     m, width = dc_tokens.shape
@@ -125,7 +134,7 @@ def convert_official(
     if dc_t_tokens is not None and (dc_t_tokens.dim() != 2 or dc_t_tokens.shape[1] != width):
         raise SoftTokensError(f"dc_t_tokens: expected (buckets, {width}), got {tuple(dc_t_tokens.shape)}")
     buckets = 0 if dc_t_tokens is None else dc_t_tokens.shape[0]
-    tokens = SoftTokens(TokenLayout(family, width, width, m, buckets, "block", (), tuple(blocks), 0))
+    tokens = SoftTokens(TokenLayout(family, width, width, m, buckets, "block", (), groups, 0))
     with torch.no_grad():
         tokens.base.copy_(dc_tokens.unsqueeze(0))
         if dc_t_tokens is not None:
@@ -140,7 +149,8 @@ def import_official(
     out: str | os.PathLike,
     **kwargs: Any,
 ) -> Path:
-    """Read the authors' files, convert, and save as a softrepa safetensors artefact."""
+    """Read the authors' files, convert (`convert_official`, which takes `kwargs`), and save as a
+    softrepa safetensors artefact; returns its path."""
     from .artifact import save_soft_tokens
 
     dc = load_official_tensor(dc_tokens_path, "dc_tokens")

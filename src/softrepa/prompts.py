@@ -14,6 +14,8 @@ import re
 from pathlib import Path
 from typing import Any, Sequence
 
+from .errors import DatasetError, UsageError
+
 log = logging.getLogger(__name__)
 
 
@@ -23,7 +25,7 @@ def parse_seeds(spec: str | int | Sequence[int]) -> list[int]:
     Args:
         spec: the seed specification.
     Raises:
-        ValueError: malformed spec (the message names --seeds).
+        UsageError: malformed spec (the message names --seeds).
     """
     if isinstance(spec, int):
         return [spec]
@@ -35,12 +37,12 @@ def parse_seeds(spec: str | int | Sequence[int]) -> list[int]:
         if m:
             lo, hi = int(m.group(1)), int(m.group(2))
             if hi < lo:
-                raise ValueError(f"--seeds: range {part!r} runs backwards")
+                raise UsageError(f"--seeds: range {part!r} runs backwards")
             seeds += range(lo, hi + 1)
         elif re.fullmatch(r"\d+", part):
             seeds.append(int(part))
         else:
-            raise ValueError(f"--seeds: cannot parse {part!r} (use e.g. 0,1,2 or 0-9)")
+            raise UsageError(f"--seeds: cannot parse {part!r} (use e.g. 0,1,2 or 0-9)")
     return list(dict.fromkeys(seeds))
 
 
@@ -56,7 +58,7 @@ def parse_size(spec: str | int | None) -> tuple[int, int] | None:
         return spec, spec
     m = re.fullmatch(r"\s*(\d+)\s*(?:[xX]\s*(\d+))?\s*", str(spec))
     if not m or int(m.group(1)) <= 0 or (m.group(2) and int(m.group(2)) <= 0):
-        raise ValueError(f"--size: cannot parse {spec!r} (use H or HxW, e.g. 1024 or 768x1024)")
+        raise UsageError(f"--size: cannot parse {spec!r} (use H or HxW, e.g. 1024 or 768x1024)")
     h = int(m.group(1))
     return h, int(m.group(2) or h)
 
@@ -70,10 +72,11 @@ def read_prompts(spec: str, max_prompts: int | None = None) -> list[str]:
         max_prompts: keep only the first N prompts.
     Raises:
         FileNotFoundError: `spec` names a .txt / .jsonl / .json file that does not exist.
-        ValueError: a file without prompts, or a .jsonl row without "prompt" (line number named).
+        UsageError: an empty prompt; DatasetError: a file without prompts, or a .jsonl row without
+            "prompt" (line number named).
     """
     if not spec.strip():
-        raise ValueError("--prompts: the prompt is empty; give the prompt text or a prompt file")
+        raise UsageError("--prompts: the prompt is empty; give the prompt text or a prompt file")
     path = Path(spec).expanduser()
     is_file_name = re.fullmatch(r"\S+\.(txt|jsonl|json)", spec.strip()) is not None
     if not path.is_file():
@@ -89,13 +92,13 @@ def read_prompts(spec: str, max_prompts: int | None = None) -> list[str]:
                 row = json.loads(line)
                 prompts.append(str(row["prompt"]))
             except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ValueError(f"{path}:{n}: expected a JSON object with a \"prompt\" field ({e!r})") from e
+                raise DatasetError(f"{path}:{n}: expected a JSON object with a \"prompt\" field ({e!r})") from e
     elif path.suffix == ".json":
         prompts = _coco_prompts(path)
     else:
         prompts = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
     if not prompts:
-        raise ValueError(f"--prompts: {spec!r} holds no prompts")
+        raise DatasetError(f"--prompts: {spec!r} holds no prompts")
     return prompts[:max_prompts] if max_prompts else prompts
 
 
@@ -103,12 +106,12 @@ def _coco_prompts(path: Path) -> list[str]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
+        raise DatasetError(f"{path}: not valid JSON ({e})") from e
     if isinstance(data, list) and all(isinstance(p, str) for p in data):
         return [p.strip() for p in data if p.strip()]  # a plain JSON list of prompts
     if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
-        raise ValueError(f"{path}: expected a COCO captions file with 'images' and 'annotations' "
-                         "(or a JSON list of prompts)")
+        raise DatasetError(f"{path}: expected a COCO captions file with 'images' and 'annotations' "
+                           "(or a JSON list of prompts)")
     first: dict[Any, str] = {}
     for ann in data["annotations"]:  # annotation order decides which caption is "first"
         cap = ann.get("caption")
@@ -148,14 +151,14 @@ def check_prompt_length(pipe: Any, prompt: str, what: str = "prompt") -> None:
         prompt: the prompt.
         what: its name in the message ("prompt", "source prompt", ...).
     Raises:
-        ValueError: the prompt is longer than the tokenizer's `model_max_length` (both counts named).
+        UsageError: the prompt is longer than the tokenizer's `model_max_length` (both counts named).
     """
     tok = getattr(pipe, "tokenizer", None)
     if tok is None:
         return
     n, limit = len(tok(prompt, truncation=False).input_ids), int(tok.model_max_length)
     if n > limit:
-        raise ValueError(f"{what} too long: {n} tokens, the text encoder reads {limit}")
+        raise UsageError(f"{what} too long: {n} tokens, the text encoder reads {limit}")
 
 
 __all__ = ["check_prompt_length", "parse_seeds", "parse_size", "read_prompts", "warn_long_prompts"]

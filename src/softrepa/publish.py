@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .artifact import load_soft_tokens, provenance_of
+from .errors import DatasetError, UsageError
 from .hub import DEFAULT_FILENAME, HubError, parse_hub_ref
 
 logger = logging.getLogger(__name__)
@@ -34,7 +35,7 @@ def _metrics_tables(evaluation: Sequence[str | os.PathLike]) -> list[str]:
             results = json.loads(results_file.read_text(encoding="utf-8"))
             metrics = results["metrics"]
         except (ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"{results_file}: not a `softrepa evaluate` results.json ({e!r})") from e
+            raise DatasetError(f"{results_file}: not a `softrepa evaluate` results.json ({e!r})") from e
         lines += ["", f"**{Path(folder).name}** ({results.get('n_images', '?')} images)", "",
                   "| metric | mean | 95% CI | count |", "|---|---|---|---|"]
         for name, m in metrics.items():
@@ -125,7 +126,7 @@ def push_to_hub(tokens_file: str | os.PathLike, repo_id: str, *, config: str | o
     Returns:
         huggingface_hub's `CommitInfo` of the upload.
     Raises:
-        SoftTokensError: not a tokens file; ValueError: a bad repo id; HubError: the Hub refused
+        SoftTokensError: not a tokens file; UsageError: a bad repo id; HubError: the Hub refused
             the upload or cannot be reached (one line naming the repo).
 
     Example:
@@ -135,9 +136,9 @@ def push_to_hub(tokens_file: str | os.PathLike, repo_id: str, *, config: str | o
     from huggingface_hub import HfApi
 
     if not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", repo_id or ""):
-        raise ValueError(f"repo id {repo_id!r}: expected owner/name")
+        raise UsageError(f"repo id {repo_id!r}: expected owner/name")
     if not filename.endswith(".safetensors"):
-        raise ValueError(f"filename {filename!r}: must end in .safetensors")
+        raise UsageError(f"filename {filename!r}: must end in .safetensors")
     src = Path(tokens_file).expanduser()
     if src.is_dir():
         src = src / DEFAULT_FILENAME

@@ -19,7 +19,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from .errors import ConfigError
+from .errors import ConfigError, SoftrepaError
 
 logger = logging.getLogger(__name__)
 
@@ -85,13 +85,11 @@ def score_arms(scorers: Mapping[str, tuple[Any, Any]], prompts: Sequence[str], v
         {"validation/<metric>/vanilla": .., "validation/<metric>/tokens": .., "validation/<metric>/delta": ..};
         a metric that cannot score these prompts is left out with a warning (training goes on).
     """
-    from .evaluation import MetricError
-
     row: dict[str, float] = {}
     for name, (spec, scorer) in scorers.items():
         try:
             v, t = _score(spec, scorer, vanilla, prompts), _score(spec, scorer, tokens, prompts)
-        except (MetricError, ValueError) as e:  # e.g. a prompt the world judge cannot read: the run goes on
+        except SoftrepaError as e:  # MetricError, e.g. a prompt the world judge cannot read: the run goes on
             logger.warning("validation metric %s not computed: %s", name, e)
             continue
         row.update({f"validation/{name}/vanilla": v, f"validation/{name}/tokens": t,

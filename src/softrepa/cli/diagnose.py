@@ -5,7 +5,8 @@
     softrepa diagnose --model @assets/toy_sd3 --data demo_out/data --tokens demo_out/train/tokens.safetensors
 
 Writes diagnosis.md (the table), diagnosis.json (rows + the calibrated `loss.tau_table`) and
-diagnosis.png into --out; prints the table. Everything is `softrepa.diagnose.diagnose`.
+diagnosis.png into --out; prints the table. Everything is `softrepa.diagnosis.run_diagnosis`
+(the measurement: `softrepa.diagnose.diagnose`).
 """
 
 from __future__ import annotations
@@ -14,15 +15,8 @@ import argparse
 import shlex
 import sys
 
-from ..artifact import load_soft_tokens
-from ..config import LossConfig
-from ..data import build_dataset
-from ..diagnose import diagnose
-from ..generate import native_resolution
-from ..negatives import NegativesConfig
-from ..pipeline import load_pipeline
-from .common import add_dtype_argument, add_out_argument, add_progress_argument, check_data, check_model, \
-    device_and_dtype, quiet_libraries
+from ..diagnosis import run_diagnosis
+from .common import add_dtype_argument, add_out_argument, add_progress_argument, text_length_help
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -34,7 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_out_argument(p, required=False, default="diagnose_out")
     p.add_argument("--bins", type=int, default=10, help="timestep bins over 0..1000")
     p.add_argument("--batches-per-bin", type=int, default=2, help="batches drawn per bin")
-    p.add_argument("--batch-size", type=int, default=16, help="images (= captions) per batch (paper: 16)")
+    p.add_argument("--batch-size", type=int, default=16, help="images (= captions) per batch, >= 2 (paper: 16)")
     p.add_argument("--resolution", type=int, default=None, help="image side (default: the pipeline's native size)")
     p.add_argument("--tau", default="0.07",
                    help="temperature the table's logits use (authors: 0.07), or 'calibrated': each bin at its tau*")
@@ -45,7 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a word group for hard-negative swaps (repeatable; default: colour words)")
     p.add_argument("--no-grad-share", action="store_true", help="skip the token-gradient split (one backward per batch)")
     p.add_argument("--pair-chunk", type=int, default=None, help="pairs per forward pass (memory bound)")
-    p.add_argument("--max-sequence-length", type=int, default=None, help="text length (default: the family's)")
+    p.add_argument("--max-sequence-length", type=int, default=None, help=text_length_help())
     add_dtype_argument(p)
     p.add_argument("--device", default=None, help="torch device (default: cuda when available)")
     p.add_argument("--seed", type=int, default=0)
@@ -53,46 +47,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    for name in ("bins", "batches_per_bin", "batch_size"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    device, dtype = device_and_dtype(args)
-    check_data(args.data)  # before the (slow) model load
-    check_model(args.model)
-    quiet_libraries(args)
-    if args.tokens:
-        load_soft_tokens(args.tokens)  # a bad tokens file fails before the model load
-    pipe = load_pipeline(args.model, dtype, device)
-    pipe.set_progress_bar_config(disable=True)
-    res = args.resolution or native_resolution(pipe)
-    dataset = build_dataset(args.data, res, seed=args.seed, images=args.data_images)
-    negatives = None
-    if args.hard_negatives:
-        negatives = NegativesConfig(per_image=args.hard_negatives)
-        if args.swap:
-            negatives.swap = [[w.strip() for w in g.split(",") if w.strip()] for g in args.swap]
-            negatives.__post_init__()
-    report = diagnose(pipe, dataset, args.tokens, bins=args.bins, batches_per_bin=args.batches_per_bin,
-                      batch_size=args.batch_size, loss=_loss(args.tau, args.scale),
-                      negatives=negatives, resolution=res, max_sequence_length=args.max_sequence_length,
-                      seed=args.seed, grad_share=not args.no_grad_share, progress=not args.no_progress,
-                      pair_chunk=args.pair_chunk)
-    report.setup["command"] = "softrepa " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    report.save(args.out)
+    report = run_diagnosis(
+        args.model, args.data, out=args.out, tokens=args.tokens, data_images=args.data_images, bins=args.bins,
+        batches_per_bin=args.batches_per_bin, batch_size=args.batch_size, resolution=args.resolution, tau=args.tau,
+        scale=args.scale, hard_negatives=args.hard_negatives, swap=[g.split(",") for g in args.swap or []] or None,
+        grad_share=not args.no_grad_share, pair_chunk=args.pair_chunk, max_sequence_length=args.max_sequence_length,
+        device=args.device, dtype=args.dtype, seed=args.seed, progress=not args.no_progress,
+        command="softrepa " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
     print(report.table())
     print(f"\ncalibrated tau table (loss.tau_table): {[round(v, 4) for v in report.tau_table]}")
     print(f"written: {args.out}/diagnosis.md, diagnosis.json, diagnosis.png")
     return 0
-
-
-def _loss(tau: str, scale: float) -> LossConfig:
-    if tau == "calibrated":
-        return LossConfig(tau_schedule="calibrated", scale=scale)
-    try:
-        value = float(tau)
-    except ValueError:
-        raise ValueError(f"--tau must be a number or 'calibrated', got {tau!r}") from None
-    return LossConfig(tau=value, scale=scale)
 
 
 __all__ = ["add_arguments", "run"]

@@ -29,6 +29,7 @@ import argparse
 from pathlib import Path
 
 from ..edit import edit_manifest, parse_cfgs, read_manifest
+from ..errors import UsageError
 from ..family import family_of
 from ..flowedit import FlowEditParams
 from ..prompts import parse_size
@@ -72,12 +73,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.manifest:
         if args.image or args.source_prompt or args.target_prompt:
-            raise ValueError("--manifest replaces --image / --source-prompt / --target-prompt; give one or the other")
+            raise UsageError("--manifest replaces --image / --source-prompt / --target-prompt; give one or the other")
         rows = read_manifest(args.manifest)
     else:
         for opt in ("image", "source_prompt", "target_prompt"):
             if not getattr(args, opt):
-                raise ValueError(f"--{opt.replace('_', '-')} is required (or use --manifest)")
+                raise UsageError(f"--{opt.replace('_', '-')} is required (or use --manifest)")
         open_image(args.image)  # missing / unreadable image: fail before loading the model
         rows = [{"image": str(Path(args.image).expanduser().resolve()), "source_prompt": args.source_prompt,
                  "target_prompt": args.target_prompt}]

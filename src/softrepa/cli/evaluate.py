@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..errors import UsageError
 from ..evaluation import PAPER_METRICS, compare_runs, evaluate, metric_names, summary_lines
 from .common import add_dtype_argument, add_out_argument, add_progress_argument
 
@@ -25,6 +26,11 @@ _EVAL_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 def _csv_list(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _float_list(text: str) -> list[float]:
+    """argparse type: "13.5,9" -> [13.5, 9.0] (argparse reports a bad number as a usage error)."""
+    return [float(t) for t in _csv_list(text)]
 
 
 def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
@@ -59,9 +65,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
     known = metric_names()
     unknown = [m for m in metrics if m not in known]
     if unknown or not metrics:
-        raise ValueError(f"--metrics: unknown {unknown}; choose from {','.join(known)}")
+        raise UsageError(f"--metrics: unknown {unknown}; choose from {','.join(known)}")
     if args.batch_size < 1:
-        raise ValueError("--batch-size must be >= 1")
+        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
     res = evaluate(args.images, args.out, metrics=metrics, reference=args.reference, prompts=args.prompts,
                    reference_captions=args.reference_captions, config=args.metrics_config,
                    batch_size=args.batch_size, device=args.device,
@@ -84,7 +90,7 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("runs", nargs="+", help="evaluated run folders (or results.json); the first is the baseline")
     add_out_argument(parser)
     parser.add_argument("--labels", default=None, help="comma-separated run names (default: folder names)")
-    parser.add_argument("--sweep", default=None,
+    parser.add_argument("--sweep", type=_float_list, default=None,
                         help="comma-separated CFG of each run (default: the target CFG in each run's metadata)")
     parser.add_argument("--groups", default=None,
                         help="comma-separated method of each run for the sweep curves (e.g. vanilla,vanilla,softrepa)")
@@ -95,7 +101,7 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_compare(args: argparse.Namespace) -> int:
     """Run `softrepa compare`; returns the exit code."""
-    sweep = [float(x) for x in _csv_list(args.sweep)] if args.sweep else None
+    sweep = args.sweep or None
     res = compare_runs(args.runs, args.out, labels=_csv_list(args.labels) if args.labels else None, sweep=sweep,
                        groups=_csv_list(args.groups) if args.groups else None,
                        metrics=_csv_list(args.metrics) if args.metrics else None,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..errors import UsageError
 from ..generate import generate_comparison, generate_images
 from ..prompts import parse_seeds, parse_size, read_prompts
 from .common import add_model_arguments, add_offload_arguments, add_out_argument, add_progress_argument, load_model
@@ -43,9 +44,9 @@ def run(args: argparse.Namespace) -> int:
     seeds = parse_seeds(args.seeds)
     size = parse_size(args.size)
     if args.compare and not args.tokens:
-        raise ValueError("--compare needs --tokens")
+        raise UsageError("--compare needs --tokens")
     if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
     pipe, _ = load_model(args)
     kw = dict(steps=args.steps, cfg=args.cfg, height=size[0] if size else None, width=size[1] if size else None,
               batch_size=args.batch_size, max_sequence_length=args.max_sequence_length, tokens=args.tokens,

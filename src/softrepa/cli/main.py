@@ -1,9 +1,16 @@
 """`softrepa` command line: train | generate | edit | evaluate | compare | diagnose | toy | demo | import-official | info | push | ui.
 
 Argparse only: each subcommand module has `add_arguments(parser)` and `run(args) -> int`, which
-parses, calls one library function and prints; this file holds the explicit command table and
-turns softrepa's errors (`SoftrepaError`), missing files and bad values into one line on stderr and
-exit code 2. Any other exception is a bug and keeps its traceback.
+parses, calls one library function and prints; this file holds the explicit command table and the
+one error policy (`softrepa.errors`):
+
+* `SoftrepaError` (every error softrepa raises on purpose: bad option values included) and `OSError`
+  (missing files, permissions, full disks): one line `softrepa <cmd>: error: <message>` on stderr,
+  exit code 2. `--traceback` (before or after the subcommand; `-v` too) prints the traceback first.
+* Ctrl-C: `softrepa <cmd>: interrupted`, exit code 130.
+* Anything else, a bare `ValueError` or `RuntimeError` included, is a bug: its traceback, then
+  `softrepa <cmd>: internal error — please report it (with the traceback above)`, exit code 1.
+  Nothing here catches `ValueError` wholesale: a real bug never shrinks to one line.
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import traceback
 from typing import Callable, NamedTuple
 
 from .._version import __version__
@@ -48,13 +56,21 @@ COMMANDS: dict[str, Command] = {
 }
 
 
+TRACEBACK_HELP = "print the traceback of an error too (errors are one line otherwise)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="softrepa", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"softrepa {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging (and --traceback)")
+    parser.add_argument("--traceback", action="store_true", help=TRACEBACK_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, cmd in COMMANDS.items():
-        cmd.add_arguments(sub.add_parser(name, help=cmd.help, description=cmd.help))
+        p = sub.add_parser(name, help=cmd.help, description=cmd.help)
+        cmd.add_arguments(p)
+        # also after the subcommand; its own dest, so that it never resets the global flag
+        p.add_argument("--traceback", dest="traceback_here", action="store_true", default=argparse.SUPPRESS,
+                       help=TRACEBACK_HELP)
     return parser
 
 
@@ -67,14 +83,22 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = extra
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
+    show_traceback = args.traceback or args.verbose or getattr(args, "traceback_here", False)
     try:
         return int(COMMANDS[args.command].run(args) or 0)
-    except (SoftrepaError, OSError, ValueError) as e:  # OSError: missing files, permissions, full disks
-        print(f"softrepa {args.command}: error: {e}", file=sys.stderr)
+    except (SoftrepaError, OSError) as e:  # OSError: missing files, permissions, full disks
+        if show_traceback:
+            traceback.print_exc()
+        print(f"softrepa {args.command}: error: {str(e) or type(e).__name__}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"softrepa {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception:  # a bug: never one line, always the traceback
+        traceback.print_exc()
+        print(f"softrepa {args.command}: internal error — please report it (with the traceback above)",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

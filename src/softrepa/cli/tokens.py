@@ -6,14 +6,12 @@ import argparse
 import json
 
 from ..artifact import PROVENANCE_KEYS, load_soft_tokens, provenance_of, read_metadata
-from ..family import family_names
-from ..official import import_official
-from ..families.unet import BLOCK_GROUPS as UNET_BLOCK_GROUPS  # the family validates; see the CLI note
+from ..official import FAMILIES, import_official
 from .common import add_out_argument
 
 
 def add_import_official_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--family", required=True, choices=family_names(), help="model family of the tokens")
+    p.add_argument("--family", required=True, choices=FAMILIES, help="model family of the tokens")
     p.add_argument("--dc-tokens", required=True, help="authors' dc_tokens.pth")
     p.add_argument("--dc-t-tokens", default=None, help="authors' dc_t_tokens.pth (pickled nn.Embedding), optional")
     p.add_argument("--layers", type=int, default=None, help="SD3: number of token layers (checked against the file)")
@@ -27,16 +25,8 @@ def add_import_official_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_import_official(args: argparse.Namespace) -> int:
-    kw = {"model_dim": args.model_dim}
-    if args.family == "sd3":
-        kw["layers"] = args.layers
-    else:
-        blocks = tuple(b.strip() for b in args.blocks.split(",") if b.strip())
-        bad = [b for b in blocks if b not in UNET_BLOCK_GROUPS]
-        if bad or not blocks:
-            raise ValueError(f"--blocks: expected a comma-separated subset of down,mid,up, got {args.blocks!r}")
-        kw["blocks"] = blocks
-    path = import_official(args.family, args.dc_tokens, args.dc_t_tokens, args.out, **kw)
+    path = import_official(args.family, args.dc_tokens, args.dc_t_tokens, args.out, layers=args.layers,
+                           blocks=args.blocks, model_dim=args.model_dim)
     print(f"wrote {path} (+ {path.with_suffix('.json').name})")
     return 0
 

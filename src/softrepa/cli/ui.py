@@ -12,7 +12,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from .common import add_dtype_argument
+from ..errors import MissingDependencyError, UsageError
+from .common import add_dtype_argument, text_length_help
 
 # the defaults are spelled here rather than imported: `softrepa --help` must not import the page
 DEFAULT_MODEL = "@assets/toy_sd3"
@@ -30,7 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     add_dtype_argument(p)
     p.add_argument("--max-sequence-length", type=int, default=None,
-                   help="SD3 only: T5 prompt length (default: the miniature recipe's 8, else the pipeline's 256)")
+                   help=text_length_help("a miniature's recipe length, else the family's own"))
     p.add_argument("--metrics-config", default=None,
                    help="metrics.yaml whose lpips section names LPIPS' weights (without them the page says so)")
     p.add_argument("--train-steps", type=int, default=30,
@@ -43,12 +44,12 @@ def run(args: argparse.Namespace) -> int:
         from ..ui.app import serve
     except ImportError as e:
         if getattr(e, "name", "") and e.name.split(".")[0] == "gradio":
-            raise ValueError("softrepa ui needs gradio: pip install 'softrepa[ui]'") from e
+            raise MissingDependencyError("softrepa ui needs gradio: pip install 'softrepa[ui]'") from e
         raise
     if not 0 <= args.port <= 65535:
-        raise ValueError(f"--port must be in 0..65535, got {args.port}")
+        raise UsageError(f"--port must be in 0..65535, got {args.port}")
     if args.train_steps < 1:
-        raise ValueError(f"--train-steps must be >= 1, got {args.train_steps}")
+        raise UsageError(f"--train-steps must be >= 1, got {args.train_steps}")
     serve(args.model, args.tokens, host=args.host, port=args.port, device=args.device, dtype=args.dtype,
           max_sequence_length=args.max_sequence_length, metrics_config=args.metrics_config,
           train_steps=args.train_steps, started=started)

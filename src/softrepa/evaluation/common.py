@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..errors import MetricError, WeightsError  # the one error hierarchy (softrepa.errors)
+from ..errors import ConfigError, MetricError, UsageError, WeightsError  # the one error hierarchy (softrepa.errors)
 
 #: OpenAI CLIP's normalisation, also used by open_clip's LAION models, PickScore and ImageReward.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -293,7 +293,7 @@ def crop_offset(extent: int, size: int, offset: str = "round") -> int:
         return int(round((extent - size) / 2.0))
     if offset == "floor":
         return (extent - size) // 2
-    raise ValueError(f"crop offset must be 'round' or 'floor', got {offset!r}")
+    raise ConfigError(f"crop offset must be 'round' or 'floor', got {offset!r}")
 
 
 def center_crop(img: Image.Image, size: int, offset: str = "round") -> Image.Image:
@@ -322,7 +322,7 @@ def letterbox_geometry(width: int, height: int, size: int) -> tuple[tuple[int, i
         size: output side.
     """
     if width < 1 or height < 1 or size < 1:
-        raise ValueError(f"letterbox: sizes must be positive, got {width}x{height} -> {size}")
+        raise UsageError(f"letterbox: sizes must be positive, got {width}x{height} -> {size}")
     scale = size / float(max(height, width))
     new_h, new_w = (round(height * scale), round(width * scale)) if scale != 1.0 else (height, width)
     pad_h, pad_w = size - new_h, size - new_w
@@ -418,7 +418,7 @@ def batched(seq: Sequence, batch_size: int, desc: str | None = None) -> Iterator
     from tqdm.auto import tqdm
 
     if batch_size < 1:
-        raise ValueError(f"batch size must be >= 1, got {batch_size}")
+        raise UsageError(f"batch size must be >= 1, got {batch_size}")
     bar = tqdm(total=len(seq), desc=desc, unit="img", disable=desc is None, leave=False)
     try:
         for i in range(0, len(seq), batch_size):
@@ -436,7 +436,7 @@ def torch_dtype(name: str | torch.dtype | None) -> torch.dtype:
     table = {None: torch.float32, "float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
              "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
     if name not in table:
-        raise ValueError(f"unknown dtype {name!r}; use float32, float16 or bfloat16")
+        raise UsageError(f"unknown dtype {name!r}; use float32, float16 or bfloat16")
     return table[name]
 
 

@@ -19,6 +19,7 @@ import logging
 from pathlib import Path
 from typing import Sequence
 
+from ..errors import UsageError
 from .report import summary_rows
 from .spec import higher_is_better
 
@@ -77,7 +78,7 @@ def compare_runs(runs: Sequence[str | Path], out: str | Path, *, labels: Sequenc
     import matplotlib.pyplot as plt
 
     if len(runs) < 1:
-        raise ValueError("compare needs at least one run")
+        raise UsageError("compare needs at least one run")
     data = [load_run(r) for r in runs]
     # every run's metrics as the summaries list them (adds world_quality_proxy next to world)
     for d in data:
@@ -85,7 +86,7 @@ def compare_runs(runs: Sequence[str | Path], out: str | Path, *, labels: Sequenc
     labels = list(labels) if labels else [Path(r).name if Path(r).is_dir() else Path(r).parent.name for r in runs]
     for name, n in (("labels", labels), ("sweep", sweep), ("groups", groups)):
         if n is not None and len(n) != len(runs):
-            raise ValueError(f"{len(n)} {name} for {len(runs)} runs")
+            raise UsageError(f"{len(n)} {name} for {len(runs)} runs")
     cfgs = list(sweep) if sweep is not None else [d.get("run", {}).get("cfg") for d in data]
     groups = list(groups) if groups else [_group(d) for d in data]
     if metrics is None:

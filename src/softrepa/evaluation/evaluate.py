@@ -33,6 +33,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .common import MetricError, batched, load_rgb, torch_dtype
+from ..errors import UsageError
 from .config import load_metric, load_metrics_config
 from .inputs import EvalItem, image_pairs, list_images, read_items, run_info
 from .report import summarize, write_results
@@ -149,7 +150,7 @@ def evaluate(images: str | Path, out: str | Path, *, metrics: Sequence[str] = PA
     known = metric_names()
     unknown = [m for m in metrics if m not in known]
     if unknown:
-        raise ValueError(f"unknown metrics {unknown}; known: {list(known)}")
+        raise UsageError(f"unknown metrics {unknown}; known: {list(known)}")
     cfg = load_metrics_config(config) if isinstance(config, (str, Path)) else load_metrics_config(overrides=config)
     device = device or cfg.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or cfg.get("dtype") or "float32"

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from ..errors import DatasetError, UsageError
 from .common import MetricError
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -59,7 +60,7 @@ def _read_table(path: Path) -> list[dict]:
     if path.suffix == ".csv":
         with path.open(newline="") as f:
             return list(csv.DictReader(f))
-    raise ValueError(f"{path}: prompts must be .txt, .jsonl, .json or .csv")
+    raise DatasetError(f"{path}: prompts must be .txt, .jsonl, .json or .csv")
 
 
 def list_images(folder: Path) -> list[Path]:
@@ -78,7 +79,7 @@ def coco_image_order(captions: str | Path) -> list[str]:
     """
     data = json.loads(Path(captions).read_text(encoding="utf-8"))
     if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
-        raise ValueError(f"{captions}: expected a COCO captions file with 'images' and 'annotations'")
+        raise DatasetError(f"{captions}: expected a COCO captions file with 'images' and 'annotations'")
     has = {a.get("image_id") for a in data["annotations"] if isinstance(a.get("caption"), str) and a["caption"].strip()}
     return [im["file_name"] for im in data["images"] if im.get("id") in has]
 
@@ -101,7 +102,7 @@ def read_items(images: str | Path, prompts: str | Path | None = None,
     if meta_path.is_file():
         rows = _read_table(meta_path)
         if any("file" not in r for r in rows):
-            raise ValueError(f"{meta_path}: every row needs a 'file'")
+            raise DatasetError(f"{meta_path}: every row needs a 'file'")
     else:
         rows = [{"file": p.name} for p in list_images(folder)]
     if prompts is not None:
@@ -111,14 +112,14 @@ def read_items(images: str | Path, prompts: str | Path | None = None,
         if pf.suffix == ".txt":
             lines = [s for s in pf.read_text().splitlines() if s.strip()]
             if len(lines) != len(rows):
-                raise ValueError(f"{pf} has {len(lines)} prompts for {len(rows)} images")
+                raise DatasetError(f"{pf} has {len(lines)} prompts for {len(rows)} images")
             for r, text in zip(rows, lines):
                 r["prompt"] = text
         else:
             by_file = {str(r["file"]): r["prompt"] for r in _read_table(pf)}
             missing = [r["file"] for r in rows if str(r["file"]) not in by_file]
             if missing:
-                raise ValueError(f"{pf} has no prompt for {len(missing)} images, e.g. {missing[:3]}")
+                raise DatasetError(f"{pf} has no prompt for {len(missing)} images, e.g. {missing[:3]}")
             for r in rows:
                 r["prompt"] = by_file[str(r["file"])]
     # `softrepa generate` rows: file, prompt, cfg, tokens, ...; `softrepa edit` rows: file, image (the
@@ -132,17 +133,17 @@ def read_items(images: str | Path, prompts: str | Path | None = None,
         raise FileNotFoundError(f"{len(missing)} listed images do not exist in {folder}, e.g. {missing[:3]}")
     if reference_captions is not None:
         if reference is None or not Path(reference).is_dir():
-            raise ValueError("--reference-captions needs --reference, the folder of the COCO images")
+            raise UsageError("--reference-captions needs --reference, the folder of the COCO images")
         order = coco_image_order(reference_captions)
         by_stem = {p.stem: p for p in list_images(Path(reference))}
         for it in items:
             i = it.meta.get("prompt_index")
             if not isinstance(i, int) or not 0 <= i < len(order):
-                raise ValueError(f"{it.file}: metadata prompt_index {i!r} does not index {reference_captions}")
+                raise DatasetError(f"{it.file}: metadata prompt_index {i!r} does not index {reference_captions}")
             if it.reference is None and it.source is None:
                 it.reference = by_stem.get(Path(order[i]).stem, Path(reference) / order[i])
     if not items:
-        raise ValueError(f"no images in {folder}")
+        raise DatasetError(f"no images in {folder}")
     return items
 
 

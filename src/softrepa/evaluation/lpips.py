@@ -33,6 +33,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from ..errors import ConfigError
 from .common import MetricError, WeightsError, check_keys, load_state_dict, resolve_file, to_tensor
 from .spec import MetricConfig, MetricKind, MetricSpec, register_metric
 
@@ -62,7 +63,7 @@ def backbone_features(net: str) -> nn.Sequential:
                   nn.Conv2d(192, 384, 3, padding=1), nn.ReLU(), nn.Conv2d(384, 256, 3, padding=1), nn.ReLU(),
                   nn.Conv2d(256, 256, 3, padding=1), nn.ReLU(), nn.MaxPool2d(3, 2)]
     else:
-        raise ValueError(f"LPIPS net must be 'vgg' or 'alex', got {net!r}")
+        raise ConfigError(f"LPIPS net must be 'vgg' or 'alex', got {net!r}")
     return nn.Sequential(*layers)
 
 
@@ -147,9 +148,9 @@ class LPIPSScorer:
     def __init__(self, model: LPIPSNet, *, resize: int | None = 299, input_range: str = "minus1_1",
                  device="cpu", dtype=torch.float32):
         if input_range not in ("minus1_1", "authors_uint8"):
-            raise ValueError(f"lpips input_range must be minus1_1 or authors_uint8, got {input_range!r}")
+            raise ConfigError(f"lpips input_range must be minus1_1 or authors_uint8, got {input_range!r}")
         if resize is not None and (isinstance(resize, bool) or not isinstance(resize, int) or resize < 1):
-            raise ValueError(f"lpips resize must be a positive integer or null, got {resize!r}")
+            raise ConfigError(f"lpips resize must be a positive integer or null, got {resize!r}")
         self.model, self.resize, self.input_range = model.to(device, dtype).eval(), resize, input_range
         self.device, self.dtype = torch.device(device), dtype
 

@@ -26,6 +26,7 @@ from typing import Sequence
 
 import numpy as np
 
+from ..errors import UsageError
 from ..stats import wilson_interval
 from .inputs import EvalItem
 from .spec import MetricSpec, get_metric
@@ -183,7 +184,7 @@ def _spec(name: str) -> MetricSpec | None:
     """The registered spec of `name`, or None (results may name metrics this install does not have)."""
     try:
         return get_metric(name)
-    except ValueError:
+    except UsageError:
         return None
 
 

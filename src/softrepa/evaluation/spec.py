@@ -55,7 +55,7 @@ from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from importlib.metadata import entry_points
 from typing import Any, Callable, ClassVar, Iterator
 
-from ..errors import ConfigError
+from ..errors import ConfigError, UsageError
 
 
 class MetricKind(enum.Enum):
@@ -266,12 +266,12 @@ def get_metric(name: str) -> MetricSpec:
     """The spec of metric `name`.
 
     Raises:
-        ValueError: no such metric (the message lists the known ones).
+        UsageError: no such metric (the message lists the known ones).
     """
     if name not in _REGISTRY:
         _load_entry_points()
     if name not in _REGISTRY:
-        raise ValueError(f"unknown metric {name!r}; known: {list(metric_names())}")
+        raise UsageError(f"unknown metric {name!r}; known: {list(metric_names())}")
     return _REGISTRY[name]
 
 

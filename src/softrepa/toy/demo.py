@@ -138,6 +138,7 @@ def run_demo(args: argparse.Namespace) -> int:
 def _gates(pipe: Any, model_dir: Path, cfg: Any, arms: dict[str, Any]) -> list[str]:
     """Report lines: the model's gates as measured on validation seeds (its `gates.json`, written
     by benchmarks/miniature_gates.py), and the leverage of the tokens this demo trained."""
+    from .effect import sampling_length
     from .gates import gate_lines, token_leverage
 
     lines = []
@@ -147,7 +148,7 @@ def _gates(pipe: Any, model_dir: Path, cfg: Any, arms: dict[str, Any]) -> list[s
     else:
         lines.append(f"* gates: {saved} not found (measure them with benchmarks/miniature_gates.py)")
     trained = {k: v for k, v in arms.items() if v is not None}
-    lev = token_leverage(pipe, list(trained.values()), max_sequence_length=cfg.max_sequence_length or 8)
+    lev = token_leverage(pipe, list(trained.values()), max_sequence_length=sampling_length(pipe, cfg))
     lines.append("* leverage of the tokens trained here: " + ", ".join(
         f"{name} {v:.3f}" for name, v in zip(trained, lev["leverage"])))
     return lines

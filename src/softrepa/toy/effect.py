@@ -26,6 +26,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ..errors import UsageError
 from .world import WorldDataset, heldout_prompts, is_heldout, parse_prompt, place_scene
 from .world import prompt as canonical_prompt
 
@@ -59,7 +60,7 @@ def training_text_allowed(caption: str) -> bool:
     """Hard negatives must not name a held-out composition (held-out text stays out of training)."""
     try:
         return not is_heldout(parse_prompt(caption))
-    except ValueError:
+    except UsageError:
         return False  # not a caption of this world: keep the negatives to world captions
 
 
@@ -134,10 +135,12 @@ def initial_tokens(pipe: Any, recipe: str, overrides: dict[str, Any], out: Path)
 
 
 def sampling_length(pipe: Any, cfg: Any) -> int | None:
-    """The training config's T5 length for pipelines that take one (SD3 family), else None."""
-    import inspect
+    """The text length the recipe `cfg` trains with (its `max_sequence_length`, else the family's
+    `text_length`) for families that take one, else None."""
+    from ..registry import family_of
 
-    return cfg.max_sequence_length if "max_sequence_length" in inspect.signature(pipe.__call__).parameters else None
+    family = family_of(pipe)
+    return family.resolve_text_length(cfg.max_sequence_length) if family.text_length_option else None
 
 
 def reference_images(prompts: Sequence[str], seeds: Sequence[int], size: int) -> list[Any]:

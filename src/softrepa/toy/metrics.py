@@ -20,6 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
+from ..errors import UsageError
 from ..evaluation.common import MetricError
 from ..evaluation.spec import MetricConfig, MetricKind, MetricSpec, SummaryRow, register_metric
 from .judge import features, judge_scene
@@ -156,7 +157,7 @@ class WorldJudge:
         """
         try:
             rep = alignment_report(images, list(prompts), keep_items=True)
-        except ValueError as e:  # a prompt outside the miniature's grammar
+        except UsageError as e:  # a prompt outside the miniature's grammar
             raise MetricError(f"world: {e}") from e
         extra = {"accuracy": rep["accuracy"], "categories": rep["categories"], "by_kind": rep["by_kind"]}
         if reference_images is not None:

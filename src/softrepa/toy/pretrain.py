@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import UsageError
 from .pretrain_common import Timer, WorldImages, folder_megabytes, param_count, seed_everything, set_threads
 from .pretrain_sd3 import assemble_sd3, build_sd3_components, train_sd3
 from .pretrain_text import pretrain_text_encoders
@@ -204,7 +205,7 @@ def pretrain(backbone: str, out: str | Path, cfg: PretrainConfig | None = None) 
         sizes and training loss.
     """
     if backbone not in BACKBONES:
-        raise ValueError(f"backbone must be one of {BACKBONES}, got {backbone!r}")
+        raise UsageError(f"backbone must be one of {BACKBONES}, got {backbone!r}")
     cfg = cfg or PretrainConfig()
     wanted = ("sd3", "sd15") if backbone == "both" else (backbone,)
     out = Path(out)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..errors import UsageError
 from .world import INVERSE, POSITION_PHRASES, RELATION_PHRASES, Scene, WorldDataset, caption, is_heldout
 
 #: Token budget of the miniature CLIP tokenizers: the longest caption the world's templates can
@@ -80,7 +81,7 @@ class WorldImages:
 
     def __init__(self, n: int, seed: int, size: int = 32, p_two: float = 0.5, caption_noise: float = 0.0):
         if not 0.0 <= caption_noise <= 1.0:
-            raise ValueError(f"caption_noise must be in [0, 1], got {caption_noise}")
+            raise UsageError(f"caption_noise must be in [0, 1], got {caption_noise}")
         self.caption_noise = float(caption_noise)
         ds = WorldDataset(n, seed, "train", size, p_two=p_two)
         self.scenes = [ds.scene(i) for i in range(n)]

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..errors import UsageError
 from ..tiny import _clip_text_encoder, make_clip_tokenizer
 from .pretrain_common import (TOKENIZER_MAX_LENGTH, TokenCache, WorldImages, autocast, diffusion_optimizer,
                               optimizer_step)
@@ -115,7 +116,7 @@ def build_sd3_components(seed: int = 0, width: int = 64, layers: int = 6, heads:
     from .pretrain_text import WORD_MAX_LENGTH, make_word_tokenizer
 
     if tokenizer not in ("word", "char"):
-        raise ValueError(f"tokenizer must be 'word' or 'char', got {tokenizer!r}")
+        raise UsageError(f"tokenizer must be 'word' or 'char', got {tokenizer!r}")
     make = make_word_tokenizer if tokenizer == "word" else make_clip_tokenizer
     max_length = max_length or (WORD_MAX_LENGTH if tokenizer == "word" else TOKENIZER_MAX_LENGTH)
     tok = make(max_length)

@@ -20,6 +20,8 @@ from typing import Iterator
 import numpy as np
 from PIL import Image
 
+from ..errors import UsageError
+
 SHAPES = ("circle", "square", "triangle", "cross")
 COLOURS = ("red", "green", "blue", "yellow")
 # Well separated on a white background: each colour absorbs a different channel mix
@@ -246,7 +248,7 @@ def parse_prompt(text: str) -> Scene:
     Args:
         text: e.g. "left: a red circle" or "a picture of a blue square over a red triangle".
     Raises:
-        ValueError: when the text does not name 1-2 objects with one position / relation.
+        UsageError: when the text does not name 1-2 objects with one position / relation.
     """
     low = text.lower()
     objs = list(_OBJ_RE.finditer(low))
@@ -254,16 +256,16 @@ def parse_prompt(text: str) -> Scene:
         rest = low[: objs[0].start()] + " " + low[objs[0].end():]
         found = {_POS_WORDS[w] for w in re.findall(r"[a-z]+", rest) if w in _POS_WORDS}
         if len(found) != 1:
-            raise ValueError(f"cannot read one position from {text!r}")
+            raise UsageError(f"cannot read one position from {text!r}")
         return Scene((WorldObject(objs[0][1], objs[0][2]),), position=found.pop())
     if len(objs) == 2:
         between = low[objs[0].end(): objs[1].start()]
         found = {_REL_WORDS[w] for w in re.findall(r"[a-z]+", between) if w in _REL_WORDS}
         if len(found) != 1:
-            raise ValueError(f"cannot read one relation from {text!r}")
+            raise UsageError(f"cannot read one relation from {text!r}")
         return Scene((WorldObject(objs[0][1], objs[0][2]), WorldObject(objs[1][1], objs[1][2])),
                      relation=found.pop())
-    raise ValueError(f"expected one or two '<colour> <shape>' mentions in {text!r}")
+    raise UsageError(f"expected one or two '<colour> <shape>' mentions in {text!r}")
 
 
 def composition_key(scene: Scene) -> tuple:
@@ -404,7 +406,7 @@ class WorldDataset:
     def __init__(self, n: int, seed: int = 0, split: str = "train", size: int = 32,
                  p_two: float = 0.5, canonical: bool = False):
         if split not in _SPLIT_CODE:
-            raise ValueError(f"split must be one of {tuple(_SPLIT_CODE)}, got {split!r}")
+            raise UsageError(f"split must be one of {tuple(_SPLIT_CODE)}, got {split!r}")
         self.n, self.seed, self.split, self.size = n, seed, split, size
         self.p_two, self.canonical = p_two, canonical
 

@@ -34,7 +34,8 @@ log = logging.getLogger(__name__)
 # small images (the miniature's are 32 px) fill their box, upscaled without the browser's blur
 CSS = (".pixelated img { image-rendering: pixelated; width: 100%; height: 100%; object-fit: contain; } "
        "#model-status p { margin: 0; }")
-_EXPECTED = (SoftrepaError, ValueError, FileNotFoundError, OSError)
+#: the errors a user can cause (`softrepa.errors`' policy); anything else is a bug and keeps its traceback
+_EXPECTED = (SoftrepaError, OSError)
 
 
 @contextlib.contextmanager

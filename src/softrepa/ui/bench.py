@@ -1,20 +1,21 @@
 """The model behind `softrepa ui`: load it with its tokens, its form defaults, one job at a time.
 
-Loading is the CLI's (`softrepa.cli.common.load_model`: the same checks and loader as `softrepa
-generate`). Tokens: `--tokens`, else for the bundled SD3 miniature the tokens `softrepa demo`
-trains (shipped in the package, `PACKAGED_TOKENS`), else for another miniature a short training
-with the demo's recipe on start (`quick_tokens`, cached); a real model needs `--tokens`.
+Loading is the library's `softrepa.load_model` (the same checks and loader as `softrepa generate`).
+Tokens: `--tokens`, else for the bundled SD3 miniature the tokens `softrepa demo` trains (shipped
+in the package, `PACKAGED_TOKENS`), else for another miniature a short training with the demo's
+recipe on start (`quick_tokens`, cached); a real model needs `--tokens`.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import logging
 import threading
 from pathlib import Path
 from typing import Any
+
+from ..errors import SoftrepaError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,9 @@ class Defaults:
     Args:
         prompt: an example prompt.
         steps, cfg, size: generation steps, CFG scale and image side.
-        max_sequence_length: SD3 T5 length used for generation and editing (None: the library's).
+        max_sequence_length: text length used for generation and editing (the family's `text_length`
+            unless `--max-sequence-length` or the miniature recipe says otherwise; None: the family
+            takes none).
         edit_steps, src_cfg: FlowEdit steps and source CFG (the family's preset).
         vanilla, tokens: (n_max, target CFG) of each arm (the family's paper presets).
     """
@@ -70,12 +73,16 @@ def model_defaults(pipe: Any, miniature: bool, max_sequence_length: int | None =
     Args:
         pipe: the loaded pipeline.
         miniature: use the miniature recipe `toy_<family>` (the settings `softrepa demo` samples with).
-        max_sequence_length: an explicit T5 length (`--max-sequence-length`), else the recipe's.
+        max_sequence_length: an explicit text length (`--max-sequence-length`), else the miniature
+            recipe's, else the family's `text_length` (the length train, generate and edit share).
+    Raises:
+        SoftTokensError: an explicit length for a family that takes none.
     """
     from ..family import family_of
     from ..generate import native_resolution
 
     family = family_of(pipe)
+    length = family.resolve_text_length(max_sequence_length)  # an explicit one is checked here
     edit = family.edit
     common = dict(edit_steps=edit.steps, src_cfg=edit.src_cfg, vanilla=edit.choose(False), tokens=edit.choose(True))
     if miniature:
@@ -85,9 +92,10 @@ def model_defaults(pipe: Any, miniature: bool, max_sequence_length: int | None =
         cfg = load_config(f"toy_{family.name}")
         return Defaults(prompt=heldout_pair_prompts()[0], steps=cfg.validation.steps,
                         cfg=cfg.validation.guidance_scale, size=cfg.resolution,
-                        max_sequence_length=max_sequence_length or sampling_length(pipe, cfg), **common)
+                        max_sequence_length=sampling_length(pipe, cfg) if max_sequence_length is None else length,
+                        **common)
     return Defaults(prompt="a red cube on top of a blue sphere", steps=family.sampling.steps, cfg=family.sampling.cfg,
-                    size=native_resolution(pipe), max_sequence_length=max_sequence_length, **common)
+                    size=native_resolution(pipe), max_sequence_length=length, **common)
 
 
 def quick_tokens(pipe: Any, model: str, steps: int = QUICK_TRAIN_STEPS, cache: str | Path | None = None) -> Path:
@@ -127,7 +135,8 @@ class Workbench:
 
     Args:
         device, dtype: where the model runs (`--device`, `--dtype`: fp32 / fp16 / bf16 or None).
-        max_sequence_length: `--max-sequence-length` (SD3 families).
+        max_sequence_length: `--max-sequence-length` (families that take a text length; default: the
+            family's, or a miniature recipe's).
         metrics_config: a metrics.yaml whose `lpips` section names LPIPS' weights (None: defaults).
         train_steps: steps of `quick_tokens` when a miniature is loaded without tokens.
     """
@@ -156,11 +165,11 @@ class Workbench:
         Returns:
             A one-line description of what is loaded.
         Raises:
-            ValueError / FileNotFoundError / SoftrepaError: a one-line reason (the model is not a
-            diffusers folder, the tokens do not fit it, no tokens for a real model).
+            FileNotFoundError / SoftrepaError: a one-line reason (the model is not a diffusers folder,
+            the tokens do not fit it, no tokens for a real model: `UsageError`).
         """
         from ..artifact import load_into
-        from ..cli.common import check_model, load_model
+        from ..loading import check_model, load_model
 
         model = (model or "").strip() or DEFAULT_MODEL
         tokens = (tokens or "").strip() or None
@@ -169,10 +178,10 @@ class Workbench:
         if tokens is None and model == DEFAULT_MODEL and PACKAGED_TOKENS.is_file():
             tokens = str(PACKAGED_TOKENS)
         if tokens is None and not miniature:
-            raise ValueError(f"no tokens for {model}: give a tokens file (--tokens); only miniatures train on start")
-        args = argparse.Namespace(model=model, tokens=tokens, device=self.device, dtype=self.dtype, compile=False)
+            raise UsageError(f"no tokens for {model}: give a tokens file (--tokens); only miniatures train on start")
         with self.lock:
-            pipe, handle = load_model(args)  # the CLI's loader: a bad folder fails before anything heavy
+            # the library's loader (as `softrepa generate`'s): a bad folder fails before anything heavy
+            pipe, handle = load_model(model, tokens=tokens, device=self.device, dtype=self.dtype)
             if handle is None:
                 tokens = str(quick_tokens(pipe, model, self.train_steps))
                 handle = load_into(pipe, tokens)
@@ -195,22 +204,20 @@ class Workbench:
         return f"model {self.model} ({kind}; {where}); tokens {tokens}"
 
     def require(self) -> Any:
-        """The pipeline, or a ValueError when none is loaded."""
+        """The pipeline, or a `UsageError` when none is loaded."""
         if self.pipe is None:
-            raise ValueError("no model loaded: load one in the Model panel")
+            raise UsageError("no model loaded: load one in the Model panel")
         return self.pipe
 
     # ------------------------------------------------------------------ LPIPS
     def lpips(self) -> tuple[Any, str | None]:
         """(LPIPS scorer or None, the reason it is unavailable); loaded once, never substituted."""
         if self._lpips is None and self._lpips_error is None:
-            from ..errors import SoftrepaError
             from ..evaluation import load_metric, load_metrics_config
-            from ..evaluation.common import MetricError
 
             try:
                 self._lpips = load_metric("lpips", load_metrics_config(self.metrics_config))
-            except (MetricError, SoftrepaError, FileNotFoundError, ValueError) as e:
+            except (SoftrepaError, OSError) as e:  # MetricError, ConfigError, missing weights files
                 self._lpips_error = str(e).splitlines()[0]
         return self._lpips, self._lpips_error
 

@@ -22,6 +22,7 @@ from typing import Any, Callable, Sequence
 
 from PIL import Image, UnidentifiedImageError
 
+from ..errors import UsageError
 from .bench import Workbench
 
 #: Limits that keep one request from occupying the server for long or exhausting its memory.
@@ -37,7 +38,7 @@ Progress = Callable[[float, str], None]
 
 # ---------------------------------------------------------------------- input checks
 def check_prompt(pipe: Any, prompt: str | None, what: str = "prompt") -> str:
-    """The stripped prompt; ValueError for an empty one or one the text encoder would truncate.
+    """The stripped prompt; `UsageError` for an empty one or one the text encoder would truncate.
 
     Args:
         pipe: the pipeline (its tokenizer sets the length limit).
@@ -48,15 +49,15 @@ def check_prompt(pipe: Any, prompt: str | None, what: str = "prompt") -> str:
 
     text = (prompt or "").strip()
     if not text:
-        raise ValueError(f"empty {what}: type what the image should show")
+        raise UsageError(f"empty {what}: type what the image should show")
     if len(text) > MAX_PROMPT_CHARS:
-        raise ValueError(f"{what} too long: {len(text)} characters, the page takes {MAX_PROMPT_CHARS}")
+        raise UsageError(f"{what} too long: {len(text)} characters, the page takes {MAX_PROMPT_CHARS}")
     check_prompt_length(pipe, text, what)
     return text
 
 
 def check_number(value: Any, name: str, lo: float, hi: float, integer: bool = False) -> float | int:
-    """`value` as a number in [lo, hi]; ValueError naming the field otherwise.
+    """`value` as a number in [lo, hi]; `UsageError` naming the field otherwise.
 
     Args:
         value: what the page sent (a number, a numeric string or None).
@@ -67,15 +68,15 @@ def check_number(value: Any, name: str, lo: float, hi: float, integer: bool = Fa
     try:
         v = float(value)
     except (TypeError, ValueError):
-        raise ValueError(f"{name}: not a number ({value!r})") from None
+        raise UsageError(f"{name}: not a number ({value!r})") from None
     if not lo <= v <= hi or (integer and v != int(v)):
         kind = "a whole number" if integer else "a number"
-        raise ValueError(f"{name} must be {kind} in [{lo:g}, {hi:g}], got {v:g}")
+        raise UsageError(f"{name} must be {kind} in [{lo:g}, {hi:g}], got {v:g}")
     return int(v) if integer else v
 
 
 def open_upload(path: str | None, max_mb: float = MAX_UPLOAD_MB, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """An uploaded source image as RGB; ValueError for a missing, huge or non-image file.
+    """An uploaded source image as RGB; `UsageError` for a missing, huge or non-image file.
 
     The pixel count is read from the header before decoding, so a small file that decodes to a
     huge image (a decompression bomb) is refused without allocating it.
@@ -88,21 +89,21 @@ def open_upload(path: str | None, max_mb: float = MAX_UPLOAD_MB, max_pixels: int
     from ..runfolder import open_image
 
     if not path:
-        raise ValueError("no source image: upload one or pick an example")
+        raise UsageError("no source image: upload one or pick an example")
     p = Path(path)
     size_mb = p.stat().st_size / 2**20
     if size_mb > max_mb:
-        raise ValueError(f"upload too large: {size_mb:.1f} MB, the limit is {max_mb:g} MB")
+        raise UsageError(f"upload too large: {size_mb:.1f} MB, the limit is {max_mb:g} MB")
     try:
         with Image.open(p) as im:
             w, h = im.size
     except Image.DecompressionBombError:  # PIL's own refusal, far above our limit
-        raise ValueError(f"image too large: {p.name} has more than {Image.MAX_IMAGE_PIXELS * 2 / 1e6:.0f} "
+        raise UsageError(f"image too large: {p.name} has more than {Image.MAX_IMAGE_PIXELS * 2 / 1e6:.0f} "
                          "megapixels") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
-        raise ValueError(f"not an image: {p.name} is no PNG / JPEG / WebP / ... file") from None
+        raise UsageError(f"not an image: {p.name} is no PNG / JPEG / WebP / ... file") from None
     if w * h > max_pixels:
-        raise ValueError(f"image too large: {w} x {h} pixels, the limit is {max_pixels / 1e6:g} megapixels")
+        raise UsageError(f"image too large: {w} x {h} pixels, the limit is {max_pixels / 1e6:g} megapixels")
     return open_image(p)
 
 
@@ -118,7 +119,7 @@ def verdict(image: Image.Image, prompt: str) -> str:
 
     try:
         res = judge_scene(image, prompt)
-    except ValueError:
+    except UsageError:
         return "judge: not a prompt of the miniature's world (e.g. 'a red circle to the left of a blue square')"
     parts = [f"{k} {'✓' if res[k] else '✗'}" for k in ("colour", "shape", "position", "binding", "relation")
              if res[k] is not None]
@@ -137,7 +138,7 @@ def tally(images: Sequence[Image.Image], prompt: str) -> str:
 
     try:
         ok = sum(bool(judge_scene(im, prompt)["all_ok"]) for im in images)
-    except ValueError:
+    except UsageError:
         return ""
     return f"judge over {len(images)} seeds: {ok}/{len(images)} match"
 
@@ -182,7 +183,7 @@ def generate(bench: Workbench, prompt: str, seeds: str, cfg: Any, steps: Any, si
         cfg, steps, size: CFG scale, sampling steps, square image side in pixels.
         progress: called with (fraction, text) after every sampling step.
     Raises:
-        ValueError: a one-line reason (empty / too long prompt, bad seeds, size not a multiple).
+        SoftrepaError: a one-line reason (`UsageError`: empty / too long prompt, bad seeds, size not a multiple).
     """
     import inspect
     import time
@@ -196,13 +197,13 @@ def generate(bench: Workbench, prompt: str, seeds: str, cfg: Any, steps: Any, si
     text = check_prompt(pipe, prompt)
     seed_list = parse_seeds(str(seeds).strip() or "0")
     if len(seed_list) > MAX_SEEDS:
-        raise ValueError(f"too many seeds: {len(seed_list)}, the page renders at most {MAX_SEEDS}")
+        raise UsageError(f"too many seeds: {len(seed_list)}, the page renders at most {MAX_SEEDS}")
     cfg_v = check_number(cfg, "CFG", 0, 50)
     steps_v = check_number(steps, "steps", 1, MAX_STEPS, integer=True)
     side = check_number(size, "size", 8, MAX_SIDE, integer=True)
     m = size_multiple(pipe)
     if side % m:
-        raise ValueError(f"size must be a multiple of {m} for this model, got {side}")
+        raise UsageError(f"size must be a multiple of {m} for this model, got {side}")
     with bench.lock, tempfile.TemporaryDirectory(prefix="softrepa-ui-") as tmp:
         t0 = time.perf_counter()
         call = (_step_callback(progress, 2 * len(seed_list) * steps_v, "vanilla, then tokens")
@@ -250,7 +251,7 @@ def edit(bench: Workbench, image: str | None, source_prompt: str, target_prompt:
         vanilla, tokens: (n_max, target CFG) of each arm.
         progress: called with (fraction, text) before each arm.
     Raises:
-        ValueError: a one-line reason (not an image, too large, empty prompt, n_max out of range).
+        SoftrepaError: a one-line reason (`UsageError`: not an image, too large, empty prompt, n_max out of range).
     """
     import time
 
@@ -270,7 +271,6 @@ def edit(bench: Workbench, image: str | None, source_prompt: str, target_prompt:
             family, with_tokens, src_cfg=scfg,
             n_max=check_number(n_max, f"{name} n_max", 0, family.edit.steps, integer=True),
             tar_cfg=check_number(tar_cfg, f"{name} target CFG", 0, 50)).validate()
-    msl = bench.defaults.max_sequence_length or 256
     results = {}
     with bench.lock:
         t0 = time.perf_counter()
@@ -279,7 +279,7 @@ def edit(bench: Workbench, image: str | None, source_prompt: str, target_prompt:
                 progress(k / 2, f"FlowEdit {name} (n_max {p.n_max}, target CFG {p.tar_cfg:g})")
             arm = bench.handle.disabled() if name == "vanilla" else contextlib.nullcontext()
             with arm:  # the hooks stay, the tokens are skipped: exactly the vanilla model
-                results[name] = edit_image(pipe, src, sp, tp, p, max_sequence_length=msl)
+                results[name] = edit_image(pipe, src, sp, tp, p, max_sequence_length=bench.defaults.max_sequence_length)
         seconds = time.perf_counter() - t0
     scorer, why = bench.lpips()
     notes = []
