@@ -8,6 +8,7 @@ import inspect
 from pathlib import Path
 
 import pytest
+import torch
 
 import softrepa
 from softrepa import errors
@@ -60,6 +61,14 @@ def test_traceback_flag_shows_the_traceback_of_a_user_error(monkeypatch, capsys,
     assert err.rstrip().splitlines()[-1] == "softrepa info: error: x.safetensors: not a tokens file"
 
 
+@pytest.mark.parametrize("exc", [MemoryError(), torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")])
+def test_out_of_memory_is_one_line_with_what_to_lower(monkeypatch, capsys, exc):
+    _info_raises(monkeypatch, exc)
+    assert main(["info", "x.safetensors"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.startswith("softrepa info: error: out of") and "batch size" in err
+
+
 def test_ctrl_c_exits_130(monkeypatch, capsys):
     _info_raises(monkeypatch, KeyboardInterrupt())
     assert main(["info", "x.safetensors"]) == 130
@@ -98,7 +107,8 @@ def _except_names(handler: ast.ExceptHandler) -> set[str]:
 
 def test_the_cli_catches_no_built_in_value_or_runtime_error():
     """No `except ValueError` / `except RuntimeError` (nor a bare `except`) anywhere in softrepa/cli/;
-    main.py's only catch-all is the internal-error handler, after the user-error one, returning 1."""
+    main.py's only catch-all is the internal-error handler, after the user-error, interrupt and host-memory
+    ones, returning 1 (torch's out-of-GPU-memory is told apart inside it by name)."""
     found = []
     for path in sorted(CLI.glob("*.py")):
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
@@ -110,8 +120,8 @@ def test_the_cli_catches_no_built_in_value_or_runtime_error():
     handlers = [h for h in ast.walk(ast.parse((CLI / "main.py").read_text(encoding="utf-8")))
                 if isinstance(h, ast.ExceptHandler)]
     caught = [_except_names(h) for h in handlers]
-    assert caught == [{"SoftrepaError", "OSError"}, {"KeyboardInterrupt"}, {"Exception"}]
-    assert any(isinstance(n, ast.Return) and getattr(n.value, "value", None) == 1 for n in ast.walk(handlers[2]))
+    assert caught == [{"SoftrepaError", "OSError"}, {"KeyboardInterrupt"}, {"MemoryError"}, {"Exception"}]
+    assert any(isinstance(n, ast.Return) and getattr(n.value, "value", None) == 1 for n in ast.walk(handlers[3]))
 
 
 def test_every_error_class_is_a_softrepa_error_and_its_built_in():

@@ -94,7 +94,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"softrepa {args.command}: interrupted", file=sys.stderr)
         return 130
-    except Exception:  # a bug: never one line, always the traceback
+    except MemoryError as e:  # host memory: a resource the user sizes, not a bug
+        print(f"softrepa {args.command}: error: out of memory ({str(e) or 'host'}): lower the batch size or "
+              "image size, or use --dtype bf16", file=sys.stderr)
+        return 2
+    except Exception as e:  # a bug: never one line, always the traceback
+        if type(e).__name__ == "OutOfMemoryError":  # torch's CUDA out-of-memory (a RuntimeError)
+            print(f"softrepa {args.command}: error: out of GPU memory: lower the batch size, pair_chunk or image "
+                  "size, use --dtype bf16, gradient checkpointing or --cpu-offload", file=sys.stderr)
+            return 2
         traceback.print_exc()
         print(f"softrepa {args.command}: internal error — please report it (with the traceback above)",
               file=sys.stderr)
