@@ -106,6 +106,11 @@ def params(cli_only: bool = False) -> list:
     return [pytest.param(v, id=v.id) for v in variants(cli_only)]
 
 
+def family_params(name: str) -> list:
+    """The variants of family `name` as pytest params, for a family file's own tests."""
+    return [pytest.param(v, id=v.id) for v in FAMILIES[name]]
+
+
 def variant(variant_id: str) -> Variant:
     """The variant called `variant_id`."""
     for vs in FAMILIES.values():
@@ -120,18 +125,20 @@ def pipeline_modules(pipe) -> dict[str, torch.nn.Module]:
     return {k: m for k, m in pipe.components.items() if isinstance(m, torch.nn.Module)}
 
 
-def assert_hooked_equals_reference(pipe, tokens, inputs, reference_forward, *, atol=1e-6, rtol=1e-5,
-                                   call=None):
-    """The denoiser with `tokens` attached == `reference_forward(model, tokens, inputs)` (the family's
-    forward written out without hooks), and the tokens change the output."""
+def assert_hooked_equals_reference(pipe, tokens, inputs: dict, reference_forward, *, scale: float = 30.0,
+                                   rtol: float = 1e-5, atol: float = 1e-6) -> None:
+    """For a family's own exactness test: the pipeline's transformer with `tokens` (every parameter
+    multiplied by `scale`, for a visible effect) attached == `reference_forward(model, tokens, inputs)`
+    (the family's forward written out without hooks), and the tokens change the output."""
     from softrepa import attach
 
-    model = pipe.transformer if hasattr(pipe, "transformer") else pipe
-    call = call or (lambda: model(**inputs, return_dict=False)[0])
+    model = pipe.transformer
     with torch.no_grad():
-        plain = call()
+        for p in tokens.parameters():
+            p.mul_(scale)
+        plain = model(**inputs, return_dict=False)[0]
         ref = reference_forward(model, tokens, inputs)
         with attach(pipe, tokens):
-            got = call()
+            got = model(**inputs, return_dict=False)[0]
     torch.testing.assert_close(got, ref, rtol=rtol, atol=atol)
     assert (got - plain).abs().max() > 1e-4

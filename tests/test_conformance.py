@@ -18,7 +18,8 @@ import softrepa
 from softrepa import SoftTokens, SoftTokensConfig, attach
 from softrepa.backbone import backbone_for
 from softrepa.cli import main
-from softrepa.family import family_names, family_of
+from softrepa.family import family_names, family_of, get_family
+from softrepa.flowedit import FlowEditParams
 from tests.conformance import FAMILIES, Variant, params, pipeline_modules, variants
 from tests.conftest import randomize_tokens, write_square_images
 
@@ -95,6 +96,28 @@ def test_variant_builds_a_pipeline_of_its_family(v: Variant):
     fam = family_of(pipe)
     assert fam.name == v.family
     assert fam.text_length_option == (v.text_length is not None)
+
+
+# ----------------------------------------------------------------------------- the backbone
+@pytest.mark.parametrize("v", params())
+def test_backbone_latents_noise_target_and_denoise(v: Variant):
+    """encode_images / decode_latents round the image size; the prediction has the latent's shape; a
+    flow family noises linearly from x0 (t = 0) to the noise (t = 1000) with target noise - x0, an
+    epsilon one predicts the noise (v-prediction: tests/test_vprediction.py)."""
+    pipe = v.build()
+    bb = backbone_for(pipe, **v.text_kw)
+    x0, noise, t, cond = _denoise_inputs(bb, t=(250.0, 750.0))
+    assert bb.decode_latents(x0).shape == (2, 3, RES, RES)
+    with torch.no_grad():
+        pred = bb.denoise(bb.add_noise(x0, noise, t), t, cond)
+    assert pred.shape == x0.shape and torch.isfinite(pred).all()
+    if bb.prediction == "flow":
+        torch.testing.assert_close(bb.add_noise(x0, noise, torch.tensor([0.0, 1000.0])),
+                                   torch.stack([x0[0], noise[1]]))
+        torch.testing.assert_close(bb.target(x0, noise, t), noise - x0)
+    else:
+        assert bb.prediction == "epsilon"
+        torch.testing.assert_close(bb.target(x0, noise, t), noise)
 
 
 # ----------------------------------------------------------------------------- attach / remove / disabled
@@ -272,8 +295,6 @@ def test_flowedit_identities(v: Variant):
     without tokens; n_max = 0 is the VAE round trip; another target prompt edits (seeded: the same
     edit twice), tokens change the edit, and after detaching it is the vanilla edit again."""
     from softrepa.edit import edit_image, edit_latents, encode_source, image_to_pixels, pixels_to_image
-    from softrepa.flowedit import FlowEditParams
-
     pipe = v.build()
     bb = backbone_for(pipe)
     w, h = v.edit_size
@@ -369,8 +390,9 @@ def test_generate_compare_cli_on_a_saved_folder(v: Variant, saved, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("v", params(cli_only=True))
 def test_edit_cli_on_a_saved_folder(v: Variant, saved, tmp_path):
-    """`edit` with tokens: an output of the source's size, the run recorded; without tokens, the same
-    prompt and CFG on both branches gives exactly the n_max = 0 result (decode(encode(image)))."""
+    """`edit` with tokens: an output of the source's size, the run recorded with the CFGs of the family's
+    with-tokens preset; without tokens, the same prompt and CFG on both branches gives exactly the
+    n_max = 0 result (decode(encode(image)))."""
     root = saved(v)
     _image(30, 20).save(tmp_path / "src.png")
     common = ["edit", "--model", str(root / "model"), "--image", str(tmp_path / "src.png"), "--steps", "4",
@@ -380,6 +402,8 @@ def test_edit_cli_on_a_saved_folder(v: Variant, saved, tmp_path):
     assert Image.open(tmp_path / "edits" / "src.png").size == (30, 20)
     row = json.loads((tmp_path / "edits" / "metadata.jsonl").read_text().splitlines()[0])
     assert (row["family"], row["n_max"], row["tokens"]) == (v.family, 3, str(root / "t.safetensors"))
+    preset = FlowEditParams.preset(get_family(v.family), with_tokens=True)  # the CFGs of the tokens' preset
+    assert (row["src_cfg"], row["tar_cfg"]) == (preset.src_cfg, preset.tar_cfg)
 
     same = [*common, "--source-prompt", "a red square", "--target-prompt", "a red square", "--source-cfg", "3.5",
             "--target-cfg", "3.5"]
