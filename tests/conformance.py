@@ -120,6 +120,35 @@ def variant(variant_id: str) -> Variant:
     raise KeyError(variant_id)
 
 
+#: Captions of a pair batch: one repeated (a positive off the diagonal), different lengths (padded masks).
+CAPTIONS = ["a red circle", "a blue square", "a red circle", "a green triangle"]
+
+
+def pair_batch(backbone, n: int = 4, shared_t: bool = True, seed: int = 0, resolution: int = 32):
+    """A `PairBatch` of n random images encoded by `backbone`, `CAPTIONS[:n]`, one noise for all."""
+    from softrepa.pairs import PairBatch
+
+    g = torch.Generator().manual_seed(seed)
+    pixels = torch.rand(n, 3, resolution, resolution, generator=g) * 2 - 1
+    lat = backbone.encode_images(pixels, generator=g)
+    t = backbone.sample_timesteps(n, g, shared=shared_t)
+    noise = torch.randn((1,) + lat.shape[1:], generator=g)
+    cond = backbone.encode_prompts(CAPTIONS[:n], resolution=resolution)
+    return PairBatch(lat, cond, CAPTIONS[:n], t, noise)
+
+
+def pair_tokens(pipe, scale: float = 10.0):
+    """Tokens for pair computations: 2 blocks (MM-DiTs) / down + mid (UNets), every parameter x `scale`
+    (seed 0) so that the contrastive gradients are far above float noise."""
+    from softrepa import SoftTokens, SoftTokensConfig
+
+    tokens = SoftTokens.for_model(pipe, SoftTokensConfig(num_layers=2, blocks=("down", "mid")), seed=0)
+    with torch.no_grad():
+        for p in tokens.parameters():
+            p.mul_(scale)
+    return tokens
+
+
 def pipeline_modules(pipe) -> dict[str, torch.nn.Module]:
     """The pipeline's `nn.Module` components by name (denoiser, VAE, text encoders)."""
     return {k: m for k, m in pipe.components.items() if isinstance(m, torch.nn.Module)}

@@ -20,7 +20,7 @@ from softrepa.backbone import backbone_for
 from softrepa.cli import main
 from softrepa.family import family_names, family_of, get_family
 from softrepa.flowedit import FlowEditParams
-from tests.conformance import FAMILIES, Variant, params, pipeline_modules, variants
+from tests.conformance import FAMILIES, Variant, pair_batch, pair_tokens, params, pipeline_modules, variants
 from tests.conftest import randomize_tokens, write_square_images
 
 CONFIG = SoftTokensConfig(num_layers=2)  # every family: 2 blocks (MM-DiTs), down + mid (UNets)
@@ -33,15 +33,22 @@ def _tokens(pipe, std: float = 1.0) -> SoftTokens:
     return randomize_tokens(SoftTokens.for_model(pipe, CONFIG, seed=0), std=std)
 
 
-def _denoise_inputs(bb, t=(5.0, 505.0, 999.0)):
-    """(x_t, t, cond) for the backbone, three samples with timesteps in buckets 0, 50 and 99."""
+def _latents(bb, n: int):
+    """(x0, noise, cond): n encoded random images, their noise, n prompts of different lengths."""
     g = torch.Generator().manual_seed(0)
-    n = len(t)
     x0 = bb.encode_images(torch.rand(n, 3, RES, RES, generator=g) * 2 - 1, generator=g)
     noise = torch.randn(x0.shape, generator=g)
-    t = torch.tensor(t)
-    cond = bb.encode_prompts((PROMPTS + ["a green triangle"])[:n], resolution=RES)
-    return x0, noise, t, cond
+    return x0, noise, bb.encode_prompts((PROMPTS + ["a green triangle"])[:n], resolution=RES)
+
+
+def _denoise_inputs(bb):
+    """(x_t, target, t, cond) for the backbone: three samples whose timesteps fall in buckets 0, 50 and 99
+    (a fractional one as pipelines pass, and the t = 1000 end, clamped); noised at the nearest training
+    timestep (integers below 1000)."""
+    x0, noise, cond = _latents(bb, 3)
+    t = torch.tensor([9.0, 503.7, 1000.0])
+    t_train = t.round().clamp(max=999.0)
+    return bb.add_noise(x0, noise, t_train), bb.target(x0, noise, t_train), t, cond
 
 
 def _hooks(module: torch.nn.Module) -> dict[str, list]:
@@ -106,7 +113,8 @@ def test_backbone_latents_noise_target_and_denoise(v: Variant):
     epsilon one predicts the noise (v-prediction: tests/test_vprediction.py)."""
     pipe = v.build()
     bb = backbone_for(pipe, **v.text_kw)
-    x0, noise, t, cond = _denoise_inputs(bb, t=(250.0, 750.0))
+    x0, noise, cond = _latents(bb, 2)
+    t = torch.tensor([250.0, 750.0])
     assert bb.decode_latents(x0).shape == (2, 3, RES, RES)
     with torch.no_grad():
         pred = bb.denoise(bb.add_noise(x0, noise, t), t, cond)
@@ -128,8 +136,7 @@ def test_attach_changes_the_output_and_remove_restores_everything(v: Variant):
     every hook dict of every module (a user's own hook kept in place), the attention processors. Twice."""
     pipe = v.build()
     bb = backbone_for(pipe, **v.text_kw)
-    x0, noise, t, cond = _denoise_inputs(bb)
-    x_t = bb.add_noise(x0, noise, t)
+    x_t, _, t, cond = _denoise_inputs(bb)
     den = softrepa.family.resolve_denoiser(pipe)
     user = den.register_forward_pre_hook(lambda mod, args: None)  # must survive attach / remove
 
@@ -174,7 +181,7 @@ def test_gradients_reach_only_the_tokens_also_with_checkpointing(v: Variant):
     bb = backbone_for(pipe, **v.text_kw)
     bb.freeze()
     tokens = _tokens(pipe, std=0.1)
-    x0, noise, t, cond = _denoise_inputs(bb)
+    x_t, target, t, cond = _denoise_inputs(bb)
     den = bb.denoiser
     calls = []
 
@@ -183,8 +190,7 @@ def test_gradients_reach_only_the_tokens_also_with_checkpointing(v: Variant):
         counter = [m.register_forward_pre_hook(lambda *a: calls.append(1)) for m in den.modules()]
         try:
             with attach(pipe, tokens):
-                loss = (bb.denoise(bb.add_noise(x0, noise, t), t, cond) - bb.target(x0, noise, t)).pow(2).mean()
-                loss.backward()
+                (bb.denoise(x_t, t, cond) - target).pow(2).mean().backward()
         finally:
             for h in counter:
                 h.remove()
@@ -210,21 +216,6 @@ def test_gradients_reach_only_the_tokens_also_with_checkpointing(v: Variant):
 
 
 # ----------------------------------------------------------------------------- pairs
-CAPTIONS = ["a red circle", "a blue square", "a red circle", "a green triangle"]
-
-
-def _pair_batch(backbone, n=4, shared_t=True, seed=0):
-    from softrepa.pairs import PairBatch
-
-    g = torch.Generator().manual_seed(seed)
-    pixels = torch.rand(n, 3, RES, RES, generator=g) * 2 - 1
-    lat = backbone.encode_images(pixels, generator=g)
-    t = backbone.sample_timesteps(n, g, shared=shared_t)
-    noise = torch.randn((1,) + lat.shape[1:], generator=g)
-    cond = backbone.encode_prompts(CAPTIONS[:n], resolution=RES)
-    return PairBatch(lat, cond, CAPTIONS[:n], t, noise)
-
-
 @pytest.mark.parametrize("shared_t", [True, False])
 @pytest.mark.parametrize("v", params())
 def test_chunked_equals_plain(v: Variant, shared_t):
@@ -235,11 +226,8 @@ def test_chunked_equals_plain(v: Variant, shared_t):
     pipe = v.build()
     bb = backbone_for(pipe, **v.text_kw)
     bb.freeze()
-    batch = _pair_batch(bb, shared_t=shared_t)
-    tokens = SoftTokens.for_model(pipe, SoftTokensConfig(num_layers=2, blocks=("down", "mid")), seed=0)
-    with torch.no_grad():
-        for p in tokens.parameters():
-            p.mul_(10)
+    batch = pair_batch(bb, shared_t=shared_t, resolution=RES)
+    tokens = pair_tokens(pipe)
     kw = {"tau": 0.07, "scale": 4.0, "denoise_weight": 0.0, **v.loss_kw}
     results = {}
     with attach(pipe, tokens):
