@@ -105,6 +105,37 @@ def test_variant_builds_a_pipeline_of_its_family(v: Variant):
     assert fam.text_length_option == (v.text_length is not None)
 
 
+@pytest.mark.parametrize("v", params())
+def test_tokens_layout_file_round_trip_and_refusals(v: Variant, tmp_path):
+    """Tokens built for the model carry its family and widths; a tokens file loads back equal and
+    `load_into` attaches it; more layers than the model has, and tokens of another family, are refused
+    with errors naming the field."""
+    from softrepa.family import describe_model
+
+    pipe = v.build()
+    info = describe_model(pipe)
+    tokens = SoftTokens.for_model(pipe, CONFIG, seed=0)
+    lay = tokens.layout
+    assert (lay.family, lay.token_dim, lay.model_dim, lay.model_depth) == \
+        (v.family, info.text_dim, info.model_dim, info.depth)
+    path = softrepa.save_soft_tokens(tokens, tmp_path / "t.safetensors")
+    loaded = softrepa.load_soft_tokens(path)
+    assert loaded.layout == lay
+    assert all(torch.equal(a, b) for a, b in zip(loaded.parameters(), tokens.parameters()))
+    handle = softrepa.load_into(pipe, path)
+    assert softrepa.attached_handle(pipe) is handle
+    handle.remove()
+    if info.depth:  # one token set per block: at most `depth` of them
+        with pytest.raises(softrepa.SoftTokensError, match="layers"):
+            SoftTokens.for_model(pipe, SoftTokensConfig(num_layers=info.depth + 1))
+    other = next(o for o in variants() if o.family != v.family)
+    foreign = SoftTokens.for_model(other.build(), CONFIG, seed=0)
+    with pytest.raises(softrepa.SoftTokensError, match=f"family: tokens are for '{other.family}', the model is "
+                                                       f"'{v.family}'"):
+        attach(pipe, foreign)
+    assert softrepa.attached_handle(pipe) is None
+
+
 # ----------------------------------------------------------------------------- the backbone
 @pytest.mark.parametrize("v", params())
 def test_backbone_latents_noise_target_and_denoise(v: Variant):
