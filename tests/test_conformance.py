@@ -28,6 +28,19 @@ PROMPTS = ["a red circle", "a small blue square on the left"]  # different lengt
 RES = 32
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: the tiny models gain nothing from two, and where the suite's two cores are
+    shared (other test processes) two spinning threads per process make these tests many times slower.
+    Every comparison below is within one test, so at one thread count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _tokens(pipe, std: float = 1.0) -> SoftTokens:
     """Tokens of `CONFIG` with values large enough for their effect to be far above float noise."""
     return randomize_tokens(SoftTokens.for_model(pipe, CONFIG, seed=0), std=std)
@@ -294,6 +307,7 @@ def test_stock_pipeline_generates_with_the_tokens_and_is_vanilla_after_remove(v:
         with_tokens = generate()
         with handle.disabled():
             assert np.array_equal(generate(), plain)
+    assert not handle.active  # the with block removed the hooks
     assert with_tokens.shape == plain.shape == (2, RES, RES, 3)
     assert np.abs(with_tokens - plain).max() > 1e-4
     assert np.array_equal(generate(), plain)  # removed: vanilla again
