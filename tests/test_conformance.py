@@ -1,9 +1,11 @@
 """One conformance suite over every registered family (`softrepa.family.family_names()`), each family
 through the tiny variants of `tests/conformance.py` (as peft's PeftCommonTester runs one suite over
-every method): attach / remove bit-exact and leaving nothing, `handle.disabled()` vanilla, gradients on
-the tokens only (also with gradient checkpointing), chunked == plain contrastive gradients, the stock
-pipeline with tokens and after removal, FlowEdit identities, and train / generate / edit through the
-CLI on a folder saved with `save_pretrained`. Family files test only what is specific to a family."""
+every method): the tokens' layout and file round trip, the backbone's noise / target contract, attach /
+remove bit-exact and leaving nothing, `handle.disabled()` vanilla, gradients on the tokens only (also
+with gradient checkpointing), chunked == plain contrastive gradients, the stock pipeline with tokens and
+after removal, FlowEdit identities, and train / generate / edit through the CLI on a folder saved with
+`save_pretrained` (marked slow; they run in the normal suite). Family files test only what is specific
+to a family."""
 
 from __future__ import annotations
 
@@ -226,7 +228,7 @@ def test_gradients_reach_only_the_tokens_also_with_checkpointing(v: Variant):
     bb.freeze()
     tokens = _tokens(pipe, std=0.1)
     x_t, target, t, cond = _denoise_inputs(bb)
-    den = bb.denoiser
+    den = softrepa.family.resolve_denoiser(pipe)
     calls = []
 
     def grads():
