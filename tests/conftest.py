@@ -12,6 +12,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: a slower test (CLI runs on saved folders); runs in the normal "
+                                       "suite, `-m 'not slow'` leaves it out")
+
+
 @pytest.fixture
 def sd3_model():
     from softrepa.tiny import tiny_sd3_transformer

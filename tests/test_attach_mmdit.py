@@ -1,4 +1,6 @@
-"""Soft tokens on MM-DiT (SD3 / SD3.5): exactness against Algorithm 1, clean detach, gradients."""
+"""Soft tokens on MM-DiT (SD3 / SD3.5), what is specific to it: exactness against Algorithm 1, per-sample
+buckets, the last (context_pre_only) block, bad configs, half precision. Detach, gradients (also with
+checkpointing) and attaching twice: tests/test_conformance.py."""
 
 from __future__ import annotations
 
@@ -9,12 +11,6 @@ import softrepa
 from softrepa import SoftTokens, SoftTokensConfig, SoftTokensError, attach
 from tests.conftest import mmdit_inputs, randomize_tokens
 from tests.reference import ref_mmdit_forward
-
-
-def _hook_count(model) -> int:
-    return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
-
-
 
 
 @pytest.mark.parametrize("space", ["text", "block"])
@@ -43,56 +39,6 @@ def test_per_sample_buckets_are_used(sd3_model):
     assert torch.allclose(batched[1:2], single, atol=1e-5)
 
 
-@torch.no_grad()
-def test_detach_is_bit_exact_and_leaves_nothing(sd3_model):
-    inp = mmdit_inputs(sd3_model)
-    before = sd3_model(**inp).sample
-    hooks0 = _hook_count(sd3_model)
-    keys0 = list(sd3_model.state_dict())
-    procs0 = {k: type(v) for k, v in sd3_model.attn_processors.items()}
-    for _ in range(3):
-        h = attach(sd3_model, SoftTokens.for_model(sd3_model))
-        assert _hook_count(sd3_model) > hooks0
-        h.remove()
-    assert _hook_count(sd3_model) == hooks0
-    assert list(sd3_model.state_dict()) == keys0
-    assert {k: type(v) for k, v in sd3_model.attn_processors.items()} == procs0
-    assert softrepa.attached_handle(sd3_model) is None
-    after = sd3_model(**inp).sample
-    assert torch.equal(before, after)
-
-
-def test_gradients_reach_only_tokens(sd3_model):
-    sd3_model.requires_grad_(False)
-    tokens = SoftTokens.for_model(sd3_model, SoftTokensConfig(num_layers=2))
-    inp = mmdit_inputs(sd3_model)
-    with attach(sd3_model, tokens):
-        sd3_model(**inp).sample.square().mean().backward()
-    assert all(p.grad is None for p in sd3_model.parameters())
-    assert tokens.base.grad is not None and tokens.base.grad.abs().sum() > 0
-    assert tokens.time.grad is not None
-    # only the buckets of the batch's timesteps receive gradient
-    touched = (tokens.time.grad.abs().sum(dim=(1, 2)) > 0).nonzero().flatten().tolist()
-    assert touched == [0, 50, 99]
-
-
-def test_gradient_checkpointing_gives_same_gradients(sd3_model):
-    sd3_model.requires_grad_(False)
-    tokens = randomize_tokens(SoftTokens.for_model(sd3_model, SoftTokensConfig(num_layers=3)), std=0.1)
-    inp = mmdit_inputs(sd3_model)
-    grads = []
-    for ckpt in (False, True):
-        if ckpt:
-            sd3_model.enable_gradient_checkpointing()
-        tokens.zero_grad(set_to_none=True)
-        with attach(sd3_model, tokens):
-            sd3_model.train()
-            sd3_model(**inp).sample.square().mean().backward()
-        grads.append(tokens.base.grad.clone())
-    sd3_model.disable_gradient_checkpointing()
-    assert torch.allclose(grads[0], grads[1], atol=1e-6)
-
-
 def test_last_block_context_pre_only(sd3_model):
     """Tokens in the last (context_pre_only) block still reach the image stream."""
     tokens = randomize_tokens(SoftTokens.for_model(sd3_model, SoftTokensConfig(layers=(5,))))
@@ -102,15 +48,6 @@ def test_last_block_context_pre_only(sd3_model):
         with attach(sd3_model, tokens):
             out = sd3_model(**inp).sample
     assert (out - ref).abs().max() <= 1e-5
-
-
-def test_attach_twice_is_an_error(sd3_model):
-    tokens = SoftTokens.for_model(sd3_model)
-    h = attach(sd3_model, tokens)
-    with pytest.raises(SoftTokensError, match="already carries"):
-        attach(sd3_model, SoftTokens.for_model(sd3_model))
-    h.remove()
-    attach(sd3_model, tokens).remove()
 
 
 def test_bad_configs(sd3_model):

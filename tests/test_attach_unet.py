@@ -1,4 +1,6 @@
-"""Soft tokens on UNets (SD1.5 / SDXL): exactness against a hand-built context, detach, gradients."""
+"""Soft tokens on UNets (SD1.5 / SDXL), what is specific to them: exactness against a hand-built context,
+scalar timesteps and attention masks, the family check. Detach and gradients (also with checkpointing):
+tests/test_conformance.py."""
 
 from __future__ import annotations
 
@@ -48,35 +50,6 @@ def test_scalar_timestep_and_attention_mask(unet_model):
         a = unet_model(**inp).sample
         b = unet_model(**inp, encoder_attention_mask=mask).sample  # all-ones mask == no mask
     assert (a - b).abs().max() <= 1e-5
-
-
-@torch.no_grad()
-def test_detach_is_bit_exact(unet_model):
-    inp = unet_inputs(unet_model)
-    before = unet_model(**inp).sample
-    n_hooks = sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in unet_model.modules())
-    for _ in range(2):
-        attach(unet_model, SoftTokens.for_model(unet_model)).remove()
-    assert n_hooks == sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in unet_model.modules())
-    assert torch.equal(before, unet_model(**inp).sample)
-
-
-def test_gradients_only_on_tokens_with_and_without_checkpointing(unet_model):
-    unet_model.requires_grad_(False)
-    tokens = randomize_tokens(SoftTokens.for_model(unet_model), std=0.1)
-    inp = unet_inputs(unet_model)
-    grads = []
-    for ckpt in (False, True):
-        if ckpt:
-            unet_model.enable_gradient_checkpointing()
-        unet_model.train()
-        tokens.zero_grad(set_to_none=True)
-        with attach(unet_model, tokens):
-            unet_model(**inp).sample.square().mean().backward()
-        grads.append(tokens.base.grad.clone())
-    assert all(p.grad is None for p in unet_model.parameters())
-    assert grads[0].abs().sum() > 0
-    assert torch.allclose(grads[0], grads[1], atol=1e-6)
 
 
 def test_family_mismatch_is_named(unet_model):

@@ -18,6 +18,7 @@ from softrepa.errors import ConfigError, SoftTokensError
 from softrepa.families.sd3 import SD3Backbone
 from softrepa.pairs import PairBatch, contrastive_backward
 from softrepa.tiny import tiny_sd3_transformer
+from tests import conformance
 
 # compiled kernels reorder float sums: agreement to fp32 round-off, not bit for bit
 RTOL, ATOL = 1e-4, 1e-6
@@ -216,20 +217,20 @@ def test_train_cli_compile_flag(tmp_path):
 
 
 
-@pytest.mark.parametrize("name", ["sd3", "sd15", "sdxl", "flux", "flux-dev", "flux2", "qwenimage"])
-def test_every_family_compiles_its_blocks_whole_with_tokens(name):
-    """Every family's repeated blocks trace into whole graphs (fullgraph: a graph break is an
-    error) with its token hooks attached, and give the eager prediction. dynamo's "eager" backend
-    checks the tracing without inductor's code generation; the inductor path is covered on SD3 above."""
+@pytest.mark.parametrize("v", conformance.params())
+def test_every_family_compiles_its_blocks_whole_with_tokens(v):
+    """Every family's repeated blocks (each variant of tests/conformance.py) trace into whole graphs
+    (fullgraph: a graph break is an error) with its token hooks attached, and give the eager prediction.
+    dynamo's "eager" backend checks the tracing without inductor's code generation; the inductor path
+    is covered on SD3 above."""
     from softrepa.backbone import backbone_for
-    from tests.test_pairs import BUILD, _tokens, make_batch
 
-    pipe = BUILD[name]()
-    bb = backbone_for(pipe)
+    pipe = v.build()
+    bb = backbone_for(pipe, **v.text_kw)
     bb.freeze()
-    batch = make_batch(bb)
+    batch = conformance.pair_batch(bb)
     x_t = bb.add_noise(batch.latents, batch.noise.expand_as(batch.latents), batch.t)
-    with attach(pipe, _tokens(pipe)), torch.no_grad():
+    with attach(pipe, conformance.pair_tokens(pipe)), torch.no_grad():
         eager = bb.denoise(x_t, batch.t, batch.cond)
         compiled = compile_blocks(pipe, CompileConfig(backend="eager"))
         try:

@@ -34,7 +34,7 @@ from softrepa.negatives import CaptionNegatives, NegativesConfig
 from softrepa.pairs import PairBatch, contrastive_backward, error_matrix
 from softrepa.tiny import tiny_sd3_pipeline, tiny_sd15_pipeline
 from softrepa.train import loss_kwargs
-from tests.test_pairs import _tokens  # the same strongly scaled tokens as the chunked == plain tests
+from tests.conformance import pair_tokens as _tokens  # the same strongly scaled tokens as chunked == plain
 
 DUP_CAPS = ["a red car", "a tree", "A red  car", "the sea", "a boat"]  # 0 and 2 are duplicates
 

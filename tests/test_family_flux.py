@@ -1,5 +1,7 @@
-"""FLUX.1 family (schnell- and dev-style tiny models): tokens on the dual-stream blocks with their
-rotary positions, exact detach, the stock FluxPipeline, training through the Backbone."""
+"""FLUX.1 family (schnell- and dev-style tiny models), what is specific to it: tokens on the dual-stream
+blocks with their rotary positions, the widths, FlowEdit through the guidance embedding (one conditional
+call per branch, the pipeline's sigmas), true CFG on a guidance-distilled model. What every family does
+(detach, gradients, the stock pipeline, FlowEdit identities, the CLI) is in tests/test_conformance.py."""
 
 from __future__ import annotations
 
@@ -11,11 +13,12 @@ from softrepa import SoftTokens, SoftTokensConfig, attach
 from softrepa.backbone import backbone_for
 from softrepa.family import family_of
 from softrepa.tiny import tiny_flux_pipeline
+from tests.conformance import assert_hooked_equals_reference, family_params
 
 
-@pytest.fixture(params=[False, True], ids=["schnell", "dev"])
+@pytest.fixture(params=family_params("flux"))
 def pipe(request):
-    return tiny_flux_pipeline(guidance_embeds=request.param)
+    return request.param.build()
 
 
 def _inputs(model, b=2, n_txt=5, h=4, w=4, seed=0):
@@ -62,88 +65,14 @@ def reference_forward(model, tokens, inp):
 
 @pytest.mark.parametrize("layers", [(0,), (0, 1), (1,)])
 def test_hooked_forward_equals_reference(pipe, layers):
-    model = pipe.transformer
     tokens = SoftTokens.for_model(pipe, SoftTokensConfig(layers=layers), seed=0)
-    with torch.no_grad():
-        tokens.base.mul_(30)  # visible effect
-        inp = _inputs(model)
-        plain = model(**inp, return_dict=False)[0]
-        ref = reference_forward(model, tokens, inp)
-        with attach(pipe, tokens):
-            got = model(**inp, return_dict=False)[0]
-    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
-    assert (got - plain).abs().max() > 1e-4
+    assert_hooked_equals_reference(pipe, tokens, _inputs(pipe.transformer), reference_forward)
 
 
-def test_detach_is_bit_exact(pipe):
-    model = pipe.transformer
-    keys = list(model.state_dict())
-    inp = _inputs(model)
-    with torch.no_grad():
-        before = model(**inp, return_dict=False)[0]
-        handle = attach(pipe, SoftTokens.for_model(pipe, SoftTokensConfig(num_layers=2), seed=0))
-        handle.remove()
-        after = model(**inp, return_dict=False)[0]
-    assert torch.equal(before, after) and list(model.state_dict()) == keys
-    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
-
-
-def test_stock_pipeline_uses_the_tokens(pipe):
-    kw = dict(height=32, width=32, num_inference_steps=2, output_type="np", max_sequence_length=16)
-    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
-    plain = pipe("a red circle", generator=gen(), **kw).images
-    tokens = SoftTokens.for_model(pipe, SoftTokensConfig(num_layers=2), seed=0)
-    with torch.no_grad():
-        tokens.base.mul_(50)
-    with attach(pipe, tokens) as handle:
-        with_tokens = pipe("a red circle", generator=gen(), **kw).images
-        with handle.disabled():
-            assert (pipe("a red circle", generator=gen(), **kw).images == plain).all()
-    assert abs(with_tokens - plain).max() > 1e-4
-
-
-def test_family_and_layout(pipe, tmp_path):
-    fam = family_of(pipe)
-    assert fam.name == "flux" and fam.text_length_option
-    tokens = SoftTokens.for_model(pipe, SoftTokensConfig(num_layers=2), seed=0)
-    lay = tokens.layout
+def test_widths():
+    """(The layout's family and widths, file round trip and refusals: tests/test_conformance.py.)"""
+    lay = SoftTokens.for_model(tiny_flux_pipeline(), SoftTokensConfig(num_layers=2), seed=0).layout
     assert (lay.family, lay.token_dim, lay.model_dim, lay.model_depth) == ("flux", 32, 32, 2)
-    path = softrepa.save_soft_tokens(tokens, tmp_path / "t.safetensors")
-    softrepa.load_into(pipe, path).remove()
-    with pytest.raises(softrepa.SoftTokensError, match="layers"):
-        SoftTokens.for_model(pipe, SoftTokensConfig(num_layers=3))
-
-
-def test_backbone_flow_target_and_denoise_shapes(pipe):
-    bb = backbone_for(pipe, max_sequence_length=16)
-    x0 = torch.randn(2, 4, 8, 8)
-    noise = torch.randn(2, 4, 8, 8)
-    t = torch.tensor([250.0, 750.0])
-    cond = bb.encode_prompts(["a red circle", "a blue square"])
-    with torch.no_grad():
-        v = bb.denoise(bb.add_noise(x0, noise, t), t, cond)
-    assert v.shape == x0.shape
-    torch.testing.assert_close(bb.add_noise(x0, noise, torch.tensor([0.0, 1000.0])),
-                               torch.stack([x0[0], noise[1]]))
-    torch.testing.assert_close(bb.target(x0, noise, t), noise - x0)
-
-
-def test_generate_compare_cli_on_a_saved_flux_folder(tmp_path):
-    from softrepa.cli import main
-
-    pipe = tiny_flux_pipeline(guidance_embeds=True)
-    pipe.save_pretrained(tmp_path / "flux")
-    tokens = SoftTokens.for_model(pipe, SoftTokensConfig(num_layers=2), seed=0)
-    with torch.no_grad():
-        tokens.base.mul_(50)
-    softrepa.save_soft_tokens(tokens, tmp_path / "t.safetensors")
-    rc = main(["generate", "--model", str(tmp_path / "flux"), "--tokens", str(tmp_path / "t.safetensors"),
-               "--prompts", "a red circle", "--seeds", "0", "--steps", "2", "--size", "32",
-               "--max-sequence-length", "16", "--compare", "--no-progress", "--out", str(tmp_path / "gen")])
-    assert rc == 0
-    a, b = (tmp_path / "gen" / sub / "00000_s0.png" for sub in ("vanilla", "tokens"))
-    assert a.is_file() and b.is_file() and a.read_bytes() != b.read_bytes()
-    assert (tmp_path / "gen" / "compare" / "00000.png").is_file()
 
 
 # ----------------------------------------------------------------------------- FlowEdit (guidance embedding)
@@ -157,28 +86,19 @@ def _edit_inputs(pipe, w=32, h=24):
     return img, encode_source(backbone_for(pipe), image_to_pixels(img, (h, w))).detach()
 
 
-def test_flowedit_same_prompt_and_guidance_returns_the_source_exactly(pipe):
-    """z_edit == x_src at every step (same prompt, same guidance): the edit is exactly the source,
-    also with tokens attached; another prompt (and, dev-style, another target guidance) edits."""
+def test_flowedit_target_guidance_enters_only_through_the_embedding(pipe):
+    """Same prompt, other target guidance: dev-style the guidance embedding makes it an edit; schnell-style
+    (no guidance input) both branches are plain conditional velocities, as the official FlowEditFLUX, and
+    the source comes back exactly. (Same prompt and guidance: tests/test_conformance.py.)"""
     from softrepa.edit import edit_latents
     from softrepa.flowedit import FlowEditParams
 
     _, z = _edit_inputs(pipe)
-    p = FlowEditParams(steps=4, n_max=3, src_cfg=2.0, tar_cfg=2.0)
-    run = lambda src, tar, params=p: edit_latents(pipe, z, [src], [tar], params, max_sequence_length=8)  # noqa: E731
-    assert torch.equal(run("a red circle", "a red circle"), z)
-    edited = run("a red circle", "a blue square")
-    assert (edited - z).abs().max() > 1e-3
-    assert torch.equal(edited, run("a red circle", "a blue square"))  # seeded
-    tokens = SoftTokens.for_model(pipe, SoftTokensConfig(num_layers=2, init_std=1.0), seed=0)
-    with attach(pipe, tokens):
-        assert torch.equal(run("a red circle", "a red circle"), z)
-        assert not torch.allclose(run("a red circle", "a blue square"), edited, atol=1e-4)
-    assert torch.equal(run("a red circle", "a blue square"), edited)  # detached: vanilla again
-    other = run("a red circle", "a red circle", FlowEditParams(steps=4, n_max=3, src_cfg=2.0, tar_cfg=5.0))
+    other = edit_latents(pipe, z, ["a red circle"], ["a red circle"],
+                         FlowEditParams(steps=4, n_max=3, src_cfg=2.0, tar_cfg=5.0), max_sequence_length=8)
     if pipe.transformer.config.guidance_embeds:
-        assert (other - z).abs().max() > 1e-3  # the target guidance enters through the embedding
-    else:  # no guidance input: both branches are plain conditional velocities, as the official FlowEditFLUX
+        assert (other - z).abs().max() > 1e-3
+    else:
         assert torch.equal(other, z)
 
 
@@ -229,58 +149,6 @@ def test_flowedit_presets_sigmas_and_cfg_form():
     with pytest.raises(ValueError, match="embedding"):
         edit_latents(pipe, z, ["a"], ["b"], FlowEditParams(steps=4, n_max=2, guidance="authors"),
                      max_sequence_length=8)
-
-
-def test_edit_cli_on_a_saved_flux_folder(tmp_path):
-    """`softrepa edit` with tokens on a FLUX.1-dev-style folder: the preset, an output of the source's size."""
-    import json
-
-    from PIL import Image
-
-    from softrepa.cli import main
-
-    pipe = tiny_flux_pipeline(guidance_embeds=True)
-    pipe.save_pretrained(tmp_path / "flux")
-    img, _ = _edit_inputs(pipe, 30, 20)
-    img.save(tmp_path / "src.png")
-    softrepa.save_soft_tokens(SoftTokens.for_model(pipe, SoftTokensConfig(num_layers=2), seed=0),
-                              tmp_path / "t.safetensors")
-    rc = main(["edit", "--model", str(tmp_path / "flux"), "--tokens", str(tmp_path / "t.safetensors"),
-               "--image", str(tmp_path / "src.png"), "--source-prompt", "a red circle", "--target-prompt",
-               "a blue square", "--steps", "4", "--n-max", "3", "--max-sequence-length", "8", "--no-progress",
-               "--out", str(tmp_path / "edits")])
-    assert rc == 0
-    assert Image.open(tmp_path / "edits" / "src.png").size == (30, 20)
-    row = json.loads((tmp_path / "edits" / "metadata.jsonl").read_text().splitlines()[0])
-    assert (row["family"], row["src_cfg"], row["tar_cfg"], row["n_max"]) == ("flux", 1.5, 5.5, 3)
-
-
-def test_gradient_checkpointing_gives_the_same_token_gradients(pipe):
-    """The recipe trains with gradient checkpointing: the blocks are then called positionally and
-    re-run in the backward pass; the hooks must see the same call."""
-    bb = backbone_for(pipe, max_sequence_length=8)
-    bb.freeze()
-    tokens = SoftTokens.for_model(pipe, SoftTokensConfig(num_layers=2), seed=0)
-    g = torch.Generator().manual_seed(0)
-    x0, noise = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
-    t = torch.tensor([300.0, 800.0])
-    cond = bb.encode_prompts(["a red circle", "a blue square"])
-
-    def grads():
-        tokens.zero_grad(set_to_none=True)
-        with attach(pipe, tokens):
-            (bb.denoise(bb.add_noise(x0, noise, t), t, cond) - bb.target(x0, noise, t)).pow(2).mean().backward()
-        return [p.grad.clone() for p in tokens.parameters()]
-
-    plain = grads()
-    pipe.transformer.enable_gradient_checkpointing()
-    try:
-        checkpointed = grads()
-    finally:
-        pipe.transformer.disable_gradient_checkpointing()
-    assert all(p.grad is None for p in pipe.transformer.parameters())
-    for a, b in zip(checkpointed, plain):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
 
 
 def test_a_pipeline_without_a_text_encoder_is_a_one_line_error(pipe):

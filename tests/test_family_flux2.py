@@ -1,10 +1,10 @@
-"""FLUX.2 family (tiny `Flux2Pipeline`, with and without the guidance embedding): tokens on the dual-stream
-blocks at the text positions just before the prompt, exact detach, gradients, the stock pipeline,
-a `softrepa train` step, FlowEdit with the guidance embedding, `generate --compare`."""
+"""FLUX.2 family (tiny `Flux2Pipeline`, with and without the guidance embedding), what is specific to it:
+tokens on the dual-stream blocks at the text positions just before the prompt, the widths, the
+pipeline's latents (patches, batch norm) and denoising step, FlowEdit guidance (embedding or true CFG)
+and sigmas. What every family does (detach, gradients, the stock pipeline, FlowEdit identities, the
+CLI) is in tests/test_conformance.py; FLUX.2 [klein] in tests/test_family_flux2_klein.py."""
 
 from __future__ import annotations
-
-import json
 
 import numpy as np
 import pytest
@@ -14,16 +14,15 @@ from PIL import Image
 import softrepa
 from softrepa import SoftTokens, SoftTokensConfig, attach
 from softrepa.backbone import backbone_for
-from softrepa.cli import main
 from softrepa.family import family_of
 from softrepa.flowedit import FlowEditParams
 from softrepa.tiny import tiny_flux2_pipeline
-from tests.conftest import write_square_images
+from tests.conformance import assert_hooked_equals_reference, family_params
 
 
-@pytest.fixture(params=[True, False], ids=["dev", "no-guidance"])
+@pytest.fixture(params=[p for p in family_params("flux2") if "klein" not in p.id])
 def pipe(request):
-    return tiny_flux2_pipeline(guidance_embeds=request.param)
+    return request.param.build()
 
 
 def _inputs(pipe, b=2, n_txt=5, h=4, w=4, seed=0):
@@ -73,18 +72,8 @@ def reference_forward(model, tokens, inp):
 @pytest.mark.parametrize("layers", [(0,), (0, 1), (1,)])
 @pytest.mark.parametrize("space", ["text", "block"])
 def test_hooked_forward_equals_reference(pipe, layers, space):
-    model = pipe.transformer
     tokens = SoftTokens.for_model(pipe, SoftTokensConfig(layers=layers, token_space=space), seed=0)
-    with torch.no_grad():
-        for p in tokens.parameters():
-            p.mul_(30)  # visible effect
-        inp = _inputs(pipe)
-        plain = model(**inp, return_dict=False)[0]
-        ref = reference_forward(model, tokens, inp)
-        with attach(pipe, tokens):
-            got = model(**inp, return_dict=False)[0]
-    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
-    assert (got - plain).abs().max() > 1e-4
+    assert_hooked_equals_reference(pipe, tokens, _inputs(pipe), reference_forward, atol=1e-5)
 
 
 def test_token_positions_are_text_positions_before_the_prompt():
@@ -96,58 +85,23 @@ def test_token_positions_are_text_positions_before_the_prompt():
     assert token_ids(txt[None] + torch.tensor([3, 0, 0, 5]), 1).tolist() == [[3, 0, 0, 4]]  # (B, n, 4) ids
 
 
-def test_detach_is_bit_exact_and_leaves_nothing(pipe):
-    model = pipe.transformer
-    keys = list(model.state_dict())
-    processors = dict(model.attn_processors)
-    inp = _inputs(pipe)
-    with torch.no_grad():
-        before = model(**inp, return_dict=False)[0]
-        handle = attach(pipe, SoftTokens.for_model(pipe, SoftTokensConfig(num_layers=2), seed=0))
-        with_tokens = model(**inp, return_dict=False)[0]
-        handle.remove()
-        after = model(**inp, return_dict=False)[0]
-    assert torch.equal(before, after) and not torch.equal(before, with_tokens)
-    assert list(model.state_dict()) == keys and not softrepa.hooks.attached_handle(pipe)
-    assert model.attn_processors == processors
-    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
-
-
-def test_gradients_reach_only_the_tokens(pipe):
-    bb = backbone_for(pipe, max_sequence_length=8)
-    bb.freeze()
-    tokens = SoftTokens.for_model(pipe, SoftTokensConfig(num_layers=2), seed=0)
-    g = torch.Generator().manual_seed(0)
-    x0 = bb.encode_images(torch.rand(2, 3, 16, 16, generator=g) * 2 - 1, generator=g)  # (2, 16, 4, 4)
-    noise, t = torch.randn(x0.shape, generator=g), torch.tensor([300.0, 800.0])
-    cond = bb.encode_prompts(["a red circle", "a blue square"])
-    with attach(pipe, tokens):
-        loss = (bb.denoise(bb.add_noise(x0, noise, t), t, cond) - bb.target(x0, noise, t)).pow(2).mean()
-        loss.backward()
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in tokens.parameters())
-    for module in (pipe.transformer, pipe.vae, pipe.text_encoder):
-        assert all(p.grad is None for p in module.parameters())
-
-
-def test_family_layout_and_bad_input(pipe, tmp_path):
-    fam = family_of(pipe)
-    assert fam.name == "flux2" and fam.text_length_option
-    tokens = SoftTokens.for_model(pipe, SoftTokensConfig(num_layers=2), seed=0)
-    lay = tokens.layout
-    assert (lay.family, lay.token_dim, lay.model_dim, lay.model_depth) == ("flux2", 48, 32, 2)
-    path = softrepa.save_soft_tokens(tokens, tmp_path / "t.safetensors")
-    softrepa.load_into(pipe, path).remove()
-    with pytest.raises(softrepa.SoftTokensError, match="layers"):
-        SoftTokens.for_model(pipe, SoftTokensConfig(num_layers=3))
+def test_widths_and_flux1_tokens_refused():
+    """Text width 48 (three stacked hidden states of 16); FLUX.1 tokens do not attach to FLUX.2, though
+    the blocks look alike (the layout's family, file round trip, refusals in general:
+    tests/test_conformance.py)."""
     from softrepa.tiny import tiny_flux_pipeline
 
+    pipe = tiny_flux2_pipeline()
+    lay = SoftTokens.for_model(pipe, SoftTokensConfig(num_layers=2), seed=0).layout
+    assert (lay.family, lay.token_dim, lay.model_dim, lay.model_depth) == ("flux2", 48, 32, 2)
     flux1 = SoftTokens.for_model(tiny_flux_pipeline(), SoftTokensConfig(num_layers=2), seed=0)
     with pytest.raises(softrepa.SoftTokensError, match="family: tokens are for 'flux', the model is 'flux2'"):
         attach(pipe, flux1)
 
 
-def test_backbone_latents_flow_target_and_denoise(pipe):
-    """The model latent is the pipeline's: 2 x 2 patches, batch-normed; decode inverts the mapping."""
+def test_backbone_latents_are_the_pipelines(pipe):
+    """The model latent is the pipeline's: 2 x 2 patches, batch-normed; decode inverts the mapping (noise,
+    target and prediction shapes: tests/test_conformance.py)."""
     bb = backbone_for(pipe, max_sequence_length=8)
     pixels = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
     with torch.no_grad():
@@ -160,14 +114,6 @@ def test_backbone_latents_flow_target_and_denoise(pipe):
         torch.testing.assert_close(encode_source(bb, pixels), theirs, rtol=0, atol=0)  # FlowEdit's source
         torch.testing.assert_close(bb.decode_latents(ours), pipe.vae.decode(mode).sample.clamp(-1, 1),
                                    rtol=1e-5, atol=1e-5)
-    x0, noise = torch.randn(2, 16, 4, 4), torch.randn(2, 16, 4, 4)
-    t = torch.tensor([250.0, 750.0])
-    cond = bb.encode_prompts(["a red circle", "a blue square"])
-    with torch.no_grad():
-        v = bb.denoise(bb.add_noise(x0, noise, t), t, cond)
-    assert v.shape == x0.shape
-    torch.testing.assert_close(bb.add_noise(x0, noise, torch.tensor([0.0, 1000.0])), torch.stack([x0[0], noise[1]]))
-    torch.testing.assert_close(bb.target(x0, noise, t), noise - x0)
 
 
 def test_backbone_denoise_equals_the_pipeline_step():
@@ -189,21 +135,6 @@ def test_backbone_denoise_equals_the_pipeline_step():
     torch.testing.assert_close(v, out.transpose(1, 2).reshape(1, 16, 4, 4), rtol=1e-5, atol=1e-6)
 
 
-def test_stock_pipeline_uses_the_tokens_and_disabled_is_vanilla(pipe):
-    kw = dict(height=32, width=32, num_inference_steps=2, output_type="np", max_sequence_length=16)
-    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
-    plain = pipe(prompt="a red circle", generator=gen(), **kw).images
-    tokens = SoftTokens.for_model(pipe, SoftTokensConfig(num_layers=2), seed=0)
-    with torch.no_grad():
-        tokens.base.mul_(50)
-    with attach(pipe, tokens) as handle:
-        with_tokens = pipe(prompt="a red circle", generator=gen(), **kw).images
-        with handle.disabled():
-            assert (pipe(prompt="a red circle", generator=gen(), **kw).images == plain).all()
-    assert abs(with_tokens - plain).max() > 1e-4
-    assert (pipe(prompt="a red circle", generator=gen(), **kw).images == plain).all()  # detached
-
-
 # ----------------------------------------------------------------------------- FlowEdit
 def _source(pipe, w=32, h=24):
     from softrepa.edit import encode_source, image_to_pixels
@@ -212,22 +143,16 @@ def _source(pipe, w=32, h=24):
     return img, encode_source(backbone_for(pipe), image_to_pixels(img, (h, w))).detach()
 
 
-def test_flowedit_same_prompt_and_guidance_returns_the_source_exactly(pipe):
+def test_flowedit_target_guidance_enters_with_or_without_an_embedding(pipe):
+    """The source latent is the patched one; the same prompt with another target guidance edits, through
+    the embedding (dev) or true CFG (no embedding). (Same prompt and guidance: tests/test_conformance.py.)"""
     from softrepa.edit import edit_latents
 
     _, z = _source(pipe)
     assert z.shape == (1, 16, 6, 8)  # 2 x 2 patches of the factor-2 latent
-    p = FlowEditParams(steps=4, n_max=3, src_cfg=2.0, tar_cfg=2.0)
-    run = lambda src, tar, params=p: edit_latents(pipe, z, [src], [tar], params, max_sequence_length=8)  # noqa: E731
-    assert torch.equal(run("a red circle", "a red circle"), z)
-    edited = run("a red circle", "a blue square")
-    assert (edited - z).abs().max() > 1e-3
-    tokens = SoftTokens.for_model(pipe, SoftTokensConfig(num_layers=2, init_std=1.0), seed=0)
-    with attach(pipe, tokens):
-        assert torch.equal(run("a red circle", "a red circle"), z)
-        assert not torch.allclose(run("a red circle", "a blue square"), edited, atol=1e-4)
-    other = run("a red circle", "a red circle", FlowEditParams(steps=4, n_max=3, src_cfg=2.0, tar_cfg=5.0))
-    assert (other - z).abs().max() > 1e-3  # guidance enters: the embedding (dev) or true CFG (no embedding)
+    other = edit_latents(pipe, z, ["a red circle"], ["a red circle"],
+                         FlowEditParams(steps=4, n_max=3, src_cfg=2.0, tar_cfg=5.0), max_sequence_length=8)
+    assert (other - z).abs().max() > 1e-3
 
 
 def test_flowedit_guidance_follows_the_pipeline_without_an_embedding():
@@ -275,81 +200,6 @@ def test_flowedit_guidance_per_branch_and_the_pipelines_sigmas():
     torch.testing.assert_close(sigmas, pipe.scheduler.sigmas.float().cpu(), rtol=0, atol=0)
     p = FlowEditParams.preset(family_of(pipe), with_tokens=True)
     assert (p.steps, p.n_max, p.src_cfg, p.tar_cfg) == (28, 24, 1.5, 5.5)
-
-
-# ----------------------------------------------------------------------------- CLI on a saved folder
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    root = tmp_path_factory.mktemp("flux2")
-    pipe = tiny_flux2_pipeline()
-    pipe.save_pretrained(root / "flux2")
-    tokens = SoftTokens.for_model(pipe, SoftTokensConfig(num_layers=2), seed=0)
-    with torch.no_grad():
-        tokens.base.mul_(50)
-    softrepa.save_soft_tokens(tokens, root / "t.safetensors")
-    write_square_images(root / "data")
-    return root
-
-
-def test_train_cli_one_step_from_a_saved_folder(saved, tmp_path):
-    out = tmp_path / "run"
-    rc = main(["train", "--model", str(saved / "flux2"), "--data", str(saved / "data"), "--output_dir", str(out),
-               "--resolution", "32", "--batch_size", "3", "--max_steps", "1", "--num_workers", "0",
-               "--checkpoint_every", "1", "--log_every", "1", "--validation.every", "0", "--tokens.num_layers", "2",
-               "--tokens.init", "normal", "--loss.tau", "2.0", "--max_sequence_length", "16", "--no-progress"])
-    assert rc == 0
-    tokens = softrepa.load_soft_tokens(out / "tokens.safetensors")
-    assert tokens.layout.family == "flux2" and tokens.layout.layers == (0, 1)
-    row = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
-    assert row["step"] == 1 and np.isfinite(row["loss"])
-
-
-def test_generate_compare_and_edit_cli_on_a_saved_folder(saved, tmp_path):
-    rc = main(["generate", "--model", str(saved / "flux2"), "--tokens", str(saved / "t.safetensors"),
-               "--prompts", "a red circle", "--seeds", "0", "--steps", "2", "--size", "32",
-               "--max-sequence-length", "16", "--compare", "--no-progress", "--out", str(tmp_path / "gen")])
-    assert rc == 0
-    a, b = (tmp_path / "gen" / sub / "00000_s0.png" for sub in ("vanilla", "tokens"))
-    assert a.is_file() and b.is_file() and a.read_bytes() != b.read_bytes()
-    assert (tmp_path / "gen" / "compare" / "00000.png").is_file()
-
-    Image.fromarray((np.random.RandomState(0).rand(20, 30, 3) * 255).astype(np.uint8)).save(tmp_path / "src.png")
-    rc = main(["edit", "--model", str(saved / "flux2"), "--tokens", str(saved / "t.safetensors"),
-               "--image", str(tmp_path / "src.png"), "--source-prompt", "a red circle", "--target-prompt",
-               "a blue square", "--steps", "4", "--n-max", "3", "--max-sequence-length", "8", "--no-progress",
-               "--out", str(tmp_path / "edits")])
-    assert rc == 0
-    assert Image.open(tmp_path / "edits" / "src.png").size == (30, 20)
-    row = json.loads((tmp_path / "edits" / "metadata.jsonl").read_text().splitlines()[0])
-    assert (row["family"], row["src_cfg"], row["tar_cfg"]) == ("flux2", 1.5, 5.5)
-
-
-def test_gradient_checkpointing_gives_the_same_token_gradients():
-    """The recipe trains with gradient checkpointing: the blocks are then called positionally and
-    re-run in the backward pass; the hooks (tokens and their rotary rows) must see the same call."""
-    pipe = tiny_flux2_pipeline()
-    bb = backbone_for(pipe, max_sequence_length=8)
-    bb.freeze()
-    tokens = SoftTokens.for_model(pipe, SoftTokensConfig(num_layers=2), seed=0)
-    g = torch.Generator().manual_seed(0)
-    x0, noise = torch.randn(2, 16, 4, 4, generator=g), torch.randn(2, 16, 4, 4, generator=g)
-    t = torch.tensor([300.0, 800.0])
-    cond = bb.encode_prompts(["a red circle", "a blue square"])
-
-    def grads():
-        tokens.zero_grad(set_to_none=True)
-        with attach(pipe, tokens):
-            (bb.denoise(bb.add_noise(x0, noise, t), t, cond) - bb.target(x0, noise, t)).pow(2).mean().backward()
-        return [p.grad.clone() for p in tokens.parameters()]
-
-    plain = grads()
-    pipe.transformer.enable_gradient_checkpointing()
-    try:
-        checkpointed = grads()
-    finally:
-        pipe.transformer.disable_gradient_checkpointing()
-    for a, b in zip(checkpointed, plain):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
 
 
 def test_a_pipeline_without_its_text_encoder_is_a_one_line_error():

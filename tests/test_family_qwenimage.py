@@ -1,22 +1,20 @@
-"""Qwen-Image family (tiny random QwenImagePipeline): tokens on the dual-stream blocks with a text-mask
-entry 1 and the rotary row of the first text position, exact detach, the stock pipeline with true CFG,
-training through the Backbone and the CLI, FlowEdit."""
+"""Qwen-Image family (tiny random QwenImagePipeline), what is specific to it: tokens on the dual-stream
+blocks with a text-mask entry 1 and the rotary row of the first text position, one prompt broadcast
+over the batch, the widths and presets, fixed-length padded prompts, the pipeline's latents and sigmas,
+the 3-D VAE's FlowEdit source, the recipe. What every family does (detach, gradients, the stock
+pipeline with true CFG, FlowEdit identities, the CLI) is in tests/test_conformance.py."""
 
 from __future__ import annotations
 
-import json
-
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import softrepa
 from softrepa import SoftTokens, SoftTokensConfig, attach
 from softrepa.backbone import backbone_for, encode_prompt
 from softrepa.family import family_of
-from softrepa.tiny import tiny_qwenimage_pipeline, tiny_sd3_pipeline
-from tests.conftest import write_square_images
+from softrepa.tiny import tiny_qwenimage_pipeline
+from tests.conformance import assert_hooked_equals_reference
 
 
 @pytest.fixture(scope="module")
@@ -83,16 +81,8 @@ def reference_forward(model, tokens, inp):
 @pytest.mark.parametrize("layers", [(0,), (0, 2), (1,)])
 @pytest.mark.parametrize("space", ["text", "block"])
 def test_hooked_forward_equals_reference(pipe, layers, padded, space):
-    model = pipe.transformer
-    tokens = _big(SoftTokens.for_model(pipe, SoftTokensConfig(layers=layers, token_space=space), seed=0))
-    inp = _inputs(model, padded=padded)
-    with torch.no_grad():
-        plain = model(**inp, return_dict=False)[0]
-        ref = reference_forward(model, tokens, inp)
-        with attach(pipe, tokens):
-            got = model(**inp, return_dict=False)[0]
-    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
-    assert (got - plain).abs().max() > 1e-4
+    tokens = SoftTokens.for_model(pipe, SoftTokensConfig(layers=layers, token_space=space), seed=0)
+    assert_hooked_equals_reference(pipe, tokens, _inputs(pipe.transformer, padded=padded), reference_forward)
 
 
 def test_chosen_rotary_row_is_a_text_position_never_an_image_one(pipe):
@@ -120,85 +110,19 @@ def test_batch_of_one_prompt_broadcast_matches_repeated_prompt(pipe):
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-@torch.no_grad()
-def test_detach_is_bit_exact_and_leaves_nothing(pipe):
-    model = pipe.transformer
-    inp = _inputs(model)
-    before = model(**inp, return_dict=False)[0]
-    keys = list(model.state_dict())
-    procs = {k: (type(v), id(v)) for k, v in model.attn_processors.items()}
-    hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
-    for _ in range(2):
-        handle = attach(pipe, _big(SoftTokens.for_model(pipe, SoftTokensConfig(num_layers=3), seed=0)))
-        assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) > hooks
-        model(**inp, return_dict=False)
-        handle.remove()
-    after = model(**inp, return_dict=False)[0]
-    assert torch.equal(before, after) and list(model.state_dict()) == keys
-    assert {k: (type(v), id(v)) for k, v in model.attn_processors.items()} == procs
-    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) == hooks == 0
-    assert softrepa.attached_handle(pipe) is None
-
-
-def test_gradients_reach_only_tokens_with_and_without_checkpointing(pipe):
-    model = pipe.transformer
-    model.requires_grad_(False)
-    tokens = _big(SoftTokens.for_model(pipe, SoftTokensConfig(num_layers=2), seed=0), 3.0)
-    inp = _inputs(model)
-    grads = []
-    try:
-        for ckpt in (False, True):
-            if ckpt:  # blocks then get their arguments by position: the hooks must find them there too
-                model.enable_gradient_checkpointing()
-                model.train()
-            tokens.zero_grad(set_to_none=True)
-            with attach(pipe, tokens):
-                model(**inp, return_dict=False)[0].square().mean().backward()
-            assert all(p.grad is None for p in model.parameters())
-            assert tokens.base.grad.abs().sum() > 0
-            touched = (tokens.time.grad.abs().sum(dim=(1, 2)) > 0).nonzero().flatten().tolist()
-            assert touched == [31, 87]  # t / 1000 from the pipeline, rescaled onto the buckets
-            grads.append((tokens.base.grad.clone(), tokens.time.grad.clone()))
-    finally:
-        model.disable_gradient_checkpointing()
-        model.eval()
-        model.requires_grad_(True)
-    for a, b in zip(*grads):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
-
-
-def test_stock_pipeline_with_true_cfg_uses_the_tokens_and_disabled_is_vanilla(pipe):
-    prompts = ["a red circle", "a small blue square on the left"]  # different lengths: a padded batch
-    kw = dict(height=32, width=32, num_inference_steps=2, output_type="np", max_sequence_length=64,
-              **family_of(pipe).guidance_kwargs(4.0))
-    gens = lambda: [torch.Generator().manual_seed(s) for s in (0, 1)]  # noqa: E731
-    plain = pipe(prompts, generator=gens(), **kw).images
-    tokens = _big(SoftTokens.for_model(pipe, SoftTokensConfig(num_layers=2), seed=0), 50.0)
-    with attach(pipe, tokens) as handle:
-        with_tokens = pipe(prompts, generator=gens(), **kw).images
-        with handle.disabled():
-            vanilla = pipe(prompts, generator=gens(), **kw).images
-    assert np.array_equal(vanilla, plain)
-    assert abs(with_tokens - plain).max() > 1e-4
-    assert kw["true_cfg_scale"] == 4.0 and kw["negative_prompt"] == " "
-
-
-def test_family_layout_and_bad_input(pipe, tmp_path):
+def test_presets_widths_and_bad_input(pipe):
+    """Sampling and edit presets, true CFG's call arguments, the widths; a text width that differs from
+    the tokens', a pipeline without its text encoder (the layout's family, file round trip and refusals
+    in general: tests/test_conformance.py)."""
     fam = family_of(pipe)
-    assert fam.name == "qwenimage" and fam.text_length_option
     assert (fam.sampling.steps, fam.sampling.cfg) == (50, 4.0)
     assert (fam.edit.steps, fam.edit.src_cfg, fam.edit.choose(False), fam.edit.choose(True)) == \
         (50, 3.5, (37, 13.5), (35, 9.0))
+    assert fam.guidance_kwargs(4.0) == {"true_cfg_scale": 4.0, "negative_prompt": " "}  # true CFG's second branch
     assert fam.guidance_kwargs(1.0) == {"true_cfg_scale": 1.0}  # no second branch: no negative prompt
     tokens = SoftTokens.for_model(pipe, SoftTokensConfig(num_layers=2), seed=0)
     lay = tokens.layout
     assert (lay.family, lay.token_dim, lay.model_dim, lay.model_depth) == ("qwenimage", 32, 32, 3)
-    path = softrepa.save_soft_tokens(tokens, tmp_path / "t.safetensors")
-    softrepa.load_into(pipe, path).remove()
-    with pytest.raises(softrepa.SoftTokensError, match="layers"):
-        SoftTokens.for_model(pipe, SoftTokensConfig(num_layers=4))
-    with pytest.raises(softrepa.SoftTokensError, match="family: tokens are for 'sd3'"):
-        attach(pipe, SoftTokens.for_model(tiny_sd3_pipeline(num_layers=2), SoftTokensConfig(num_layers=1)))
     wide = tiny_qwenimage_pipeline(num_layers=3)
     wide.transformer.register_to_config(joint_attention_dim=64)  # as if the text width differed
     with pytest.raises(softrepa.SoftTokensError, match="token_dim.*joint_attention_dim"):
@@ -230,45 +154,18 @@ def test_backbone_fixed_padding_changes_no_prediction(pipe):
     torch.testing.assert_close(alone, unpadded, rtol=1e-5, atol=1e-6)
 
 
-def test_backbone_flow_target_latents_and_sigmas(pipe):
+def test_backbone_latents_and_sigmas(pipe):
+    """The packed latents of the factor-4 3-D VAE and the FlowEdit adapter's sigmas (noise, target and
+    prediction: tests/test_conformance.py)."""
     bb = backbone_for(pipe, max_sequence_length=32)
     pixels = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
     x0 = bb.encode_images(pixels, [torch.Generator().manual_seed(s) for s in (1, 2)])
     assert x0.shape == (2, 4, 8, 8)
     assert bb.decode_latents(x0).shape == (2, 3, 32, 32)
-    noise = torch.randn_like(x0)
-    t = torch.tensor([250.0, 750.0])
-    cond = bb.encode_prompts(["a red circle", "a blue square"])
-    with torch.no_grad():
-        v = bb.denoise(bb.add_noise(x0, noise, t), t, cond)
-    assert v.shape == x0.shape
-    torch.testing.assert_close(bb.add_noise(x0, noise, torch.tensor([0.0, 1000.0])), torch.stack([x0[0], noise[1]]))
-    torch.testing.assert_close(bb.target(x0, noise, t), noise - x0)
     # the FlowEdit adapter's sigmas are the pipeline's own (its grid, resolution shift, terminal shift)
     _, sigmas, _ = family_of(pipe).edit_model(bb, 3, (1, 4, 8, 8))
     pipe(["a red circle"], height=32, width=32, num_inference_steps=3, output_type="latent", true_cfg_scale=1.0)
     torch.testing.assert_close(sigmas, pipe.scheduler.sigmas.float(), rtol=0, atol=0)
-
-
-@pytest.mark.parametrize("with_tokens", [False, True])
-def test_flowedit_with_the_same_prompt_returns_the_source_exactly(pipe, with_tokens):
-    from softrepa.edit import edit_latents
-    from softrepa.flowedit import FlowEditParams
-
-    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-    # the same prompt and the same CFG on both branches: the velocity difference is exactly zero
-    params = FlowEditParams.preset(family_of(pipe), with_tokens, steps=6, n_max=5)
-    params.tar_cfg = params.src_cfg
-    handle = attach(pipe, _big(SoftTokens.for_model(pipe, SoftTokensConfig(num_layers=2), seed=0))) \
-        if with_tokens else None
-    try:
-        same = edit_latents(pipe, z, ["a red circle"], ["a red circle"], params, max_sequence_length=32)
-        other = edit_latents(pipe, z, ["a red circle"], ["a blue square"], params, max_sequence_length=32)
-    finally:
-        if handle is not None:
-            handle.remove()
-    assert torch.equal(same, z)
-    assert (other - z).abs().max() > 1e-4
 
 
 def test_flowedit_on_an_image_through_the_backbone(pipe):
@@ -285,53 +182,6 @@ def test_flowedit_on_an_image_through_the_backbone(pipe):
     edited = edit_latents(pipe, z, ["a red circle"], ["a blue circle"], params, max_sequence_length=32)
     image = bb.decode_latents(edited)
     assert image.shape == (1, 3, 32, 32) and torch.isfinite(image).all()
-
-
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    root = tmp_path_factory.mktemp("qwenimage")
-    tiny_qwenimage_pipeline(num_layers=2).save_pretrained(root / "qwen")
-    write_square_images(root / "data")
-    return root
-
-
-def test_train_cli_one_step_from_a_saved_folder(saved, tmp_path):
-    from softrepa.cli import main
-
-    out = tmp_path / "run"
-    rc = main(["train", "--model", str(saved / "qwen"), "--data", str(saved / "data"), "--output_dir", str(out),
-               "--resolution", "32", "--batch_size", "3", "--max_steps", "1", "--num_workers", "0",
-               "--max_sequence_length", "32", "--tokens.num_layers", "2", "--checkpoint_every", "1",
-               "--log_every", "1", "--validation.every", "0", "--loss.tau", "2.0", "--lr", "0.05"])
-    assert rc == 0
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1] and np.isfinite(rows[0]["loss"])
-    tokens = softrepa.load_soft_tokens(out / "tokens.safetensors")
-    assert tokens.layout.family == "qwenimage" and tokens.layout.layers == (0, 1)
-    fresh = SoftTokens.for_model(tiny_qwenimage_pipeline(num_layers=2), SoftTokensConfig(num_layers=2), seed=0)
-    assert tokens.base.shape == fresh.base.shape
-
-
-def test_generate_compare_cli_on_a_saved_folder(saved, tmp_path):
-    from softrepa.cli import main
-    from softrepa.pipeline import load_pipeline
-
-    pipe = load_pipeline(str(saved / "qwen"))
-    tokens = _big(SoftTokens.for_model(pipe, SoftTokensConfig(num_layers=2), seed=0), 50.0)
-    softrepa.save_soft_tokens(tokens, tmp_path / "t.safetensors")
-    rc = main(["generate", "--model", str(saved / "qwen"), "--tokens", str(tmp_path / "t.safetensors"),
-               "--prompts", "a red circle", "--seeds", "0", "--steps", "2", "--size", "32",
-               "--max-sequence-length", "32", "--compare", "--no-progress", "--out", str(tmp_path / "gen")])
-    assert rc == 0
-    a, b = (tmp_path / "gen" / sub / "00000_s0.png" for sub in ("vanilla", "tokens"))
-    assert a.is_file() and b.is_file() and a.read_bytes() != b.read_bytes()
-    assert (tmp_path / "gen" / "compare" / "00000.png").is_file()
-    # the vanilla half is the stock pipeline with true CFG 4 (the family default) and the same seed
-    row = json.loads((tmp_path / "gen" / "vanilla" / "metadata.jsonl").read_text().splitlines()[0])
-    assert (row["cfg"], row["steps"], row["family"]) == (4.0, 2, "qwenimage")
-    ref = pipe("a red circle", height=32, width=32, num_inference_steps=2, max_sequence_length=32,
-               generator=torch.Generator().manual_seed(0), **family_of(pipe).guidance_kwargs(4.0)).images[0]
-    assert np.array_equal(np.asarray(Image.open(a).convert("RGB")), np.asarray(ref))
 
 
 def test_recipe_loads_and_fits_the_real_widths():
@@ -352,22 +202,3 @@ def test_recipe_loads_and_fits_the_real_widths():
     assert (lay.family, lay.token_dim, lay.model_dim, lay.model_depth, lay.layers) == \
         ("qwenimage", 3584, 3072, 60, (0, 1, 2, 3, 4))
     assert sum(p.numel() for p in tokens.parameters()) == 5 * 4 * 3584 + 100 * 5 * 3072
-
-
-def test_edit_cli_with_the_same_prompt_and_cfg_returns_the_decoded_source(saved, tmp_path):
-    """`softrepa edit` on a saved Qwen-Image folder (the backbone's encode_source for the 3-D VAE): the
-    same prompt and CFG on both branches gives exactly the n_max = 0 result, decode(encode(image))."""
-    from softrepa.cli import main
-
-    common = ["edit", "--model", str(saved / "qwen"), "--image", str(saved / "data" / "0.png"),
-              "--source-prompt", "a red square", "--target-prompt", "a red square", "--steps", "4",
-              "--source-cfg", "3.5", "--target-cfg", "3.5", "--size", "32", "--max-sequence-length", "32",
-              "--no-progress"]
-    assert main([*common, "--n-max", "3", "--out", str(tmp_path / "same")]) == 0
-    assert main([*common, "--n-max", "0", "--out", str(tmp_path / "none")]) == 0
-    same, none = (np.asarray(Image.open(tmp_path / sub / "0.png").convert("RGB")) for sub in ("same", "none"))
-    assert np.array_equal(same, none)
-    other = [("a blue square" if a == "a red square" and common[i - 1] == "--target-prompt" else a)
-             for i, a in enumerate(common)]
-    assert main([*other, "--n-max", "3", "--out", str(tmp_path / "edit")]) == 0
-    assert not np.array_equal(np.asarray(Image.open(tmp_path / "edit" / "0.png").convert("RGB")), none)
