@@ -176,6 +176,16 @@ def test_backbone_latents_noise_target_and_denoise(v: Variant):
 
 # ----------------------------------------------------------------------------- attach / remove / disabled
 @pytest.mark.parametrize("v", params())
+def test_a_pipeline_without_its_text_encoder_is_one_named_error(v: Variant):
+    """Every family: prompts through a pipeline whose text encoder was not loaded raise one
+    SoftrepaError naming the missing component (not a TypeError / AttributeError from inside)."""
+    pipe = v.build()
+    pipe.text_encoder = None
+    with pytest.raises(softrepa.SoftrepaError, match=r"has no text_encoder\b.*load the pipeline with its text encoders"):
+        backbone_for(pipe).encode_prompts(["a red circle"])
+
+
+@pytest.mark.parametrize("v", params())
 def test_attach_changes_the_output_and_remove_restores_everything(v: Variant):
     """attach changes the prediction; `handle.disabled()` is the vanilla model bit for bit and the tokens
     come back after it; remove() restores the output, the state dict (keys and values), the parameters,

@@ -19,6 +19,7 @@ from typing import Any, Sequence
 
 import torch
 
+from .errors import SoftrepaError
 from .registry import family_of, resolve_denoiser
 
 
@@ -96,6 +97,8 @@ class Backbone:
     """
 
     prediction: str = ""  # "flow", "epsilon" or "v_prediction": what `target` returns
+    #: (pipeline component, what it gives) that prompts cannot be encoded without
+    text_parts: tuple[tuple[str, str], ...] = (("text_encoder", "the text encoder"), ("tokenizer", "its tokenizer"))
 
     def __init__(self, pipe: Any, max_sequence_length: int | None = None):
         self.pipe = pipe
@@ -201,7 +204,16 @@ class Backbone:
         return t.expand(n).float().clone()
 
     def encode_prompt(self, prompts: Sequence[str]) -> tuple:
-        """The stock pipeline's `encode_prompt` output for `prompts` (conditional branch only)."""
+        """The stock pipeline's `encode_prompt` output for `prompts` (conditional branch only).
+
+        Raises:
+            SoftrepaError: the pipeline lacks a component of `text_parts` (one message for every family).
+        """
+        missing = [(name, what) for name, what in self.text_parts if getattr(self.pipe, name, None) is None]
+        if missing:
+            raise SoftrepaError(f"{self._family.title}: the pipeline has no {', '.join(n for n, _ in missing)} "
+                                f"({', '.join(w for _, w in missing)}), which prompts need: load the pipeline with "
+                                "its text encoders")
         return encode_prompt(self.pipe, prompts, device=self.device, max_sequence_length=self.max_sequence_length)
 
     # ---------------------------------------------------------------- family-specific

@@ -30,7 +30,6 @@ from diffusers import FluxTransformer2DModel
 from torch import nn
 
 from ..backbone import TextCond
-from ..errors import SoftrepaError
 from ..family import Family, SamplingDefaults, register_family
 from ..flow import FLOWEDIT_FLUX_DEV, FlowBackbone, flow_edit_model
 from ..flowedit import flow_sigmas
@@ -47,13 +46,10 @@ class FluxBackbone(FlowBackbone):
     """
 
     default_guidance = 3.5
+    text_parts = (("text_encoder", "CLIP, the pooled prompt"), ("text_encoder_2", "T5, the prompt tokens"))
 
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str], resolution: int | None = None) -> TextCond:
-        for name, what in (("text_encoder", "CLIP, the pooled prompt"), ("text_encoder_2", "T5, the prompt tokens")):
-            if getattr(self.pipe, name, None) is None:
-                raise SoftrepaError(f"FLUX.1 prompts need the pipeline's {name} ({what}), which is missing: "
-                                    "load the pipeline with its text encoders")
         embeds, pooled, _ = self.encode_prompt(prompts)  # (N, n_txt, 4096), (N, 768), text ids
         return TextCond(embeds.to(self.dtype), pooled.to(self.dtype))
 

@@ -52,7 +52,6 @@ from diffusers import Flux2Transformer2DModel
 from torch import nn
 
 from ..backbone import TextCond
-from ..errors import SoftrepaError
 from ..family import Family, SamplingDefaults, register_family
 from ..flow import FLOWEDIT_FLUX_DEV, FlowBackbone, flow_edit_model
 from ..flowedit import flow_sigmas
@@ -73,9 +72,6 @@ class Flux2Backbone(FlowBackbone):
 
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str], resolution: int | None = None) -> TextCond:
-        if getattr(self.pipe, "text_encoder", None) is None:
-            raise SoftrepaError("FLUX.2 prompts need the pipeline's text_encoder, which is missing: "
-                                "load the pipeline with its text encoder")
         embeds, _ = self.encode_prompt(prompts)  # (N, n_txt, 3 * hidden), text ids (rebuilt in denoise)
         return TextCond(embeds.to(self.dtype))
 

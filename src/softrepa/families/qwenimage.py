@@ -50,7 +50,6 @@ from diffusers import QwenImageTransformer2DModel
 from torch import nn
 
 from ..backbone import TextCond
-from ..errors import SoftrepaError
 from ..family import EditPresets, Family, SamplingDefaults, register_family
 from ..flow import FlowBackbone, flow_edit_model
 from ..templates import DUAL_STREAM, Placement
@@ -87,11 +86,8 @@ class QwenImageBackbone(FlowBackbone):
             prompts: N prompts (the stock `encode_prompt` wraps each in the chat template).
             resolution: unused (Qwen-Image has no size conditioning).
         Raises:
-            SoftrepaError: the pipeline has no text encoder or tokenizer (as FLUX's missing encoders).
+            SoftrepaError: the pipeline has no text encoder or tokenizer (`Backbone.encode_prompt`).
         """
-        if getattr(self.pipe, "text_encoder", None) is None or getattr(self.pipe, "tokenizer", None) is None:
-            raise SoftrepaError("the Qwen-Image pipeline has no text_encoder / tokenizer: prompts cannot be "
-                                  "encoded (load the pipeline with its Qwen2.5-VL text encoder)")
         embeds, mask = self.encode_prompt(prompts)  # (N, n, D), (N, n) or None when nothing is padded
         n_pos = self.max_sequence_length
         n, length, width = embeds.shape

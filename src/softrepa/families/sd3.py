@@ -24,7 +24,10 @@ from ..templates import DUAL_STREAM, Placement
 
 
 class SD3Backbone(FlowBackbone):
-    """SD3 / SD3.5: CLIP-L + CLIP-G + T5 prompts (pooled vector and sequence), latents (B, C, h, w)."""
+    """SD3 / SD3.5: CLIP-L + CLIP-G + T5 prompts (pooled vector and sequence), latents (B, C, h, w).
+    T5 may be absent (the pipeline then feeds zeros, as SD3 allows); the two CLIPs may not."""
+
+    text_parts = (("text_encoder", "CLIP-L"), ("text_encoder_2", "CLIP-G"))
 
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str], resolution: int | None = None) -> TextCond:

@@ -40,6 +40,8 @@ class UNetBackbone(Backbone):
             raise SoftTokensError(f"scheduler prediction_type {self.prediction!r} is not supported "
                                   "(epsilon, v_prediction)")
         self.text_time = self.denoiser.config.addition_embed_type == "text_time"
+        if self.text_time:  # SDXL reads both CLIPs
+            self.text_parts = self.text_parts + (("text_encoder_2", "the second CLIP"), ("tokenizer_2", "its tokenizer"))
         # The training noise schedule of the model, whatever sampler the pipeline ships with.
         ddpm = DDPMScheduler.from_config(cfg)
         self.alphas_cumprod = ddpm.alphas_cumprod.float()  # (1000,)
