@@ -180,17 +180,17 @@ def test_log_with_tensorboard_writes_events(toy_files, tmp_path):
 
 def test_linear_tau_schedule_reaches_the_loss(toy_files, tmp_path, monkeypatch):
     """`loss.tau_schedule: linear`: the logged i2t loss is the formula with tau(t) = tau_min + (tau_max - tau_min) t / 1000."""
-    import softrepa.pairs as pairs
+    import softrepa.objectives.softrepa as objective
     from softrepa.loss import linear_tau
 
     seen = []
-    orig = pairs.softrepa_loss
+    orig = objective.softrepa_loss
 
     def spy(E, t, **kw):
         seen.append((E.detach().double(), torch.as_tensor(t).double(), kw))
         return orig(E, t, **kw)
 
-    monkeypatch.setattr(pairs, "softrepa_loss", spy)
+    monkeypatch.setattr(objective, "softrepa_loss", spy)
     out = tmp_path / "run"
     # "neg" logits and small temperatures: the tiny model's errors differ by ~1e-3 between prompts,
     # so only a tau of that order moves the loss visibly away from log(3)
