@@ -15,7 +15,7 @@ import softrepa
 from softrepa import attach
 from softrepa.cli import main
 from softrepa.config import ConfigError, load_config, loss_kwargs, parse_overrides
-from softrepa.objectives import (Needs, Objective, PairTerms, PositiveOnly, SoftREPA, get_objective, objective_names,
+from softrepa.objectives import (Needs, Objective, PositiveOnly, SoftREPA, get_objective, objective_names,
                                  register_objective)
 from softrepa.pairs import contrastive_backward, error_matrix, objective_backward
 from tests.test_effect_options import _pair_batch, _pipe_and_backbone
