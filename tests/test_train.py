@@ -354,3 +354,26 @@ def test_resume_uses_the_saved_config_and_refuses_a_different_one(toy_files, tmp
     assert main(["train", "--resume"]) == 2
     assert "needs the run's folder" in capsys.readouterr().err
     assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+def test_run_training_claims_the_run_folder_before_anything_loads(toy_files, tmp_path, monkeypatch):
+    """The library, not the CLI, refuses another run's folder (and --resume with --overwrite) at once."""
+    import softrepa.train as T
+    from softrepa.config import load_config, parse_overrides
+    from softrepa.errors import RunFolderError
+
+    def never(*a, **k):
+        raise AssertionError("data or model loaded before the run folder was claimed")
+
+    monkeypatch.setattr(T, "build_dataset", never)
+    monkeypatch.setattr(T, "load_pipeline", never)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("model: other\ntokens: {}\nloss: {}\n")
+    cfg = load_config(None, parse_overrides(_args(toy_files, run, 1)[1:]))
+    with pytest.raises(RunFolderError, match="holds another run"):
+        T.run_training(cfg)
+    with pytest.raises(ConfigError, match="give one of them"):
+        T.run_training(cfg, resume=True, overwrite=True)
+    assert [p.name for p in run.iterdir() if not p.name.startswith(".softrepa")] == ["config.yaml"]  # the lock stays
+    assert (run / "config.yaml").read_text() == "model: other\ntokens: {}\nloss: {}\n"

@@ -235,6 +235,7 @@ class Trainer:
         with torch.no_grad(), self._autocast():
             latents = self._latents(batch, step)
             cond = bb.encode_prompts(batch["captions"], resolution=cfg.resolution)
+
         def draw(stream: Stream, shared: bool) -> torch.Generator:  # shared: the same on every rank
             return generator(cfg.seed, stream, step) if shared else generator(cfg.seed, stream, step, self.rank)
 
