@@ -58,6 +58,22 @@ def test_objective_is_a_config_key_and_an_override():
         load_config(None, {"objective": "positive_only", "loss": {"contrastive_weight": 0.5}})
 
 
+def test_a_run_saved_before_the_objective_key_resumes_as_softrepa(tmp_path):
+    """check_resumable: a field the saved config.yaml lacks had its default (objective: softrepa)."""
+    import yaml
+
+    from softrepa.config import config_dict
+    from softrepa.resume import check_resumable
+
+    saved = config_dict(load_config(None, {"model": "m"}))
+    del saved["objective"]
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(saved))
+    check_resumable(load_config(None, {"model": "m"}), path)
+    with pytest.raises(ConfigError, match="objective: 'softrepa' -> 'positive_only'"):
+        check_resumable(load_config(None, {"model": "m", "objective": "positive_only"}), path)
+
+
 def test_positive_only_is_the_old_spelling_of_the_control():
     """objective positive_only == objective softrepa with contrastive_weight 0, denoise_weight 1 (same kwargs)."""
     legacy = SoftREPA(**loss_kwargs(load_config(None, {"loss": {"contrastive_weight": 0, "denoise_weight": 1}}).loss))
