@@ -19,6 +19,7 @@ from PIL import Image
 import softrepa
 from softrepa.cli import main
 from softrepa.config import ConfigError
+from softrepa.streams import STREAMS_VERSION
 
 COLOURS = {"red": (230, 20, 20), "blue": (20, 20, 230), "green": (20, 200, 20), "yellow": (230, 230, 20),
            "black": (10, 10, 10), "purple": (150, 20, 200)}
@@ -152,7 +153,7 @@ def test_checkpoint_state_does_not_grow_with_the_step(toy_files, tmp_path):
     sizes = {s: (out / "checkpoints" / f"step_{s:07d}" / "state.pt").stat().st_size for s in (2, 4, 6)}
     assert sizes[6] == sizes[2], sizes
     state = torch.load(out / "checkpoints" / "step_0000006" / "state.pt", weights_only=True)
-    assert state["extra"] == {}
+    assert state["extra"] == {"streams": STREAMS_VERSION}  # which random streams the run draws from
 
 
 def _has_tensorboard() -> bool:
@@ -180,22 +181,23 @@ def test_log_with_tensorboard_writes_events(toy_files, tmp_path):
 
 def test_linear_tau_schedule_reaches_the_loss(toy_files, tmp_path, monkeypatch):
     """`loss.tau_schedule: linear`: the logged i2t loss is the formula with tau(t) = tau_min + (tau_max - tau_min) t / 1000."""
-    import softrepa.pairs as pairs
+    import softrepa.objectives.softrepa as objective
     from softrepa.loss import linear_tau
 
     seen = []
-    orig = pairs.softrepa_loss
+    orig = objective.softrepa_loss
 
     def spy(E, t, **kw):
         seen.append((E.detach().double(), torch.as_tensor(t).double(), kw))
         return orig(E, t, **kw)
 
-    monkeypatch.setattr(pairs, "softrepa_loss", spy)
+    monkeypatch.setattr(objective, "softrepa_loss", spy)
     out = tmp_path / "run"
     # "neg" logits and small temperatures: the tiny model's errors differ by ~1e-3 between prompts,
     # so only a tau of that order moves the loss visibly away from log(3)
+    # t pinned at 100 (tau 0.0019): at a large t the tiny model's errors are too alike for any tau
     assert main(_args(toy_files, out, 1, "--loss.form", "neg", "--loss.tau_schedule", "linear",
-                      "--loss.tau_min", "0.001", "--loss.tau_max", "0.01")) == 0
+                      "--loss.tau_min", "0.001", "--loss.tau_max", "0.01", "--t_min", "100", "--t_max", "101")) == 0
     (E, t, kw), = seen
     assert isinstance(kw["tau"], linear_tau)
 
@@ -205,6 +207,7 @@ def test_linear_tau_schedule_reaches_the_loss(toy_files, tmp_path, monkeypatch):
 
     logged = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["i2t"]
     assert logged == pytest.approx(i2t((0.001 + 0.009 * t / 1000).reshape(-1, 1)), rel=1e-5)
+    assert float(t[0]) == 100.0
     assert logged != pytest.approx(i2t(2.0), rel=1e-2)  # the config's constant tau gives another loss
 
 
@@ -351,3 +354,26 @@ def test_resume_uses_the_saved_config_and_refuses_a_different_one(toy_files, tmp
     assert main(["train", "--resume"]) == 2
     assert "needs the run's folder" in capsys.readouterr().err
     assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+def test_run_training_claims_the_run_folder_before_anything_loads(toy_files, tmp_path, monkeypatch):
+    """The library, not the CLI, refuses another run's folder (and --resume with --overwrite) at once."""
+    import softrepa.train as T
+    from softrepa.config import load_config, parse_overrides
+    from softrepa.errors import RunFolderError
+
+    def never(*a, **k):
+        raise AssertionError("data or model loaded before the run folder was claimed")
+
+    monkeypatch.setattr(T, "build_dataset", never)
+    monkeypatch.setattr(T, "load_pipeline", never)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("model: other\ntokens: {}\nloss: {}\n")
+    cfg = load_config(None, parse_overrides(_args(toy_files, run, 1)[1:]))
+    with pytest.raises(RunFolderError, match="holds another run"):
+        T.run_training(cfg)
+    with pytest.raises(ConfigError, match="give one of them"):
+        T.run_training(cfg, resume=True, overwrite=True)
+    assert [p.name for p in run.iterdir() if not p.name.startswith(".softrepa")] == ["config.yaml"]  # the lock stays
+    assert (run / "config.yaml").read_text() == "model: other\ntokens: {}\nloss: {}\n"

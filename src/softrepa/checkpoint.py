@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from .config import save_config
-from .errors import RunFolderError, StorageError
+from .errors import RunFolderError, SoftTokensError, StorageError
 from .runfolder import atomic_write_bytes, write_error_message
 from .artifact import load_soft_tokens, save_soft_tokens
 from .tokens import SoftTokens
@@ -214,7 +214,7 @@ def load_checkpoint(path: str | os.PathLike, tokens: SoftTokens, optimizer: torc
 
     Raises:
         FileNotFoundError: not a checkpoint folder; RunFolderError: a damaged file (named);
-        ValueError: tokens of another layout.
+        SoftTokensError: tokens of another layout.
     """
     path = Path(path)
     if not (path / "state.pt").is_file():
@@ -239,7 +239,7 @@ def load_checkpoint(path: str | os.PathLike, tokens: SoftTokens, optimizer: torc
         raise RunFolderError(f"{path / 'tokens.safetensors'} is damaged ({type(e).__name__}: "
                              f"{str(e).splitlines()[0][:200] if str(e) else ''})") from e
     if loaded.layout != tokens.layout:
-        raise ValueError(f"{path}: checkpoint tokens layout {loaded.layout} differs from the run's {tokens.layout}")
+        raise SoftTokensError(f"{path}: checkpoint tokens layout {loaded.layout} differs from the run's {tokens.layout}")
     with torch.no_grad():
         tokens.base.copy_(loaded.base)
         if tokens.time is not None:

@@ -20,6 +20,7 @@ import yaml
 from .errors import ConfigError
 from .loss import binned_tau, linear_tau
 from .negatives import NegativesConfig
+from .objectives import get_objective
 from .tokens import SoftTokensConfig
 
 
@@ -44,7 +45,7 @@ class LossConfig:
         calibration_batches: batches drawn from the training data to calibrate tau_table.
         scale, form, symmetric, denoise_weight, contrastive_weight: see
             `softrepa.loss.softrepa_loss` (contrastive_weight 0 with denoise_weight 1: the
-            positive-only control).
+            positive-only control, also spelled `objective: positive_only`).
     """
 
     tau: float = 0.07
@@ -180,6 +181,9 @@ class TrainConfig:
     Args (main ones):
         model: hub id or local diffusers folder.
         data: dataset path or spec (see `softrepa.data.build_dataset`).
+        objective: the training objective, a name from `softrepa.objectives.objective_names()`:
+            "softrepa" (the paper's contrastive loss, default) or "positive_only" (the control:
+            the denoising term alone). Its settings are the `loss:` section.
         output_dir: run folder (checkpoints, logs, grids).
         batch_size: images per process per step; each step evaluates batch_size x (all prompts) pairs.
         pair_chunk: pairs per forward pass (None: all at once); exact gradients either way.
@@ -202,6 +206,7 @@ class TrainConfig:
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     tokens: SoftTokensConfig = field(default_factory=SoftTokensConfig)
+    objective: str = "softrepa"
     loss: LossConfig = field(default_factory=LossConfig)
     negatives: NegativesConfig = field(default_factory=NegativesConfig)
     t_min: int = 0
@@ -241,6 +246,7 @@ class TrainConfig:
             (self.log_every >= 1, f"log_every must be >= 1 (steps between log rows), got {self.log_every}"),
             (self.checkpoint_every >= 1, "checkpoint_every must be >= 1"),
             (self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1"),
+            (-(1 << 63) <= self.seed < (1 << 63), f"seed must fit in 64 bits (signed), got {self.seed}"),
             (not self._unknown_trackers(),
              f"log_with: unknown tracker(s) {self._unknown_trackers()}; expected null or a comma-separated list of "
              f"accelerate's trackers: {', '.join(tracker_names())}"),
@@ -248,6 +254,7 @@ class TrainConfig:
         for ok, msg in checks:
             if not ok:
                 raise ConfigError(msg)
+        get_objective(self.objective).check_config(self)  # an unknown name lists the known ones
 
     def _unknown_trackers(self) -> list[str]:
         return [n for n in split_trackers(self.log_with) if n not in tracker_names()]

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -36,6 +35,7 @@ import torch
 
 from .loss import contrastive_logits, loss_grads, retrieval_accuracy, softrepa_loss
 from .pairs import PairBatch, error_matrix, negative_errors, pair_errors
+from .streams import Stream, generator, python_random
 
 
 def log_mean(a: float, b: float) -> float:
@@ -58,7 +58,7 @@ def draw_batches(dataset: Any, batch_size: int, n: int, seed: int) -> Iterator[d
 
     if len(dataset) < batch_size:
         raise ValueError(f"batch_size: the dataset holds {len(dataset)} items, fewer than one batch of {batch_size}")
-    g = torch.Generator().manual_seed(seed)
+    g = generator(seed, Stream.DIAGNOSE_ORDER)
     for _ in range(n):
         idx = torch.randperm(len(dataset), generator=g)[:batch_size].tolist()
         yield collate_pairs([dataset[i] for i in idx])
@@ -66,11 +66,15 @@ def draw_batches(dataset: Any, batch_size: int, n: int, seed: int) -> Iterator[d
 
 def prepare_batch(backbone: Any, batch: dict[str, Any], t: float, seed: int, resolution: int | None,
                   negatives: Any = None, per_image: int = 0) -> PairBatch:
-    """Encode a collated batch at one fixed timestep `t` with one shared noise draw."""
-    g = torch.Generator().manual_seed(seed)
+    """Encode a collated batch at one fixed timestep `t` with one shared noise draw.
+
+    `seed` names the batch; its noise, each image's posterior sample and its hard negatives come from
+    streams keyed by it (`softrepa.streams`), so no two of them, and no two batches, share draws.
+    """
+    g = generator(seed, Stream.DIAGNOSE_NOISE)
     with torch.no_grad():
         pixels = batch["pixels"].to(backbone.device)
-        latents = backbone.encode_images(pixels, [torch.Generator().manual_seed(seed + 1 + k)
+        latents = backbone.encode_images(pixels, [generator(seed, Stream.DIAGNOSE_POSTERIOR, k)
                                                   for k in range(pixels.shape[0])])
         cond = backbone.encode_prompts(batch["captions"], resolution=resolution)
     B = latents.shape[0]
@@ -78,7 +82,7 @@ def prepare_batch(backbone: Any, batch: dict[str, Any], t: float, seed: int, res
     tt = torch.full((B,), float(t), device=latents.device)
     pb = PairBatch(latents, cond, list(batch["captions"]), tt, noise)
     if negatives is not None and per_image > 0:
-        texts, rows, slots = negatives.for_batch(pb.captions, per_image, random.Random(seed))
+        texts, rows, slots = negatives.for_batch(pb.captions, per_image, python_random(seed, Stream.DIAGNOSE_NEGATIVES))
         if texts:
             with torch.no_grad():
                 pb.negatives = backbone.encode_prompts(texts, resolution=resolution)

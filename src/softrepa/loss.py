@@ -36,6 +36,10 @@ Definitions (all exact; `CE(z, k) = logsumexp(z) - z[k]` over the unmasked entri
 
 Why "exp": the exponential bounds each logit to (0, scale], which the paper found stable where
 the raw negative error was not; it also makes the softmax sensitive mostly to small errors.
+
+This is the math library of the objectives (`softrepa.objectives.softrepa` calls `softrepa_loss`).
+Errors: a bad setting (tau, form, reduction, weights) is a `ConfigError`; arrays of inconsistent
+shapes are the calling code's bug and stay a plain `ValueError`.
 """
 
 from __future__ import annotations
@@ -45,6 +49,8 @@ from typing import Callable, Sequence, Union
 
 import torch
 import torch.nn.functional as F
+
+from .errors import ConfigError
 
 TauLike = Union[float, Callable[[torch.Tensor], "torch.Tensor | float"]]
 FORMS = ("exp", "neg")
@@ -62,7 +68,7 @@ class constant_tau:  # noqa: N801 - used like a function: tau = constant_tau(0.0
 
     def __init__(self, value: float):
         if not value > 0:
-            raise ValueError(f"tau must be > 0, got {value}")
+            raise ConfigError(f"tau must be > 0, got {value}")
         self.value = float(value)
 
     def __call__(self, t: torch.Tensor | float | None) -> torch.Tensor | float:
@@ -88,12 +94,12 @@ class linear_tau:  # noqa: N801
 
     def __init__(self, tau_min: float, tau_max: float, t_max: float = T_MAX):
         if not (tau_min > 0 and tau_max > 0 and t_max > 0):
-            raise ValueError(f"need tau_min, tau_max, t_max > 0, got {tau_min}, {tau_max}, {t_max}")
+            raise ConfigError(f"need tau_min, tau_max, t_max > 0, got {tau_min}, {tau_max}, {t_max}")
         self.tau_min, self.tau_max, self.t_max = float(tau_min), float(tau_max), float(t_max)
 
     def __call__(self, t: torch.Tensor | float) -> torch.Tensor:
         if t is None:
-            raise ValueError("linear_tau needs the timestep t")
+            raise ConfigError("linear_tau needs the timestep t (a tau schedule over t needs the loss's t)")
         t = torch.as_tensor(t, dtype=torch.float64).clamp(0.0, self.t_max)
         return self.tau_min + (self.tau_max - self.tau_min) * t / self.t_max
 
@@ -120,7 +126,7 @@ class binned_tau:  # noqa: N801
     def __init__(self, table: Sequence[float], t_max: float = T_MAX):
         table = [float(v) for v in table]
         if not table or not all(v > 0 for v in table) or not t_max > 0:
-            raise ValueError(f"binned_tau needs a non-empty table of values > 0 and t_max > 0, got {table}, {t_max}")
+            raise ConfigError(f"binned_tau needs a non-empty table of values > 0 and t_max > 0, got {table}, {t_max}")
         self.table, self.t_max = table, float(t_max)
 
     def bin_of(self, t: torch.Tensor | float) -> torch.Tensor:
@@ -131,7 +137,7 @@ class binned_tau:  # noqa: N801
 
     def __call__(self, t: torch.Tensor | float) -> torch.Tensor:
         if t is None:
-            raise ValueError("binned_tau needs the timestep t")
+            raise ConfigError("binned_tau needs the timestep t (a tau schedule over t needs the loss's t)")
         k = self.bin_of(t)
         return torch.tensor(self.table, dtype=torch.float64, device=k.device)[k]
 
@@ -151,12 +157,12 @@ def _tau_column(E: torch.Tensor, t, tau: TauLike) -> torch.Tensor:
     elif value.ndim == 1 and value.shape[0] == E.shape[0]:
         out = value[:, None]  # (B, 1): image i uses the tau of its own timestep
     else:
-        raise ValueError(
+        raise ConfigError(
             f"tau(t) must be a scalar or one value per image (shape ({E.shape[0]},)), "
             f"got shape {tuple(value.shape)}"
         )
     if not bool((out > 0).all()):
-        raise ValueError(f"tau must be > 0, got {out}")
+        raise ConfigError(f"tau must be > 0, got {out}")
     return out
 
 
@@ -188,7 +194,7 @@ def contrastive_logits(
         (B, N) logits, same dtype/device as E.
     """
     if form not in FORMS:
-        raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+        raise ConfigError(f"form must be one of {FORMS}, got {form!r}")
     tau_v = _tau_column(E, t, tau)  # () or (B, 1)
     z = -E / tau_v  # (B, N)
     return scale * torch.exp(z) if form == "exp" else z
@@ -243,6 +249,14 @@ class LossOutput:
     logits: torch.Tensor
     accuracy: torch.Tensor
     hard_accuracy: torch.Tensor | None = None
+
+    def metrics(self) -> dict[str, float]:
+        """The numbers a training step logs: loss, i2t, accuracy, denoise (and hard_accuracy)."""
+        out = {"loss": float(self.loss), "i2t": float(self.i2t), "accuracy": float(self.accuracy),
+               "denoise": float(self.denoise)}
+        if self.hard_accuracy is not None:
+            out["hard_accuracy"] = float(self.hard_accuracy)
+        return out
 
     def detach(self) -> "LossOutput":
         """A copy whose tensors are detached from the graph (for logging)."""
@@ -346,11 +360,11 @@ def softrepa_loss(
     """
     B = _check_square(E)
     if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        raise ConfigError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     pair_mask = _combined_mask(B, captions, mask, E.device)  # (B, B) bool or None
 
     if contrastive_weight < 0:
-        raise ValueError(f"contrastive_weight must be >= 0, got {contrastive_weight}")
+        raise ConfigError(f"contrastive_weight must be >= 0, got {contrastive_weight}")
     logits = contrastive_logits(E, t, tau=tau, scale=scale, form=form)  # (B, B)
     if pair_mask is not None:
         # masked_fill (not arithmetic) so masked entries get an exactly zero gradient
@@ -435,7 +449,7 @@ def loss_grads(E: torch.Tensor, t: torch.Tensor | float | None = None, **kwargs
         (B, K) for the hard negatives or None).
     """
     if kwargs.get("reduction", "mean") == "none":
-        raise ValueError("loss_grad_wrt_E needs a scalar loss (reduction 'mean' or 'sum')")
+        raise ConfigError("loss_grads needs a scalar loss (reduction 'mean' or 'sum')")
     leaf = E.detach().clone().requires_grad_(True)  # (B, B) leaf, independent of E's graph
     neg = kwargs.pop("negatives", None)
     neg_leaf = None if neg is None else neg.detach().clone().requires_grad_(True)  # (B, K)

@@ -1,4 +1,4 @@
-"""Error matrices over image x caption pairs, and exact contrastive gradients in bounded memory.
+"""Error matrices and predictions over image x caption pairs, and exact objective gradients in bounded memory.
 
 For B images and P prompts (P = B on one process; P = R*B when R ranks pool their prompts) the
 loss needs E[i, j] = mean || pred(x_t(i), t_i | y_j) - target_i ||^2 for all B*P pairs. Holding
@@ -13,17 +13,26 @@ all their graphs at once is what makes the authors' trainer need two GPUs for B 
   gradient is the exact gradient (tested against the plain way); memory is one chunk's graph.
   Across ranks each rank back-propagates its own rows of dL/dE of the *global* loss, so summing
   the token gradients over ranks gives exactly the single-process gradient on the union batch.
+
+What is evaluated and how it becomes a loss is the objective's (`softrepa.objectives`): its token
+sets and which set each pair uses (`Objective.pair_sets`), what it reads (`Objective.needs`: errors,
+predictions, predictions under a no-gradient copy) and its loss. `objective_backward` asks the
+objective and never branches on its name; `contrastive_backward` is the SoftREPA objective's
+shorthand. With predictions the two passes work the same way, with dL/d(prediction) beside dL/dE.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Callable, Sequence
 
 import torch
 
 from .backbone import Backbone, TextCond
-from .loss import LossOutput, loss_grads, softrepa_loss
+from .errors import ConfigError
+from .loss import LossOutput
+from .objectives import Objective, ObjectiveOutput, PairTerms, SoftREPA
 
 
 @dataclass
@@ -58,9 +67,9 @@ class PairBatch:
     num_negatives: int = 0
 
 
-def pair_errors(backbone: Backbone, batch: PairBatch, rows: torch.Tensor, cols: torch.Tensor,
-                cond: TextCond | None = None) -> torch.Tensor:
-    """Errors of the pairs (rows[k], cols[k]): (K,) float32.
+def pair_predictions(backbone: Backbone, batch: PairBatch, rows: torch.Tensor, cols: torch.Tensor,
+                     cond: TextCond | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Predictions and regression targets of the pairs (rows[k], cols[k]): (K, C, h, w) float32 each.
 
     Args:
         backbone: family interface (its denoiser may carry soft tokens).
@@ -75,7 +84,21 @@ def pair_errors(backbone: Backbone, batch: PairBatch, rows: torch.Tensor, cols: 
     x_t = backbone.add_noise(x0, noise, t)
     target = backbone.target(x0, noise, t)  # (K, C, h, w) float32
     pred = backbone.denoise(x_t, t, cond.index(cols))
-    return (pred.float() - target).pow(2).mean(dim=(1, 2, 3))  # (K,)
+    return pred.float(), target
+
+
+def pair_errors(backbone: Backbone, batch: PairBatch, rows: torch.Tensor, cols: torch.Tensor,
+                cond: TextCond | None = None) -> torch.Tensor:
+    """Errors of the pairs (rows[k], cols[k]): (K,) float32, mean || pred - target ||^2 per pair.
+
+    Args: as for `pair_predictions`.
+    """
+    pred, target = pair_predictions(backbone, batch, rows, cols, cond)
+    return _squared_error(pred, target)
+
+
+def _squared_error(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return (pred - target).pow(2).mean(dim=(1, 2, 3))  # (K,)
 
 
 def _pair_chunks(n_rows: int, n_cols: int, chunk: int, device: torch.device):
@@ -91,10 +114,14 @@ def error_matrix(backbone: Backbone, batch: PairBatch, chunk: int | None = None)
 
     Runs under the caller's grad mode: wrap in `torch.no_grad()` for the first pass.
     """
+    return _error_matrix(batch, chunk, lambda r, c: pair_errors(backbone, batch, r, c))
+
+
+def _error_matrix(batch: PairBatch, chunk: int | None, errors_of: Callable) -> torch.Tensor:
     B, P = batch.latents.shape[0], len(batch.cond)
     chunk = chunk or B * P
     dev = batch.latents.device
-    parts = [pair_errors(backbone, batch, r, c) for r, c in _pair_chunks(B, P, chunk, dev)]
+    parts = [errors_of(r, c) for r, c in _pair_chunks(B, P, chunk, dev)]
     return torch.cat(parts).view(B, P)  # (B, P)
 
 
@@ -105,6 +132,10 @@ def negative_errors(backbone: Backbone, batch: PairBatch, chunk: int | None = No
     Padding slots (an image with fewer than K negatives) hold 0 and are False in the mask.
     Runs under the caller's grad mode.
     """
+    return _negative_errors(batch, chunk, lambda r, c: pair_errors(backbone, batch, r, c, cond=batch.negatives))
+
+
+def _negative_errors(batch: PairBatch, chunk: int | None, errors_of: Callable) -> tuple[torch.Tensor, torch.Tensor]:
     B, K = batch.latents.shape[0], batch.num_negatives
     dev = batch.latents.device
     H = torch.zeros(B, K, device=dev, dtype=torch.float32)
@@ -114,8 +145,7 @@ def negative_errors(backbone: Backbone, batch: PairBatch, chunk: int | None = No
     rows, slots = batch.negative_rows.to(dev), batch.negative_slots.to(dev)  # (N,), (N,)
     n = len(batch.negatives)
     chunk = chunk or n
-    parts = [pair_errors(backbone, batch, rows[k:k + chunk], torch.arange(k, min(k + chunk, n), device=dev),
-                         cond=batch.negatives) for k in range(0, n, chunk)]
+    parts = [errors_of(rows[k:k + chunk], torch.arange(k, min(k + chunk, n), device=dev)) for k in range(0, n, chunk)]
     errs = torch.cat(parts)  # (N,)
     valid[rows, slots] = True
     H = H.index_put((rows, slots), errs)  # out of place: keeps the graph to errs
@@ -133,6 +163,202 @@ def _all_gather_rows(E_local: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
+#: `use_set(name, reference)`: a context in which the denoiser evaluates pairs with token set `name`
+#: (reference=True: that set's no-gradient copy, e.g. its EMA); the trainer supplies it.
+UseSet = Callable[[str, bool], AbstractContextManager]
+
+
+def _single_set(name: str, reference: bool = False) -> AbstractContextManager:
+    return nullcontext()  # one set, attached as it is; its "copy" is itself evaluated without grad
+
+
+class _Pairs:
+    """Evaluates lists of pairs for one objective: each pair under the token set the objective
+    assigns it, returning what the objective's `needs` asks for. Runs under the caller's grad mode."""
+
+    def __init__(self, backbone: Backbone, batch: PairBatch, objective: Objective, use_set: UseSet | None):
+        if use_set is None:
+            if len(objective.token_sets) > 1:
+                raise ValueError(f"{objective!r} trains the token sets {objective.token_sets}: "
+                                 "pass use_set to say how each is put on the denoiser")
+            use_set = _single_set
+        self.backbone, self.batch, self.objective, self.use_set = backbone, batch, objective, use_set
+        self.needs = objective.needs
+
+    def __call__(self, rows: torch.Tensor, cols: torch.Tensor, *, hard: bool = False,
+                 reference: bool = False) -> dict[str, torch.Tensor]:
+        """{"errors": (K,)} of the pairs (rows[k], cols[k]); with `needs.predictions` also
+        "predictions" (K, C, h, w); with `reference` also "reference" (K, C, h, w), without grad.
+        `hard`: cols index the hard negatives (errors only)."""
+        batch = self.batch
+        own = torch.zeros_like(rows, dtype=torch.bool) if hard else cols == rows + batch.offset
+        sets = self.objective.pair_sets(own)
+        names = self.objective.token_sets
+        if sets is None:  # every pair under the first set: one evaluation of the whole list
+            return self._group(names[0], rows, cols, hard, reference)
+        out: dict[str, torch.Tensor] = {}
+        for s, name in enumerate(names):
+            idx = (sets == s).nonzero().flatten()  # (k,) pairs of this set
+            if idx.numel() == 0:
+                continue
+            for key, value in self._group(name, rows[idx], cols[idx], hard, reference).items():
+                if key not in out:
+                    out[key] = value.new_zeros((rows.shape[0],) + value.shape[1:])
+                out[key] = out[key].index_put((idx,), value)  # out of place: keeps each set's graph
+        return out
+
+    def _group(self, name: str, rows: torch.Tensor, cols: torch.Tensor, hard: bool,
+               reference: bool) -> dict[str, torch.Tensor]:
+        bb, batch = self.backbone, self.batch
+        cond = batch.negatives if hard else batch.cond
+        out = {}
+        with self.use_set(name, False):
+            if self.needs.predictions and not hard:
+                pred, target = pair_predictions(bb, batch, rows, cols, cond)
+                out["predictions"], out["errors"] = pred, _squared_error(pred, target)
+            else:
+                out["errors"] = pair_errors(bb, batch, rows, cols, cond=cond)
+        if reference and not hard:
+            with torch.no_grad(), self.use_set(name, True):
+                out["reference"] = pair_predictions(bb, batch, rows, cols, cond)[0]
+        return out
+
+    def terms(self, chunk: int | None, t: torch.Tensor) -> PairTerms:
+        """Every pair of the batch (in chunks of `chunk` pairs; None: at once) as `PairTerms`."""
+        batch, needs = self.batch, self.needs
+        B, P = batch.latents.shape[0], len(batch.cond)
+        terms = PairTerms(t=t, captions=list(batch.captions), offset=batch.offset)
+        if not (needs.predictions or needs.reference):
+            terms.errors = _error_matrix(batch, chunk, lambda r, c: self(r, c)["errors"])  # (B, P)
+        else:
+            parts = [self(r, c, reference=needs.reference)
+                     for r, c in _pair_chunks(B, P, chunk or B * P, batch.latents.device)]
+            full = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+            terms.errors = full["errors"].view(B, P)  # (B, P)
+            if needs.predictions:
+                terms.predictions = full["predictions"].view(B, P, *full["predictions"].shape[1:])  # (B, P, C, h, w)
+                x0 = batch.latents
+                noise = batch.noise if batch.noise.shape[0] > 1 else batch.noise.expand_as(x0)
+                terms.targets = self.backbone.target(x0, noise, batch.t.to(x0.device))  # (B, C, h, w)
+            if needs.reference:
+                terms.reference = full["reference"].view(B, P, *full["reference"].shape[1:])
+        if batch.num_negatives > 0 and needs.errors:
+            terms.negatives, terms.negatives_valid = _negative_errors(
+                batch, chunk, lambda r, c: self(r, c, hard=True)["errors"])  # (B, K), (B, K)
+        if not needs.errors:
+            terms.errors = None
+        return terms
+
+
+def objective_grads(objective: Objective, terms: PairTerms) -> tuple[ObjectiveOutput, dict[str, torch.Tensor]]:
+    """The objective's loss and its gradient with respect to the differentiable terms.
+
+    The terms (errors E, hard-negative errors H, predictions) are detached into leaf copies, so
+    the gradient stops there: with them the chunked second pass back-propagates each chunk's
+    share (`E_chunk.backward(dL/dE[chunk])`) and the sum is the exact token gradient.
+
+    Returns:
+        (the detached output, {field name: dL/d(field)}, zeros where the loss does not use it).
+    """
+    leaf_terms, leaves = terms.with_leaves()
+    with torch.enable_grad():
+        out = objective.loss(leaf_terms)
+        if not out.loss.requires_grad:  # e.g. positive-only with denoise_weight 0: nothing to train
+            grads = [torch.zeros_like(x) for x in leaves.values()]
+        else:
+            grads = list(torch.autograd.grad(out.loss, list(leaves.values()), allow_unused=True))
+            grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, leaves.values())]
+    return out.detach(), dict(zip(leaves, grads))
+
+
+def objective_backward(
+    backbone: Backbone,
+    batch: PairBatch,
+    objective: Objective,
+    *,
+    pair_chunk: int | None = None,
+    grad_multiplier: float = 1.0,
+    distributed: bool = False,
+    backward: Callable[[torch.Tensor], None] | None = None,
+    use_set: UseSet | None = None,
+) -> ObjectiveOutput:
+    """Compute an objective's loss on a batch and accumulate its exact gradient into the tokens.
+
+    Args:
+        backbone: family interface with tokens attached to its denoiser.
+        batch: this process's images and every process's prompts.
+        objective: what to evaluate and the loss (`softrepa.objectives`).
+        pair_chunk: pairs per forward pass; None evaluates all pairs in one pass (plain path,
+            single process only).
+        grad_multiplier: multiplies the gradient (fp16 GradScaler's scale).
+        distributed: pool error rows across torch.distributed ranks (prompts must already be
+            gathered in `batch.cond`); error-based objectives only.
+        backward: plain path only: called with the loss instead of `loss.backward()`
+            (e.g. `accelerator.backward`).
+        use_set: how each of the objective's token sets is put on the denoiser (`UseSet`); None
+            for a one-set objective, whose set is attached.
+    Returns:
+        The (detached) output of the objective on the global batch.
+    """
+    pairs = _Pairs(backbone, batch, objective, use_set)
+    needs = objective.needs
+    B, P = batch.latents.shape[0], len(batch.cond)
+    t_loss = batch.t_all if batch.t_all is not None else batch.t
+    n_neg = 0 if batch.negatives is None else len(batch.negatives)
+    if distributed and (needs.predictions or needs.reference):
+        raise ConfigError(f"objective {objective.name!r} reads predictions; training it on several processes is "
+                          "not supported yet (train it on one process)")
+    if not distributed and (pair_chunk is None or pair_chunk >= B * P + n_neg):  # one chunk: one pass
+        if P != B:
+            raise ValueError(f"{B} images but {P} prompts on a single process")
+        out = objective.loss(pairs.terms(None, t_loss))  # every pair with its graph
+        if out.loss.requires_grad:  # positive-only with denoise_weight 0 has nothing to train
+            loss = out.loss * grad_multiplier if grad_multiplier != 1.0 else out.loss
+            (backward or torch.Tensor.backward)(loss)
+        return out.detach()
+
+    chunk = pair_chunk or B * P + n_neg
+    with torch.no_grad():
+        terms = pairs.terms(chunk, t_loss)  # pass 1: every pair, no graph
+    if distributed:
+        terms.errors = _all_gather_rows(terms.errors)  # (P, P)
+        if terms.negatives is not None:
+            terms.negatives = _all_gather_rows(terms.negatives)  # (P, K)
+            terms.negatives_valid = _all_gather_rows(terms.negatives_valid.float()) > 0.5
+    if terms.errors is not None and terms.errors.shape[0] != P:
+        raise ValueError(f"gathered {terms.errors.shape[0]} image rows for {P} prompts; ranks must hold equal batches")
+    out, grads = objective_grads(objective, terms)
+    rows_of = slice(batch.offset, batch.offset + B)  # this process's rows of the global gradient
+    dE = grads["errors"][rows_of] * grad_multiplier if "errors" in grads else None  # (B, P)
+    dP = grads["predictions"] * grad_multiplier if "predictions" in grads else None  # (B, P, C, h, w)
+    for rows, cols in _pair_chunks(B, P, chunk, batch.latents.device):  # pass 2
+        outputs, grad_outputs = [], []
+        if dE is not None and torch.any(dE[rows, cols] != 0):
+            outputs.append("errors")
+            grad_outputs.append(dE[rows, cols].to(torch.float32))
+        if dP is not None and torch.any(dP[rows, cols] != 0):
+            outputs.append("predictions")
+            grad_outputs.append(dP[rows, cols].to(torch.float32))
+        if not outputs:
+            continue  # masked / zero-gradient pairs need no recomputation
+        part = pairs(rows, cols)
+        if len(outputs) == 1:
+            part[outputs[0]].backward(grad_outputs[0])
+        else:
+            torch.autograd.backward([part[k] for k in outputs], grad_outputs)
+    if terms.negatives is not None and n_neg:
+        dev = batch.latents.device
+        dH = grads["negatives"][rows_of] * grad_multiplier  # (B, K)
+        rows_all, slots_all = batch.negative_rows.to(dev), batch.negative_slots.to(dev)
+        for k in range(0, n_neg, chunk):
+            idx = torch.arange(k, min(k + chunk, n_neg), device=dev)
+            g = dH[rows_all[idx], slots_all[idx]]
+            if not torch.any(g != 0):
+                continue
+            pairs(rows_all[idx], idx, hard=True)["errors"].backward(g.to(torch.float32))
+    return out
+
+
 def contrastive_backward(
     backbone: Backbone,
     batch: PairBatch,
@@ -143,70 +369,10 @@ def contrastive_backward(
     distributed: bool = False,
     backward: Callable[[torch.Tensor], None] | None = None,
 ) -> LossOutput:
-    """Compute the SoftREPA loss of a batch and accumulate its exact gradient into the tokens.
-
-    Args:
-        backbone: family interface with tokens attached to its denoiser.
-        batch: this process's images and every process's prompts.
-        pair_chunk: pairs per forward pass; None evaluates all pairs in one pass (plain path,
-            single process only).
-        loss_kwargs: keyword arguments of `softrepa_loss` (tau, scale, form, symmetric,
-            denoise_weight).
-        grad_multiplier: multiplies the gradient (fp16 GradScaler's scale).
-        distributed: pool error rows across torch.distributed ranks (prompts must already be
-            gathered in `batch.cond`).
-        backward: plain path only: called with the loss instead of `loss.backward()`
-            (e.g. `accelerator.backward`).
-    Returns:
-        The (detached) `LossOutput` of the global batch.
-    """
-    kw = dict(loss_kwargs or {})
-    B, P = batch.latents.shape[0], len(batch.cond)
-    t_loss = batch.t_all if batch.t_all is not None else batch.t
-    hard = batch.num_negatives > 0
-    n_neg = 0 if batch.negatives is None else len(batch.negatives)
-    if not distributed and (pair_chunk is None or pair_chunk >= B * P + n_neg):  # one chunk: one pass
-        if P != B:
-            raise ValueError(f"{B} images but {P} prompts on a single process")
-        E = error_matrix(backbone, batch)  # (B, B) with graph
-        if hard:
-            H, valid = negative_errors(backbone, batch)  # (B, K) with graph
-            kw.update(negatives=H, negatives_valid=valid)
-        out = softrepa_loss(E, t_loss, captions=list(batch.captions), **kw)
-        if out.loss.requires_grad:  # positive-only with denoise_weight 0 has nothing to train
-            loss = out.loss * grad_multiplier if grad_multiplier != 1.0 else out.loss
-            (backward or torch.Tensor.backward)(loss)
-        return out.detach()
-
-    chunk = pair_chunk or B * P + n_neg
-    with torch.no_grad():
-        E_local = error_matrix(backbone, batch, chunk)  # (B, P), pass 1
-        H_local, valid_local = negative_errors(backbone, batch, chunk) if hard else (None, None)  # (B, K)
-    E_full = _all_gather_rows(E_local) if distributed else E_local  # (P, P)
-    if E_full.shape[0] != P:
-        raise ValueError(f"gathered {E_full.shape[0]} image rows for {P} prompts; ranks must hold equal batches")
-    if hard:
-        H_full = _all_gather_rows(H_local) if distributed else H_local  # (P, K)
-        valid_full = (_all_gather_rows(valid_local.float()) > 0.5) if distributed else valid_local
-        kw.update(negatives=H_full, negatives_valid=valid_full)
-    out, dLdE, dLdH = loss_grads(E_full, t_loss, captions=list(batch.captions), **kw)
-    dLdE_local = dLdE[batch.offset:batch.offset + B] * grad_multiplier  # (B, P)
-    for rows, cols in _pair_chunks(B, P, chunk, batch.latents.device):  # pass 2
-        g = dLdE_local[rows, cols]
-        if not torch.any(g != 0):
-            continue  # masked / zero-gradient pairs need no recomputation
-        pair_errors(backbone, batch, rows, cols).backward(g.to(torch.float32))
-    if hard and n_neg:
-        dev = batch.latents.device
-        dLdH_local = dLdH[batch.offset:batch.offset + B] * grad_multiplier  # (B, K)
-        rows_all, slots_all = batch.negative_rows.to(dev), batch.negative_slots.to(dev)
-        for k in range(0, n_neg, chunk):
-            idx = torch.arange(k, min(k + chunk, n_neg), device=dev)
-            g = dLdH_local[rows_all[idx], slots_all[idx]]
-            if not torch.any(g != 0):
-                continue
-            pair_errors(backbone, batch, rows_all[idx], idx, cond=batch.negatives).backward(g.to(torch.float32))
-    return out
+    """`objective_backward` with the SoftREPA objective of `loss_kwargs` (`softrepa_loss` keywords:
+    tau, scale, form, symmetric, denoise_weight, contrastive_weight); returns its `LossOutput`."""
+    return objective_backward(backbone, batch, SoftREPA(**(loss_kwargs or {})), pair_chunk=pair_chunk,
+                              grad_multiplier=grad_multiplier, distributed=distributed, backward=backward)
 
 
 def all_reduce_grads(params: Sequence[torch.nn.Parameter]) -> None:

@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 import yaml
 
-from .config import PATH_FIELDS, ConfigError, TrainConfig, absolute_path, config_dict, config_diff, load_config
+from .config import PATH_FIELDS, ConfigError, TrainConfig, _merge, absolute_path, config_dict, config_diff, load_config
 from .errors import RunFolderError
 from .runfolder import atomic_write_bytes
 
@@ -120,6 +120,8 @@ def check_resumable(cfg: TrainConfig, saved: str | os.PathLike) -> None:
         ConfigError: naming the differing fields (up to six) and what may change.
     """
     old = yaml.safe_load(Path(saved).read_text(encoding="utf-8")) or {}
+    # a field the saved config lacks (written before the field existed) had its default
+    old = _merge(config_dict(TrainConfig()), old) if isinstance(old, dict) else {}
     table = (old.get("loss") or {}).get("tau_table")
     if cfg.loss.tau_schedule == "calibrated" and cfg.loss.tau_table is None and table:
         cfg.loss.tau_table = [float(v) for v in table]

@@ -23,7 +23,7 @@ from typing import Any, Iterable
 
 from PIL import Image, UnidentifiedImageError
 
-from .errors import StorageError
+from .errors import DatasetError, RunFolderError, StorageError
 from .hooks import attached_handle
 
 log = logging.getLogger(__name__)
@@ -119,7 +119,7 @@ def finished_rows(out_dir: Path, settings: dict[str, Any], keys: Iterable[str]) 
     that redoing them does not duplicate rows.
 
     Raises:
-        ValueError: the folder holds results made with other settings (the key is named).
+        RunFolderError: the folder holds results made with other settings (the key is named).
     """
     meta = Path(out_dir) / METADATA
     rows = read_rows(meta)
@@ -127,7 +127,7 @@ def finished_rows(out_dir: Path, settings: dict[str, Any], keys: Iterable[str]) 
     for row in rows:
         for k in keys:
             if k in settings and row.get(k) != settings[k]:
-                raise ValueError(f"{out_dir}: holds results made with {k}={row.get(k)!r}, this run uses "
+                raise RunFolderError(f"{out_dir}: holds results made with {k}={row.get(k)!r}, this run uses "
                                  f"{k}={settings[k]!r}; choose another output folder or the same settings")
         if (Path(out_dir) / row["file"]).is_file():
             keep[row["file"]] = row
@@ -164,7 +164,7 @@ def open_image(path: str | os.PathLike) -> Image.Image:
     Args:
         path: image file.
     Raises:
-        FileNotFoundError: no such file; ValueError: a file PIL cannot read as an image (named).
+        FileNotFoundError: no such file; DatasetError (a ValueError): a file PIL cannot read as an image (named).
     """
     path = Path(path).expanduser()
     if not path.is_file():
@@ -177,7 +177,7 @@ def open_image(path: str | os.PathLike) -> Image.Image:
                 return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
             return im.convert("RGB")
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise ValueError(f"{path}: not a readable image file ({type(e).__name__}: {e})") from e
+        raise DatasetError(f"{path}: not a readable image file ({type(e).__name__}: {e})") from e
 
 
 __all__ = ["METADATA", "append_row", "atomic_write_bytes", "write_error_message", "file_sha256", "finished_rows", "open_image", "png_bytes",

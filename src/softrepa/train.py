@@ -1,10 +1,16 @@
-"""The SoftREPA training loop: one loop for every backbone, single process or many (accelerate).
+"""The SoftREPA training loop: one loop for every backbone and objective, single process or many (accelerate).
 
 Each step: encode B images and their captions with the frozen encoders, draw one t and one noise
 for the batch (defaults, as the paper), pool every rank's prompts, evaluate all image x prompt
-pairs with the tokens attached, and take an AdamW step on the tokens only. Every random draw of
-step k comes from generators seeded by (seed, k), and the data order from (seed, epoch), so a
-resumed run continues exactly as an uninterrupted one.
+pairs with the tokens attached, and take an AdamW step on the tokens only. What is evaluated and
+the loss are the objective's (`objective:` in the config, `softrepa.objectives`); the loop asks it
+and never branches on its name. Every random draw of step k comes from its own keyed stream
+(`softrepa.streams`: (seed, stream, k[, image index | rank])), and the data order from
+(seed, epoch), so a resumed run continues exactly as an uninterrupted one.
+
+`run_training(cfg, resume=..., overwrite=...)` is what `softrepa train` calls: it claims the run
+folder (refusing another run's folder or one in use in a second, before anything loads), checks
+the data and model paths, then trains.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from typing import Any, Iterator
 
 import torch
 
-from .errors import RunFolderError, TrainingDiverged
+from .errors import ConfigError, RunFolderError, TrainingDiverged
 from .backbone import Backbone, backbone_for
 from .pipeline import load_pipeline
 from .compilation import CompileConfig, compile_blocks
@@ -36,7 +42,9 @@ from .resume import (check_resumable, claim_run_folder, drop_abandoned, newest_i
 from .runlock import RunLock
 from .artifact import model_name, provenance_metadata, save_soft_tokens
 from .negatives import CaptionNegatives
-from .pairs import PairBatch, all_reduce_grads, contrastive_backward, gather_prompts
+from .objectives import Objective, get_objective
+from .pairs import PairBatch, all_reduce_grads, gather_prompts, objective_backward
+from .streams import STREAMS_VERSION, Stream, generator, python_random
 from .tokens import SoftTokens
 from .validation import check_trackers, load_validation_metrics, log_images, score_arms
 
@@ -56,8 +64,7 @@ class StepBatches(torch.utils.data.Sampler):
         self.seed, self.start, self.stop = seed, start_step, max_steps
 
     def _perm(self, epoch: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(self.n, generator=g)
+        return torch.randperm(self.n, generator=generator(self.seed, Stream.EPOCH_ORDER, epoch))
 
     def __iter__(self) -> Iterator[list[int]]:
         glob = self.per_rank * self.world
@@ -86,10 +93,6 @@ class EpochView(torch.utils.data.Dataset):
         epoch, i = divmod(int(k), len(self.dataset))
         self.dataset.set_epoch(epoch)
         return self.dataset[i]
-
-
-def _step_generator(seed: int, step: int, stream: int) -> torch.Generator:
-    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 16 + stream)
 
 
 class Trainer:
@@ -161,7 +164,7 @@ class Trainer:
             wdtype = DTYPES[cfg.weights_dtype]
         if pipe is None:
             if not cfg.model:
-                raise ValueError("model: give a hub id or a local diffusers folder (--model ...)")
+                raise ConfigError("model: give a hub id or a local diffusers folder (--model ...)")
             pipe = load_pipeline(cfg.model, wdtype, self.device)
         self.pipe = pipe.to(self.device)
         self.pipe.set_progress_bar_config(disable=True)
@@ -170,6 +173,10 @@ class Trainer:
         self.backbone.denoiser.eval()
         if cfg.gradient_checkpointing:
             self.backbone.denoiser.enable_gradient_checkpointing()
+        self.objective_class = get_objective(cfg.objective)
+        if len(self.objective_class.token_sets) != 1:
+            raise ConfigError(f"objective {cfg.objective!r} trains the token sets {self.objective_class.token_sets}; "
+                              "this trainer trains one set of tokens")
         self.tokens = SoftTokens.for_model(pipe, cfg.tokens, seed=cfg.seed).to(self.device)
         self.handle = attach(pipe, self.tokens)
         # regional compilation after attach or before makes no difference: the hooks stay eager
@@ -190,7 +197,15 @@ class Trainer:
         self.negatives = (CaptionNegatives.from_config(cfg.negatives, keep=keep_negative)
                           if cfg.negatives.per_image else None)
         # a calibrated tau without its table is estimated at the start of `train`
-        self.loss_kwargs = loss_kwargs(cfg.loss) if _tau_ready(cfg.loss) else None
+        self.loss_kwargs: dict[str, Any] | None = None
+        self.objective: Objective | None = None
+        if _tau_ready(cfg.loss):
+            self._set_loss()
+
+    def _set_loss(self) -> None:
+        """The objective of the run, from `cfg.loss` (a calibrated tau with its table)."""
+        self.loss_kwargs = loss_kwargs(self.cfg.loss)
+        self.objective = self.objective_class.from_config(self.cfg, self.loss_kwargs)
 
     # ------------------------------------------------------------------ pieces of a step
     def _autocast(self):
@@ -202,7 +217,7 @@ class Trainer:
         pixels = batch["pixels"].to(self.device)
         if self.cache is None:
             # one generator per item, keyed by its stream position: same latent on any rank layout
-            gens = [_step_generator(self.cfg.seed, step, 1000 + int(i)) for i in batch["indices"]]
+            gens = [generator(self.cfg.seed, Stream.POSTERIOR, step, int(i)) for i in batch["indices"]]
             return self.backbone.encode_images(pixels, gens)
         out = []
         for k, key in enumerate(batch["keys"]):
@@ -220,19 +235,19 @@ class Trainer:
         with torch.no_grad(), self._autocast():
             latents = self._latents(batch, step)
             cond = bb.encode_prompts(batch["captions"], resolution=cfg.resolution)
-        shared = _step_generator(cfg.seed, step, 0)  # identical on every rank
-        local = _step_generator(cfg.seed, step, 1 + self.rank)
-        t = bb.sample_timesteps(B, shared if cfg.shared_timestep else local, shared=cfg.shared_timestep,
+
+        def draw(stream: Stream, shared: bool) -> torch.Generator:  # shared: the same on every rank
+            return generator(cfg.seed, stream, step) if shared else generator(cfg.seed, stream, step, self.rank)
+
+        t = bb.sample_timesteps(B, draw(Stream.TIMESTEPS, cfg.shared_timestep), shared=cfg.shared_timestep,
                                 t_min=cfg.t_min, t_max=cfg.t_max)
         shape = (1 if cfg.shared_noise else B,) + tuple(latents.shape[1:])
-        noise = torch.randn(shape, generator=shared if cfg.shared_noise else local).to(self.device, latents.dtype)
+        noise = torch.randn(shape, generator=draw(Stream.NOISE, cfg.shared_noise)).to(self.device, latents.dtype)
         cond_all, caps_all, t_all, offset = gather_prompts(cond, batch["captions"], t.to(self.device))
         pb = PairBatch(latents, cond_all, caps_all, t.to(self.device), noise, offset, t_all)
         if self.negatives is not None:
-            import random
-
             K = cfg.negatives.per_image
-            rng = random.Random((cfg.seed * 1_000_003 + step) * 16 + 2 + self.rank)
+            rng = python_random(cfg.seed, Stream.NEGATIVES, step, self.rank)
             texts, rows, slots = self.negatives.for_batch(batch["captions"], K, rng)
             if texts:
                 with torch.no_grad(), self._autocast():
@@ -261,23 +276,22 @@ class Trainer:
             dist.broadcast_object_list(box, src=0)
             table = box[0]
         cfg.loss.tau_table = [float(v) for v in table]
-        self.loss_kwargs = loss_kwargs(cfg.loss)
+        self._set_loss()
         logger.info("calibrated tau per timestep bin: %s", [round(v, 4) for v in table])
         return table
 
     def train_step(self, batch: dict[str, Any]) -> dict[str, Any]:
         """One optimisation step on a collated batch; returns the logged metrics."""
         cfg = self.cfg
-        if self.loss_kwargs is None:
+        if self.objective is None:
             self.calibrate()
         t0 = time.perf_counter()
         pb = self._pair_batch(batch, self.step)
         distributed = self.world > 1
         self.optimizer.zero_grad(set_to_none=True)
         with self._autocast():
-            out = contrastive_backward(
-                self.backbone, pb, pair_chunk=cfg.pair_chunk, distributed=distributed,
-                loss_kwargs=self.loss_kwargs,
+            out = objective_backward(
+                self.backbone, pb, self.objective, pair_chunk=cfg.pair_chunk, distributed=distributed,
                 grad_multiplier=self._loss_scale())
         all_reduce_grads(list(self.tokens.parameters()))
         loss = float(out.loss)
@@ -299,12 +313,8 @@ class Trainer:
         dt = time.perf_counter() - t0
         n_neg = 0 if pb.negatives is None else len(pb.negatives)
         pairs = (pb.latents.shape[0] * len(pb.cond) + n_neg) * self.world
-        row = {"step": self.step, "loss": loss, "i2t": float(out.i2t), "accuracy": float(out.accuracy),
-               "denoise": float(out.denoise), "t": float(pb.t[0]), "lr": self.optimizer.param_groups[0]["lr"],
-               "pairs_per_s": pairs / dt, "step_s": dt}
-        if out.hard_accuracy is not None:
-            row["hard_accuracy"] = float(out.hard_accuracy)
-        return row
+        return {"step": self.step, **out.metrics(), "t": float(pb.t[0]), "lr": self.optimizer.param_groups[0]["lr"],
+                "pairs_per_s": pairs / dt, "step_s": dt}
 
     # ------------------------------------------------------------------ the loop
     def train(self, resume: bool | str | None = None, overwrite: bool = False) -> Path:
@@ -340,11 +350,11 @@ class Trainer:
             saved = saved_run_config(resume, self.out)
             if saved is not None:  # the resume policy: same training, only its length / logging may change
                 check_resumable(cfg, saved)
-        if self.loss_kwargs is None:
+        if self.objective is None:
             saved = saved_tau_table(self.out / "config.yaml") if resume else None
             if saved is not None:  # a resumed calibrated run keeps the table it started with
                 cfg.loss.tau_table = saved
-                self.loss_kwargs = loss_kwargs(cfg.loss)
+                self._set_loss()
             else:
                 self.calibrate()
         if main:
@@ -484,7 +494,12 @@ class Trainer:
 
     def _load(self, ckpt: Path) -> dict[str, Any]:
         """Restore one checkpoint into this run's tokens, optimizer, schedule and scaler."""
-        return load_checkpoint(ckpt, self.tokens, self.optimizer, self.scheduler, self.scaler)
+        state = load_checkpoint(ckpt, self.tokens, self.optimizer, self.scheduler, self.scaler)
+        if (state.get("extra") or {}).get("streams") != STREAMS_VERSION:
+            logger.warning("%s was written by a softrepa whose random streams overlapped (before softrepa.streams): "
+                           "the run continues with independent streams, so it will not equal an uninterrupted run "
+                           "of that version", ckpt)
+        return state
 
     def _loss_scale(self) -> float:
         """fp16: the GradScaler's current scale (scaling a unit tensor also initialises it)."""
@@ -505,7 +520,7 @@ class Trainer:
         path = None
         if self.is_main:
             path = save_checkpoint(self.out, self.step, self.tokens, self.optimizer, self.scheduler, self.cfg,
-                                   scaler=self.scaler,
+                                   extra={"streams": STREAMS_VERSION}, scaler=self.scaler,
                                    keep=self.cfg.keep_checkpoints)
         self._barrier()
         return path
@@ -551,6 +566,45 @@ class Trainer:
                 self.acc.log(scores, step=self.step)
             logger.info("validation at step %d: %s", self.step, {k: round(x, 4) for k, x in scores.items()})
         return path
+
+
+def run_training(cfg: TrainConfig, resume: bool | str | None = None, overwrite: bool = False,
+                 progress: bool = True, **trainer_kwargs: Any) -> Path:
+    """Train a run as `softrepa train` does; returns the final tokens file.
+
+    Before anything loads (rank 0; other ranks follow rank 0's decisions in `Trainer.train`): a
+    folder in use by another process is refused naming its holder, a folder holding another run is
+    refused unless `overwrite` (which deletes that run under the lock, not here) or a `resume` of
+    it, and the data and model paths are checked. Then `Trainer(cfg).train(resume, overwrite)`.
+
+    Args:
+        cfg: the resolved config (`softrepa.resume.resume_config` for a resumed run).
+        resume: None, True / "latest", or a checkpoint folder (see `Trainer.train`).
+        overwrite: delete another run's artefacts in `cfg.output_dir` first.
+        progress: show the progress bar.
+        **trainer_kwargs: passed to `Trainer` (pipe, dataset, keep_negative).
+    Raises:
+        ConfigError: resume and overwrite together; RunFolderError (RunFolderBusy): the folder
+        holds another run or is in use; FileNotFoundError: a missing data or model path.
+    """
+    from .data import check_data_spec
+    from .runlock import check_free
+
+    if resume and overwrite:
+        raise ConfigError("--resume continues the run in --out, --overwrite deletes it: give one of them")
+    # Rank 0 only (torchrun / accelerate set RANK): another rank could meet rank 0's own lock or the
+    # config.yaml rank 0 has just written, and take this run for another; rank 0 checks again under the lock.
+    if int(os.environ.get("RANK", "0")) == 0:
+        check_free(cfg.output_dir)  # another process training here: say so (pid, host) before anything else
+        if not overwrite:  # refuse in a second, before anything loads (overwrite deletes under the lock)
+            claim_run_folder(cfg.output_dir, resume)
+    if cfg.data and isinstance(cfg.data, str) and "dataset" not in trainer_kwargs:
+        check_data_spec(cfg.data, "--data")  # before the model loads
+    if cfg.model and "pipe" not in trainer_kwargs:
+        from .cli.common import check_model  # the model-path check lives with the CLI's (shared by every command)
+
+        check_model(cfg.model)
+    return Trainer(cfg, progress=progress, **trainer_kwargs).train(resume=resume, overwrite=overwrite)
 
 
 def _tau_ready(loss: LossConfig) -> bool:

@@ -1,21 +1,20 @@
 """`softrepa train --config recipes/<recipe>.yaml [--resume [CKPT]] [--key value ...]`.
 
 Everything is in the library: `softrepa.resume.resume_config` (the resume policy: a resumed run continues with
-its saved config; a given config must train the same thing) and `softrepa.train.Trainer`.
+its saved config; a given config must train the same thing) and `softrepa.train.run_training` (the run
+folder's claim, the early path checks, the training).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 
 import yaml
 
 from ..config import parse_overrides
-from ..runlock import check_free
-from ..resume import claim_run_folder, resume_config
-from ..train import Trainer
-from .common import add_progress_argument, check_data, check_model
+from ..resume import resume_config
+from ..train import run_training
+from .common import add_progress_argument
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -33,7 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_progress_argument(p)
     p.set_defaults(accepts_overrides=True, overrides=[])
     p.epilog = ("Any config field can be overridden as --key value, dotted for sections: --model DIR --data DIR "
-                "--max_steps 100 --loss.tau 0.05 --tokens.num_tokens 8")
+                "--max_steps 100 --loss.tau 0.05 --tokens.num_tokens 8 --objective positive_only")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -46,19 +45,7 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         return 0
-    if args.resume and args.overwrite:
-        raise ValueError("--resume continues the run in --out, --overwrite deletes it: give one of them")
-    # Rank 0 only (torchrun / accelerate set RANK): another rank could meet rank 0's own lock or the
-    # config.yaml rank 0 has just written, and take this run for another; rank 0 checks again under the lock.
-    if int(os.environ.get("RANK", "0")) == 0:
-        check_free(cfg.output_dir)  # another process training here: say so (pid, host) before anything else
-        if not args.overwrite:  # refuse in a second, before anything loads (--overwrite deletes under the lock)
-            claim_run_folder(cfg.output_dir, args.resume)
-    if cfg.data and isinstance(cfg.data, str):
-        check_data(cfg.data)  # before the model loads
-    if cfg.model:
-        check_model(cfg.model)
-    final = Trainer(cfg, progress=not args.no_progress).train(resume=args.resume, overwrite=args.overwrite)
+    final = run_training(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
     print(f"tokens: {final}")
     return 0
 

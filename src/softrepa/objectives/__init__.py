@@ -1,0 +1,16 @@
+"""Training objectives, one module each (see `softrepa.objectives.base` for what an objective is).
+
+    >>> from softrepa.objectives import get_objective, objective_names
+    >>> objective_names()
+    ('softrepa', 'positive_only')
+    >>> objective = get_objective("softrepa")(tau=0.07, scale=4.0)
+"""
+
+from .base import Needs, Objective, ObjectiveOutput, PairTerms, get_objective, objective_names, register_objective
+from . import softrepa  # noqa: F401  (registers "softrepa")
+from . import positive_only  # noqa: F401  (registers "positive_only")
+from .positive_only import PositiveOnly
+from .softrepa import SoftREPA
+
+__all__ = ["Needs", "Objective", "ObjectiveOutput", "PairTerms", "PositiveOnly", "SoftREPA", "get_objective",
+           "objective_names", "register_objective"]
