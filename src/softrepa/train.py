@@ -601,7 +601,7 @@ def run_training(cfg: TrainConfig, resume: bool | str | None = None, overwrite: 
     if cfg.data and isinstance(cfg.data, str) and "dataset" not in trainer_kwargs:
         check_data_spec(cfg.data, "--data")  # before the model loads
     if cfg.model and "pipe" not in trainer_kwargs:
-        from .cli.common import check_model  # the model-path check lives with the CLI's (shared by every command)
+        from .loading import check_model  # the library's model-path check, shared by every command
 
         check_model(cfg.model)
     return Trainer(cfg, progress=progress, **trainer_kwargs).train(resume=resume, overwrite=overwrite)
