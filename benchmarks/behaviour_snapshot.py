@@ -133,6 +133,18 @@ def run(out: Path) -> dict[str, object]:
             "--out", str(t / "edit_sd15"))
         for name in ("edit_vanilla", "edit_tokens", "edit_sd15"):
             snap[name] = folder_pngs(t / name)
+        # generation and editing with a fixed tokens file (the page's packaged miniature tokens), so that
+        # a change of training (e.g. its random streams) does not hide a change of attaching / sampling
+        fixed = Path(__file__).resolve().parents[1] / "src" / "softrepa" / "ui" / "toy_sd3_tokens.safetensors"
+        if fixed.exists():
+            cli("generate", "--model", "@assets/toy_sd3", "--tokens", str(fixed), "--prompts",
+                "a red circle left of a blue square", "--seeds", "0,1", "--steps", "6", "--max-sequence-length", "8",
+                "--compare", "--no-progress", "--out", str(t / "gen_fixed"))
+            snap["generate_fixed_tokens"] = folder_pngs(t / "gen_fixed")
+            cli("edit", "--model", "@assets/toy_sd3", "--tokens", str(fixed), "--image", str(src), "--source-prompt",
+                "a red circle left of a blue square", "--target-prompt", "a green circle left of a blue square",
+                "--max-sequence-length", "8", "--target-cfg", "5,9", "--no-progress", "--out", str(t / "edit_fixed"))
+            snap["edit_fixed_tokens"] = folder_pngs(t / "edit_fixed")
         # evaluation with the miniature's world judge
         cli("evaluate", "--images", str(t / "gen" / "tokens"), "--metrics", "world", "--no-progress",
             "--out", str(t / "eval"))
