@@ -19,7 +19,7 @@ from softrepa.objectives import (Needs, Objective, PositiveOnly, SoftREPA, get_o
                                  register_objective)
 from softrepa.pairs import contrastive_backward, error_matrix, objective_backward
 from tests.test_effect_options import _pair_batch, _pipe_and_backbone
-from tests.test_pairs import _tokens
+from tests.conformance import pair_tokens as _tokens
 from tests.test_train import _args, toy_files  # noqa: F401  (toy_files is a fixture)
 
 SOFTREPA_KW = {"tau": 0.01, "form": "neg", "denoise_weight": 0.5}
