@@ -15,7 +15,7 @@ import softrepa
 from softrepa import attach
 from softrepa.cli import main
 from softrepa.config import ConfigError, load_config, loss_kwargs, parse_overrides
-from softrepa.objectives import (Needs, Objective, PositiveOnly, SoftREPA, get_objective, objective_names,
+from softrepa.objectives import (AGSM, Needs, Objective, PositiveOnly, SoftREPA, get_objective, objective_names,
                                  register_objective)
 from softrepa.pairs import contrastive_backward, error_matrix, objective_backward
 from tests.test_effect_options import _pair_batch, _pipe_and_backbone
@@ -36,10 +36,11 @@ def _close(grads, ref, what):
 
 # --------------------------------------------------------------------------- registry and config
 def test_registry_names_the_built_ins_and_refuses_unknown_and_duplicate_names():
-    assert objective_names()[:2] == ("softrepa", "positive_only")
+    assert objective_names()[:3] == ("softrepa", "positive_only", "agsm")
     assert get_objective("softrepa") is SoftREPA and get_objective("positive_only") is PositiveOnly
-    with pytest.raises(ConfigError, match=r"objective must be one of \['softrepa', 'positive_only'.*got 'agsm'"):
-        get_objective("agsm")
+    assert get_objective("agsm") is AGSM
+    with pytest.raises(ConfigError, match=r"objective must be one of \['softrepa', 'positive_only', 'agsm'.*got 'nope'"):
+        get_objective("nope")
 
     class Other(SoftREPA):
         name = "softrepa"
@@ -82,7 +83,7 @@ def test_positive_only_is_the_old_spelling_of_the_control():
 
 
 def test_cli_refuses_an_unknown_objective_naming_the_known_ones(tmp_path, capsys):
-    assert main(["train", "--model", str(tmp_path), "--data", str(tmp_path), "--objective", "agsm",
+    assert main(["train", "--model", str(tmp_path), "--data", str(tmp_path), "--objective", "nope",
                  "--output_dir", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert "objective must be one of ['softrepa', 'positive_only'" in err and "Traceback" not in err
@@ -230,3 +231,94 @@ def test_trainer_runs_the_configured_objective(toy_files, tmp_path):  # noqa: F8
     rows = [json.loads(x) for x in (new / "metrics.jsonl").read_text().splitlines()]
     assert [r["loss"] for r in rows] == [json.loads(x)["loss"] for x in (old / "metrics.jsonl").read_text().splitlines()]
     assert {"i2t", "accuracy", "denoise"} <= set(rows[0])  # the control logs what SoftREPA logs
+
+
+# --------------------------------------------------------------------------- AGSM
+def test_agsm_is_a_config_key_with_the_official_constants():
+    cfg = load_config(None, parse_overrides(["--objective", "agsm"]))
+    assert cfg.objective == "agsm"
+    assert (cfg.agsm.tau, cfg.agsm.gamma_pos, cfg.agsm.gamma_neg, cfg.agsm.ema_decay) == (0.1, 1.0, 0.1, 0.9999)
+    objective = get_objective("agsm").from_config(
+        load_config(None, parse_overrides(["--objective", "agsm", "--agsm.gamma_neg", "1.0"])), {})
+    assert (objective.tau, objective.gamma_pos, objective.gamma_neg) == (0.1, 1.0, 1.0)
+    assert get_objective("agsm").reference_decay(cfg) == 0.9999 and SoftREPA.reference_decay(cfg) is None
+    assert objective.pair_sets(torch.tensor([True, False, False])).tolist() == [0, 1, 1]
+    with pytest.raises(ConfigError, match="negatives.per_image"):
+        load_config(None, {"objective": "agsm", "negatives": {"per_image": 2}})
+    for key, bad in (("tau", 0), ("gamma_neg", -1), ("ema_decay", 1.0)):
+        with pytest.raises(ConfigError, match=f"agsm.{key}"):
+            load_config(None, {"objective": "agsm", "agsm": {key: bad}})
+
+
+def _agsm_sets(pipe):
+    """psi+ and psi- sharing one time parameter, and EMA copies a little away from them."""
+    pos, neg = _tokens(pipe), _tokens(pipe)
+    with torch.no_grad():
+        neg.base.mul_(-0.5)
+    neg.time = pos.time  # one shared parameter
+    sets = {"positive": pos, "negative": neg}
+    ema = copy.deepcopy(sets)  # keeps the sharing
+    assert ema["positive"].time is ema["negative"].time
+    with torch.no_grad():
+        for v in ema.values():
+            v.base.add_(0.3 * torch.randn_like(v.base))
+    return sets, ema
+
+
+@pytest.mark.parametrize("gamma_neg", [0.1, 0.0])
+def test_agsm_chunked_equals_plain_and_trains_both_sets(sd3, gamma_neg):
+    pipe, bb, _ = sd3
+    pb = _pair_batch(bb, negatives=False)
+    sets, ema = _agsm_sets(pipe)
+    handle = attach(pipe, sets["positive"])
+
+    @contextmanager
+    def use_set(name, reference):
+        before = handle.tokens
+        handle.tokens = (ema if reference else sets)[name]
+        try:
+            yield
+        finally:
+            handle.tokens = before
+
+    objective = AGSM(tau=0.1, gamma_pos=1.0, gamma_neg=gamma_neg)
+    params = {"positive.base": sets["positive"].base, "negative.base": sets["negative"].base,
+              "time": sets["positive"].time}
+    results = {}
+    try:
+        for chunk in (None, 1, 4, 100):
+            for p in params.values():
+                p.grad = None
+            out = objective_backward(bb, pb, objective, pair_chunk=chunk, use_set=use_set)
+            results[chunk] = (out.metrics(), {k: torch.zeros_like(p) if p.grad is None else p.grad.clone()
+                                              for k, p in params.items()})
+        assert all(p.grad is None for v in ema.values() for p in v.parameters())
+        # the plain loss is agsm_loss of the pairs' predictions, each under its set, reference under the EMA
+        from softrepa.loss import agsm_loss
+        from softrepa.pairs import pair_predictions
+
+        with torch.no_grad():
+            preds, refs = torch.empty(3, 3, *pb.latents.shape[1:]), torch.empty(3, 3, *pb.latents.shape[1:])
+            for i in range(3):
+                for j in range(3):
+                    name = "positive" if i == j else "negative"
+                    r, c = torch.tensor([i]), torch.tensor([j])
+                    with use_set(name, False):
+                        preds[i, j], target = (x[0] for x in pair_predictions(bb, pb, r, c, pb.cond))
+                    with use_set(name, True):
+                        refs[i, j] = pair_predictions(bb, pb, r, c, pb.cond)[0][0]
+            x0 = pb.latents
+            targets = bb.target(x0, pb.noise.expand_as(x0), pb.t)
+            direct = agsm_loss(preds, refs, targets[:, None], torch.eye(3, dtype=torch.bool),
+                               tau=0.1, gamma_pos=1.0, gamma_neg=gamma_neg)
+    finally:
+        handle.remove()
+    ref_metrics, ref = results[None]
+    assert ref_metrics["loss"] == pytest.approx(float(direct), rel=1e-5)
+    assert ref_metrics["loss"] == pytest.approx(ref_metrics["positive"] + ref_metrics["negative"], rel=1e-6)
+    assert ref["positive.base"].abs().sum() > 0 and ref["time"].abs().sum() > 0
+    assert (ref["negative.base"].abs().sum() > 0) == (gamma_neg > 0)  # psi- trains only through its term
+    for chunk, (metrics, grads) in results.items():
+        assert metrics == pytest.approx(ref_metrics, rel=1e-5), chunk
+        for k in params:
+            _close([grads[k]], [ref[k]], f"agsm {k}, chunk {chunk}")

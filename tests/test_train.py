@@ -78,9 +78,9 @@ def test_resume_after_hard_kill_equals_uninterrupted(toy_files, tmp_path):
         torch.set_num_threads(threads)
 
 
-def _resume_equals_uninterrupted(toy_files, tmp_path):
+def _resume_equals_uninterrupted(toy_files, tmp_path, *extra):
     full = tmp_path / "full"
-    assert main(_args(toy_files, full, 4)) == 0
+    assert main(_args(toy_files, full, 4, *extra)) == 0
     part = tmp_path / "part"
     # A separate process that dies with os._exit right after writing the step-2 checkpoint.
     script = textwrap.dedent(f"""
@@ -96,13 +96,13 @@ def _resume_equals_uninterrupted(toy_files, tmp_path):
             return path
         T.Trainer.checkpoint = checkpoint
         from softrepa.cli import main
-        sys.exit(main({_args(toy_files, part, 4)!r}))
+        sys.exit(main({_args(toy_files, part, 4, *extra)!r}))
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 137, proc.stderr[-2000:]
     assert not (part / "tokens.safetensors").exists()
-    assert main(_args(toy_files, part, 4, "--resume")) == 0
+    assert main(_args(toy_files, part, 4, *extra, "--resume")) == 0
     a = softrepa.load_soft_tokens(full / "tokens.safetensors")
     b = softrepa.load_soft_tokens(part / "tokens.safetensors")
     assert torch.equal(a.base, b.base) and torch.equal(a.time, b.time)
@@ -111,6 +111,72 @@ def _resume_equals_uninterrupted(toy_files, tmp_path):
     la = [json.loads(x)["loss"] for x in (full / "metrics.jsonl").read_text().splitlines()]
     lb = [json.loads(x)["loss"] for x in (part / "metrics.jsonl").read_text().splitlines()]
     assert la == lb
+    return full, part
+
+
+def test_agsm_resume_after_hard_kill_equals_uninterrupted(toy_files, tmp_path):
+    """--objective agsm: psi+, psi- (sharing the time part) and both EMA copies survive a hard kill
+    exactly; the final tokens.safetensors is the online psi+, tokens_negative.safetensors psi-."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        full, part = _resume_equals_uninterrupted(toy_files, tmp_path, "--objective", "agsm",
+                                                  "--agsm.ema_decay", "0.5", "--agsm.gamma_neg", "1.0")
+    finally:
+        torch.set_num_threads(threads)
+    last = "checkpoints/step_0000004"
+    for name in ("tokens_negative.safetensors", f"{last}/tokens_negative.safetensors",
+                 f"{last}/ema_positive.safetensors", f"{last}/ema_negative.safetensors"):
+        a, b = softrepa.load_soft_tokens(full / name), softrepa.load_soft_tokens(part / name)
+        assert torch.equal(a.base, b.base) and torch.equal(a.time, b.time), name
+    pos = softrepa.load_soft_tokens(full / "tokens.safetensors")
+    neg = softrepa.load_soft_tokens(full / "tokens_negative.safetensors")
+    ema_pos = softrepa.load_soft_tokens(full / last / "ema_positive.safetensors")
+    ema_neg = softrepa.load_soft_tokens(full / last / "ema_negative.safetensors")
+    assert torch.equal(pos.time, neg.time) and torch.equal(ema_pos.time, ema_neg.time)  # one shared time part
+    assert not torch.equal(pos.base, neg.base) and not torch.equal(pos.base, ema_pos.base)
+    assert torch.equal(pos.base, softrepa.load_soft_tokens(full / last / "tokens.safetensors").base)  # online psi+
+    ema_2 = softrepa.load_soft_tokens(full / "checkpoints" / "step_0000002" / "ema_positive.safetensors")
+    assert not torch.equal(ema_2.base, ema_pos.base)  # the EMA moved between the checkpoints
+    rows = [json.loads(x) for x in (full / "metrics.jsonl").read_text().splitlines()]
+    assert {"loss", "positive", "negative", "accuracy"} <= set(rows[0])
+    assert all(r["loss"] == pytest.approx(r["positive"] + r["negative"], rel=1e-6) for r in rows)
+
+
+def test_agsm_ema_starts_as_a_copy_and_follows_the_decay(toy_files, tmp_path):
+    from softrepa.config import load_config, parse_overrides
+    from softrepa.train import Trainer
+
+    args = _args(toy_files, tmp_path / "run", 2, "--objective", "agsm", "--agsm.ema_decay", "0.75")[1:]
+    cfg = load_config(None, parse_overrides(args))
+    trainer = Trainer(cfg, progress=False)
+    try:
+        pos, neg = trainer.token_sets["positive"], trainer.token_sets["negative"]
+        assert neg.time is pos.time and not torch.equal(neg.base, pos.base)
+        assert len(trainer.optimizer.param_groups[0]["params"]) == 3  # psi+ base, psi- base, the shared time
+        for name, ema in trainer.ema_sets.items():
+            online = trainer.token_sets[name]
+            assert torch.equal(ema.base, online.base) and ema.base is not online.base and not ema.base.requires_grad
+        expected = {n: [e.base.clone(), e.time.clone()] for n, e in trainer.ema_sets.items()}  # exact copies
+        update = trainer._update_ema
+
+        def spy():  # the EMA recurrence from the online tokens after each optimizer step
+            for n, online in trainer.token_sets.items():
+                expected[n] = [0.75 * e + 0.25 * o.detach() for e, o in zip(expected[n], (online.base, online.time))]
+            update()
+
+        trainer._update_ema = spy
+        start = {n: t.base.clone() for n, t in trainer.token_sets.items()}
+        trainer.lock.release()
+        trainer.train()
+        for name, ema in trainer.ema_sets.items():
+            assert not torch.equal(trainer.token_sets[name].base, start[name])  # both sets trained
+            torch.testing.assert_close(ema.base, expected[name][0], rtol=1e-6, atol=1e-7)
+            torch.testing.assert_close(ema.time, expected[name][1], rtol=1e-6, atol=1e-7)
+        assert trainer.ema_sets["negative"].time is trainer.ema_sets["positive"].time
+    finally:
+        if trainer.lock is not None:
+            trainer.lock.release()
 
 
 def _steps_losses(run: Path) -> tuple[list[int], list[float]]:

@@ -3,6 +3,8 @@
 Layout of `<run>/checkpoints/`:
 
     step_000500/  tokens.safetensors  tokens.json  state.pt  config.yaml
+                  [more token files: an objective with several sets or EMA copies, e.g. AGSM's
+                   tokens_negative / ema_positive / ema_negative .safetensors (+ .json)]
     latest        (text: the name of the newest complete checkpoint)
 
 A checkpoint folder is assembled under a temporary name and renamed into place, and `latest` is
@@ -73,6 +75,7 @@ def save_checkpoint(
     extra: dict[str, Any] | None = None,
     scaler: Any = None,
     keep: int = 3,
+    extra_tokens: dict[str, SoftTokens] | None = None,
 ) -> Path:
     """Write checkpoint `step_<step>` atomically, point `latest` at it, prune old ones.
 
@@ -84,6 +87,8 @@ def save_checkpoint(
         extra: more weights_only-loadable state (numbers, tensors, dicts) of bounded size.
         scaler: fp16 GradScaler or None.
         keep: number of checkpoints to keep (the one written now always among them).
+        extra_tokens: more token modules, {file name: tokens} (e.g. "tokens_negative.safetensors"),
+            written beside `tokens.safetensors` (the run's main set).
     Returns:
         The checkpoint folder.
     """
@@ -97,6 +102,8 @@ def save_checkpoint(
     try:
         tmp.mkdir()
         save_soft_tokens(tokens, tmp / "tokens.safetensors", extra_metadata={"step": str(step)})
+        for fname, more in (extra_tokens or {}).items():
+            save_soft_tokens(more, tmp / fname, extra_metadata={"step": str(step)})
         state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                  "rng": rng_state(), "extra": extra or {}}
         if scaler is not None:
@@ -205,12 +212,33 @@ _CANNOT_READ_NOW = {errno.EIO, errno.EACCES, errno.EPERM, errno.ETIMEDOUT, errno
                     errno.ENOMEM}
 
 
+def _read_tokens(path: Path, fname: str, into: SoftTokens) -> SoftTokens:
+    """One token file of a checkpoint, checked against the run's tokens `into` (not restored yet)."""
+    file = path / fname
+    if fname != "tokens.safetensors" and not file.is_file():
+        raise RunFolderError(f"{file} is missing (the run trains more than one token module; the checkpoint is damaged)")
+    try:
+        loaded = load_soft_tokens(file)
+    except OSError as e:
+        if e.errno in _CANNOT_READ_NOW:
+            raise
+        raise RunFolderError(f"{file} is damaged ({type(e).__name__}: {e})") from e
+    except Exception as e:
+        raise RunFolderError(f"{file} is damaged ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:200] if str(e) else ''})") from e
+    if loaded.layout != into.layout:
+        raise SoftTokensError(f"{path}: checkpoint tokens layout {loaded.layout} differs from the run's {into.layout}")
+    return loaded
+
+
 def load_checkpoint(path: str | os.PathLike, tokens: SoftTokens, optimizer: torch.optim.Optimizer,
-                    scheduler: Any, scaler: Any = None) -> dict[str, Any]:
+                    scheduler: Any, scaler: Any = None,
+                    extra_tokens: dict[str, SoftTokens] | None = None) -> dict[str, Any]:
     """Restore training state in place from a checkpoint folder; returns the state dict.
 
-    Both files are read and checked before anything is restored, so a damaged checkpoint leaves
-    the training state untouched.
+    Every file is read and checked before anything is restored, so a damaged checkpoint leaves
+    the training state untouched. `extra_tokens`: {file name: tokens} as given to
+    `save_checkpoint`, restored too (a missing one is a damaged checkpoint).
 
     Raises:
         FileNotFoundError: not a checkpoint folder; RunFolderError: a damaged file (named);
@@ -229,21 +257,13 @@ def load_checkpoint(path: str | os.PathLike, tokens: SoftTokens, optimizer: torc
         raise RunFolderError(f"{path / 'state.pt'} is damaged ({type(e).__name__}: {e})") from e
     except Exception as e:  # truncated zip, bad pickle, wrong content: all mean "damaged"
         raise RunFolderError(f"{path / 'state.pt'} is damaged ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
-    try:
-        loaded = load_soft_tokens(path / "tokens.safetensors")
-    except OSError as e:
-        if e.errno in _CANNOT_READ_NOW:
-            raise
-        raise RunFolderError(f"{path / 'tokens.safetensors'} is damaged ({type(e).__name__}: {e})") from e
-    except Exception as e:
-        raise RunFolderError(f"{path / 'tokens.safetensors'} is damaged ({type(e).__name__}: "
-                             f"{str(e).splitlines()[0][:200] if str(e) else ''})") from e
-    if loaded.layout != tokens.layout:
-        raise SoftTokensError(f"{path}: checkpoint tokens layout {loaded.layout} differs from the run's {tokens.layout}")
+    targets = {"tokens.safetensors": tokens, **(extra_tokens or {})}
+    loaded = {fname: _read_tokens(path, fname, into) for fname, into in targets.items()}
     with torch.no_grad():
-        tokens.base.copy_(loaded.base)
-        if tokens.time is not None:
-            tokens.time.copy_(loaded.time)
+        for fname, into in targets.items():
+            into.base.copy_(loaded[fname].base)
+            if into.time is not None:
+                into.time.copy_(loaded[fname].time)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     if scaler is not None and "scaler" in state:

@@ -9,6 +9,7 @@ beside every checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -121,6 +122,35 @@ def loss_kwargs(loss: LossConfig) -> dict[str, Any]:
 
 
 @dataclass
+class AGSMConfig:
+    """Settings of `objective: agsm` (`softrepa.objectives.agsm`; unused by the other objectives).
+
+    Args:
+        tau: Plackett-Luce temperature of the EMA reward (official: 0.1).
+        gamma_pos: guidance scale of the positive pairs' target (official: 1.0).
+        gamma_neg: guidance scale of the negative pairs' target (official: 0.1 for SD3 / SDXL,
+            1.0 for SD1.5; 0 drops the negative term).
+        ema_decay: decay of the EMA copies of both token sets, updated after every optimizer
+            step; the reward and guidance are their predictions (official: 0.9999).
+    """
+
+    tau: float = 0.1
+    gamma_pos: float = 1.0
+    gamma_neg: float = 0.1
+    ema_decay: float = 0.9999
+
+    def __post_init__(self) -> None:
+        if not (self.tau > 0 and math.isfinite(self.tau)):
+            raise ConfigError(f"agsm.tau must be a finite number > 0, got {self.tau}")
+        for name in ("gamma_pos", "gamma_neg"):
+            value = getattr(self, name)
+            if not (value >= 0 and math.isfinite(value)):
+                raise ConfigError(f"agsm.{name} must be a finite number >= 0, got {value}")
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"agsm.ema_decay must be in [0, 1), got {self.ema_decay}")
+
+
+@dataclass
 class ScheduleConfig:
     """CosineAnnealingWarmRestarts stepped every `step_every` iterations (authors: T_0 10, every 2500)."""
 
@@ -183,7 +213,8 @@ class TrainConfig:
         data: dataset path or spec (see `softrepa.data.build_dataset`).
         objective: the training objective, a name from `softrepa.objectives.objective_names()`:
             "softrepa" (the paper's contrastive loss, default) or "positive_only" (the control:
-            the denoising term alone). Its settings are the `loss:` section.
+            the denoising term alone), whose settings are the `loss:` section, or "agsm" (AGSM's
+            dual tokens, `softrepa.objectives.agsm`), whose settings are the `agsm:` section.
         output_dir: run folder (checkpoints, logs, grids).
         batch_size: images per process per step; each step evaluates batch_size x (all prompts) pairs.
         pair_chunk: pairs per forward pass (None: all at once); exact gradients either way.
@@ -208,6 +239,7 @@ class TrainConfig:
     tokens: SoftTokensConfig = field(default_factory=SoftTokensConfig)
     objective: str = "softrepa"
     loss: LossConfig = field(default_factory=LossConfig)
+    agsm: AGSMConfig = field(default_factory=AGSMConfig)
     negatives: NegativesConfig = field(default_factory=NegativesConfig)
     t_min: int = 0
     t_max: int = 1000

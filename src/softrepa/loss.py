@@ -430,6 +430,15 @@ def agsm_loss(pred: torch.Tensor, ema_pred: torch.Tensor, target: torch.Tensor, 
     Example:
         >>> loss = agsm_loss(pred, ema_pred, target.unsqueeze(1), torch.eye(4, dtype=torch.bool))
     """
+    pos, neg = agsm_loss_parts(pred, ema_pred, target, positive, tau=tau, gamma_pos=gamma_pos, gamma_neg=gamma_neg)
+    return pos if neg is None else pos + neg
+
+
+def agsm_loss_parts(pred: torch.Tensor, ema_pred: torch.Tensor, target: torch.Tensor, positive: torch.Tensor, *,
+                    tau: float = 0.1, gamma_pos: float = 1.0, gamma_neg: float = 1.0
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`agsm_loss`'s two terms: (mean over positive pairs, mean over negative pairs or None when there
+    is no negative term: gamma_neg == 0 or P == 1); `agsm_loss` is their sum (same arguments)."""
     if not (tau > 0 and math.isfinite(tau)):
         raise ConfigError(f"agsm tau must be a finite number > 0, got {tau}")
     if not (gamma_pos >= 0 and gamma_neg >= 0 and math.isfinite(gamma_pos) and math.isfinite(gamma_neg)):
@@ -450,10 +459,9 @@ def agsm_loss(pred: torch.Tensor, ema_pred: torch.Tensor, target: torch.Tensor, 
     guidance = ema - (w * ema).sum(dim=1, keepdim=True)  # (B, P, *S): G = ema_pred - sum_p w ema_pred
     sign = torch.where(positive, gamma_pos, -gamma_neg).to(ema.dtype).view(b, p, *([1] * len(dims)))
     per_pair = ((pred.float() - (target + sign * guidance)) ** 2).mean(dim=dims)  # (B, P)
-    loss = per_pair[positive].mean()
-    if gamma_neg > 0 and p > 1:
-        loss = loss + per_pair[~positive].mean()
-    return loss
+    pos = per_pair[positive].mean()
+    neg = per_pair[~positive].mean() if gamma_neg > 0 and p > 1 else None
+    return pos, neg
 
 
 def _check_negatives(negatives: torch.Tensor, valid: torch.Tensor | None, B: int) -> tuple[torch.Tensor, torch.Tensor]:

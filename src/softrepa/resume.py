@@ -37,7 +37,8 @@ logger = logging.getLogger(__name__)
 
 #: what a training run writes into its folder (`--overwrite` removes exactly these)
 RUN_ARTEFACTS = ("config.yaml", "tokens.safetensors", "tokens.json", "metrics.jsonl", "curves.png", "checkpoints",
-                 "validation", "softrepa")  # softrepa/: accelerate's tracker logs (project "softrepa")
+                 "validation", "softrepa",  # softrepa/: accelerate's tracker logs (project "softrepa")
+                 "tokens_negative.safetensors", "tokens_negative.json")  # objective agsm's second set (psi-)
 
 
 def claim_run_folder(out: str | os.PathLike, resume: bool | str | None = None, overwrite: bool = False) -> None:
@@ -250,8 +251,9 @@ def drop_abandoned(out: Path, ckpt: Path, step: int, damaged: list[Path]) -> Non
     for grid in (out / "validation").glob("step_*.png"):
         if int(grid.stem.split("_")[1]) > step:
             grid.unlink()
-    (out / "tokens.safetensors").unlink(missing_ok=True)  # the run is not finished any more
-    (out / "tokens.json").unlink(missing_ok=True)
+    for name in RUN_ARTEFACTS:  # the final tokens (every set): the run is not finished any more
+        if name.startswith("tokens"):
+            (out / name).unlink(missing_ok=True)
 
 
 __all__ = ["RESUMABLE_FIELDS", "RUN_ARTEFACTS", "check_resumable", "claim_run_folder", "drop_abandoned",

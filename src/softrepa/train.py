@@ -15,13 +15,14 @@ the data and model paths, then trains.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
 import math
 import os
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -174,15 +175,31 @@ class Trainer:
         if cfg.gradient_checkpointing:
             self.backbone.denoiser.enable_gradient_checkpointing()
         self.objective_class = get_objective(cfg.objective)
-        if len(self.objective_class.token_sets) != 1:
-            raise ConfigError(f"objective {cfg.objective!r} trains the token sets {self.objective_class.token_sets}; "
-                              "this trainer trains one set of tokens")
+        # one SoftTokens per token set of the objective; the first is `self.tokens` (attached, saved as
+        # tokens.safetensors, used for validation). Further sets draw their own base tokens (seed + k)
+        # and share the first set's time-indexed part: one parameter, one optimizer entry.
+        names = self.objective_class.token_sets
         self.tokens = SoftTokens.for_model(pipe, cfg.tokens, seed=cfg.seed).to(self.device)
+        self.token_sets: dict[str, SoftTokens] = {names[0]: self.tokens}
+        for k, name in enumerate(names[1:], start=1):
+            other = SoftTokens.for_model(pipe, cfg.tokens, seed=cfg.seed + k).to(self.device)
+            if other.time is not None:
+                other.time = self.tokens.time
+            self.token_sets[name] = other
+        self.params = _unique_parameters(self.token_sets.values())
+        # EMA copies of every set (the objective's `reference` predictions), exact copies at the start
+        self.ema_decay = self.objective_class.reference_decay(cfg)
+        self.ema_sets: dict[str, SoftTokens] | None = None
+        if self.ema_decay is not None:
+            self.ema_sets = copy.deepcopy(self.token_sets)  # one deepcopy: the shared time part stays shared
+            for ema in self.ema_sets.values():
+                ema.requires_grad_(False)
+            self.ema_params = _unique_parameters(self.ema_sets.values())
         self.handle = attach(pipe, self.tokens)
         # regional compilation after attach or before makes no difference: the hooks stay eager
         self.compiled = (compile_blocks(self.backbone.denoiser, CompileConfig(mode=cfg.compile_mode))
                          if cfg.compile else None)
-        self.optimizer = torch.optim.AdamW(self.tokens.parameters(), lr=cfg.lr, betas=tuple(cfg.adam_betas),
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, betas=tuple(cfg.adam_betas),
                                            weight_decay=cfg.weight_decay)
         s = cfg.schedule
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
@@ -206,6 +223,33 @@ class Trainer:
         """The objective of the run, from `cfg.loss` (a calibrated tau with its table)."""
         self.loss_kwargs = loss_kwargs(self.cfg.loss)
         self.objective = self.objective_class.from_config(self.cfg, self.loss_kwargs)
+
+    # ------------------------------------------------------------------ token sets
+    @contextmanager
+    def _use_set(self, name: str, reference: bool) -> Iterator[None]:
+        """`softrepa.pairs.UseSet`: the denoiser carries set `name` (reference: its EMA copy)."""
+        before = self.handle.tokens
+        self.handle.tokens = (self.ema_sets if reference and self.ema_sets is not None else self.token_sets)[name]
+        try:
+            yield
+        finally:
+            self.handle.tokens = before
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        """ema <- decay * ema + (1 - decay) * online, for every parameter of every set (once each)."""
+        d = self.ema_decay
+        for ema, online in zip(self.ema_params, self.params):
+            ema.mul_(d).add_(online, alpha=1.0 - d)
+
+    def _extra_token_files(self) -> dict[str, SoftTokens]:
+        """The token modules a checkpoint holds beside tokens.safetensors (the first set):
+        tokens_<set>.safetensors for the other sets, ema_<set>.safetensors for the EMA copies."""
+        names = list(self.token_sets)
+        files = {f"tokens_{name}.safetensors": self.token_sets[name] for name in names[1:]}
+        if self.ema_sets is not None:
+            files.update({f"ema_{name}.safetensors": self.ema_sets[name] for name in names})
+        return files
 
     # ------------------------------------------------------------------ pieces of a step
     def _autocast(self):
@@ -289,13 +333,14 @@ class Trainer:
         pb = self._pair_batch(batch, self.step)
         distributed = self.world > 1
         self.optimizer.zero_grad(set_to_none=True)
+        use_set = self._use_set if len(self.token_sets) > 1 or self.ema_sets is not None else None
         with self._autocast():
             out = objective_backward(
                 self.backbone, pb, self.objective, pair_chunk=cfg.pair_chunk, distributed=distributed,
-                grad_multiplier=self._loss_scale())
-        all_reduce_grads(list(self.tokens.parameters()))
+                grad_multiplier=self._loss_scale(), use_set=use_set)
+        all_reduce_grads(self.params)
         loss = float(out.loss)
-        finite_grads = all(p.grad is None or torch.isfinite(p.grad).all() for p in self.tokens.parameters())
+        finite_grads = all(p.grad is None or torch.isfinite(p.grad).all() for p in self.params)
         if not math.isfinite(loss) or (self.scaler is None and not finite_grads):
             last = latest_checkpoint(self.out)
             raise TrainingDiverged(
@@ -307,6 +352,8 @@ class Trainer:
             self.scaler.update()
         else:
             self.optimizer.step()
+        if self.ema_sets is not None:
+            self._update_ema()
         self.step += 1
         if self.step % cfg.schedule.step_every == 0:
             self.scheduler.step()
@@ -362,8 +409,10 @@ class Trainer:
             save_config(cfg, self.out / "config.yaml")
         # provenance in every tokens file the run writes (checkpoints and final): the base model and
         # the resolved config, after calibration so a calibrated tau table is part of it
-        self.tokens.provenance = provenance_metadata(self.pipe, model_name(self.pipe) or cfg.model or None,
-                                                     train_config=config_dict(cfg))
+        provenance = provenance_metadata(self.pipe, model_name(self.pipe) or cfg.model or None,
+                                         train_config=config_dict(cfg))
+        for tokens in (self.tokens, *self._extra_token_files().values()):
+            tokens.provenance = provenance
         if resume:
             self.step = self._resume(resume, had_run)
             if main:
@@ -396,6 +445,8 @@ class Trainer:
         final = self.out / "tokens.safetensors"
         if main:
             save_soft_tokens(self.tokens, final, extra_metadata={"step": str(self.step)})
+            for name, tokens in list(self.token_sets.items())[1:]:  # e.g. AGSM's psi-: tokens_negative.safetensors
+                save_soft_tokens(tokens, self.out / f"tokens_{name}.safetensors", extra_metadata={"step": str(self.step)})
             try:
                 from .viz import plot_training_curves
 
@@ -494,7 +545,8 @@ class Trainer:
 
     def _load(self, ckpt: Path) -> dict[str, Any]:
         """Restore one checkpoint into this run's tokens, optimizer, schedule and scaler."""
-        state = load_checkpoint(ckpt, self.tokens, self.optimizer, self.scheduler, self.scaler)
+        state = load_checkpoint(ckpt, self.tokens, self.optimizer, self.scheduler, self.scaler,
+                                extra_tokens=self._extra_token_files())
         if (state.get("extra") or {}).get("streams") != STREAMS_VERSION:
             logger.warning("%s was written by a softrepa whose random streams overlapped (before softrepa.streams): "
                            "the run continues with independent streams, so it will not equal an uninterrupted run "
@@ -521,7 +573,7 @@ class Trainer:
         if self.is_main:
             path = save_checkpoint(self.out, self.step, self.tokens, self.optimizer, self.scheduler, self.cfg,
                                    extra={"streams": STREAMS_VERSION}, scaler=self.scaler,
-                                   keep=self.cfg.keep_checkpoints)
+                                   keep=self.cfg.keep_checkpoints, extra_tokens=self._extra_token_files())
         self._barrier()
         return path
 
@@ -605,6 +657,18 @@ def run_training(cfg: TrainConfig, resume: bool | str | None = None, overwrite: 
 
         check_model(cfg.model)
     return Trainer(cfg, progress=progress, **trainer_kwargs).train(resume=resume, overwrite=overwrite)
+
+
+def _unique_parameters(modules: Any) -> list[torch.nn.Parameter]:
+    """The parameters of `modules` in order, each once (token sets share their time part)."""
+    seen: set[int] = set()
+    out = []
+    for module in modules:
+        for p in module.parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                out.append(p)
+    return out
 
 
 def _tau_ready(loss: LossConfig) -> bool:

@@ -130,6 +130,13 @@ class Objective:
         calibrated tau table already resolved."""
         return cls(**loss_kwargs)
 
+    @classmethod
+    def reference_decay(cls, cfg: "TrainConfig") -> float | None:
+        """Decay of the EMA copy the trainer keeps of each token set for `needs.reference`
+        (updated after every optimizer step, starting as an exact copy of the set); None: no EMA,
+        the reference of a set is the set itself, evaluated without gradient."""
+        return None
+
     def pair_sets(self, own: torch.Tensor) -> torch.Tensor | None:
         """Index into `token_sets` of the set each pair is evaluated with.
 
