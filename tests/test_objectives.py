@@ -25,6 +25,21 @@ from tests.test_train import _args, toy_files  # noqa: F401  (toy_files is a fix
 SOFTREPA_KW = {"tau": 0.01, "form": "neg", "denoise_weight": 0.5}
 
 
+def _set_swapper(handle, sets, ema):
+    """The trainer's `use_set` for a test: put a set (or its reference copy) on the attach handle."""
+
+    @contextmanager
+    def use_set(name, reference):
+        before = handle.tokens
+        handle.tokens = (ema if reference else sets)[name]
+        try:
+            yield
+        finally:
+            handle.tokens = before
+
+    return use_set
+
+
 def _grads(tokens):
     return [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in tokens.parameters()]
 
@@ -188,14 +203,7 @@ def test_chunked_equals_plain_for_a_two_set_objective_reading_predictions(sd3):
                 p.add_(0.01)
     handle = attach(pipe, sets["positive"])
 
-    @contextmanager
-    def use_set(name, reference):
-        before = handle.tokens
-        handle.tokens = (ema if reference else sets)[name]
-        try:
-            yield
-        finally:
-            handle.tokens = before
+    use_set = _set_swapper(handle, sets, ema)
 
     results = {}
     try:
@@ -272,14 +280,7 @@ def test_agsm_chunked_equals_plain_and_trains_both_sets(sd3, gamma_neg):
     sets, ema = _agsm_sets(pipe)
     handle = attach(pipe, sets["positive"])
 
-    @contextmanager
-    def use_set(name, reference):
-        before = handle.tokens
-        handle.tokens = (ema if reference else sets)[name]
-        try:
-            yield
-        finally:
-            handle.tokens = before
+    use_set = _set_swapper(handle, sets, ema)
 
     objective = AGSM(tau=0.1, gamma_pos=1.0, gamma_neg=gamma_neg)
     params = {"positive.base": sets["positive"].base, "negative.base": sets["negative"].base,
