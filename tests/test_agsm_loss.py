@@ -54,6 +54,24 @@ def test_agsm_loss_equals_the_formula_pair_by_pair(full_target, gammas):
     assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("shape", [(2, 2), (3, 7), (4, 4)])
+def test_off_diagonal_positives_and_gradients_match_the_formula(shape):
+    """Positives anywhere in their row (a permutation, P >= B), the gradient w.r.t. pred equal to the
+    float64 formula's."""
+    b, p = shape
+    pred, ema, target, _ = inputs(b=b, p=p, seed=7)
+    positive = torch.zeros(b, p, dtype=torch.bool)
+    positive[torch.arange(b), torch.randperm(p, generator=torch.Generator().manual_seed(1))[:b]] = True
+    pred.requires_grad_(True)
+    got = agsm_loss(pred, ema, target, positive, tau=0.2, gamma_pos=0.7, gamma_neg=0.3)
+    (grad,) = torch.autograd.grad(got, pred)
+    pred64 = pred.detach().double().requires_grad_(True)
+    want = reference(pred64, ema, target, positive, 0.2, 0.7, 0.3)
+    (grad64,) = torch.autograd.grad(want, pred64)
+    assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(grad.double(), grad64, rtol=1e-5, atol=1e-7)
+
+
 def test_stable_where_the_official_softmax_is_zero_over_zero():
     """Every error of a row above ~8.7 at tau 0.1: exp(r / tau) underflows to 0 in fp32."""
     pred, ema, target, positive = inputs(scale=40.0)
