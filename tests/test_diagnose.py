@@ -202,8 +202,8 @@ def test_diagnose_rows_equal_a_recomputation_with_the_same_seeds(sd3, data_dir, 
     assert len(diagnosis.rows) == 2
     for k, (row, t) in enumerate(zip(diagnosis.rows, bin_centres(2))):
         assert (row["t_lo"], row["t_hi"], row["t"], row["batches"]) == (500.0 * k, 500.0 * (k + 1), t, 1)
-        (batch,) = draw_batches(ds, 3, 1, SEED * 1_000_003 + k)
-        pb = prepare_batch(bb, batch, t, SEED * 7919 + 31 * k, 32, maker, 1)
+        (batch,) = draw_batches(ds, 3, 1, (SEED, k))
+        pb = prepare_batch(bb, batch, t, (SEED, k, 0), 32, maker, 1)
         with torch.no_grad():
             E = error_matrix(bb, pb)
             H, valid = negative_errors(bb, pb)
@@ -243,8 +243,8 @@ def test_calibrated_loss_without_table_is_measured_at_each_batch_tau_star(sd3, d
     diag = diagnose(pipe, str(data_dir), bins=1, batches_per_bin=1, batch_size=3, loss=loss, resolution=32,
                     max_sequence_length=MSL, seed=SEED, progress=False, grad_share=False)
     (row,) = diag.rows
-    (batch,) = draw_batches(build_dataset(str(data_dir), 32, seed=SEED), 3, 1, SEED * 1_000_003)
-    pb = prepare_batch(bb, batch, 500.0, SEED * 7919, 32)
+    (batch,) = draw_batches(build_dataset(str(data_dir), 32, seed=SEED), 3, 1, (SEED, 0))
+    pb = prepare_batch(bb, batch, 500.0, (SEED, 0, 0), 32)
     with torch.no_grad():
         E = error_matrix(bb, pb)
     expected = softrepa_loss(E, 500.0, tau=row["tau_star"], captions=pb.captions).i2t
@@ -259,8 +259,8 @@ def test_calibrate_tau_fills_unmeasured_bins_from_the_nearest(sd3, data_dir):
     table = calibrate_tau(bb, ds, bins=3, batches=2, batch_size=3, resolution=32, seed=1)
     assert len(table) == 3 and all(v > 0 for v in table) and table[2] == table[1]
     centres = bin_centres(3)
-    for b, batch in enumerate(draw_batches(ds, 3, 2, 1 * 1_000_003 + 424242)):
-        pb = prepare_batch(bb, batch, centres[b], 1 * 7919 + 100_000 + b, 32)
+    for b, batch in enumerate(draw_batches(ds, 3, 2, (1,))):
+        pb = prepare_batch(bb, batch, centres[b], (1, b), 32)
         with torch.no_grad():
             E = error_matrix(bb, pb)
         keep = ~torch.eye(3, dtype=torch.bool) & ~duplicate_caption_mask(pb.captions)

@@ -144,3 +144,21 @@ def test_python_random_and_the_seed_fit_their_generators():
     assert python_random(0, Stream.NEGATIVES, 5, 1).random() == random.Random(stream_seed(0, Stream.NEGATIVES, 5, 1)).random()
     assert 0 <= stream_seed(3, Stream.POSTERIOR, 9, 9) < 1 << 64
     assert STREAMS_VERSION >= 2
+
+
+def test_diagnosis_batches_never_share_draws():
+    """`softrepa diagnose` names a batch (seed, bin, batch) and a calibration batch (seed, batch): over
+    3 bins x 64 batches and 64 calibration batches, no two of their noise / order / posterior streams
+    meet (the arithmetic names before, seed * 7919 + 31 * bin + batch, met at bin + 1, batch - 31)."""
+    from softrepa.diagnose import _keys
+
+    names = [(0, k, b) for k in range(3) for b in range(64)] + [(0, b) for b in range(64)]
+    seen = {}
+    for name in names:
+        for stream in (Stream.DIAGNOSE_ORDER, Stream.DIAGNOSE_NOISE, Stream.DIAGNOSE_NEGATIVES):
+            seen.setdefault(stream_seed(*_keys(name, stream)), []).append((name, stream))
+        for image in range(4):
+            seen.setdefault(stream_seed(*_keys(name, Stream.DIAGNOSE_POSTERIOR), image), []).append((name, image))
+    assert all(len(v) == 1 for v in seen.values())
+    old = [7919 * 0 + 31 * k + b for k in range(3) for b in range(64)]
+    assert len(set(old)) < len(old)  # the check above would have caught the old names

@@ -33,6 +33,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
+from .errors import ConfigError, DatasetError, SoftTokensError
 from .loss import contrastive_logits, loss_grads, retrieval_accuracy, softrepa_loss
 from .pairs import PairBatch, error_matrix, negative_errors, pair_errors
 from .streams import Stream, generator, python_random
@@ -48,33 +49,41 @@ def log_mean(a: float, b: float) -> float:
 def bin_centres(bins: int, t_max: float = 1000.0) -> list[float]:
     """The timestep at the centre of each of `bins` equal bins of [0, t_max)."""
     if bins < 1:
-        raise ValueError(f"bins must be >= 1, got {bins}")
+        raise ConfigError(f"bins must be >= 1, got {bins}")
     return [(k + 0.5) * t_max / bins for k in range(bins)]
 
 
-def draw_batches(dataset: Any, batch_size: int, n: int, seed: int) -> Iterator[dict[str, Any]]:
+def _keys(name: int | tuple[int, ...], stream: Stream) -> tuple[int, ...]:
+    """The stream keys of a batch named `name` (an int, or a tuple such as (seed, bin, batch)): the seed,
+    the stream id at its fixed place, then the rest of the name — no arithmetic packing, and the stream
+    id's fixed position keeps two streams apart whatever the names' lengths."""
+    name = tuple(int(k) for k in name) if isinstance(name, tuple) else (int(name),)
+    return (name[0], int(stream)) + name[1:]
+
+
+def draw_batches(dataset: Any, batch_size: int, n: int, seed: int | tuple[int, ...]) -> Iterator[dict[str, Any]]:
     """n collated batches of distinct random items (seeded; independent of training's streams)."""
     from .data import collate_pairs
 
     if len(dataset) < batch_size:
-        raise ValueError(f"batch_size: the dataset holds {len(dataset)} items, fewer than one batch of {batch_size}")
-    g = generator(seed, Stream.DIAGNOSE_ORDER)
+        raise DatasetError(f"batch_size: the dataset holds {len(dataset)} items, fewer than one batch of {batch_size}")
+    g = generator(*_keys(seed, Stream.DIAGNOSE_ORDER))
     for _ in range(n):
         idx = torch.randperm(len(dataset), generator=g)[:batch_size].tolist()
         yield collate_pairs([dataset[i] for i in idx])
 
 
-def prepare_batch(backbone: Any, batch: dict[str, Any], t: float, seed: int, resolution: int | None,
+def prepare_batch(backbone: Any, batch: dict[str, Any], t: float, seed: int | tuple[int, ...], resolution: int | None,
                   negatives: Any = None, per_image: int = 0) -> PairBatch:
     """Encode a collated batch at one fixed timestep `t` with one shared noise draw.
 
     `seed` names the batch; its noise, each image's posterior sample and its hard negatives come from
     streams keyed by it (`softrepa.streams`), so no two of them, and no two batches, share draws.
     """
-    g = generator(seed, Stream.DIAGNOSE_NOISE)
+    g = generator(*_keys(seed, Stream.DIAGNOSE_NOISE))
     with torch.no_grad():
         pixels = batch["pixels"].to(backbone.device)
-        latents = backbone.encode_images(pixels, [generator(seed, Stream.DIAGNOSE_POSTERIOR, k)
+        latents = backbone.encode_images(pixels, [generator(*_keys(seed, Stream.DIAGNOSE_POSTERIOR), k)
                                                   for k in range(pixels.shape[0])])
         cond = backbone.encode_prompts(batch["captions"], resolution=resolution)
     B = latents.shape[0]
@@ -82,7 +91,8 @@ def prepare_batch(backbone: Any, batch: dict[str, Any], t: float, seed: int, res
     tt = torch.full((B,), float(t), device=latents.device)
     pb = PairBatch(latents, cond, list(batch["captions"]), tt, noise)
     if negatives is not None and per_image > 0:
-        texts, rows, slots = negatives.for_batch(pb.captions, per_image, python_random(seed, Stream.DIAGNOSE_NEGATIVES))
+        rng = python_random(*_keys(seed, Stream.DIAGNOSE_NEGATIVES))
+        texts, rows, slots = negatives.for_batch(pb.captions, per_image, rng)
         if texts:
             with torch.no_grad():
                 pb.negatives = backbone.encode_prompts(texts, resolution=resolution)
@@ -313,18 +323,18 @@ def diagnose(pipe: Any, data: Any, tokens: Any = None, *, bins: int = 10, batche
     from .config import loss_kwargs as make_loss_kwargs
 
     if bins < 1:
-        raise ValueError(f"--bins must be >= 1, got {bins}")
+        raise ConfigError(f"--bins must be >= 1, got {bins}")
     if batches_per_bin < 1:
-        raise ValueError(f"--batches-per-bin must be >= 1, got {batches_per_bin}")
+        raise ConfigError(f"--batches-per-bin must be >= 1, got {batches_per_bin}")
     if batch_size < 2:
-        raise ValueError(f"--batch-size must be >= 2 (negatives need a second caption), got {batch_size}")
+        raise ConfigError(f"--batch-size must be >= 2 (negatives need a second caption), got {batch_size}")
     loss = loss or LossConfig()
     res = resolution or native_resolution(pipe)
     dataset = data if hasattr(data, "__getitem__") and not isinstance(data, (str, Path, dict)) else build_dataset(data, res, seed=seed)
     backbone = backbone_for(pipe, max_sequence_length=max_sequence_length)
     backbone.freeze()
     if attached_handle(pipe) is not None:
-        raise ValueError("the pipeline already carries soft tokens; pass them as `tokens` (or remove them) instead")
+        raise SoftTokensError("the pipeline already carries soft tokens; pass them as `tokens` (or remove them) instead")
     source = None
     if isinstance(tokens, (str, Path)):
         source, tokens = tokens, load_soft_tokens(tokens, device=backbone.device)
@@ -342,8 +352,8 @@ def diagnose(pipe: Any, data: Any, tokens: Any = None, *, bins: int = 10, batche
     try:
         for k, t in enumerate(centres):
             stats, kbatches = [], []
-            for b, batch in enumerate(draw_batches(dataset, batch_size, batches_per_bin, seed * 1_000_003 + k)):
-                pb = prepare_batch(backbone, batch, t, seed * 7919 + 31 * k + b, res, neg_maker, per_image)
+            for b, batch in enumerate(draw_batches(dataset, batch_size, batches_per_bin, (seed, k))):
+                pb = prepare_batch(backbone, batch, t, (seed, k, b), res, neg_maker, per_image)
                 with torch.no_grad():
                     E = error_matrix(backbone, pb, pair_chunk)
                     H, valid = negative_errors(backbone, pb, pair_chunk) if per_image else (None, None)
@@ -419,12 +429,12 @@ def calibrate_tau(backbone: Any, dataset: Any, *, bins: int, batches: int, batch
         `bins` temperatures for `loss.tau_table`.
     """
     if batches < 1 or bins < 1:
-        raise ValueError(f"need bins >= 1 and calibration batches >= 1, got {bins}, {batches}")
+        raise ConfigError(f"need bins >= 1 and calibration batches >= 1, got {bins}, {batches}")
     centres = bin_centres(bins)
     sums: dict[int, list[float]] = {}
-    for b, batch in enumerate(draw_batches(dataset, batch_size, batches, seed * 1_000_003 + 424242)):
+    for b, batch in enumerate(draw_batches(dataset, batch_size, batches, (seed,))):
         k = b % bins
-        pb = prepare_batch(backbone, batch, centres[k], seed * 7919 + 100_000 + b, resolution)
+        pb = prepare_batch(backbone, batch, centres[k], (seed, b), resolution)
         with torch.no_grad():
             E = error_matrix(backbone, pb)
         e_pos, e_neg = positive_negative_errors(E, pb.captions)
@@ -435,7 +445,7 @@ def calibrate_tau(backbone: Any, dataset: Any, *, bins: int, batches: int, batch
         acc[1] += e_neg
         acc[2] += 1
     if not sums:
-        raise ValueError("calibration: no batch had two different captions; the dataset's captions are all the same")
+        raise DatasetError("calibration: no batch had two different captions; the dataset's captions are all the same")
     measured = {k: log_mean(v[0] / v[2], v[1] / v[2]) for k, v in sums.items()}
     return [measured[min(measured, key=lambda m: (abs(m - k), m))] for k in range(bins)]
 

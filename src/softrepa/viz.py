@@ -10,6 +10,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
+from .errors import RunFolderError
+
 
 def to_pil(images: Sequence[np.ndarray] | np.ndarray) -> list[Image.Image]:
     """(N, H, W, 3) floats in [0, 1] (pipeline "np" output) or PIL images -> PIL list."""
@@ -82,7 +84,7 @@ def plot_training_curves(metrics_path: str | os.PathLike, out: str | os.PathLike
 
     rows = [r for r in read_jsonl(metrics_path) if "loss" in r]
     if not rows:
-        raise ValueError(f"{metrics_path}: no training rows to plot")
+        raise RunFolderError(f"{metrics_path}: no training rows to plot")
     steps = [r["step"] for r in rows]
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.2))
     a.plot(steps, [r["loss"] for r in rows], lw=1, alpha=0.4, label="loss")
