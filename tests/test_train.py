@@ -131,6 +131,12 @@ def test_agsm_resume_after_hard_kill_equals_uninterrupted(toy_files, tmp_path):
         assert torch.equal(a.base, b.base) and torch.equal(a.time, b.time), name
     pos = softrepa.load_soft_tokens(full / "tokens.safetensors")
     neg = softrepa.load_soft_tokens(full / "tokens_negative.safetensors")
+    from softrepa.artifact import read_metadata
+
+    sets = {"positive": "tokens.safetensors", "negative": "tokens_negative.safetensors"}
+    for name, file in sets.items():  # each file names the objective, its set and the run's other sets
+        meta = read_metadata(full / file)
+        assert (meta["objective"], meta["token_set"], json.loads(meta["token_sets"])) == ("agsm", name, sets)
     ema_pos = softrepa.load_soft_tokens(full / last / "ema_positive.safetensors")
     ema_neg = softrepa.load_soft_tokens(full / last / "ema_negative.safetensors")
     assert torch.equal(pos.time, neg.time) and torch.equal(ema_pos.time, ema_neg.time)  # one shared time part

@@ -444,9 +444,13 @@ class Trainer:
         bar.close()
         final = self.out / "tokens.safetensors"
         if main:
-            save_soft_tokens(self.tokens, final, extra_metadata={"step": str(self.step)})
-            for name, tokens in list(self.token_sets.items())[1:]:  # e.g. AGSM's psi-: tokens_negative.safetensors
-                save_soft_tokens(tokens, self.out / f"tokens_{name}.safetensors", extra_metadata={"step": str(self.step)})
+            # every file names the objective, its own set and where the run's other sets are (`softrepa info`)
+            names = list(self.token_sets)
+            files = {n: final.name if i == 0 else f"tokens_{n}.safetensors" for i, n in enumerate(names)}
+            for name in names:  # the first set (SoftREPA's tokens, AGSM's psi+) is tokens.safetensors
+                save_soft_tokens(self.token_sets[name], self.out / files[name],
+                                 extra_metadata={"step": str(self.step), "objective": cfg.objective,
+                                                 "token_set": name, "token_sets": json.dumps(files)})
             try:
                 from .viz import plot_training_curves
 
