@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import json
-from contextlib import contextmanager
 
 import pytest
 import torch
@@ -26,18 +25,8 @@ SOFTREPA_KW = {"tau": 0.01, "form": "neg", "denoise_weight": 0.5}
 
 
 def _set_swapper(handle, sets, ema):
-    """The trainer's `use_set` for a test: put a set (or its reference copy) on the attach handle."""
-
-    @contextmanager
-    def use_set(name, reference):
-        before = handle.tokens
-        handle.tokens = (ema if reference else sets)[name]
-        try:
-            yield
-        finally:
-            handle.tokens = before
-
-    return use_set
+    """The trainer's `use_set` for a test: the handle carries a set (or its reference copy)."""
+    return lambda name, reference: handle.carrying((ema if reference else sets)[name])
 
 
 def _grads(tokens):

@@ -164,3 +164,25 @@ def test_the_backbone_declares_encode_source_and_the_text_length():
     assert softrepa.backbone.backbone_for(pipe, max_sequence_length=8).max_sequence_length == 8
     with pytest.raises(softrepa.SoftrepaError, match="takes no text length|take no text length"):
         get_family("sd15").resolve_text_length(77)
+
+
+def test_carrying_swaps_the_tokens_for_a_block_only_and_refuses_another_layout():
+    torch.manual_seed(0)
+    model, a, b = JointModel(), _tokens(), _tokens()
+    with torch.no_grad():
+        b.base.mul_(-1)
+    img, txt, t = torch.randn(2, 5, D), torch.randn(2, 4, D), torch.tensor([100.0, 900.0])
+    handle = AttachHandle(model, a)
+    install(model, handle, SINGLE, None)
+    with_a = model(img, txt, t)
+    with handle.carrying(b) as h:
+        assert h.tokens is b
+        with_b = model(img, txt, t)
+    assert handle.tokens is a and torch.equal(model(img, txt, t), with_a) and not torch.allclose(with_a, with_b)
+    handle.tokens = b  # what `carrying` does inside: the same output
+    assert torch.equal(model(img, txt, t), with_b)
+    handle.tokens = a
+    with pytest.raises(softrepa.SoftTokensError, match="layout"):
+        with handle.carrying(_tokens(layers=(0,))):
+            pass
+    handle.remove()

@@ -98,6 +98,28 @@ class AttachHandle:
         finally:
             self.enabled = before
 
+    @contextlib.contextmanager
+    def carrying(self, tokens: SoftTokens) -> Iterator["AttachHandle"]:
+        """Within the block the hooks insert `tokens` instead of the attached ones (same layout);
+        how a trainer evaluates pairs under another token set or its EMA copy without re-attaching.
+
+        Raises:
+            SoftTokensError: `tokens` has another layout than the attached tokens.
+
+        Example:
+            >>> with handle.carrying(ema_tokens):
+            ...     reference = backbone.denoise(x_t, t, cond)
+        """
+        if tokens.layout != self.tokens.layout:
+            raise SoftTokensError("carrying: the tokens' layout differs from the attached tokens' "
+                                  f"({tokens.layout} vs {self.tokens.layout})")
+        before = self.tokens
+        self.tokens = tokens
+        try:
+            yield self
+        finally:
+            self.tokens = before
+
     def remove(self) -> None:
         """Remove every hook; the model is then exactly as before `attach()`."""
         for h in self._hooks:

@@ -22,7 +22,7 @@ import logging
 import math
 import os
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -225,15 +225,10 @@ class Trainer:
         self.objective = self.objective_class.from_config(self.cfg, self.loss_kwargs)
 
     # ------------------------------------------------------------------ token sets
-    @contextmanager
-    def _use_set(self, name: str, reference: bool) -> Iterator[None]:
+    def _use_set(self, name: str, reference: bool):
         """`softrepa.pairs.UseSet`: the denoiser carries set `name` (reference: its EMA copy)."""
-        before = self.handle.tokens
-        self.handle.tokens = (self.ema_sets if reference and self.ema_sets is not None else self.token_sets)[name]
-        try:
-            yield
-        finally:
-            self.handle.tokens = before
+        sets = self.ema_sets if reference and self.ema_sets is not None else self.token_sets
+        return self.handle.carrying(sets[name])
 
     @torch.no_grad()
     def _update_ema(self) -> None:

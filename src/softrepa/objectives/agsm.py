@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import ConfigError
-from ..loss import agsm_loss_parts
+from ..loss import agsm_loss_parts, duplicate_caption_mask, retrieval_accuracy
 from .base import Needs, Objective, PairTerms, register_objective
 
 if TYPE_CHECKING:
@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 @dataclass
 class AGSMOutput:
     """One step of AGSM: the loss (positive + negative term), its parts, and the i2t retrieval
-    accuracy of the online tokens' errors (argmin over each image's row is its own caption)."""
+    accuracy of the online tokens' errors (`softrepa.loss.retrieval_accuracy`)."""
 
     loss: torch.Tensor
     positive: torch.Tensor
@@ -98,8 +98,9 @@ class AGSM(Objective):
         pos, neg = agsm_loss_parts(pred, terms.reference, terms.targets[:, None], positive,
                                    tau=self.tau, gamma_pos=self.gamma_pos, gamma_neg=self.gamma_neg)
         loss = pos if neg is None else pos + neg
-        E = terms.errors.detach()  # (B, P)
-        accuracy = (E.argmin(dim=1) == terms.offset + rows).float().mean()
+        # the project's i2t accuracy, as SoftREPA logs it (one process: E is (B, B), a tie counts as
+        # wrong, a duplicate of the image's own caption is no competitor)
+        accuracy = retrieval_accuracy(terms.errors, duplicate_caption_mask(terms.captions, pred.device))
         return AGSMOutput(loss, pos, neg, accuracy)
 
     def __repr__(self) -> str:
