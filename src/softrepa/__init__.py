@@ -18,7 +18,8 @@ Layers, each importing only those above it: `errors`, `family` (the registry) ->
 
 from . import families  # noqa: F401  (registers the built-in model families)
 from ._version import __version__
-from .artifact import load_into, load_soft_tokens, save_soft_tokens
+from .artifact import load_into, load_soft_tokens, save_soft_tokens, token_sets_of
+from .branches import configure as set_uncond
 from .compilation import CompileConfig, CompiledBlocks, compile_blocks
 from .hooks import AttachHandle, attach, attached_handle
 from .errors import SoftrepaError, SoftTokensError
@@ -48,4 +49,6 @@ __all__ = [
     "push_to_hub",
     "register_family",
     "save_soft_tokens",
+    "set_uncond",
+    "token_sets_of",
 ]

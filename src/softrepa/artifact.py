@@ -3,6 +3,11 @@
 `tokens.safetensors` holds `base` (num_sets, m, token_dim) and, when present, `time`
 (buckets, num_sets, model_dim), both fp32; its header metadata holds `softrepa_layout` (JSON) and
 `softrepa_version`. A readable copy of the layout is written beside it as `tokens.json`.
+
+A file may hold further token sets of the same layout (an AGSM run: psi+ in `base` / `time`, psi-
+in `negative.base`, sharing `time`): `<set>.base` and, where a set's time part is its own,
+`<set>.time`; the header's `softrepa_token_sets` lists the sets, the main one first. Stock readers
+(and `load_soft_tokens` without `token_set`) get the main set.
 Nothing here unpickles anything.
 
 Provenance (optional header keys; files without them load as before, silently):
@@ -30,7 +35,7 @@ import torch
 
 from ._version import __version__
 from .hooks import AttachHandle, attach
-from .errors import SoftTokensError
+from .errors import SoftTokensError, UsageError
 from .family import resolve_denoiser
 from .runfolder import atomic_write_bytes
 from .tokens import SoftTokens, TokenLayout
@@ -44,6 +49,7 @@ BASE_REVISION_KEY = "softrepa_base_revision"
 DENOISER_HASH_KEY = "softrepa_denoiser_hash"
 TRAIN_CONFIG_KEY = "softrepa_train_config"
 WEIGHTS_PROBE_KEY = "softrepa_denoiser_probe"
+SETS_KEY = "softrepa_token_sets"
 #: the attribute of a `SoftTokens` whose string dict `save_soft_tokens` adds to the header, so
 #: that every writer (checkpoints included) records the provenance the trainer set once
 PROVENANCE_ATTR = "provenance"
@@ -205,15 +211,24 @@ def _same_name(a: str, b: str) -> bool:
     return norm[0] == norm[1] or norm[0] in norm[1] or norm[1] in norm[0]
 
 
-def save_soft_tokens(tokens: SoftTokens, path: str | os.PathLike, extra_metadata: dict[str, str] | None = None) -> Path:
+def save_soft_tokens(tokens: SoftTokens, path: str | os.PathLike, extra_metadata: dict[str, str] | None = None,
+                     *, others: dict[str, SoftTokens] | None = None, name: str = "tokens") -> Path:
     """Save tokens as safetensors (+ a `.json` copy of the layout), atomically.
 
     Args:
-        tokens: the `SoftTokens` to save.
+        tokens: the `SoftTokens` to save (the file's main set).
         path: target file; `.safetensors` is appended when missing.
         extra_metadata: more string key/values for the safetensors header (e.g. training step).
+        others: further sets of the same layout, {set name: tokens} (AGSM: {"negative": psi-}); a
+            time part identical to the main set's is stored once.
+        name: the main set's name, recorded when there are `others` (AGSM: "positive").
     Returns:
         The path written.
+    Raises:
+        SoftTokensError: a set of another layout, or a set name that is not a plain word.
+
+    Example:
+        >>> save_soft_tokens(psi_pos, "run/tokens.safetensors", others={"negative": psi_neg}, name="positive")
     """
     from safetensors.torch import save
 
@@ -223,14 +238,45 @@ def save_soft_tokens(tokens: SoftTokens, path: str | os.PathLike, extra_metadata
     tensors = {"base": tokens.base.detach().float().cpu().contiguous()}
     if tokens.time is not None:
         tensors["time"] = tokens.time.detach().float().cpu().contiguous()
+    for set_name, other in (others or {}).items():
+        if not set_name.isidentifier() or set_name == name:
+            raise SoftTokensError(f"token set name {set_name!r}: expected a word other than the main set's {name!r}")
+        if other.layout != tokens.layout:
+            raise SoftTokensError(f"token set {set_name!r} has another layout than the main set "
+                                  f"({other.layout} vs {tokens.layout})")
+        tensors[f"{set_name}.base"] = other.base.detach().float().cpu().contiguous()
+        if other.time is not None and not torch.equal(other.time.detach().float().cpu(), tensors["time"]):
+            tensors[f"{set_name}.time"] = other.time.detach().float().cpu().contiguous()
     meta = {LAYOUT_KEY: json.dumps(tokens.layout.to_dict()), VERSION_KEY: __version__}
+    if others:
+        meta[SETS_KEY] = json.dumps([name, *others])
     meta.update({str(k): str(v) for k, v in (getattr(tokens, PROVENANCE_ATTR, None) or {}).items()})
     meta.update(extra_metadata or {})
     atomic_write_bytes(path, save(tensors, metadata=meta))
     sidecar = {"layout": tokens.layout.to_dict(), "softrepa_version": __version__,
                "parameters": sum(t.numel() for t in tensors.values())}
+    if others:
+        sidecar["token_sets"] = [name, *others]
     atomic_write_bytes(path.with_suffix(".json"), (json.dumps(sidecar, indent=2) + "\n").encode())
     return path
+
+
+def token_sets_of(path: str | os.PathLike) -> list[str]:
+    """The token sets a file holds, its main set first (["tokens"] for a one-set file).
+
+    Args:
+        path: a tokens file, a folder holding tokens.safetensors, or a Hub reference.
+    """
+    raw = read_metadata(path).get(SETS_KEY)
+    if not raw:
+        return ["tokens"]
+    try:
+        names = json.loads(raw)
+    except ValueError as e:
+        raise SoftTokensError(f"{path}: invalid '{SETS_KEY}' metadata: {e}") from e
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise SoftTokensError(f"{path}: '{SETS_KEY}' must be a list of set names, got {raw[:80]!r}")
+    return names
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
@@ -256,13 +302,16 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
         ) from e
 
 
-def load_soft_tokens(path: str | os.PathLike, device: str | torch.device | None = None) -> SoftTokens:
+def load_soft_tokens(path: str | os.PathLike, device: str | torch.device | None = None,
+                     token_set: str | None = None) -> SoftTokens:
     """Load tokens saved by `save_soft_tokens`.
 
     Args:
         path: the `.safetensors` file, a folder holding `tokens.safetensors`, or a Hub reference
             ``owner/name[@revision][:file.safetensors]`` (`softrepa.hub`; a local path wins).
         device: where to put the parameters (default CPU).
+        token_set: which set of a several-set file (`token_sets_of`; AGSM: "positive", "negative");
+            default the main one.
     Raises:
         SoftTokensError: missing, truncated or non-safetensors file; missing/invalid layout;
             tensor shapes that disagree with the layout (the message names the field).
@@ -285,17 +334,24 @@ def load_soft_tokens(path: str | os.PathLike, device: str | torch.device | None 
         tensors = load_file(str(path))
     except Exception as e:
         raise SoftTokensError(f"{path}: cannot read tensors ({e}); the file may be truncated") from e
+    names = token_sets_of(path)
+    base_key, time_key = "base", "time"
+    if token_set is not None and token_set != names[0]:
+        if token_set not in names:
+            raise SoftTokensError(f"{path}: no token set {token_set!r}; the file holds {', '.join(names)}")
+        base_key = f"{token_set}.base"
+        time_key = f"{token_set}.time" if f"{token_set}.time" in tensors else "time"  # a shared time part
     tokens = SoftTokens(layout)
-    _check_shape(path, "base", tensors.get("base"), tuple(tokens.base.shape))
+    _check_shape(path, base_key, tensors.get(base_key), tuple(tokens.base.shape))
     expected_time = None if tokens.time is None else tuple(tokens.time.shape)
     if expected_time is None and "time" in tensors:
         raise SoftTokensError(f"{path}: field 'time' present but layout says time_buckets=0")
     if expected_time is not None:
-        _check_shape(path, "time", tensors.get("time"), expected_time)
+        _check_shape(path, time_key, tensors.get(time_key), expected_time)
     with torch.no_grad():
-        tokens.base.copy_(tensors["base"])
+        tokens.base.copy_(tensors[base_key])
         if tokens.time is not None:
-            tokens.time.copy_(tensors["time"])
+            tokens.time.copy_(tensors[time_key])
     provenance = {k: v for k, v in meta.items() if k in PROVENANCE_KEYS}
     if provenance:  # kept, so that re-saving (e.g. after fine-tuning further) keeps where they came from
         setattr(tokens, PROVENANCE_ATTR, provenance)
@@ -311,16 +367,23 @@ def _check_shape(path: Path, name: str, tensor: torch.Tensor | None, expected: t
         raise SoftTokensError(f"{path}: tensor '{name}' holds NaN/inf values")
 
 
-def load_into(pipeline: Any, path: str | os.PathLike) -> AttachHandle:
+def load_into(pipeline: Any, path: str | os.PathLike, uncond_tokens: str = "positive") -> AttachHandle:
     """Load a tokens file and attach it to a pipeline (or model) in one call.
 
     Args:
         pipeline: a stock diffusers pipeline (or its transformer / UNet).
         path: tokens `.safetensors`, a folder holding `tokens.safetensors`, or a Hub reference
             ``owner/name[@revision][:file.safetensors]`` (a local path wins).
+        uncond_tokens: what the unconditional CFG branch carries (`softrepa.branches`): "positive"
+            (the file's main set on both branches, the default), "negative" (the file's "negative"
+            set there: an AGSM run's psi-, the official `--uncon2neg`), "none" (the vanilla model there).
     Returns:
         The `AttachHandle`; `handle.remove()` detaches. Tokens recording another base model than
         the pipeline's (provenance) attach with one warning naming both.
+    Raises:
+        SoftTokensError: a bad file or tokens that do not fit the model.
+        UsageError: "negative" for a file without a negative set, or a choice the pipeline's CFG
+            does not allow (see `softrepa.branches.configure`).
 
     Example:
         >>> pipe = StableDiffusion3Pipeline.from_pretrained("stabilityai/stable-diffusion-3-medium-diffusers")
@@ -328,14 +391,30 @@ def load_into(pipeline: Any, path: str | os.PathLike) -> AttachHandle:
         >>> image = pipe("two cats and a red ball").images[0]     # the stock call, with the tokens
         >>> handle.remove()                                        # the stock model again, bit for bit
     """
+    from .branches import check_choice, configure
+
+    check_choice(uncond_tokens)
     denoiser = resolve_denoiser(pipeline)
     try:
         device = next(denoiser.parameters()).device
     except StopIteration:
         device = None
     tokens = load_soft_tokens(path, device=device)
+    negative = None
+    if uncond_tokens == "negative":
+        names = token_sets_of(path)
+        if "negative" not in names[1:]:
+            raise UsageError(f"{path}: --uncond-tokens negative needs a file with a 'negative' token set (an AGSM "
+                             f"run's tokens.safetensors); this one holds {', '.join(names)}")
+        negative = load_soft_tokens(path, device=device, token_set="negative")
     check_base(str(path), {k: str(v) for k, v in (getattr(tokens, PROVENANCE_ATTR, None) or {}).items()}, pipeline)
     try:
-        return attach(pipeline, tokens)
+        handle = attach(pipeline, tokens)
     except SoftTokensError as e:
         raise SoftTokensError(f"{path}: {e}") from e
+    try:
+        configure(handle, pipeline, uncond_tokens, negative)
+    except BaseException:
+        handle.remove()
+        raise
+    return handle

@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 #: Settings that must agree between a run and the edits already in its output folder.
 RESUME_KEYS = ("model", "tokens_sha256", "family", "dtype", "steps", "n_max", "n_min", "n_avg", "src_cfg",
-               "tar_cfg", "guidance", "seed", "size", "max_sequence_length", "size_conditioning")
+               "tar_cfg", "guidance", "seed", "size", "max_sequence_length", "size_conditioning", "uncond_tokens")
 
 
 def _tokens_active(pipe: Any) -> bool:
@@ -100,6 +100,12 @@ def edit_latents(pipe: Any, z_src: torch.Tensor, source_prompts: list[str], targ
     bb = backbone_for(pipe, max_sequence_length=max_sequence_length)
     denoise, sigmas, add_noise = family_of(pipe).edit_model(bb, params.steps, tuple(z_src.shape))
     b = z_src.shape[0]
+    handle = attached_handle(pipe)
+    if handle is not None and handle.enabled and handle.uncond_mode != "positive":
+        if guidance_mode(denoise) == "embedded":
+            raise UsageError(f"--uncond-tokens {handle.uncond_mode}: {family_of(pipe).title} edits with embedded "
+                             "guidance, which has no unconditional branch")
+        denoise = _naming_uncond_rows(denoise, handle, b)
     if guidance_mode(denoise) == "embedded":
         # guidance is a model input (FLUX.1-dev, FLUX.2): conditional rows only, (source, target)
         cond = bb.encode_prompts(list(source_prompts) + list(target_prompts), resolution=resolution)
@@ -115,6 +121,24 @@ def edit_latents(pipe: Any, z_src: torch.Tensor, source_prompts: list[str], targ
     device = getattr(pipe, "_execution_device", None) or bb.device
     return flowedit_latents(denoise, z_src.to(device), sigmas, conds, params, add_noise=add_noise,
                             generator=generator, progress=progress)
+
+
+def _uncond_record(pipe: Any) -> str | None:
+    """What the unconditional branch carries, for the metadata (None: the tokens, or no tokens)."""
+    handle = attached_handle(pipe)
+    mode = handle.uncond_mode if handle is not None and handle.enabled else "positive"
+    return None if mode == "positive" else mode
+
+
+def _naming_uncond_rows(denoise: Any, handle: Any, b: int) -> Any:
+    """`denoise` telling the attachment which rows are unconditional: FlowEdit's CFG calls stack
+    (uncond B rows, cond B rows) once per prompt ([x, x]) or twice (the joint call)."""
+    def named(x: torch.Tensor, *args: Any) -> torch.Tensor:
+        mask = (torch.arange(x.shape[0]) // b) % 2 == 0  # (n,): uncond, cond, uncond, cond blocks of b
+        with handle.uncond_rows(mask):
+            return denoise(x, *args)
+
+    return named
 
 
 # --------------------------------------------------------------------------- images
@@ -368,7 +392,7 @@ def edit_manifest(pipe: Any, rows: Sequence[dict[str, str]], out: str | Path, *,
                               **tokens_record(pipe, tokens), "family": family.name,
                               "dtype": str(pipe.dtype).replace("torch.", ""), "size": size_spec,
                               "max_sequence_length": max_sequence_length, "softrepa_version": __version__,
-                              **family.run_settings()}
+                              **family.run_settings(), "uncond_tokens": _uncond_record(pipe)}
     out_root = Path(out)
     # one writer per output folder (held to the end): two edits into it would interleave their rows
     with RunLock(out_root, "output folder"):

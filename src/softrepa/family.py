@@ -101,6 +101,9 @@ class Family:
         block_list: the denoiser attribute holding the blocks a per-block layout indexes.
         width_names: config names of the block and text widths, for error messages.
         projection_modules: denoiser attributes that map text-space tokens into the block width.
+        cfg_branches: where the stock pipeline's unconditional CFG rows are (`softrepa.branches`):
+            "batch" (one call on [uncond; cond]), "calls" (one call per branch inside diffusers'
+            `cache_context`), "" (unknown: `--uncond-tokens negative / none` is refused).
 
     Extension points (methods): `matches`, `widths` / `describe`, `layout_for` / `check_layout` /
     `check_fits`, `projection`, `install_hooks`, `backbone`, `edit_model`, `run_settings`,
@@ -118,6 +121,7 @@ class Family:
     block_list: str = "transformer_blocks"
     width_names: tuple[str, str] = ("inner_dim (num_attention_heads x attention_head_dim)", "joint_attention_dim")
     projection_modules: tuple[str, ...] = ("context_embedder",)
+    cfg_branches: str = ""
 
     # ----------------------------------------------------------------- recognition and widths
     def matches(self, denoiser: nn.Module) -> bool:

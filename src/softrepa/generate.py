@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 #: Settings that must agree between a run and the images already in its output folder.
 RESUME_KEYS = ("cfg", "steps", "height", "width", "model", "tokens_sha256", "family", "dtype", "max_sequence_length",
-               "true_cfg")
+               "true_cfg", "uncond_tokens")
 
 
 # --------------------------------------------------------------------------- generation
@@ -59,6 +59,7 @@ def generate_images(
     progress: bool = True,
     call_kwargs: dict[str, Any] | None = None,
     true_cfg: float | None = None,
+    uncond_tokens: str = "positive",
 ) -> list[dict]:
     """Render one PNG per (prompt, seed) with the stock pipeline; resumable.
 
@@ -82,6 +83,9 @@ def generate_images(
         true_cfg: two-branch ("true") CFG on top of a guidance-distilled model's embedded guidance
             (FLUX.1-dev: `true_cfg_scale` with the negative prompt " " unless `call_kwargs` names
             one); the tokens are on both branches. Only for pipelines that take `true_cfg_scale`.
+        uncond_tokens: what the unconditional branch carries when `tokens` is attached here
+            ("positive", "negative": an AGSM file's psi-, "none": vanilla; see `load_into`). Tokens
+            attached by the caller keep the choice made there.
     Returns:
         The metadata rows of every requested image (already finished ones included), in order.
 
@@ -93,7 +97,16 @@ def generate_images(
     """
     own = None
     if tokens is not None and attached_handle(pipe) is None:
-        own = load_into(pipe, tokens)
+        own = load_into(pipe, tokens, uncond_tokens=uncond_tokens)
+    elif uncond_tokens != "positive" and (attached_handle(pipe) is None
+                                          or attached_handle(pipe).uncond_mode != uncond_tokens):
+        raise UsageError(f"--uncond-tokens {uncond_tokens}: the tokens attached to this pipeline were not loaded "
+                         "with that choice (pass it to load_into)" if attached_handle(pipe) is not None
+                         else f"--uncond-tokens {uncond_tokens} needs --tokens")
+    handle = attached_handle(pipe)
+    active = handle is not None and handle.enabled
+    mode = handle.uncond_mode if active else "positive"
+    calls_before = handle.uncond_calls if handle is not None else 0
     stack = contextlib.ExitStack()
     try:
         family = family_of(pipe)
@@ -121,6 +134,7 @@ def generate_images(
             "model": model or getattr(pipe.config, "_name_or_path", None) or type(pipe).__name__,
             "max_sequence_length": max_sequence_length, **tokens_record(pipe, tokens), "family": family.name,
             "true_cfg": None if true_cfg is None else float(true_cfg),
+            "uncond_tokens": None if mode == "positive" else mode,  # None: as every file before AGSM
             "dtype": str(pipe.dtype).replace("torch.", ""),
             "softrepa_version": __version__,
         }
@@ -140,6 +154,9 @@ def generate_images(
         if todo:
             warn_long_prompts(pipe, list(dict.fromkeys(p for _, p, _ in todo)))
         _render(pipe, todo, out, settings, max(1, int(batch_size)), progress, call_kwargs, done)
+        if todo and mode != "positive" and handle.uncond_calls == calls_before:
+            log.warning("--uncond-tokens %s had no effect: the pipeline ran no unconditional branch (CFG off, or "
+                        "a guidance-distilled model without --true-cfg)", mode)
         return [done[image_name(i, s)] for i, _, s in jobs]
     finally:
         stack.close()
@@ -211,7 +228,9 @@ def generate_comparison(
     Example:
         >>> grids = generate_comparison(pipe, prompts, [0, 1, 2], "cmp/", tokens="tokens.safetensors")
     """
-    own = load_into(pipe, tokens) if tokens is not None and attached_handle(pipe) is None else None
+    uncond = kwargs.pop("uncond_tokens", "positive")
+    own = (load_into(pipe, tokens, uncond_tokens=uncond)
+           if tokens is not None and attached_handle(pipe) is None else None)
     handle = attached_handle(pipe)
     if handle is None:
         raise UsageError("--compare needs soft tokens (--tokens FILE)")
@@ -219,7 +238,8 @@ def generate_comparison(
     try:
         with handle.disabled():  # hooks stay, tokens are skipped: the exact vanilla model
             vanilla = generate_images(pipe, prompts, seeds, out / "vanilla", **kwargs)
-        with_tokens = generate_images(pipe, prompts, seeds, out / "tokens", tokens=tokens, **kwargs)
+        with_tokens = generate_images(pipe, prompts, seeds, out / "tokens", tokens=tokens, uncond_tokens=uncond,
+                                      **kwargs)
     finally:
         if own is not None:
             own.remove()

@@ -72,9 +72,19 @@ class AttachHandle:
         self.tokens = tokens
         self.enabled = True
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+        self._removers: list[Callable[[], None]] = []
         # The tokens of the model call in flight, (B, num_sets, m, D). Kept after the call so that
         # activation-checkpoint recomputation in the backward pass sees the same tokens.
         self.current: torch.Tensor | None = None
+        # What the unconditional CFG branch carries (`softrepa.branches`): "positive" = `tokens`,
+        # "negative" = `uncond_tokens` (AGSM's psi-), "none" = nothing (the vanilla model).
+        self.uncond_mode = "positive"
+        self.uncond_tokens: SoftTokens | None = None
+        self.rows_rule: Callable[[int], torch.Tensor | None] | None = None  # the pipeline's rows
+        self.rows_override: torch.Tensor | None = None  # rows named by the caller (`uncond_rows`)
+        self.branch: str | None = None  # the diffusers cache-context name of the call in flight
+        self.uncond_calls = 0  # model calls that had unconditional rows (to tell a choice that did nothing)
+        self.splitting = False  # a "none" call split in two is in flight (its rows are conditional)
 
     def add(self, hook: torch.utils.hooks.RemovableHandle) -> None:
         self._hooks.append(hook)
@@ -120,8 +130,39 @@ class AttachHandle:
         finally:
             self.tokens = before
 
+    def uncond_mask(self, batch: int) -> torch.Tensor | None:
+        """(batch,) bool: the unconditional rows of the call in flight, or None (none known)."""
+        if self.rows_override is not None:
+            if self.rows_override.numel() != batch:
+                raise SoftTokensError(f"uncond_rows names {self.rows_override.numel()} rows for a call of {batch}")
+            return self.rows_override
+        return self.rows_rule(batch) if self.rows_rule is not None else None
+
+    @contextlib.contextmanager
+    def uncond_rows(self, mask: torch.Tensor) -> Iterator["AttachHandle"]:
+        """Within the block the model calls' unconditional rows are `mask` (B,) bool, whatever the
+        pipeline says: how a caller that builds its own CFG rows (FlowEdit) applies `uncond_mode`.
+
+        Example:
+            >>> with handle.uncond_rows(torch.arange(2 * b) < b):   # [uncond; cond]
+            ...     v = backbone.denoise(torch.cat([x, x]), t, cond)
+        """
+        before = self.rows_override
+        self.rows_override = mask.bool().reshape(-1).cpu()
+        try:
+            yield self
+        finally:
+            self.rows_override = before
+
+    def add_remover(self, fn: Callable[[], None]) -> None:
+        """Something other than a torch hook to undo at `remove()` (the cache-context probe)."""
+        self._removers.append(fn)
+
     def remove(self) -> None:
         """Remove every hook; the model is then exactly as before `attach()`."""
+        for fn in reversed(self._removers):
+            fn()
+        self._removers.clear()
         for h in self._hooks:
             h.remove()
         self._hooks.clear()

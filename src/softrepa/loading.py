@@ -74,7 +74,8 @@ def quiet_loading_bars() -> None:
 
 def load_model(model: str, *, tokens: str | Path | None = None, device: str | torch.device | None = None,
                dtype: str | torch.dtype | None = None, cpu_offload: bool = False, compile: bool = False,
-               vae_tiling: bool = False, vae_slicing: bool = False, progress: bool = True) -> tuple[Any, Any]:
+               vae_tiling: bool = False, vae_slicing: bool = False, progress: bool = True,
+               uncond_tokens: str = "positive") -> tuple[Any, Any]:
     """Load a diffusers pipeline and attach soft tokens to it.
 
     Args:
@@ -88,6 +89,8 @@ def load_model(model: str, *, tokens: str | Path | None = None, device: str | to
         compile: regional `torch.compile` of the denoiser's repeated blocks (`compile_blocks`).
         vae_tiling, vae_slicing: decode large images tile by tile / a batch one image at a time.
         progress: False silences the libraries' "Loading ..." progress bars.
+        uncond_tokens: what the unconditional CFG branch carries ("positive", "negative", "none";
+            see `softrepa.load_into`).
     Returns:
         (pipeline, attach handle or None without tokens).
     Raises:
@@ -103,7 +106,8 @@ def load_model(model: str, *, tokens: str | Path | None = None, device: str | to
         >>> with handle.disabled():                                         # the vanilla model
         ...     vanilla = pipe("a red cube on top of a blue sphere").images[0]
     """
-    from .artifact import load_into, load_soft_tokens
+    from .artifact import load_into, load_soft_tokens, token_sets_of
+    from .branches import check_choice
     from .compilation import compile_blocks
     from .pipeline import load_pipeline
 
@@ -111,8 +115,14 @@ def load_model(model: str, *, tokens: str | Path | None = None, device: str | to
     if cpu_offload and not device.startswith("cuda"):
         raise UsageError("--cpu-offload needs a CUDA --device")
     check_model(model)
+    check_choice(uncond_tokens)
     if tokens:
         load_soft_tokens(tokens)  # a bad tokens file fails before the (slow) model load
+        if uncond_tokens == "negative" and "negative" not in token_sets_of(tokens)[1:]:
+            raise UsageError(f"{tokens}: --uncond-tokens negative needs a file with a 'negative' token set (an "
+                             f"AGSM run's tokens.safetensors); this one holds {', '.join(token_sets_of(tokens))}")
+    elif uncond_tokens != "positive":
+        raise UsageError(f"--uncond-tokens {uncond_tokens} needs --tokens")
     if not progress:
         quiet_loading_bars()
     # with offload the weights stay on the CPU and accelerate moves each model in when it runs
@@ -123,7 +133,7 @@ def load_model(model: str, *, tokens: str | Path | None = None, device: str | to
         pipe.vae.enable_tiling()
     if vae_slicing:
         pipe.vae.enable_slicing()
-    handle = load_into(pipe, tokens) if tokens else None
+    handle = load_into(pipe, tokens, uncond_tokens=uncond_tokens) if tokens else None
     if compile:
         compile_blocks(pipe)
     return pipe, handle

@@ -135,8 +135,22 @@ def denoiser_pre_hook(handle: AttachHandle, placement: Placement, projection: Ca
             raise SoftTokensError(f"{type(module).__name__} was called without a timestep")
         if placement.timestep_scale != 1.0:
             timestep = torch.as_tensor(timestep) * placement.timestep_scale
-        handle.current = handle.tokens(timestep, sample.shape[0], projection=projection,
-                                       dtype=sample.dtype, device=sample.device)
+        b = sample.shape[0]
+        mask = None  # the unconditional rows, when they carry other tokens than the attached ones
+        if handle.uncond_mode != "positive" and not handle.splitting:
+            mask = handle.uncond_mask(b)
+            if mask is not None and not bool(mask.any()):
+                mask = None
+            handle.uncond_calls += mask is not None
+            if mask is not None and handle.uncond_mode == "none":
+                # all rows unconditional (a call mixing both was split before this hook): vanilla
+                handle.current = None
+                return None
+        kw = dict(projection=projection, dtype=sample.dtype, device=sample.device)
+        handle.current = handle.tokens(timestep, b, **kw)  # (B, num_sets, m, D)
+        if mask is not None:  # "negative": AGSM's psi- on the unconditional rows
+            negative = handle.uncond_tokens(timestep, b, **kw)
+            handle.current = torch.where(mask.to(sample.device).view(-1, 1, 1, 1), negative, handle.current)
         if placement.call_state is not None:
             state.update(placement.call_state(module, args, kwargs, handle.tokens.layout.num_tokens))
         return None

@@ -439,13 +439,12 @@ class Trainer:
         bar.close()
         final = self.out / "tokens.safetensors"
         if main:
-            # every file names the objective, its own set and where the run's other sets are (`softrepa info`)
-            names = list(self.token_sets)
-            files = {n: final.name if i == 0 else f"tokens_{n}.safetensors" for i, n in enumerate(names)}
-            for name in names:  # the first set (SoftREPA's tokens, AGSM's psi+) is tokens.safetensors
-                save_soft_tokens(self.token_sets[name], self.out / files[name],
-                                 extra_metadata={"step": str(self.step), "objective": cfg.objective,
-                                                 "token_set": name, "token_sets": json.dumps(files)})
+            # one file holds every set, the first (SoftREPA's tokens, AGSM's psi+) as its main set, and
+            # names the objective (`softrepa info`); AGSM's psi- is its "negative" set
+            first, *rest = self.token_sets
+            save_soft_tokens(self.token_sets[first], final, name=first,
+                             others={n: self.token_sets[n] for n in rest},
+                             extra_metadata={"step": str(self.step), "objective": cfg.objective})
             try:
                 from .viz import plot_training_curves
 

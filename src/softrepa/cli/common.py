@@ -51,6 +51,15 @@ def add_model_arguments(p: argparse.ArgumentParser, *, tokens_help: str | None =
                    help="regional torch.compile of the denoiser's repeated blocks (the first call compiles)")
 
 
+def add_uncond_argument(p: argparse.ArgumentParser) -> None:
+    from ..branches import UNCOND_CHOICES
+
+    p.add_argument("--uncond-tokens", choices=UNCOND_CHOICES, default="positive",
+                   help="what the unconditional CFG branch carries: positive (the tokens, on both branches; "
+                        "default), negative (an AGSM file's psi-: the official --uncon2neg), none (the vanilla "
+                        "model there)")
+
+
 def text_length_help(default: str = "the family's own") -> str:
     """Help of `--max-sequence-length`, naming the registered families' own text lengths."""
     from ..registry import family_names, get_family
@@ -83,8 +92,9 @@ def load_model(args: argparse.Namespace) -> tuple[Any, Any]:
     return _load_model(args.model, tokens=args.tokens, device=args.device, dtype=args.dtype,
                        cpu_offload=getattr(args, "cpu_offload", False), compile=getattr(args, "compile", False),
                        vae_tiling=getattr(args, "vae_tiling", False), vae_slicing=getattr(args, "vae_slicing", False),
-                       progress=not getattr(args, "no_progress", False))
+                       progress=not getattr(args, "no_progress", False),
+                       uncond_tokens=getattr(args, "uncond_tokens", "positive"))
 
 
 __all__ = ["DTYPES", "add_dtype_argument", "add_model_arguments", "add_offload_arguments", "add_out_argument",
-           "add_progress_argument", "check_data", "check_model", "dtype_name", "load_model", "text_length_help"]
+           "add_progress_argument", "add_uncond_argument", "check_data", "check_model", "dtype_name", "load_model", "text_length_help"]

@@ -34,7 +34,7 @@ from ..family import family_of
 from ..flowedit import FlowEditParams
 from ..prompts import parse_size
 from ..runfolder import open_image
-from .common import add_model_arguments, add_offload_arguments, add_out_argument, add_progress_argument, load_model
+from .common import add_model_arguments, add_offload_arguments, add_uncond_argument, add_out_argument, add_progress_argument, load_model
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -66,6 +66,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="working size H or HxW (default: the image's own, longer side capped at the model's "
                         "native resolution); images are resized, not cropped, and the output keeps the source "
                         "image's size")
+    add_uncond_argument(p)
     add_progress_argument(p)
     add_out_argument(p)
 

@@ -15,7 +15,7 @@ import argparse
 from ..errors import UsageError
 from ..generate import generate_comparison, generate_images
 from ..prompts import parse_seeds, parse_size, read_prompts
-from .common import add_model_arguments, add_offload_arguments, add_out_argument, add_progress_argument, load_model
+from .common import add_model_arguments, add_uncond_argument, add_offload_arguments, add_out_argument, add_progress_argument, load_model
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -33,6 +33,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", default=None, help="H or HxW (default: the model's native resolution)")
     p.add_argument("--batch-size", type=int, default=1, help="images per pipeline call")
     p.add_argument("--max-prompts", type=int, default=None, help="use only the first N prompts")
+    add_uncond_argument(p)
     p.add_argument("--compare", action="store_true",
                    help="also render without tokens (same seeds): vanilla/, tokens/ and compare/ grids")
     add_progress_argument(p)
@@ -50,7 +51,8 @@ def run(args: argparse.Namespace) -> int:
     pipe, _ = load_model(args)
     kw = dict(steps=args.steps, cfg=args.cfg, height=size[0] if size else None, width=size[1] if size else None,
               batch_size=args.batch_size, max_sequence_length=args.max_sequence_length, tokens=args.tokens,
-              model=args.model, progress=not args.no_progress, true_cfg=args.true_cfg)
+              model=args.model, progress=not args.no_progress, true_cfg=args.true_cfg,
+              uncond_tokens=args.uncond_tokens)
     if args.compare:
         grids = generate_comparison(pipe, prompts, seeds, args.out, **kw)
         print(f"{len(prompts) * len(seeds)} image pairs in {args.out}/vanilla, {args.out}/tokens; grids in {grids}")

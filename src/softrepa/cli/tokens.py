@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..artifact import PROVENANCE_KEYS, load_soft_tokens, provenance_of, read_metadata
+from ..artifact import PROVENANCE_KEYS, SETS_KEY, load_soft_tokens, provenance_of, read_metadata, token_sets_of
 from ..official import FAMILIES, import_official
 from .common import add_out_argument
 
@@ -39,9 +39,13 @@ def add_info_arguments(p: argparse.ArgumentParser) -> None:
 def run_info(args: argparse.Namespace) -> int:
     tokens = load_soft_tokens(args.tokens)
     meta = read_metadata(args.tokens)
+    sets = token_sets_of(args.tokens)
     print(json.dumps({"layout": tokens.layout.to_dict(),
-                      "parameters": sum(p.numel() for p in tokens.parameters()),
+                      "objective": meta.get("objective", "not recorded"),
+                      "token_sets": sets,  # AGSM: ["positive", "negative"] = psi+ (main), psi-
+                      "parameters": sum(p.numel() for p in tokens.parameters()) * len(sets),
                       "provenance": provenance_of(args.tokens) or "not recorded (an older or imported file)",
                       "metadata": {k: v for k, v in meta.items()
-                                   if k != "softrepa_layout" and k not in PROVENANCE_KEYS}}, indent=2))
+                                   if k not in ("softrepa_layout", SETS_KEY, "objective")
+                                   and k not in PROVENANCE_KEYS}}, indent=2))
     return 0

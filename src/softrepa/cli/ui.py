@@ -13,7 +13,7 @@ import argparse
 import time
 
 from ..errors import MissingDependencyError, UsageError
-from .common import add_dtype_argument, text_length_help
+from .common import add_dtype_argument, add_uncond_argument, text_length_help
 
 # the defaults are spelled here rather than imported: `softrepa --help` must not import the page
 DEFAULT_MODEL = "@assets/toy_sd3"
@@ -26,6 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="soft tokens: a .safetensors file, a run folder or a Hub id owner/name (default: the demo's "
                         "tokens for the bundled miniature; another "
                         "miniature trains --train-steps steps on start; other models need this)")
+    add_uncond_argument(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=7860, help="port (default 7860; 0: any free port)")
     p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
@@ -52,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--train-steps must be >= 1, got {args.train_steps}")
     serve(args.model, args.tokens, host=args.host, port=args.port, device=args.device, dtype=args.dtype,
           max_sequence_length=args.max_sequence_length, metrics_config=args.metrics_config,
-          train_steps=args.train_steps, started=started)
+          train_steps=args.train_steps, started=started, uncond_tokens=args.uncond_tokens)
     return 0
 
 

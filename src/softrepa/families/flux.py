@@ -88,6 +88,7 @@ class FluxFamily(Family):
     denoiser_class = "FluxTransformer2DModel"
     sampling = SamplingDefaults(steps=28, cfg=3.5)  # FLUX.1-dev's model card; schnell: --steps 4 --cfg 0
     edit = FLOWEDIT_FLUX_DEV
+    cfg_branches = "calls"  # true CFG: one call per branch, inside transformer.cache_context("cond" / "uncond")
     text_length = 512  # FLUX.1-dev's T5 length (schnell's 256 is an explicit --max-sequence-length)
     # the pipeline calls the transformer with t / 1000; the tokens' buckets are on the 0..1000 scale
     placement = Placement(DUAL_STREAM, timestep_scale=1000.0, rotary_arg="image_rotary_emb", rotary=first_text_rows)

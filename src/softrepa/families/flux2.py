@@ -153,6 +153,7 @@ class Flux2Family(Family):
     # guidance-distilled with the embedding on the same scale (its sampling default 4.0, FLUX.1-dev's 3.5)
     edit = replace(FLOWEDIT_FLUX_DEV, source="FlowEdit's FLUX.1-dev setting carried over (fallenshock/FlowEdit "
                    "FLUX_exp.yaml: 28 steps, n_max 24, guidance 1.5 -> 5.5); not tuned for FLUX.2; same with tokens")
+    cfg_branches = "calls"  # true CFG: one call per branch, inside transformer.cache_context("cond" / "uncond")
     text_length = 512  # Flux2Pipeline's prompt length (tokenizer_max_length 512)
     placement = Placement(DUAL_STREAM, timestep_scale=1000.0, rotary_arg="image_rotary_emb",
                           rotary=prepend_token_rows, call_state=token_rotary)

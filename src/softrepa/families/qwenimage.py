@@ -183,6 +183,7 @@ class QwenImageFamily(Family):
     edit = EditPresets(steps=50, src_cfg=3.5, vanilla=(37, 13.5), tokens=(35, 9.0),
                        source="chosen for softrepa, no official Qwen-Image FlowEdit setting: SD3's CFGs, n_max "
                               "matching SD3's starting noise level under Qwen-Image's schedule")
+    cfg_branches = "calls"  # true CFG: one call per branch, inside transformer.cache_context("cond" / "uncond")
     text_length = 512  # the pipeline's default (prompts are padded with mask 0; recipes may choose less)
     # the tokens are real keys: mask 1 (a 0 would hide them from every query); the pipeline may hand one
     # negative prompt to a batch of latents, which the model broadcasts

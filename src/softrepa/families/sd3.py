@@ -46,6 +46,7 @@ class SD3Family(Family):
     sampling = SamplingDefaults(steps=28, cfg=4.0)  # paper Table 4
     edit = EditPresets(steps=50, src_cfg=3.5, vanilla=(33, 13.5), tokens=(30, 9.0),
                        source="FlowEdit's SD3 setting (vanilla); SoftREPA Tables 5-6 (tokens)")
+    cfg_branches = "batch"  # the stock pipeline runs CFG as one call on [uncond; cond] rows
     text_length = 512  # the recipe's T5 length (the authors' SD3 training); the pipeline's own default is 256
     repeated_blocks = ("JointTransformerBlock",)  # SD3Transformer2DModel declares no `_repeated_blocks`
     placement = Placement(DUAL_STREAM)  # no text positions, no text mask

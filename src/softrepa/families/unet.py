@@ -122,6 +122,7 @@ class UNetFamily(Family):
     """SD1.5-type (`text_time=False`) or SDXL-type (`text_time=True`) UNets: one class, two registered instances."""
 
     denoiser_class = "UNet2DConditionModel"
+    cfg_branches = "batch"  # the stock pipelines run CFG as one call on [uncond; cond] rows
     sampling = SamplingDefaults(steps=30, cfg=7.0)  # paper Table 4
     edit = EditPresets(steps=50, src_cfg=3.5, vanilla=(33, 13.5), tokens=(30, 9.0),
                        source="FlowEdit's defaults (vanilla); SoftREPA Tables 5-6 (tokens)")

@@ -196,13 +196,14 @@ def free_port(host: str = "127.0.0.1") -> int:
 def serve(model: str, tokens: str | None = None, *, host: str = "127.0.0.1", port: int = 7860,
           device: str | None = None, dtype: str | None = None, max_sequence_length: int | None = None,
           metrics_config: str | None = None, train_steps: int = QUICK_TRAIN_STEPS, block: bool = True,
-          started: float | None = None) -> Any:
+          started: float | None = None, uncond_tokens: str = "positive") -> Any:
     """Load the model, build the page and serve it (until Ctrl-C when `block`).
 
     Args:
         model, tokens: what to load first (`Workbench.load`).
         host, port: where to listen (port 0: any free port).
-        device, dtype, max_sequence_length, metrics_config, train_steps: see `softrepa.ui.bench.Workbench`.
+        device, dtype, max_sequence_length, metrics_config, train_steps, uncond_tokens: see
+            `softrepa.ui.bench.Workbench`.
         block: wait for Ctrl-C (the CLI); False returns the running app (tests, notebooks).
         started: `time.perf_counter()` when the command started (the startup time printed).
     Returns:
@@ -210,7 +211,7 @@ def serve(model: str, tokens: str | None = None, *, host: str = "127.0.0.1", por
     """
     t0 = started if started is not None else time.perf_counter()
     logging.getLogger("httpx").setLevel(logging.WARNING)  # gradio's own start-up probes, one line each
-    bench = Workbench(device, dtype, max_sequence_length, metrics_config, train_steps)
+    bench = Workbench(device, dtype, max_sequence_length, metrics_config, train_steps, uncond_tokens)
     print(f"softrepa ui: loading {model or DEFAULT_MODEL} ...", flush=True)
     print(f"softrepa ui: {bench.load(model, tokens)}", flush=True)
     examples = tempfile.mkdtemp(prefix="softrepa-ui-examples-")

@@ -139,11 +139,15 @@ class Workbench:
             family's, or a miniature recipe's).
         metrics_config: a metrics.yaml whose `lpips` section names LPIPS' weights (None: defaults).
         train_steps: steps of `quick_tokens` when a miniature is loaded without tokens.
+        uncond_tokens: what the tokens arm's unconditional CFG branch carries (`--uncond-tokens`:
+            "positive", "negative" for an AGSM file's psi-, "none"; see `softrepa.load_into`).
     """
 
     def __init__(self, device: str | None = None, dtype: str | None = None, max_sequence_length: int | None = None,
-                 metrics_config: str | None = None, train_steps: int = QUICK_TRAIN_STEPS):
+                 metrics_config: str | None = None, train_steps: int = QUICK_TRAIN_STEPS,
+                 uncond_tokens: str = "positive"):
         self.device, self.dtype, self.msl = device, dtype, max_sequence_length
+        self.uncond_tokens = uncond_tokens
         self.metrics_config, self.train_steps = metrics_config, train_steps
         self.pipe: Any = None
         self.handle: Any = None
@@ -181,10 +185,11 @@ class Workbench:
             raise UsageError(f"no tokens for {model}: give a tokens file (--tokens); only miniatures train on start")
         with self.lock:
             # the library's loader (as `softrepa generate`'s): a bad folder fails before anything heavy
-            pipe, handle = load_model(model, tokens=tokens, device=self.device, dtype=self.dtype)
+            pipe, handle = load_model(model, tokens=tokens, device=self.device, dtype=self.dtype,
+                                      uncond_tokens=self.uncond_tokens)
             if handle is None:
                 tokens = str(quick_tokens(pipe, model, self.train_steps))
-                handle = load_into(pipe, tokens)
+                handle = load_into(pipe, tokens, uncond_tokens=self.uncond_tokens)
             old = self.handle
             self.pipe, self.handle, self.model, self.tokens, self.miniature = pipe, handle, model, tokens, miniature
             self.defaults = model_defaults(pipe, miniature, self.msl)
