@@ -47,14 +47,16 @@ def ref_mmdit_forward(model, tokens, hidden_states, encoder_hidden_states, poole
     return hs.reshape(hs.shape[0], model.out_channels, h * p, w * p)
 
 
-def ref_unet_forward(model, tokens, sample, timestep, encoder_hidden_states, added_cond_kwargs=None):
-    """UNet2DConditionModel forward (plain SD1.5 / SDXL configs) with a hand-built context per group."""
-    lay = tokens.layout
-    s = ref_tokens(tokens, 0, timestep.expand(sample.shape[0]))
+def ref_unet_forward(model, tokens, sample, timestep, encoder_hidden_states, added_cond_kwargs=None,
+                     rows=None, blocks=None):
+    """UNet2DConditionModel forward (plain SD1.5 / SDXL configs) with a hand-built context per group.
+    `rows` (B, m, D) and `blocks` replace `tokens` (then None) when a caller computes the tokens itself."""
+    s = rows if rows is not None else ref_tokens(tokens, 0, timestep.expand(sample.shape[0]))
+    blocks = blocks if blocks is not None else tokens.layout.blocks
     ctx_tok = torch.cat([encoder_hidden_states[:, :1], s, encoder_hidden_states[:, 1:]], dim=1)
 
     def ctx(group):
-        return ctx_tok if group in lay.blocks else encoder_hidden_states
+        return ctx_tok if group in blocks else encoder_hidden_states
 
     t_emb = model.get_time_embed(sample=sample, timestep=timestep)
     emb = model.time_embedding(t_emb, None)

@@ -155,3 +155,97 @@ def test_bad_official_files(tmp_path):
         convert_official("sd4", torch.zeros(5, 4, 64))
     assert main(["import-official", "--family", "sd15", "--dc-tokens", str(tmp_path / "nope.pth"),
                  "--out", str(tmp_path / "o.safetensors")]) == 2
+
+
+# ----------------------------------------------------------------------------- AGSM's files
+def agsm_mmdit_forward(model, soft, soft_t: torch.nn.Embedding, n_layers, neg, inp):
+    """AGSM's SD3 wrapper (their transformer.py semantics): per row the policy `neg[b]` (0 = psi+,
+    1 = psi-), tokens appended *after* the text, dropped again before the next block."""
+    hs = model.pos_embed(inp["hidden_states"])
+    temb = model.time_text_embed(inp["timestep"], inp["pooled_projections"])
+    ehs = model.context_embedder(inp["encoder_hidden_states"])
+    t_emb = soft_t(authors_bucket(inp["timestep"])).chunk(n_layers, dim=-1)
+    n = ehs.shape[1]
+    for k, block in enumerate(model.transformer_blocks):
+        ehs = ehs[:, :n]
+        if k < n_layers:
+            base = soft[neg, k]  # (B, m, D)
+            if base.shape[-1] == model.config.joint_attention_dim:
+                base = model.context_embedder(base)
+            ehs = torch.cat([ehs, base + t_emb[k].unsqueeze(1)], dim=1)
+        ehs, hs = block(hidden_states=hs, encoder_hidden_states=ehs, temb=temb)
+    hs = model.proj_out(model.norm_out(hs, temb))
+    p, c = model.config.patch_size, model.out_channels
+    h, w = inp["hidden_states"].shape[-2] // p, inp["hidden_states"].shape[-1] // p
+    hs = torch.einsum("nhwpqc->nchpwq", hs.reshape(hs.shape[0], h, w, p, p, c))
+    return hs.reshape(hs.shape[0], c, h * p, w * p)
+
+
+@pytest.mark.parametrize("timesteps", [[1000.0] * 3, [640.2, 503.7, 9.0]])
+def test_agsm_sd3_import_reproduces_the_official_forward_for_both_policies(tmp_path, sd3_model, timesteps):
+    cfg = sd3_model.config
+    L, m = 3, 4
+    torch.manual_seed(0)
+    soft = torch.nn.Parameter(torch.randn(2, L, m, cfg.caption_projection_dim) * 0.3)
+    emb = torch.nn.Embedding(100, cfg.caption_projection_dim * L)
+    torch.nn.init.normal_(emb.weight, std=0.3)
+    with saved_as_cuda():
+        torch.save(soft, tmp_path / "soft_tokens.pth")
+        torch.save(emb, tmp_path / "soft_t_tokens.pth")
+    out = tmp_path / "agsm.safetensors"
+    assert main(["import-official", "--method", "agsm", "--family", "sd3", "--soft-tokens",
+                 str(tmp_path / "soft_tokens.pth"), "--soft-t-tokens", str(tmp_path / "soft_t_tokens.pth"),
+                 "--out", str(out)]) == 0
+    assert softrepa.token_sets_of(out) == ["positive", "negative"]
+    inp = mmdit_inputs(sd3_model, timesteps=timesteps)
+    neg = torch.tensor([0, 1, 1])  # rows 1, 2 under psi- (as the unconditional rows of --uncon2neg)
+    with torch.no_grad():
+        ref = agsm_mmdit_forward(sd3_model, soft.detach(), emb, L, neg, inp)
+        ref_pos = agsm_mmdit_forward(sd3_model, soft.detach(), emb, L, torch.zeros(3, dtype=torch.long), inp)
+        with softrepa.load_into(sd3_model, out) as handle:  # default: psi+ everywhere
+            assert (sd3_model(**inp).sample - ref_pos).abs().max() <= 1e-5
+        with softrepa.load_into(sd3_model, out, uncond_tokens="negative") as handle:
+            with handle.uncond_rows(neg.bool()):
+                got = sd3_model(**inp).sample
+    assert (got - ref).abs().max() <= 1e-5
+    assert (ref - ref_pos)[1:].abs().max() > 1e-3  # psi- really differs where it applies
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_agsm_unet_import_reproduces_the_official_forward(tmp_path, family):
+    from softrepa.tiny import tiny_unet
+    from tests.reference import ref_unet_forward
+
+    model = tiny_unet(sdxl=family == "sdxl")
+    width = model.config.cross_attention_dim
+    torch.manual_seed(0)
+    soft = torch.randn(2, 4, width) * 0.3
+    emb = torch.nn.Embedding(100, width)
+    torch.nn.init.normal_(emb.weight, std=0.3)
+    torch.save(soft, tmp_path / "soft_tokens.pth")
+    torch.save(emb, tmp_path / "soft_t_tokens.pth")
+    out = tmp_path / "t.safetensors"
+    assert main(["import-official", "--method", "agsm", "--family", family, "--soft-tokens",
+                 str(tmp_path / "soft_tokens.pth"), "--soft-t-tokens", str(tmp_path / "soft_t_tokens.pth"),
+                 "--out", str(out)]) == 0
+    assert softrepa.load_soft_tokens(out).layout.blocks == ("down", "mid")  # AGSM's apply_soft_tokens default
+    inp = unet_inputs(model, timesteps=[700, 700, 700])
+    neg = torch.tensor([1, 0, 1])
+    # AGSM: [BOS, soft[neg_b] + soft_t(int(t)//10), rest] in the down and mid blocks
+    rows = soft[neg] + emb.weight[70].detach()
+    with torch.no_grad():
+        ref = ref_unet_forward(model, None, **inp, rows=rows, blocks=("down", "mid"))
+        with softrepa.load_into(model, out, uncond_tokens="negative") as handle:
+            with handle.uncond_rows(neg.bool()):
+                got = model(**inp).sample
+    assert (got - ref).abs().max() <= 1e-5
+
+
+def test_agsm_import_errors(tmp_path):
+    torch.save(torch.zeros(5, 4, 1536), tmp_path / "one_policy.pth")
+    with pytest.raises(SoftTokensError, match=r"must have shape \(2, L, m, D\) \(psi\+, psi-\), got \(5, 4, 1536\)"):
+        softrepa.official.import_official("sd3", tmp_path / "one_policy.pth", None, tmp_path / "x", method="agsm")
+    args = ["import-official", "--method", "agsm", "--family", "sd3", "--out", str(tmp_path / "y.safetensors")]
+    assert main(args) == 2  # no --soft-tokens
+    assert main(args + ["--soft-tokens", str(tmp_path / "one_policy.pth"), "--dc-t-tokens", "x.pth"]) == 2
+    assert not (tmp_path / "y.safetensors").exists()

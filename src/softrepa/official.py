@@ -1,9 +1,19 @@
-"""Convert the paper authors' released token files (`dc_tokens.pth`, `dc_t_tokens.pth`) to ours.
+"""Convert the authors' released token files to ours: SoftREPA's (`dc_tokens.pth`,
+`dc_t_tokens.pth`) and AGSM's (`soft_tokens.pth`, `soft_t_tokens.pth`; `METHODS`).
 
 Their files are pickles: `dc_tokens` is a tensor / Parameter — SD3 (L, m, 4096) in the
 text-encoder space or (L, m, 1536) in the block width, SD1.5 (m, 768), SDXL (m, 2048) — and
 `dc_t_tokens` a pickled `nn.Embedding(100, width * L)` (SD3; layer k owns columns
 [k*width, (k+1)*width)) or `nn.Embedding(100, 768)` (SD1.5), possibly saved from a CUDA device.
+
+AGSM's (github jaayeon/AGSM, `transformer.py`): `soft_tokens` holds both policies on its first axis,
+[0] = psi+ and [1] = psi- — SD3 (2, L, m, 1536) (block width; a last dim of 4096 would go through
+`context_embedder`), SD1.5 (2, m, 768), SDXL (2, m, 2048) — and `soft_t_tokens` one time part
+shared by both, `nn.Embedding(100, width * L)` (SD3) or `nn.Embedding(100, width)` (UNets). Their
+UNet wrappers apply the tokens to the down and mid blocks (`apply_soft_tokens` default
+[True, True, False], which no script overrides), SoftREPA's scripts to the down blocks only. Their
+SD3 wrapper appends the tokens after the text where SoftREPA's prepends them: SD3's joint attention
+has no text positions, so the order changes nothing but the summation order (tested to 1e-5).
 
 This is the only place the project unpickles anything, and it does so with
 `torch.load(weights_only=True, map_location="cpu")` and an allow-list of exactly one class,
@@ -27,6 +37,10 @@ DEFAULT_MODEL_DIM = {"sd3": 1536, "sd15": 768, "sdxl": 2048}
 DEFAULT_TEXT_DIM = {"sd3": 4096}
 #: The families whose released token files can be converted (`softrepa import-official --family`).
 FAMILIES = tuple(DEFAULT_MODEL_DIM)
+#: Whose files: SoftREPA's (dc_tokens) or AGSM's (soft_tokens with psi+ / psi-).
+METHODS = ("softrepa", "agsm")
+#: UNet block groups each method's official code applies the tokens to.
+OFFICIAL_BLOCKS = {"softrepa": ("down",), "agsm": ("down", "mid")}
 
 # torch colours parts of its unpickling errors; our message goes to logs and terminals alike
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -142,18 +156,57 @@ def convert_official(
     return tokens
 
 
+def convert_official_agsm(family: str, soft_tokens: torch.Tensor, soft_t_tokens: torch.Tensor | None = None,
+                          **kwargs: Any) -> tuple[SoftTokens, SoftTokens]:
+    """(psi+, psi-) `SoftTokens` that reproduce AGSM's official forward with its tensors.
+
+    Args:
+        family: one of `FAMILIES`.
+        soft_tokens: SD3 (2, L, m, width | 4096); UNet (2, m, width): [0] psi+, [1] psi-.
+        soft_t_tokens: the shared embedding weight, SD3 (buckets, width * L), UNet (buckets, width); or None.
+        **kwargs: as `convert_official` (`layers`, `blocks` — default down + mid, AGSM's —, `model_dim`).
+    Example:
+        >>> pos, neg = convert_official_agsm("sd3", torch.zeros(2, 5, 4, 1536), torch.zeros(100, 1536 * 5))
+    """
+    want = 4 if family == "sd3" else 3
+    if soft_tokens.dim() != want or soft_tokens.shape[0] != 2:
+        shape = "(2, L, m, D)" if family == "sd3" else "(2, m, D)"
+        raise SoftTokensError(f"soft_tokens: AGSM {family} tokens must have shape {shape} (psi+, psi-), "
+                              f"got {tuple(soft_tokens.shape)}")
+    kwargs.setdefault("blocks", OFFICIAL_BLOCKS["agsm"])
+    pos = convert_official(family, soft_tokens[0], soft_t_tokens, **kwargs)
+    neg = convert_official(family, soft_tokens[1], soft_t_tokens, **kwargs)
+    return pos, neg
+
+
 def import_official(
     family: str,
     dc_tokens_path: str | os.PathLike,
     dc_t_tokens_path: str | os.PathLike | None,
     out: str | os.PathLike,
+    method: str = "softrepa",
     **kwargs: Any,
 ) -> Path:
-    """Read the authors' files, convert (`convert_official`, which takes `kwargs`), and save as a
-    softrepa safetensors artefact; returns its path."""
+    """Read the authors' files, convert, and save as a softrepa safetensors artefact; returns its path.
+
+    Args:
+        family: one of `FAMILIES`.
+        dc_tokens_path, dc_t_tokens_path: SoftREPA's dc_tokens.pth / dc_t_tokens.pth, or AGSM's
+            soft_tokens.pth / soft_t_tokens.pth (the time part may be None).
+        out: the `.safetensors` to write.
+        method: "softrepa" or "agsm" (one file with psi+ as its main set and psi- as its
+            "negative" set, as an AGSM run of ours writes).
+        **kwargs: `convert_official`'s `layers`, `blocks`, `model_dim`.
+    """
     from .artifact import save_soft_tokens
 
-    dc = load_official_tensor(dc_tokens_path, "dc_tokens")
-    dct = load_official_tensor(dc_t_tokens_path, "dc_t_tokens") if dc_t_tokens_path else None
-    tokens = convert_official(family, dc, dct, **kwargs)
-    return save_soft_tokens(tokens, out, extra_metadata={"softrepa_source": "import-official"})
+    if method not in METHODS:
+        raise SoftTokensError(f"method must be one of {list(METHODS)}, got {method!r}")
+    names = ("dc_tokens", "dc_t_tokens") if method == "softrepa" else ("soft_tokens", "soft_t_tokens")
+    dc = load_official_tensor(dc_tokens_path, names[0])
+    dct = load_official_tensor(dc_t_tokens_path, names[1]) if dc_t_tokens_path else None
+    meta = {"softrepa_source": f"import-official {method}", "objective": method}
+    if method == "softrepa":
+        return save_soft_tokens(convert_official(family, dc, dct, **kwargs), out, extra_metadata=meta)
+    pos, neg = convert_official_agsm(family, dc, dct, **kwargs)
+    return save_soft_tokens(pos, out, extra_metadata=meta, others={"negative": neg}, name="positive")

@@ -6,27 +6,43 @@ import argparse
 import json
 
 from ..artifact import PROVENANCE_KEYS, SETS_KEY, load_soft_tokens, provenance_of, read_metadata, token_sets_of
-from ..official import FAMILIES, import_official
+from ..errors import UsageError
+from ..official import FAMILIES, METHODS, OFFICIAL_BLOCKS, import_official
 from .common import add_out_argument
 
 
 def add_import_official_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--family", required=True, choices=FAMILIES, help="model family of the tokens")
-    p.add_argument("--dc-tokens", required=True, help="authors' dc_tokens.pth")
-    p.add_argument("--dc-t-tokens", default=None, help="authors' dc_t_tokens.pth (pickled nn.Embedding), optional")
+    p.add_argument("--method", choices=METHODS, default="softrepa",
+                   help="whose files: softrepa (dc_tokens.pth, dc_t_tokens.pth; default) or agsm (soft_tokens.pth "
+                        "with psi+ and psi-, soft_t_tokens.pth: one file with both sets)")
+    p.add_argument("--dc-tokens", default=None, help="SoftREPA: the authors' dc_tokens.pth")
+    p.add_argument("--dc-t-tokens", default=None, help="SoftREPA: dc_t_tokens.pth (pickled nn.Embedding), optional")
+    p.add_argument("--soft-tokens", default=None, help="AGSM: the authors' soft_tokens.pth (psi+ and psi-)")
+    p.add_argument("--soft-t-tokens", default=None, help="AGSM: soft_t_tokens.pth (pickled nn.Embedding), optional")
     p.add_argument("--layers", type=int, default=None, help="SD3: number of token layers (checked against the file)")
-    p.add_argument("--blocks", default="down",
+    p.add_argument("--blocks", default=None,
                    help="SD1.5/SDXL: comma-separated UNet block groups for the tokens, from down,mid,up "
-                        "(default down: the authors' scripts, --apply_dc True False False; the paper's text "
-                        "says down,mid)")
+                        "(default: the method's official code — SoftREPA down (its scripts pass --apply_dc True "
+                        "False False; the paper's text says down,mid), AGSM down,mid)")
     p.add_argument("--model-dim", type=int, default=None,
                    help="SD3 block width when the file does not tell (default 1536, SD3-medium)")
     add_out_argument(p, help="output .safetensors")
 
 
 def run_import_official(args: argparse.Namespace) -> int:
-    path = import_official(args.family, args.dc_tokens, args.dc_t_tokens, args.out, layers=args.layers,
-                           blocks=args.blocks, model_dim=args.model_dim)
+    main, time = ((args.dc_tokens, args.dc_t_tokens) if args.method == "softrepa"
+                  else (args.soft_tokens, args.soft_t_tokens))
+    flags = ("--dc-tokens", "--dc-t-tokens") if args.method == "softrepa" else ("--soft-tokens", "--soft-t-tokens")
+    other = ("--soft-tokens", "--soft-t-tokens") if args.method == "softrepa" else ("--dc-tokens", "--dc-t-tokens")
+    if main is None:
+        raise UsageError(f"import-official --method {args.method} needs {flags[0]}")
+    given = [f for f in other if getattr(args, f[2:].replace("-", "_")) is not None]
+    if given:
+        raise UsageError(f"{given[0]} belongs to the other method; --method {args.method} reads {' and '.join(flags)}")
+    blocks = args.blocks if args.blocks is not None else OFFICIAL_BLOCKS[args.method]
+    path = import_official(args.family, main, time, args.out, method=args.method, layers=args.layers,
+                           blocks=blocks, model_dim=args.model_dim)
     print(f"wrote {path} (+ {path.with_suffix('.json').name})")
     return 0
 
