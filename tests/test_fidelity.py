@@ -382,6 +382,26 @@ def test_recipes_follow_the_authors_scripts():
         assert (r.lr, r.weight_decay, r.batch_size, r.loss.tau, r.loss.scale) == (1e-3, 1e-4, 16, 0.07, 4.0)
 
 
+def test_agsm_recipes_follow_the_official_scripts():
+    """scripts/train_coco.sh + train.py of jaayeon/AGSM (docs/fidelity.md, AGSM section)."""
+    from softrepa.config import load_config as load_recipe
+
+    sd3, sd15, sdxl = load_recipe("sd3_agsm"), load_recipe("sd15_agsm"), load_recipe("sdxl_agsm")
+    for r in (sd3, sd15, sdxl):
+        assert r.objective == "agsm" and r.negatives.per_image == 0
+        assert (r.lr, r.weight_decay, r.batch_size, r.resolution, r.mixed_precision) == (1e-3, 1e-4, 4, 512, "fp16")
+        assert (r.agsm.tau, r.agsm.gamma_pos, r.agsm.ema_decay) == (0.1, 1.0, 0.9999)
+        assert (r.schedule.T_0, r.schedule.T_mult, r.schedule.eta_min) == (10, 1, 1e-5)
+        assert r.tokens.num_tokens == 4 and r.tokens.time_buckets == 100
+    assert (sd3.agsm.gamma_neg, sd15.agsm.gamma_neg, sdxl.agsm.gamma_neg) == (0.1, 1.0, 0.1)
+    assert (sd3.tokens.num_layers, sd3.tokens.token_space, sd3.max_sequence_length) == (5, "block", 512)
+    assert list(sd15.tokens.blocks) == list(sdxl.tokens.blocks) == ["down", "mid"]  # apply_soft_tokens default
+    assert (sd15.tokens.init, sdxl.tokens.init, sd3.tokens.init) == ("empty_prompt", "normal", "normal")
+    # epochs over COCO train2017 (118,287 images, 4 per step): 10 / 20 / 1; restarts every num_iter
+    assert (sd3.max_steps, sd15.max_steps, sdxl.max_steps) == (10 * 29572, 20 * 29572, 29572)
+    assert (sd3.schedule.step_every, sd15.schedule.step_every, sdxl.schedule.step_every) == (1000, 1000, 100)
+
+
 def test_import_official_defaults_to_down_blocks_and_info_says_so(tmp_path, capsys):
     from softrepa.cli import main
 
