@@ -360,6 +360,25 @@ def test_two_process_gloo_equals_single_process_union_batch(toy_files, tmp_path,
         assert all("hard_accuracy" in r for r in rows)
 
 
+@pytest.mark.parametrize("chunk", ["5", "null"])
+def test_agsm_two_processes_equal_single_process_union_batch(toy_files, tmp_path, chunk):
+    """--objective agsm under torchrun, 2 CPU ranks x 2 images == 1 process x 4 images: the loss
+    reads every pair's prediction, EMA reference and target, gathered across ranks."""
+    common = _union_common(toy_files) + ["--objective", "agsm", "--agsm.gamma_neg", "1.0", "--agsm.ema_decay", "0.5"]
+    dist_out, single_out = tmp_path / "dist", tmp_path / "single"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", str(29700 + os.getpid() % 1000), "-m", "softrepa.cli", "train",
+                           "--output_dir", str(dist_out), "--batch_size", "2", "--pair_chunk", chunk, *common],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert main(["train", "--output_dir", str(single_out), "--batch_size", "4", *common]) == 0
+    _assert_union_batch_equal(dist_out, single_out)
+    neg_d = softrepa.load_soft_tokens(dist_out / "tokens.safetensors", token_set="negative")
+    neg_s = softrepa.load_soft_tokens(single_out / "tokens.safetensors", token_set="negative")
+    torch.testing.assert_close(neg_d.base, neg_s.base, atol=2e-4, rtol=0)  # psi- too
+
+
 def test_accelerate_launch_two_processes_equal_single_process_union_batch(toy_files, tmp_path):
     """`accelerate launch`, 2 CPU processes x 2 images == 1 process x 4 images (as under torchrun).
 

@@ -30,7 +30,6 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .backbone import Backbone, TextCond
-from .errors import ConfigError
 from .loss import LossOutput
 from .objectives import Objective, ObjectiveOutput, PairTerms, SoftREPA
 
@@ -291,8 +290,8 @@ def objective_backward(
         pair_chunk: pairs per forward pass; None evaluates all pairs in one pass (plain path,
             single process only).
         grad_multiplier: multiplies the gradient (fp16 GradScaler's scale).
-        distributed: pool error rows across torch.distributed ranks (prompts must already be
-            gathered in `batch.cond`); error-based objectives only.
+        distributed: pool the pair terms (errors, predictions, references, targets) across
+            torch.distributed ranks (prompts must already be gathered in `batch.cond`).
         backward: plain path only: called with the loss instead of `loss.backward()`
             (e.g. `accelerator.backward`).
         use_set: how each of the objective's token sets is put on the denoiser (`UseSet`); None
@@ -305,9 +304,6 @@ def objective_backward(
     B, P = batch.latents.shape[0], len(batch.cond)
     t_loss = batch.t_all if batch.t_all is not None else batch.t
     n_neg = 0 if batch.negatives is None else len(batch.negatives)
-    if distributed and (needs.predictions or needs.reference):
-        raise ConfigError(f"objective {objective.name!r} reads predictions; training it on several processes is "
-                          "not supported yet (train it on one process)")
     if not distributed and (pair_chunk is None or pair_chunk >= B * P + n_neg):  # one chunk: one pass
         if P != B:
             raise ValueError(f"{B} images but {P} prompts on a single process")
@@ -321,7 +317,14 @@ def objective_backward(
     with torch.no_grad():
         terms = pairs.terms(chunk, t_loss)  # pass 1: every pair, no graph
     if distributed:
-        terms.errors = _all_gather_rows(terms.errors)  # (P, P)
+        # every rank sees the whole batch's terms (rows in rank order), so the loss is the union
+        # batch's; each rank then back-propagates its own rows' share of the gradient
+        if terms.errors is not None:
+            terms.errors = _all_gather_rows(terms.errors)  # (P, P)
+        for name in ("predictions", "reference", "targets"):  # (P, P, C, h, w) / (P, C, h, w)
+            if getattr(terms, name) is not None:
+                setattr(terms, name, _all_gather_rows(getattr(terms, name)))
+        terms.offset = 0  # gathered rows are global: image i's own caption is column i
         if terms.negatives is not None:
             terms.negatives = _all_gather_rows(terms.negatives)  # (P, K)
             terms.negatives_valid = _all_gather_rows(terms.negatives_valid.float()) > 0.5
@@ -330,7 +333,7 @@ def objective_backward(
     out, grads = objective_grads(objective, terms)
     rows_of = slice(batch.offset, batch.offset + B)  # this process's rows of the global gradient
     dE = grads["errors"][rows_of] * grad_multiplier if "errors" in grads else None  # (B, P)
-    dP = grads["predictions"] * grad_multiplier if "predictions" in grads else None  # (B, P, C, h, w)
+    dP = grads["predictions"][rows_of] * grad_multiplier if "predictions" in grads else None  # (B, P, C, h, w)
     for rows, cols in _pair_chunks(B, P, chunk, batch.latents.device):  # pass 2
         outputs, grad_outputs = [], []
         if dE is not None and torch.any(dE[rows, cols] != 0):

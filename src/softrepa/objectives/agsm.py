@@ -7,14 +7,14 @@ each has its own base tokens. The trainer keeps an EMA copy of both sets (decay 
 updated after every optimizer step, starting as an exact copy of the online tokens); the EMA
 predictions, with the same set per pair, give the reward, the Plackett-Luce weights and the
 guidance G (`softrepa.loss.agsm_loss`): the positive pair regresses onto target + gamma_pos G, the
-negatives onto target - gamma_neg G. The online psi+ is the run's `tokens.safetensors` (sampling
-uses it on both classifier-free-guidance branches); psi- is saved beside it as
-`tokens_negative.safetensors`.
+negatives onto target - gamma_neg G. The run's `tokens.safetensors` holds both: the online psi+ as
+its main set (sampling uses it on both classifier-free-guidance branches unless `--uncond-tokens
+negative` puts psi- on the unconditional one) and psi- as its "negative" set.
 
 Settings: the config's `agsm:` section (`softrepa.config.AGSMConfig`: tau 0.1, gamma_pos 1.0,
-gamma_neg 0.1, ema_decay 0.9999). Hard-negative captions (`negatives.per_image`) are refused, and
-so is training on several processes (`softrepa.pairs.objective_backward`: the loss reads
-predictions). How this differs from the official code is in docs/training.md ("AGSM").
+gamma_neg 0.1, ema_decay 0.9999). Hard-negative captions (`negatives.per_image`) are refused; on
+several processes the pair terms are gathered across ranks (`softrepa.pairs.objective_backward`).
+How this differs from the official code is in docs/training.md ("AGSM").
 """
 
 from __future__ import annotations
