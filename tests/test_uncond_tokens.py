@@ -232,3 +232,50 @@ def test_edit_names_flowedit_rows_and_embedded_guidance_refuses(tmp_path):
     with softrepa.load_into(flux, tmp_path / "f.safetensors", uncond_tokens="negative"):
         with pytest.raises(UsageError, match="embedded guidance, which has no unconditional branch"):
             edit_latents(flux, torch.randn(1, 16, 4, 4), ["a"], ["b"], FlowEditParams(steps=4, n_max=3))
+
+
+# ----------------------------------------------------------------------------- the CLI, end to end
+def test_agsm_train_info_and_generate_on_the_sd3_miniature(tmp_path, capsys):
+    """`softrepa train --config toy_sd3 --objective agsm` writes one file with both sets, `info`
+    names them, `generate --uncond-tokens negative` differs from the default; both deterministic."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from softrepa.cli import main
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for i, (name, rgb) in enumerate({"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 200, 30),
+                                     "yellow": (230, 220, 30)}.items()):
+        a = np.full((32, 32, 3), 255, np.uint8)
+        a[6 + i:22 + i, 8:24] = rgb
+        Image.fromarray(a).save(data / f"{i}.png")
+        (data / f"{i}.txt").write_text(f"a {name} square\n")
+    run = tmp_path / "run"
+    assert main(["train", "--config", "toy_sd3", "--objective", "agsm", "--negatives.per_image", "0",
+                 "--data", str(data), "--output_dir", str(run), "--batch_size", "4", "--max_steps", "2",
+                 "--agsm.ema_decay", "0.5", "--agsm.gamma_neg", "1.0", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["info", str(run / "tokens.safetensors")]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["objective"] == "agsm" and info["token_sets"] == ["positive", "negative"]
+    images = {}
+    for mode in ("positive", "negative", "positive", "negative"):
+        out = tmp_path / f"gen_{mode}_{len(images)}"
+        assert main(["generate", "--model", "@assets/toy_sd3", "--tokens", str(run), "--prompts",
+                     "a red square left of a blue circle", "--seeds", "0", "--steps", "4", "--cfg", "3",
+                     "--uncond-tokens", mode, "--out", str(out), "--no-progress"]) == 0
+        row = json.loads((out / "metadata.jsonl").read_text().splitlines()[0])
+        assert row["uncond_tokens"] == (None if mode == "positive" else mode)
+        img = np.asarray(Image.open(out / row["file"]))
+        if mode in images:
+            assert np.array_equal(images[mode], img)  # deterministic
+        images[mode] = img
+    assert not np.array_equal(images["positive"], images["negative"])
+    # a one-set file cannot give psi-: one line, exit 2, before the model loads
+    softrepa.save_soft_tokens(softrepa.load_soft_tokens(run), tmp_path / "one.safetensors")
+    assert main(["generate", "--model", "@assets/toy_sd3", "--tokens", str(tmp_path / "one.safetensors"),
+                 "--prompts", "a red square", "--uncond-tokens", "negative", "--out", str(tmp_path / "x")]) == 2
+    assert "needs a file with a 'negative' token set" in capsys.readouterr().err
