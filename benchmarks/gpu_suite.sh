@@ -43,6 +43,10 @@ timeout 250 python3 train_step.py --full --dtype bf16 --side-by-side --batch 4 -
 timeout 200 python3 train_step.py --full --dtype bf16 --side-by-side --no-floor --batch 16 --text-len 512 \
   --chunk 16 --iters 2 --warmup 1 --out "$OUT/train_step_${card}_b16.md" 2>&1 | tail -12
 
-# 4. if time is left: fp16 / bf16 against fp32 with tokens attached (issue 2)
+# 4. AGSM vs SoftREPA training step, SD3-medium config, 512 px, T5 512, bf16, B = 4 (issue 23)
+timeout 120 python3 objective_step.py --full --dtype bf16 --batch 4 --text-len 512 --chunk none \
+  --iters 3 --warmup 1 --out "$OUT/objective_step_${card}_b4.md" 2>&1 | tail -6
+
+# 5. if time is left: fp16 / bf16 against fp32 with tokens attached (issue 2)
 timeout 90 python3 precision_check.py --full --out "$OUT/precision_check_${card}.md" 2>&1 | tail -12
 echo "done"
