@@ -303,7 +303,7 @@ def test_chunked_equals_plain(v: Variant, shared_t):
 @pytest.mark.parametrize("v", params())
 def test_agsm_trains_both_sets_and_chunked_equals_plain(v: Variant):
     """AGSM through the same pair code: psi+ and psi- (sharing the time part) get exact gradients in
-    any chunking, the EMA references none, the text encoders none."""
+    any chunking and under gradient checkpointing, the EMA references none, the text encoders none."""
     import copy
 
     from softrepa.objectives import AGSM
@@ -327,11 +327,22 @@ def test_agsm_trains_both_sets_and_chunked_equals_plain(v: Variant):
         def use_set(name, reference):
             return handle.carrying((ema if reference else sets)[name])
 
-        for chunk in (None, 1, 5):
+        den = softrepa.family.resolve_denoiser(pipe)
+        for chunk, checkpointing in ((None, False), (1, False), (5, False), ("ckpt", True), (5, True)):
             for p in params_:
                 p.grad = None
-            out = objective_backward(bb, batch, AGSM(tau=0.1, gamma_neg=1.0), pair_chunk=chunk, use_set=use_set)
-            results[chunk] = (out.loss.item(), [p.grad.clone() for p in params_])
+            if checkpointing:  # blocks re-run in the backward must see their own set's tokens
+                den.enable_gradient_checkpointing()
+                den.train()
+            try:
+                out = objective_backward(bb, batch, AGSM(tau=0.1, gamma_neg=1.0), use_set=use_set,
+                                         pair_chunk=None if chunk == "ckpt" else chunk)
+            finally:
+                if checkpointing:
+                    den.disable_gradient_checkpointing()
+                    den.eval()
+            results[chunk if not checkpointing or chunk == "ckpt" else f"ckpt {chunk}"] = (
+                out.loss.item(), [p.grad.clone() for p in params_])
     ref_loss, ref_grads = results[None]
     assert pos.base.grad is not None and neg.base.grad is not None  # both sets trained
     assert results[None][1][0].abs().sum() > 0

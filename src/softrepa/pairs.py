@@ -189,22 +189,30 @@ class _Pairs:
         """{"errors": (K,)} of the pairs (rows[k], cols[k]); with `needs.predictions` also
         "predictions" (K, C, h, w); with `reference` also "reference" (K, C, h, w), without grad.
         `hard`: cols index the hard negatives (errors only)."""
-        batch = self.batch
-        own = torch.zeros_like(rows, dtype=torch.bool) if hard else cols == rows + batch.offset
-        sets = self.objective.pair_sets(own)
-        names = self.objective.token_sets
-        if sets is None:  # every pair under the first set: one evaluation of the whole list
-            return self._group(names[0], rows, cols, hard, reference)
         out: dict[str, torch.Tensor] = {}
-        for s, name in enumerate(names):
-            idx = (sets == s).nonzero().flatten()  # (k,) pairs of this set
-            if idx.numel() == 0:
-                continue
-            for key, value in self._group(name, rows[idx], cols[idx], hard, reference).items():
+        for idx, group in self.each_set(rows, cols, hard=hard, reference=reference):
+            for key, value in group.items():
                 if key not in out:
                     out[key] = value.new_zeros((rows.shape[0],) + value.shape[1:])
                 out[key] = out[key].index_put((idx,), value)  # out of place: keeps each set's graph
         return out
+
+    def each_set(self, rows: torch.Tensor, cols: torch.Tensor, *, hard: bool = False,
+                 reference: bool = False):
+        """Yield (idx, outputs) per token set: the positions `idx` (k,) of the pairs evaluated under
+        that set and what `__call__` returns for them. A caller that back-propagates each group
+        before asking for the next keeps gradient checkpointing exact: a block recomputed in the
+        backward reads the tokens of the call in flight, which the next set's forward replaces."""
+        own = torch.zeros_like(rows, dtype=torch.bool) if hard else cols == rows + self.batch.offset
+        sets = self.objective.pair_sets(own)
+        names = self.objective.token_sets
+        if sets is None:
+            yield torch.arange(rows.shape[0], device=rows.device), self._group(names[0], rows, cols, hard, reference)
+            return
+        for s, name in enumerate(names):
+            idx = (sets == s).nonzero().flatten()  # (k,) pairs of this set
+            if idx.numel():
+                yield idx, self._group(name, rows[idx], cols[idx], hard, reference)
 
     def _group(self, name: str, rows: torch.Tensor, cols: torch.Tensor, hard: bool,
                reference: bool) -> dict[str, torch.Tensor]:
@@ -304,7 +312,12 @@ def objective_backward(
     B, P = batch.latents.shape[0], len(batch.cond)
     t_loss = batch.t_all if batch.t_all is not None else batch.t
     n_neg = 0 if batch.negatives is None else len(batch.negatives)
-    if not distributed and (pair_chunk is None or pair_chunk >= B * P + n_neg):  # one chunk: one pass
+    # several token sets (or a reference copy) on one graph break gradient checkpointing: a block
+    # recomputed in the backward reads the tokens of the last forward, another set's; the two-pass
+    # path back-propagates each set's pairs right after their forward
+    serial = (len(objective.token_sets) > 1 or needs.reference) and bool(
+        getattr(backbone.denoiser, "is_gradient_checkpointing", False))
+    if not distributed and not serial and (pair_chunk is None or pair_chunk >= B * P + n_neg):  # one pass
         if P != B:
             raise ValueError(f"{B} images but {P} prompts on a single process")
         out = objective.loss(pairs.terms(None, t_loss))  # every pair with its graph
@@ -344,11 +357,8 @@ def objective_backward(
             grad_outputs.append(dP[rows, cols].to(torch.float32))
         if not outputs:
             continue  # masked / zero-gradient pairs need no recomputation
-        part = pairs(rows, cols)
-        if len(outputs) == 1:
-            part[outputs[0]].backward(grad_outputs[0])
-        else:
-            torch.autograd.backward([part[k] for k in outputs], grad_outputs)
+        for idx, part in pairs.each_set(rows, cols):  # each set's backward before the next set's forward
+            torch.autograd.backward([part[k] for k in outputs], [g[idx] for g in grad_outputs])
     if terms.negatives is not None and n_neg:
         dev = batch.latents.device
         dH = grads["negatives"][rows_of] * grad_multiplier  # (B, K)
