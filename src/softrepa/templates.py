@@ -62,6 +62,9 @@ class Placement:
         sample_arg: the denoiser's forward argument whose batch size, dtype and device the tokens follow.
         timestep_scale: maps the denoiser's `timestep` argument onto the tokens' 0..1000 bucket scale
             (FLUX-style models are called with t / 1000: scale 1000).
+        timestep_rule: (denoiser, timestep argument) -> (B,) or scalar timesteps, applied before
+            `timestep_scale`, for models whose timestep argument is not one value per sample on a fixed
+            scale (Wan 2.2 TI2V: one per latent token; SANA: scaled by the model's `timestep_scale`).
         text_arg: the block argument carrying the text (dual-stream, cross-attention) or the joint
             sequence (single-stream); an IP-Adapter tuple (context, image embeds) gets them in its first part.
         position: rows kept before the tokens: cross-attention 1 keeps BOS first (UNets); dual-stream 0.
@@ -83,6 +86,7 @@ class Placement:
     select: BlockSelector = per_layer()
     sample_arg: str = "hidden_states"
     timestep_scale: float = 1.0
+    timestep_rule: Callable[[nn.Module, Any], Any] | None = None
     text_arg: str = "encoder_hidden_states"
     position: int = 0
     text_start: Callable[[nn.Module, tuple, dict], int] | None = None
@@ -133,6 +137,8 @@ def denoiser_pre_hook(handle: AttachHandle, placement: Placement, projection: Ca
         timestep = call_argument(module, args, kwargs, "timestep")
         if timestep is None:
             raise SoftTokensError(f"{type(module).__name__} was called without a timestep")
+        if placement.timestep_rule is not None:
+            timestep = placement.timestep_rule(module, timestep)
         if placement.timestep_scale != 1.0:
             timestep = torch.as_tensor(timestep) * placement.timestep_scale
         handle.current = handle.tokens(timestep, sample.shape[0], projection=projection,
