@@ -101,6 +101,7 @@ class Family:
         block_list: the denoiser attribute holding the blocks a per-block layout indexes.
         width_names: config names of the block and text widths, for error messages.
         projection_modules: denoiser attributes that map text-space tokens into the block width.
+        video_fps: frames per second of the videos the family's pipeline returns (None: images).
 
     Extension points (methods): `matches`, `widths` / `describe`, `layout_for` / `check_layout` /
     `check_fits`, `projection`, `install_hooks`, `backbone`, `edit_model`, `run_settings`,
@@ -118,6 +119,7 @@ class Family:
     block_list: str = "transformer_blocks"
     width_names: tuple[str, str] = ("inner_dim (num_attention_heads x attention_head_dim)", "joint_attention_dim")
     projection_modules: tuple[str, ...] = ("context_embedder",)
+    video_fps: int | None = None
 
     # ----------------------------------------------------------------- recognition and widths
     def matches(self, denoiser: nn.Module) -> bool:
@@ -183,6 +185,11 @@ class Family:
         if not mods:
             return None
         return mods[0] if len(mods) == 1 else nn.Sequential(*mods)
+
+    def denoisers(self, model_or_pipeline: Any, denoiser: nn.Module) -> list[nn.Module]:
+        """Every denoiser of `model_or_pipeline` the tokens must reach, `denoiser` (the main one) first.
+        Default: that one; Wan 2.2 A14B adds its low-noise expert `transformer_2`."""
+        return [denoiser]
 
     def install_hooks(self, denoiser: nn.Module, handle: AttachHandle) -> None:
         """Register the hooks of the family's `placement` that carry `handle.tokens` (through `handle.add`)."""

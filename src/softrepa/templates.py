@@ -35,6 +35,8 @@ DUAL_STREAM, SINGLE_STREAM, CROSS_ATTENTION = "dual_stream", "single_stream", "c
 TEMPLATES = (DUAL_STREAM, SINGLE_STREAM, CROSS_ATTENTION)
 #: mask conventions: "keep" is 1 where a key is attended (B, n); "bias" is added to the logits (B, 1, n)
 MASK_KINDS = ("keep", "bias")
+#: key of a denoiser's per-call state holding its call's tokens (B, num_sets, m, D)
+TOKENS = "_tokens"
 
 #: (denoiser, layout) -> [(token-set index, block)]: the blocks that get tokens and which set each gets
 BlockSelector = Callable[[nn.Module, TokenLayout], list[tuple[int, nn.Module]]]
@@ -143,6 +145,9 @@ def denoiser_pre_hook(handle: AttachHandle, placement: Placement, projection: Ca
             timestep = torch.as_tensor(timestep) * placement.timestep_scale
         handle.current = handle.tokens(timestep, sample.shape[0], projection=projection,
                                        dtype=sample.dtype, device=sample.device)
+        # this denoiser's own copy, read by its blocks: with two denoisers per step (Wan 2.2's experts)
+        # checkpoint recomputation in the backward pass must see each one's tokens, not the last call's
+        state[TOKENS] = handle.current
         if placement.call_state is not None:
             state.update(placement.call_state(module, args, kwargs, handle.tokens.layout.num_tokens))
         return None
@@ -157,7 +162,7 @@ def block_pre_hook(handle: AttachHandle, placement: Placement, set_index: int, s
     p = placement
 
     def hook(block: nn.Module, args: tuple, kwargs: dict) -> Any:
-        toks = handle.current  # (B, num_sets, m, D)
+        toks = state.get(TOKENS)  # (B, num_sets, m, D)
         if toks is None:
             return None
         b, m = toks.shape[0], toks.shape[2]
@@ -189,13 +194,13 @@ def block_pre_hook(handle: AttachHandle, placement: Placement, set_index: int, s
     return hook
 
 
-def block_post_hook(handle: AttachHandle, placement: Placement, where: dict) -> Callable:
+def block_post_hook(handle: AttachHandle, placement: Placement, state: dict, where: dict) -> Callable:
     """Block post-hook (dual- and single-stream): the m token rows removed from the block's output stream."""
     m = handle.tokens.layout.num_tokens
     idx = placement.output_index
 
     def hook(block: nn.Module, args: tuple, output: Any) -> Any:
-        if handle.current is None:
+        if state.get(TOKENS) is None:
             return None
         if not isinstance(output, tuple):
             return remove_rows(output, where["at"], m)
@@ -228,7 +233,7 @@ def install(denoiser: nn.Module, handle: AttachHandle, placement: Placement, pro
         handle.add(block.register_forward_pre_hook(block_pre_hook(handle, placement, set_index, state, where),
                                                    with_kwargs=True))
         if placement.template != CROSS_ATTENTION:  # a cross-attention block never returns its context
-            handle.add(block.register_forward_hook(block_post_hook(handle, placement, where)))
+            handle.add(block.register_forward_hook(block_post_hook(handle, placement, state, where)))
 
 
 __all__ = ["CROSS_ATTENTION", "DUAL_STREAM", "SINGLE_STREAM", "TEMPLATES", "Placement", "install", "insert_rows",
