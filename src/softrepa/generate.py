@@ -167,13 +167,27 @@ def _mp4_writer() -> Any:
 
     if is_imageio_available() and importlib.util.find_spec("imageio_ffmpeg") is not None:
         return export_to_video
-    log.warning("videos are written as frames only: mp4 needs imageio and imageio-ffmpeg (pip install 'softrepa[video]')")
+    log.warning("videos are written as frames only: mp4 needs imageio and imageio-ffmpeg "
+                "(pip install 'softrepa[video]')")
     return None
 
 
 def write_video(pipe: Any, out: Path, name: str, frames: list) -> dict:
     """One video of a video pipeline: its frames as `{stem}_frames/00000.png, ...` and `{stem}.mp4` at the
-    family's `video_fps` (where the mp4 writer is installed). Returns the metadata entries naming them."""
+    family's `video_fps` (where the mp4 writer is installed; else frames only, noticed once).
+
+    Args:
+        pipe: the video pipeline (its family gives the fps).
+        out: the output folder.
+        name: the video's image name (`image_name(i, seed)`); the stem names its files.
+        frames: the video's PIL frames.
+    Returns:
+        The metadata entries: "frames" (folder), "num_frames", "fps", "video" (mp4 file or None).
+
+    Example:
+        >>> write_video(pipe, Path("gen"), "00000_s0.png", result.frames[0])["frames"]
+        '00000_s0_frames'
+    """
     stem, fps = Path(name).stem, int(family_of(pipe).video_fps or 16)
     (out / f"{stem}_frames").mkdir(exist_ok=True)
     for k, frame in enumerate(frames):
@@ -210,7 +224,7 @@ def _render(pipe, todo, out: Path, settings: dict, batch_size: int, progress: bo
             for (i, p, s), im in zip(chunk, images):
                 name = image_name(i, s)
                 video = write_video(pipe, out, name, im) if isinstance(im, list) else {}
-                atomic_write_bytes(out / name, png_bytes(im[0] if video else im))  # (a video: its first frame) then its row
+                atomic_write_bytes(out / name, png_bytes(im[0] if video else im))  # a video: its first frame
                 row = {"file": name, "prompt": p, "prompt_index": i, "seed": int(s), **settings, **video}
                 append_row(out / METADATA, row)
                 done[name] = row

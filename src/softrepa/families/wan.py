@@ -51,7 +51,8 @@ from ..flow import FlowBackbone
 from ..templates import CROSS_ATTENTION, Placement, per_layer
 from ..tokens import TokenLayout
 
-_NO_EDIT = "FlowEdit: Wan is a video family and softrepa edits images only; expected an image model (SD3, FLUX, SANA, ...)"
+_NO_EDIT = ("FlowEdit: Wan is a video family and softrepa edits images only; expected an image model "
+            "(SD3, FLUX, SANA, ...)")
 
 
 class WanBackbone(FlowBackbone):
