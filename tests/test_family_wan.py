@@ -240,3 +240,26 @@ def test_family_facts_and_recipe():
     assert (lay.family, lay.token_dim, lay.model_dim, lay.model_depth) == ("wan", 4096, 1536, 30)
     assert sum(p.numel() for p in tokens.parameters()) == 5 * 4 * 4096 + 100 * 5 * 1536
     assert tiny_wan_vae().config.scale_factor_spatial == 4
+
+
+@pytest.mark.slow
+def test_agsm_trains_through_both_a14b_experts(tmp_path):
+    """`softrepa train --objective agsm` on a saved Wan 2.2 A14B folder, one t per sample (both experts
+    in one batch): one finite step, and the saved (psi+) tokens have the model's layout."""
+    from softrepa.cli import main
+    from tests.conftest import write_square_images
+
+    pipe = tiny_wan_pipeline(two_experts=True)
+    pipe.save_pretrained(tmp_path / "model")
+    write_square_images(tmp_path / "data")
+    out = tmp_path / "run"
+    assert main(["train", "--model", str(tmp_path / "model"), "--data", str(tmp_path / "data"), "--output_dir",
+                 str(out), "--resolution", "32", "--batch_size", "3", "--max_steps", "1", "--num_workers", "0",
+                 "--checkpoint_every", "1", "--log_every", "1", "--validation.every", "0", "--tokens.num_layers", "2",
+                 "--tokens.init", "normal", "--objective", "agsm", "--shared_timestep", "false",
+                 "--max_sequence_length", "16", "--no-progress"]) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1] and np.isfinite(rows[0]["loss"])
+    tokens = softrepa.load_soft_tokens(out / "tokens.safetensors")
+    fresh = SoftTokens.for_model(pipe, SoftTokensConfig(num_layers=2, init="normal"), seed=0)
+    assert tokens.layout == fresh.layout
