@@ -147,6 +147,8 @@ def attach(model_or_pipeline: Any, tokens: SoftTokens) -> AttachHandle:
         model_or_pipeline: a denoiser of a registered family (`softrepa.family.family_names()`) or a
             pipeline holding one (e.g. `StableDiffusion3Pipeline`);
             stock pipelines keep working and use the tokens on both classifier-free-guidance branches.
+            The tokens reach every denoiser the family names (`Family.denoisers`: both experts of a
+            Wan 2.2 A14B pipeline).
         tokens: a `SoftTokens` whose layout fits the model (checked; errors name the field).
     Returns:
         An `AttachHandle`; `handle.remove()` detaches.

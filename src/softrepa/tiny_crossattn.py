@@ -25,6 +25,10 @@ def make_gemma_tokenizer(model_max_length: int = 4096):
 
     Args:
         model_max_length: maximum sequence length (SANA's complex human instruction is long).
+
+    Example:
+        >>> make_gemma_tokenizer()("a red circle").input_ids[0]   # <bos> first, as Gemma's tokenizer
+        2
     """
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
@@ -65,6 +69,12 @@ def tiny_sana_pipeline(*, num_layers: int = 2, qk_norm: str | None = None, seed:
         num_layers: transformer blocks.
         qk_norm: SANA 1.5's query / key RMS norm ("rms_norm_across_heads") or None (SANA 1.0).
         seed: weights seed.
+
+    Example:
+        >>> pipe = tiny_sana_pipeline()
+        >>> pipe("a red circle", height=32, width=32, num_inference_steps=2, max_sequence_length=16,
+        ...      use_resolution_binning=False).images[0].size
+        (32, 32)
     """
     from diffusers import DPMSolverMultistepScheduler, SanaPipeline, SanaTransformer2DModel
     from transformers import Gemma2Config, Gemma2Model
@@ -118,6 +128,12 @@ def tiny_wan_pipeline(*, num_layers: int = 2, two_experts: bool = False, expand_
             low-noise steps, switched at `boundary_ratio` 0.875 (the A14B T2V pipeline's value).
         expand_timesteps: Wan 2.2 TI2V: the pipeline hands the transformer one timestep per latent token.
         seed: weights seed.
+
+    Example:
+        >>> pipe = tiny_wan_pipeline(two_experts=True)
+        >>> pipe("a red circle", height=32, width=32, num_frames=5, num_inference_steps=2,
+        ...      max_sequence_length=16).frames.shape   # (videos, frames, H, W, 3)
+        (1, 5, 32, 32, 3)
     """
     from diffusers import UniPCMultistepScheduler, WanPipeline
     from transformers import UMT5Config, UMT5EncoderModel
