@@ -16,7 +16,7 @@ from typing import Any, Callable
 import pytest
 import torch
 
-from softrepa import tiny
+from softrepa import tiny, tiny_crossattn
 from softrepa.family import family_names
 
 
@@ -36,6 +36,9 @@ class Variant:
         loss_kw: further `contrastive_backward` loss arguments.
         cli: whether the train / generate / edit CLI runs on a folder saved from this variant (one
             variant per family and per distinct pipeline class; the CLI is the slow part).
+        video: the pipeline returns videos (`.frames`, no `.images`) and the family does no editing:
+            the image-only tests (stock images, FlowEdit, the generate / edit CLI) skip it; the
+            family's own tests check the same properties on videos.
     """
 
     id: str
@@ -46,6 +49,7 @@ class Variant:
     edit_size: tuple[int, int] = (32, 24)
     loss_kw: dict[str, Any] = field(default_factory=dict)
     cli: bool = False
+    video: bool = False
 
     @property
     def text_kw(self) -> dict[str, int]:
@@ -83,7 +87,33 @@ FAMILIES: dict[str, tuple[Variant, ...]] = {
     ),
     "qwenimage": (Variant("qwenimage", "qwenimage", tiny.tiny_qwenimage_pipeline, text_length=32,
                           call_kw={"true_cfg_scale": 4.0, "negative_prompt": " "}, cli=True),),
+    # --- issue 24 part B: cross-attention DiTs (SANA, Wan text-to-video) ---
+    "sana": (
+        # SANA 1.0 layout; binning off: the stock call would render at its 1024-px aspect-ratio table
+        Variant("sana", "sana", tiny_crossattn.tiny_sana_pipeline, call_kw={"use_resolution_binning": False},
+                cli=True),
+        # SANA 1.5 layout: query / key RMS norm
+        Variant("sana-1.5", "sana", lambda: tiny_crossattn.tiny_sana_pipeline(qk_norm="rms_norm_across_heads"),
+                call_kw={"use_resolution_binning": False}),
+    ),
+    "wan": (
+        Variant("wan2.1-t2v", "wan", tiny_crossattn.tiny_wan_pipeline, call_kw={"num_frames": 5}, cli=True,
+                video=True),
+        # Wan 2.2 A14B: a second transformer for the low-noise steps
+        Variant("wan2.2-a14b", "wan", lambda: tiny_crossattn.tiny_wan_pipeline(two_experts=True),
+                call_kw={"num_frames": 5}, video=True),
+        # Wan 2.2 TI2V: one timestep per latent token
+        Variant("wan2.2-ti2v", "wan", lambda: tiny_crossattn.tiny_wan_pipeline(expand_timesteps=True),
+                call_kw={"num_frames": 5}, video=True),
+    ),
+    # --- end of issue 24 part B ---
 }
+
+
+def skip_video(v: Variant, what: str) -> None:
+    """Skip an image-only conformance test for a video variant (`Variant.video`), saying what it needs."""
+    if v.video:
+        pytest.skip(f"{v.id} is a video variant: {what} (its family tests check the video equivalent)")
 
 
 def _missing(name: str) -> Variant:

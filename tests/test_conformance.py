@@ -22,7 +22,8 @@ from softrepa.backbone import backbone_for
 from softrepa.cli import main
 from softrepa.family import family_names, family_of, get_family
 from softrepa.flowedit import FlowEditParams
-from tests.conformance import FAMILIES, Variant, pair_batch, pair_tokens, params, pipeline_modules, variants
+from tests.conformance import (FAMILIES, Variant, pair_batch, pair_tokens, params, pipeline_modules, skip_video,
+                               variants)
 from tests.conftest import randomize_tokens, write_square_images
 
 CONFIG = SoftTokensConfig(num_layers=2)  # every family: 2 blocks (MM-DiTs), down + mid (UNets)
@@ -360,6 +361,7 @@ def test_stock_pipeline_generates_with_the_tokens_and_is_vanilla_after_remove(v:
     """The unmodified pipeline (a batch of two prompts of different lengths, both CFG branches where the
     pipeline has them): with tokens the images differ from vanilla at the same seeds; `disabled()` and
     remove() give vanilla bit for bit; tokens saved and loaded back with `load_into` give the same images."""
+    skip_video(v, "the stock call returns .frames, not .images")
     pipe = v.build()
     pipe.set_progress_bar_config(disable=True)
     kw = dict(height=RES, width=RES, num_inference_steps=2, output_type="np", **v.text_kw, **v.call_kw)
@@ -393,6 +395,7 @@ def test_flowedit_identities(v: Variant):
     """The same prompt and the same CFG on both branches returns the source latent exactly, with and
     without tokens; n_max = 0 is the VAE round trip; another target prompt edits (seeded: the same
     edit twice), tokens change the edit, and after detaching it is the vanilla edit again."""
+    skip_video(v, "no editing")
     from softrepa.edit import edit_image, edit_latents, encode_source, image_to_pixels, pixels_to_image
     pipe = v.build()
     bb = backbone_for(pipe)
@@ -466,6 +469,7 @@ def test_train_cli_one_step_on_a_saved_folder(v: Variant, saved, tmp_path):
 def test_generate_compare_cli_on_a_saved_folder(v: Variant, saved, tmp_path):
     """`generate --compare`: vanilla and tokens images differ; the vanilla one is the stock pipeline
     with the family's default CFG at the same seed, bit for bit."""
+    skip_video(v, "the comparison is against .images")
     from softrepa.pipeline import load_pipeline
 
     root = saved(v)
@@ -492,6 +496,7 @@ def test_edit_cli_on_a_saved_folder(v: Variant, saved, tmp_path):
     """`edit` with tokens: an output of the source's size, the run recorded with the CFGs of the family's
     with-tokens preset; without tokens, the same prompt and CFG on both branches gives exactly the
     n_max = 0 result (decode(encode(image)))."""
+    skip_video(v, "no editing")
     root = saved(v)
     _image(30, 20).save(tmp_path / "src.png")
     common = ["edit", "--model", str(root / "model"), "--image", str(tmp_path / "src.png"), "--steps", "4",

@@ -104,6 +104,7 @@ class Family:
         cfg_branches: where the stock pipeline's unconditional CFG rows are (`softrepa.branches`):
             "batch" (one call on [uncond; cond]), "calls" (one call per branch inside diffusers'
             `cache_context`), "" (unknown: `--uncond-tokens negative / none` is refused).
+        video_fps: frames per second of the videos the family's pipeline returns (None: images).
 
     Extension points (methods): `matches`, `widths` / `describe`, `layout_for` / `check_layout` /
     `check_fits`, `projection`, `install_hooks`, `backbone`, `edit_model`, `run_settings`,
@@ -122,6 +123,7 @@ class Family:
     width_names: tuple[str, str] = ("inner_dim (num_attention_heads x attention_head_dim)", "joint_attention_dim")
     projection_modules: tuple[str, ...] = ("context_embedder",)
     cfg_branches: str = ""
+    video_fps: int | None = None
 
     # ----------------------------------------------------------------- recognition and widths
     def matches(self, denoiser: nn.Module) -> bool:
@@ -187,6 +189,11 @@ class Family:
         if not mods:
             return None
         return mods[0] if len(mods) == 1 else nn.Sequential(*mods)
+
+    def denoisers(self, model_or_pipeline: Any, denoiser: nn.Module) -> list[nn.Module]:
+        """Every denoiser of `model_or_pipeline` the tokens must reach, `denoiser` (the main one) first.
+        Default: that one; Wan 2.2 A14B adds its low-noise expert `transformer_2`."""
+        return [denoiser]
 
     def install_hooks(self, denoiser: nn.Module, handle: AttachHandle) -> None:
         """Register the hooks of the family's `placement` that carry `handle.tokens` (through `handle.add`)."""

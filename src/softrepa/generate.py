@@ -15,6 +15,8 @@ does not depend on its batch or on the device's random-number generator; the sam
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib.util
 import inspect
 import logging
 import os
@@ -166,10 +168,55 @@ def generate_images(
 
 def native_resolution(pipe: Any) -> int:
     """The pipeline's default image side in pixels (SD3 / SDXL 1024, SD1.5 512 for the real models)."""
-    sample = getattr(pipe, "default_sample_size", None) or resolve_denoiser(pipe).config.sample_size
+    sample = getattr(pipe, "default_sample_size", None) or getattr(resolve_denoiser(pipe).config, "sample_size", None)
+    if sample is None:  # no native square (Wan's call: 480 x 832): the call's default height
+        return int(inspect.signature(pipe.__call__).parameters["height"].default)
     if isinstance(sample, (list, tuple)):
         sample = sample[0]
     return int(sample) * int(pipe.vae_scale_factor)
+
+
+@functools.lru_cache(maxsize=1)
+def _mp4_writer() -> Any:
+    """diffusers' `export_to_video` when imageio and its ffmpeg are installed, else None (noticed once)."""
+    from diffusers.utils import export_to_video
+    from diffusers.utils.import_utils import is_imageio_available
+
+    if is_imageio_available() and importlib.util.find_spec("imageio_ffmpeg") is not None:
+        return export_to_video
+    log.warning("videos are written as frames only: mp4 needs imageio and imageio-ffmpeg "
+                "(pip install 'softrepa[video]')")
+    return None
+
+
+def write_video(pipe: Any, out: Path, name: str, frames: list) -> dict:
+    """One video of a video pipeline: its frames as `{stem}_frames/00000.png, ...` and `{stem}.mp4` at the
+    family's `video_fps` (where the mp4 writer is installed; else frames only, noticed once).
+
+    Args:
+        pipe: the video pipeline (its family gives the fps).
+        out: the output folder.
+        name: the video's image name (`image_name(i, seed)`); the stem names its files.
+        frames: the video's PIL frames.
+    Returns:
+        The metadata entries: "frames" (folder), "num_frames", "fps", "video" (mp4 file or None).
+
+    Example:
+        >>> write_video(pipe, Path("gen"), "00000_s0.png", result.frames[0])["frames"]
+        '00000_s0_frames'
+    """
+    stem, fps = Path(name).stem, int(family_of(pipe).video_fps or 16)
+    (out / f"{stem}_frames").mkdir(exist_ok=True)
+    for k, frame in enumerate(frames):
+        atomic_write_bytes(out / f"{stem}_frames" / f"{k:05d}.png", png_bytes(frame))
+    row = {"frames": f"{stem}_frames", "num_frames": len(frames), "fps": fps, "video": None}
+    writer = _mp4_writer()
+    if writer is not None:
+        tmp = out / f".{stem}.partial.mp4"  # whole or absent, as every file of a run folder
+        writer(frames, str(tmp), fps=fps)
+        os.replace(tmp, out / f"{stem}.mp4")
+        row["video"] = f"{stem}.mp4"
+    return row
 
 
 def image_name(prompt_index: int, seed: int) -> str:
@@ -187,13 +234,15 @@ def _render(pipe, todo, out: Path, settings: dict, batch_size: int, progress: bo
             chunk = todo[start:start + batch_size]
             # one CPU generator per image: the image depends on its seed only, not on the batch/device
             gens = [torch.Generator().manual_seed(int(s)) for _, _, s in chunk]
-            images = pipe(prompt=[p for _, p, _ in chunk], num_inference_steps=settings["steps"],
+            result = pipe(prompt=[p for _, p, _ in chunk], num_inference_steps=settings["steps"],
                           height=settings["height"], width=settings["width"],
-                          generator=gens, output_type="pil", **call_kwargs).images  # CFG: in call_kwargs
+                          generator=gens, output_type="pil", **call_kwargs)  # CFG: in call_kwargs
+            images = getattr(result, "images", None) or result.frames  # a video pipeline: lists of frames
             for (i, p, s), im in zip(chunk, images):
                 name = image_name(i, s)
-                atomic_write_bytes(out / name, png_bytes(im))  # image first, then its row
-                row = {"file": name, "prompt": p, "prompt_index": i, "seed": int(s), **settings}
+                video = write_video(pipe, out, name, im) if isinstance(im, list) else {}
+                atomic_write_bytes(out / name, png_bytes(im[0] if video else im))  # a video: its first frame
+                row = {"file": name, "prompt": p, "prompt_index": i, "seed": int(s), **settings, **video}
                 append_row(out / METADATA, row)
                 done[name] = row
             bar.update(len(chunk))

@@ -167,8 +167,8 @@ class AttachHandle:
             h.remove()
         self._hooks.clear()
         self.current = None
-        if _ATTACHED.get(self.model) is self:
-            del _ATTACHED[self.model]
+        for model in [m for m, h in _ATTACHED.items() if h is self]:  # every denoiser it was installed on
+            del _ATTACHED[model]
 
     def __enter__(self) -> "AttachHandle":
         return self
@@ -188,6 +188,8 @@ def attach(model_or_pipeline: Any, tokens: SoftTokens) -> AttachHandle:
         model_or_pipeline: a denoiser of a registered family (`softrepa.family.family_names()`) or a
             pipeline holding one (e.g. `StableDiffusion3Pipeline`);
             stock pipelines keep working and use the tokens on both classifier-free-guidance branches.
+            The tokens reach every denoiser the family names (`Family.denoisers`: both experts of a
+            Wan 2.2 A14B pipeline).
         tokens: a `SoftTokens` whose layout fits the model (checked; errors name the field).
     Returns:
         An `AttachHandle`; `handle.remove()` detaches.
@@ -204,14 +206,17 @@ def attach(model_or_pipeline: Any, tokens: SoftTokens) -> AttachHandle:
     if not isinstance(tokens, SoftTokens):
         raise SoftTokensError(f"expected a SoftTokens module, got {type(tokens).__name__}")
     family = family_of(denoiser)
-    family.check_fits(tokens.layout, denoiser)
-    prev = _ATTACHED.get(denoiser)
-    if prev is not None and prev.active:
-        raise SoftTokensError("this model already carries soft tokens; call handle.remove() first "
-                              "(attaching twice would insert the tokens twice)")
+    targets = family.denoisers(model_or_pipeline, denoiser)  # Wan 2.2 A14B: both experts
+    for target in targets:
+        family.check_fits(tokens.layout, target)
+        prev = _ATTACHED.get(target)
+        if prev is not None and prev.active:
+            raise SoftTokensError("this model already carries soft tokens; call handle.remove() first "
+                                  "(attaching twice would insert the tokens twice)")
     handle = AttachHandle(denoiser, tokens)
-    family.install_hooks(denoiser, handle)
-    _ATTACHED[denoiser] = handle
+    for target in targets:
+        family.install_hooks(target, handle)
+        _ATTACHED[target] = handle
     return handle
 
 

@@ -35,6 +35,8 @@ DUAL_STREAM, SINGLE_STREAM, CROSS_ATTENTION = "dual_stream", "single_stream", "c
 TEMPLATES = (DUAL_STREAM, SINGLE_STREAM, CROSS_ATTENTION)
 #: mask conventions: "keep" is 1 where a key is attended (B, n); "bias" is added to the logits (B, 1, n)
 MASK_KINDS = ("keep", "bias")
+#: key of a denoiser's per-call state holding its call's tokens (B, num_sets, m, D)
+TOKENS = "_tokens"
 
 #: (denoiser, layout) -> [(token-set index, block)]: the blocks that get tokens and which set each gets
 BlockSelector = Callable[[nn.Module, TokenLayout], list[tuple[int, nn.Module]]]
@@ -62,6 +64,9 @@ class Placement:
         sample_arg: the denoiser's forward argument whose batch size, dtype and device the tokens follow.
         timestep_scale: maps the denoiser's `timestep` argument onto the tokens' 0..1000 bucket scale
             (FLUX-style models are called with t / 1000: scale 1000).
+        timestep_rule: (denoiser, timestep argument) -> (B,) or scalar timesteps, applied before
+            `timestep_scale`, for models whose timestep argument is not one value per sample on a fixed
+            scale (Wan 2.2 TI2V: one per latent token; SANA: scaled by the model's `timestep_scale`).
         text_arg: the block argument carrying the text (dual-stream, cross-attention) or the joint
             sequence (single-stream); an IP-Adapter tuple (context, image embeds) gets them in its first part.
         position: rows kept before the tokens: cross-attention 1 keeps BOS first (UNets); dual-stream 0.
@@ -83,6 +88,7 @@ class Placement:
     select: BlockSelector = per_layer()
     sample_arg: str = "hidden_states"
     timestep_scale: float = 1.0
+    timestep_rule: Callable[[nn.Module, Any], Any] | None = None
     text_arg: str = "encoder_hidden_states"
     position: int = 0
     text_start: Callable[[nn.Module, tuple, dict], int] | None = None
@@ -133,6 +139,8 @@ def denoiser_pre_hook(handle: AttachHandle, placement: Placement, projection: Ca
         timestep = call_argument(module, args, kwargs, "timestep")
         if timestep is None:
             raise SoftTokensError(f"{type(module).__name__} was called without a timestep")
+        if placement.timestep_rule is not None:
+            timestep = placement.timestep_rule(module, timestep)
         if placement.timestep_scale != 1.0:
             timestep = torch.as_tensor(timestep) * placement.timestep_scale
         b = sample.shape[0]
@@ -151,6 +159,9 @@ def denoiser_pre_hook(handle: AttachHandle, placement: Placement, projection: Ca
         if mask is not None:  # "negative": AGSM's psi- on the unconditional rows
             negative = handle.uncond_tokens(timestep, b, **kw)
             handle.current = torch.where(mask.to(sample.device).view(-1, 1, 1, 1), negative, handle.current)
+        # this denoiser's own copy, read by its blocks: with two denoisers per step (Wan 2.2's experts)
+        # checkpoint recomputation in the backward pass must see each one's tokens, not the last call's
+        state[TOKENS] = handle.current
         if placement.call_state is not None:
             state.update(placement.call_state(module, args, kwargs, handle.tokens.layout.num_tokens))
         return None
@@ -165,7 +176,7 @@ def block_pre_hook(handle: AttachHandle, placement: Placement, set_index: int, s
     p = placement
 
     def hook(block: nn.Module, args: tuple, kwargs: dict) -> Any:
-        toks = handle.current  # (B, num_sets, m, D)
+        toks = state.get(TOKENS)  # (B, num_sets, m, D)
         if toks is None:
             return None
         b, m = toks.shape[0], toks.shape[2]
@@ -197,13 +208,13 @@ def block_pre_hook(handle: AttachHandle, placement: Placement, set_index: int, s
     return hook
 
 
-def block_post_hook(handle: AttachHandle, placement: Placement, where: dict) -> Callable:
+def block_post_hook(handle: AttachHandle, placement: Placement, state: dict, where: dict) -> Callable:
     """Block post-hook (dual- and single-stream): the m token rows removed from the block's output stream."""
     m = handle.tokens.layout.num_tokens
     idx = placement.output_index
 
     def hook(block: nn.Module, args: tuple, output: Any) -> Any:
-        if handle.current is None:
+        if state.get(TOKENS) is None:
             return None
         if not isinstance(output, tuple):
             return remove_rows(output, where["at"], m)
@@ -236,7 +247,7 @@ def install(denoiser: nn.Module, handle: AttachHandle, placement: Placement, pro
         handle.add(block.register_forward_pre_hook(block_pre_hook(handle, placement, set_index, state, where),
                                                    with_kwargs=True))
         if placement.template != CROSS_ATTENTION:  # a cross-attention block never returns its context
-            handle.add(block.register_forward_hook(block_post_hook(handle, placement, where)))
+            handle.add(block.register_forward_hook(block_post_hook(handle, placement, state, where)))
 
 
 __all__ = ["CROSS_ATTENTION", "DUAL_STREAM", "SINGLE_STREAM", "TEMPLATES", "Placement", "install", "insert_rows",

@@ -11,5 +11,7 @@ from . import flux  # noqa: F401
 from . import unet  # noqa: F401  (sd15, sdxl)
 from . import qwenimage  # noqa: F401
 from . import flux2  # noqa: F401
+from . import sana  # noqa: F401
+from . import wan  # noqa: F401
 
 __all__: list[str] = []
