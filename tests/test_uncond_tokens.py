@@ -180,14 +180,28 @@ def test_detaching_still_restores_the_model_exactly(mode, tmp_path):
 # ----------------------------------------------------------------------------- stock pipelines
 def _images(pipe, **call):
     out = pipe("a red circle", num_inference_steps=2, height=32, width=32, output_type="np",
-               generator=torch.Generator().manual_seed(0), **call).images
-    return torch.from_numpy(out)
+               generator=torch.Generator().manual_seed(0), **call)
+    return torch.as_tensor(out.frames if hasattr(out, "frames") else out.images)  # Wan: video frames
+
+
+def _sana():
+    from softrepa.tiny_crossattn import tiny_sana_pipeline
+
+    return tiny_sana_pipeline()
+
+
+def _wan_a14b():
+    from softrepa.tiny_crossattn import tiny_wan_pipeline
+
+    return tiny_wan_pipeline(two_experts=True)
 
 
 @pytest.mark.parametrize("build,call", [
     (tiny.tiny_sd3_pipeline, {"guidance_scale": 4.0}),                       # batched CFG
+    (_sana, {"guidance_scale": 4.5, "use_resolution_binning": False}),      # batched CFG, cross-attention
     (tiny.tiny_qwenimage_pipeline, {"true_cfg_scale": 4.0, "negative_prompt": " "}),  # one call per branch
-], ids=["sd3", "qwenimage"])
+    (_wan_a14b, {"guidance_scale": 4.0, "guidance_scale_2": 3.0, "num_frames": 1}),  # per call, two experts
+], ids=["sd3", "sana", "qwenimage", "wan-a14b"])
 def test_the_stock_pipeline_samples_each_choice_deterministically(build, call, tmp_path):
     pipe = build()
     _agsm_file(pipe, tmp_path / "t.safetensors")

@@ -205,11 +205,13 @@ def configure(handle: Any, target: Any, mode: str, negative: Any = None) -> None
     family = family_of(handle.model)
     kind = getattr(family, "cfg_branches", "")
     is_pipeline = target is not handle.model
+    models = family.denoisers(target, handle.model) if is_pipeline else [handle.model]  # Wan 2.2 A14B: 2
     if is_pipeline:
         if kind == "batch":
             handle.rows_rule = batch_rule(target)
         elif kind == "calls":
-            handle.add_remover(install_call_probe(handle.model, handle))
+            for model in models:
+                handle.add_remover(install_call_probe(model, handle))
             handle.rows_rule = call_rule(handle)
         else:
             raise UsageError(f"--uncond-tokens {mode}: softrepa does not know where {family.title}'s pipeline "
@@ -217,17 +219,18 @@ def configure(handle: Any, target: Any, mode: str, negative: Any = None) -> None
     handle.uncond_tokens = negative
     handle.uncond_mode = mode
     if mode == "none":
-        call: dict = {}
         sample_arg = family.placement.sample_arg
 
         def batch_of(module: nn.Module, args: tuple, kwargs: dict) -> int:
-            return int(call_argument(module, args, kwargs, sample_arg).shape[0])
+            value = call_argument(module, args, kwargs, sample_arg)
+            return len(value) if isinstance(value, (list, tuple)) else int(value.shape[0])
 
-        # prepended: they run before the token pre-hook / after the model, whatever was registered first
-        handle.add(handle.model.register_forward_pre_hook(split_pre_hook(handle, call, batch_of),
-                                                          with_kwargs=True, prepend=True))
-        handle.add(handle.model.register_forward_hook(split_post_hook(handle, call), with_kwargs=True,
-                                                      prepend=True))
+        for model in models:
+            call: dict = {}  # per model: the split call in flight
+            # prepended: they run before the token pre-hook / after the model, whatever was registered first
+            handle.add(model.register_forward_pre_hook(split_pre_hook(handle, call, batch_of),
+                                                       with_kwargs=True, prepend=True))
+            handle.add(model.register_forward_hook(split_post_hook(handle, call), with_kwargs=True, prepend=True))
 
 
 __all__ = ["configure", "CFG_BRANCHES", "UNCOND_CHOICES", "batch_rule", "call_rule", "check_choice", "install_call_probe",

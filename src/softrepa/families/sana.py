@@ -132,6 +132,7 @@ class SanaFamily(Family):
     edit = EditPresets(steps=50, src_cfg=3.5, vanilla=(33, 13.5), tokens=(30, 9.0),
                        source="chosen for softrepa, no official SANA FlowEdit setting: SD3's (FlowEdit; SoftREPA "
                               "Tables 5-6), whose noise levels SANA's flow_shift-3 grid matches")
+    cfg_branches = "batch"  # the stock pipeline runs CFG as one call on [uncond; cond] rows
     text_length = 300  # the pipeline's default max_sequence_length (after the CHI prefix)
     repeated_blocks = ("SanaTransformerBlock",)
     # [s_1..s_m, caption] into the cross-attention context; the additive mask bias (B, 1, n) gets 0s

@@ -152,6 +152,7 @@ class WanFamily(Family):
     denoiser_class = "WanTransformer3DModel"
     # `WanPipeline.__call__`'s defaults (Wan 2.1 T2V model card): 50 steps, CFG 5.0
     sampling = SamplingDefaults(steps=50, cfg=5.0)
+    cfg_branches = "calls"  # one call per branch inside cache_context("cond" / "uncond"), on either expert
     text_length = 512  # the pipeline call's max_sequence_length (the I2V processor's fixed 512 text rows too)
     video_fps = 16  # Wan 2.1 / 2.2 A14B model cards export at 16 fps (TI2V 5B's cards: 24; `generate` takes fps)
     repeated_blocks = ("WanTransformerBlock",)
