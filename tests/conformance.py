@@ -16,7 +16,7 @@ from typing import Any, Callable
 import pytest
 import torch
 
-from softrepa import tiny
+from softrepa import tiny, tiny_dit
 from softrepa.family import family_names
 
 
@@ -83,6 +83,11 @@ FAMILIES: dict[str, tuple[Variant, ...]] = {
     ),
     "qwenimage": (Variant("qwenimage", "qwenimage", tiny.tiny_qwenimage_pipeline, text_length=32,
                           call_kw={"true_cfg_scale": 4.0, "negative_prompt": " "}, cli=True),),
+    # ---- issue 24 part A (FLUX.3, Qwen-Image 2.1, Z-Image): softrepa.tiny_dit
+    # Z-Image: guidance_scale > 0 runs both CFG branches in one batched call (prompts of different lengths)
+    "zimage": (Variant("zimage", "zimage", tiny_dit.tiny_zimage_pipeline, text_length=32,
+                       call_kw={"guidance_scale": 3.0}, cli=True),),
+    # ---- end of issue 24 part A
 }
 
 

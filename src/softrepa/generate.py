@@ -149,6 +149,9 @@ def generate_images(
 
 def native_resolution(pipe: Any) -> int:
     """The pipeline's default image side in pixels (SD3 / SDXL 1024, SD1.5 512 for the real models)."""
+    own = family_of(pipe).native_size  # a family whose pipeline declares no default size says it
+    if own:
+        return int(own)
     sample = getattr(pipe, "default_sample_size", None) or resolve_denoiser(pipe).config.sample_size
     if isinstance(sample, (list, tuple)):
         sample = sample[0]

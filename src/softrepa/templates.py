@@ -21,7 +21,8 @@ through `handle.add`, so `handle.remove()` restores the model bit for bit.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import inspect
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -62,17 +63,24 @@ class Placement:
         sample_arg: the denoiser's forward argument whose batch size, dtype and device the tokens follow.
         timestep_scale: maps the denoiser's `timestep` argument onto the tokens' 0..1000 bucket scale
             (FLUX-style models are called with t / 1000: scale 1000).
+        timestep_arg: the denoiser's forward argument holding the timestep (Z-Image calls it `t`).
+        timestep_map: where a scale cannot say it, the map of that argument onto the 0..1000 scale
+            (Z-Image is called with 1 - sigma); used instead of `timestep_scale`.
         text_arg: the block argument carrying the text (dual-stream, cross-attention) or the joint
             sequence (single-stream); an IP-Adapter tuple (context, image embeds) gets them in its first part.
         position: rows kept before the tokens: cross-attention 1 keeps BOS first (UNets); dual-stream 0.
         text_start: single-stream only: (block, args, kwargs) -> the row where the text starts in the
-            joint sequence (the tokens go there).
+            joint sequence (the tokens go there); a callable with a fourth parameter also gets the
+            per-call state of `call_state` (Z-Image's image length is known to the denoiser call only).
         mask_arg: a block argument holding a text mask that must grow by m rows (None: no mask).
         mask_kind: "keep" (1 = attended; the tokens get 1) or "bias" (additive; the tokens get 0).
         rotary_arg: the block argument with the rotary embedding (None: no positions on the text).
         rotary: the family's rule for the m rows the tokens take in that embedding.
         call_state: (denoiser, args, kwargs, m) -> dict computed once per denoiser call, handed to
             `rotary` (FLUX.2 computes the tokens' rotary rows from the call's text ids there).
+        row_args: block arguments that run along the text rows (B, n_txt, ...) besides the text itself
+            (FLUX.3's per-text-token modulation `temb_mod_context`): each gets m copies of its row at the
+            insertion point, so that the tokens are modulated as the text token they stand before.
         output_index: dual- / single-stream: where the stream sits in the block's output tuple
             (an output of None there — SD3's last `context_pre_only` block — has nothing to drop).
         broadcast_text: accept a text batch of 1 for B latents (the model broadcasts it; Qwen-Image's
@@ -93,6 +101,11 @@ class Placement:
     call_state: Callable[[nn.Module, tuple, dict, int], dict] | None = None
     output_index: int = 0
     broadcast_text: bool = False
+    timestep_arg: str = "timestep"
+    timestep_map: Callable[[torch.Tensor], torch.Tensor] | None = None
+    row_args: tuple[str, ...] = ()
+    # whether `text_start` takes the per-call state (computed once from its signature)
+    start_takes_state: bool = field(init=False, repr=False, compare=False, default=False)
 
     def __post_init__(self) -> None:
         if self.template not in TEMPLATES:
@@ -103,6 +116,9 @@ class Placement:
             raise ValueError("text_start is required by the single-stream template and only there")
         if (self.rotary is None) != (self.rotary_arg is None):
             raise ValueError("rotary and rotary_arg go together")
+        if self.text_start is not None:
+            takes = len(inspect.signature(self.text_start).parameters) >= 4
+            object.__setattr__(self, "start_takes_state", takes)  # frozen: set once, here
 
 
 # ------------------------------------------------------------------------------------ the hooks
@@ -129,16 +145,19 @@ def denoiser_pre_hook(handle: AttachHandle, placement: Placement, projection: Ca
         if not handle.enabled:
             handle.current = None
             return None
+        if placement.call_state is not None:  # first: it may refuse a call the placement cannot serve
+            state.update(placement.call_state(module, args, kwargs, handle.tokens.layout.num_tokens))
         sample = call_argument(module, args, kwargs, placement.sample_arg)
-        timestep = call_argument(module, args, kwargs, "timestep")
+        # a list of per-sample tensors (Z-Image's `x`): the batch is the list, dtype and device its first item's
+        b, first = (len(sample), sample[0]) if isinstance(sample, (list, tuple)) else (sample.shape[0], sample)
+        timestep = call_argument(module, args, kwargs, placement.timestep_arg)
         if timestep is None:
             raise SoftTokensError(f"{type(module).__name__} was called without a timestep")
-        if placement.timestep_scale != 1.0:
+        if placement.timestep_map is not None:
+            timestep = placement.timestep_map(torch.as_tensor(timestep))
+        elif placement.timestep_scale != 1.0:
             timestep = torch.as_tensor(timestep) * placement.timestep_scale
-        handle.current = handle.tokens(timestep, sample.shape[0], projection=projection,
-                                       dtype=sample.dtype, device=sample.device)
-        if placement.call_state is not None:
-            state.update(placement.call_state(module, args, kwargs, handle.tokens.layout.num_tokens))
+        handle.current = handle.tokens(timestep, b, projection=projection, dtype=first.dtype, device=first.device)
         return None
 
     return hook
@@ -166,7 +185,10 @@ def block_pre_hook(handle: AttachHandle, placement: Placement, set_index: int, s
             mask = None if mask is None else mask.expand(b, *mask.shape[1:])
         if seq.shape[0] != b:
             raise RuntimeError(f"soft tokens were computed for a batch of {b} but block received {seq.shape[0]}")
-        at = p.text_start(block, args, kwargs) if p.text_start is not None else p.position
+        if p.text_start is None:
+            at = p.position
+        else:
+            at = p.text_start(block, args, kwargs, state) if p.start_takes_state else p.text_start(block, args, kwargs)
         where["at"] = at
         new = insert_rows(seq, toks[:, set_index].to(seq.dtype), at)  # (B, n + m, D)
         args, kwargs = replace_argument(block, args, kwargs, p.text_arg, new if rest is None else (new,) + rest)
@@ -174,6 +196,11 @@ def block_pre_hook(handle: AttachHandle, placement: Placement, set_index: int, s
             fill = mask.new_ones if p.mask_kind == "keep" else mask.new_zeros  # the tokens are always attended
             grown = insert_rows(mask, fill(mask.shape[:-1] + (m,)), at, dim=mask.ndim - 1)  # (..., n + m)
             args, kwargs = replace_argument(block, args, kwargs, p.mask_arg, grown)
+        for name in p.row_args:  # (B, n_txt, ...) per text row: the tokens take the insertion row's values
+            rows = call_argument(block, args, kwargs, name)
+            if rows is not None:
+                copies = rows.narrow(1, min(at, rows.shape[1] - 1), 1).expand(-1, m, *rows.shape[2:])  # (B, m, ...)
+                args, kwargs = replace_argument(block, args, kwargs, name, insert_rows(rows, copies, at))
         if p.rotary is not None:
             rotary = call_argument(block, args, kwargs, p.rotary_arg)
             if rotary is not None:

@@ -11,5 +11,6 @@ from . import flux  # noqa: F401
 from . import unet  # noqa: F401  (sd15, sdxl)
 from . import qwenimage  # noqa: F401
 from . import flux2  # noqa: F401
+from . import zimage  # noqa: F401
 
 __all__: list[str] = []
