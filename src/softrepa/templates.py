@@ -78,9 +78,11 @@ class Placement:
         rotary: the family's rule for the m rows the tokens take in that embedding.
         call_state: (denoiser, args, kwargs, m) -> dict computed once per denoiser call, handed to
             `rotary` (FLUX.2 computes the tokens' rotary rows from the call's text ids there).
-        row_args: block arguments that run along the text rows (B, n_txt, ...) besides the text itself
-            (FLUX.3's per-text-token modulation `temb_mod_context`): each gets m copies of its row at the
-            insertion point, so that the tokens are modulated as the text token they stand before.
+        grow: further block arguments that run along the sequence and must follow the m inserted rows,
+            each `(name, rule)` with the rule `(value, m, at, state) -> grown value` (Qwen-Image 2.1's
+            per-row modulation selector, its attention segments); an argument passed as None is left.
+        rewrite_call: `(denoiser, args, kwargs) -> (args, kwargs)`: a change to the denoiser's own call
+            while tokens are on (Qwen-Image 2.1: its prefix KV cache would keep step 0's tokens).
         output_index: dual- / single-stream: where the stream sits in the block's output tuple
             (an output of None there — SD3's last `context_pre_only` block — has nothing to drop).
         broadcast_text: accept a text batch of 1 for B latents (the model broadcasts it; Qwen-Image's
@@ -103,7 +105,8 @@ class Placement:
     broadcast_text: bool = False
     timestep_arg: str = "timestep"
     timestep_map: Callable[[torch.Tensor], torch.Tensor] | None = None
-    row_args: tuple[str, ...] = ()
+    grow: tuple[tuple[str, RotaryRule], ...] = ()
+    rewrite_call: Callable[[nn.Module, tuple, dict], tuple[tuple, dict]] | None = None
     # whether `text_start` takes the per-call state (computed once from its signature)
     start_takes_state: bool = field(init=False, repr=False, compare=False, default=False)
 
@@ -158,6 +161,8 @@ def denoiser_pre_hook(handle: AttachHandle, placement: Placement, projection: Ca
         elif placement.timestep_scale != 1.0:
             timestep = torch.as_tensor(timestep) * placement.timestep_scale
         handle.current = handle.tokens(timestep, b, projection=projection, dtype=first.dtype, device=first.device)
+        if placement.rewrite_call is not None:
+            return placement.rewrite_call(module, args, kwargs)
         return None
 
     return hook
@@ -196,11 +201,10 @@ def block_pre_hook(handle: AttachHandle, placement: Placement, set_index: int, s
             fill = mask.new_ones if p.mask_kind == "keep" else mask.new_zeros  # the tokens are always attended
             grown = insert_rows(mask, fill(mask.shape[:-1] + (m,)), at, dim=mask.ndim - 1)  # (..., n + m)
             args, kwargs = replace_argument(block, args, kwargs, p.mask_arg, grown)
-        for name in p.row_args:  # (B, n_txt, ...) per text row: the tokens take the insertion row's values
-            rows = call_argument(block, args, kwargs, name)
-            if rows is not None:
-                copies = rows.narrow(1, min(at, rows.shape[1] - 1), 1).expand(-1, m, *rows.shape[2:])  # (B, m, ...)
-                args, kwargs = replace_argument(block, args, kwargs, name, insert_rows(rows, copies, at))
+        for name, rule in p.grow:
+            value = call_argument(block, args, kwargs, name)
+            if value is not None:
+                args, kwargs = replace_argument(block, args, kwargs, name, rule(value, m, at, state))
         if p.rotary is not None:
             rotary = call_argument(block, args, kwargs, p.rotary_arg)
             if rotary is not None:

@@ -12,5 +12,6 @@ from . import unet  # noqa: F401  (sd15, sdxl)
 from . import qwenimage  # noqa: F401
 from . import flux2  # noqa: F401
 from . import zimage  # noqa: F401
+from . import qwenimage21  # noqa: F401
 
 __all__: list[str] = []
