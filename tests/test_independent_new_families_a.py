@@ -77,8 +77,64 @@ def zimage_model_call(pipe, seed=0):
     return call
 
 
+def build_qwenimage21():
+    """QwenImage21Pipeline: Qwen3-VL text encoder and processor, the 16x AutoencoderKLQwenImage21 (RGB here),
+    QwenImage21Transformer2DModel (5 block-causal blocks, causal_condition: the pipeline uses its KV cache)."""
+    from diffusers import (AutoencoderKLQwenImage21, FlowMatchEulerDiscreteScheduler, QwenImage21Pipeline,
+                           QwenImage21Transformer2DModel)
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    vision = {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
+              "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"}
+    tok = _byte_tokenizer(["<|im_start|>", "<|im_end|>", *vision.values()])
+    # every transformers video processor needs torchvision, absent here: the processor gets the attributes
+    # its __init__ sets, without one (text-to-image never calls it)
+    proc = Qwen3VLProcessor.__new__(Qwen3VLProcessor)
+    proc.image_processor, proc.tokenizer, proc.video_processor = Qwen2VLImageProcessorPil(), tok, None
+    proc.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% for c in m['content'] %}"
+                          "{{ c['text'] }}{% endfor %}<|im_end|>\n{% endfor %}")
+    for name, token in vision.items():
+        setattr(proc, name, token)
+        setattr(proc, name + "_id", tok.convert_tokens_to_ids(token))
+    torch.manual_seed(12)
+    te = Qwen3VLForConditionalGeneration(Qwen3VLConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=24, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, head_dim=12, pad_token_id=0,
+                         rope_scaling={"rope_type": "default", "mrope_section": [2, 2, 2], "mrope_interleaved": True}),
+        vision_config=dict(depth=1, hidden_size=8, intermediate_size=16, num_heads=1, out_hidden_size=24,
+                           deepstack_visual_indexes=[]),
+        **{name + "_id": getattr(proc, name + "_id") for name in vision})).eval()
+    vae = AutoencoderKLQwenImage21(base_dim=4, decoder_base_dim=4, z_dim=8, dim_mult=[1, 1, 2, 2, 2], num_res_blocks=1,
+                                   temperal_downsample=[False] * 4, in_channels=3, out_channels=3,
+                                   latents_mean=[0.0] * 8, latents_std=[1.3] * 8).eval()
+    tr = QwenImage21Transformer2DModel(in_channels=8, out_channels=8, num_layers=5, attention_head_dim=8,
+                                       num_attention_heads=3, context_in_dim=24, axes_dims_rope=(2, 2, 4)).eval()
+    return QwenImage21Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True), vae=vae,
+                               text_encoder=te, processor=proc, transformer=tr)
+
+
+def qwenimage21_model_call(pipe, seed=0):
+    """The denoiser's call as the pipeline's first step makes it: [text (sample 0 padded), 2 x 4 target]."""
+    g = torch.Generator().manual_seed(seed)
+    c = pipe.transformer.config
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[0, 6:] = 0
+    slots = torch.cat([torch.zeros(2, 9, dtype=torch.bool), torch.ones(2, 2, dtype=torch.bool)], dim=1)
+    kw = dict(hidden_states=torch.randn(2, 8, c.in_channels, generator=g),
+              encoder_hidden_states=torch.randn(2, 9, c.context_in_dim, generator=g), encoder_hidden_states_mask=mask,
+              timestep=torch.tensor([0.2, 0.7]), img_shapes=[[(1, 2, 4)]] * 2, img_mask=slots)
+
+    def call():
+        return pipe.transformer(**kw, return_dict=False)[0]
+
+    return call
+
+
 FAMILIES = {
     "zimage": (build_zimage, zimage_model_call, {"guidance_scale": 2.5, "max_sequence_length": 48}, 4),
+    "qwenimage21": (build_qwenimage21, qwenimage21_model_call,
+                    {"true_cfg_scale": 2.5, "negative_prompt": ["", "blurry"]}, 5),
 }
 
 
