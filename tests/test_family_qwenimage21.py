@@ -237,3 +237,14 @@ def test_one_training_step_with_each_objective(tmp_path, objective):
     assert softrepa.load_soft_tokens(path).layout.family == "qwenimage21"
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1] and np.isfinite(rows[0]["loss"])
+
+
+def test_segments_rule_with_condition_images():
+    """Condition images sit inside the text: the tokens join the first text run, later runs shift by m.
+    (End to end with condition images needs the released RGBA VAE, whose images are RGBA: not run here.)"""
+    from softrepa.families.qwenimage21 import text_segments
+
+    runs = [(0, 5, True), (5, 21, False), (21, 30, True)]
+    assert text_segments(runs, M, 0, {}) == [(0, 5 + M, True), (5 + M, 21 + M, False), (21 + M, 30 + M, True)]
+    assert text_segments([(0, 16, False), (16, 20, True)], M, 0, {}) == [(0, M, True), (M, 16 + M, False),
+                                                                          (16 + M, 20 + M, True)]

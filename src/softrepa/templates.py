@@ -41,6 +41,8 @@ MASK_KINDS = ("keep", "bias")
 BlockSelector = Callable[[nn.Module, TokenLayout], list[tuple[int, nn.Module]]]
 #: (rotary of the call, m, position, per-call state) -> the rotary with the tokens' m rows inserted
 RotaryRule = Callable[[Any, int, int, dict], Any]
+#: the same form for any further block argument that runs along the sequence (`Placement.grow`)
+RowRule = RotaryRule
 
 
 def per_layer(attr: str = "transformer_blocks") -> BlockSelector:
@@ -105,7 +107,7 @@ class Placement:
     broadcast_text: bool = False
     timestep_arg: str = "timestep"
     timestep_map: Callable[[torch.Tensor], torch.Tensor] | None = None
-    grow: tuple[tuple[str, RotaryRule], ...] = ()
+    grow: tuple[tuple[str, RowRule], ...] = ()
     rewrite_call: Callable[[nn.Module, tuple, dict], tuple[tuple, dict]] | None = None
     # whether `text_start` takes the per-call state (computed once from its signature)
     start_takes_state: bool = field(init=False, repr=False, compare=False, default=False)
