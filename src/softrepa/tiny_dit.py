@@ -21,7 +21,16 @@ QWEN3_CHAT_TEMPLATE = (
 
 
 def make_qwen3_chat_tokenizer(model_max_length: int = 512):
-    """The byte-level Qwen tokenizer of `softrepa.tiny` with the Qwen3 chat template and think tokens."""
+    """The byte-level Qwen tokenizer of `softrepa.tiny` with the Qwen3 chat template and think tokens.
+
+    Args:
+        model_max_length: the tokenizer's maximum length (pipelines truncate at their own).
+
+    Example:
+        >>> tok = make_qwen3_chat_tokenizer()
+        >>> tok.apply_chat_template([{"role": "user", "content": "a red circle"}], tokenize=False,
+        ...                         add_generation_prompt=True)
+    """
     tok = make_qwen2_tokenizer(model_max_length=model_max_length)
     tok.add_tokens(["<think>", "</think>"], special_tokens=True)
     tok.chat_template = QWEN3_CHAT_TEMPLATE
@@ -30,6 +39,10 @@ def make_qwen3_chat_tokenizer(model_max_length: int = 512):
 
 def tiny_zimage_pipeline(*, num_layers: int = 3, seed: int = 0):
     """A complete tiny `ZImagePipeline` (random weights, built in well under a second).
+
+    Args:
+        num_layers: main single-stream blocks (the ones tokens enter).
+        seed: weights seed.
 
     Text encoder: a 3-layer, width-16 `Qwen3Model` (the pipeline reads its second-to-last hidden state:
     text width 16); tokenizer: `make_qwen3_chat_tokenizer`. VAE: a factor-2 `AutoencoderKL` with 4
@@ -83,6 +96,10 @@ def make_qwen3vl_processor():
     processor: text-to-image prompts and still condition images never reach one. Such a processor is
     not saved by `save_pretrained` in a form `from_pretrained` loads without torchvision, so the tiny
     Qwen-Image 2.1 pipeline is built in memory (no CLI round trip through a saved folder here).
+
+    Example:
+        >>> proc = make_qwen3vl_processor()
+        >>> ids = proc(text=["<|im_start|>user\na red circle<|im_end|>\n"], return_tensors="pt").input_ids
     """
     from transformers import Qwen3VLProcessor
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
@@ -100,6 +117,10 @@ def make_qwen3vl_processor():
 
 def tiny_qwenimage21_pipeline(*, num_layers: int = 3, seed: int = 0):
     """A complete tiny `QwenImage21Pipeline` (random weights).
+
+    Args:
+        num_layers: block-causal single-stream blocks.
+        seed: weights seed.
 
     Text encoder: a `Qwen3VLForConditionalGeneration` with a 2-layer, width-32 language model
     (interleaved multimodal rotary sections 2 + 3 + 3 = head_dim / 2) and a one-block vision tower the
