@@ -14,9 +14,10 @@ caption row — and removed from the block's output, so the next block sees the 
 What follows the tokens:
 * the key mask grows by m ones (the tokens are attended by every query, as Algorithm 1 asks);
 * the rotary rows (`freqs_cis`, (B, L, d/2) complex) grow by m copies of the first caption row. The
-  caption's positions are (1 + k, 0, 0), the image's (cap_len + 1, h, w) and the pads' (0, 0, 0):
-  copying the first caption position gives the tokens a genuine text position, never an image or a
-  pad position, independent of the prompt's length — the choice FLUX.1 and Qwen-Image make too.
+  caption's positions are (1 + k, 0, 0) (its pad rows continue that sequence), the image's
+  (cap_len + 1, h, w), the image's pad rows (0, 0, 0): copying the first caption position gives the
+  tokens a genuine text position, never an image or a pad position, independent of the prompt's
+  length — the choice FLUX.1 and Qwen-Image make too.
 The image length (where the caption starts) is known only to the denoiser call (the per-sample list
 `x`, the patch size): `call_state` computes it once per call, and it must be the same for every sample
 (pipelines sample one size; a batch of several sizes is refused, as is the Omni mode's nested lists,
