@@ -248,3 +248,26 @@ def test_segments_rule_with_condition_images():
     assert text_segments(runs, M, 0, {}) == [(0, 5 + M, True), (5 + M, 21 + M, False), (21 + M, 30 + M, True)]
     assert text_segments([(0, 16, False), (16, 20, True)], M, 0, {}) == [(0, M, True), (M, 16 + M, False),
                                                                           (16 + M, 20 + M, True)]
+
+
+def test_generate_images_in_memory_vanilla_is_the_stock_call_and_tokens_differ(pipe, tmp_path):
+    """What the CLI's generate does (not run through a saved folder here, see tests/conformance.py): the
+    vanilla image is the stock pipeline's at the family's defaults, bit for bit; with tokens (and with
+    true CFG, one prompt per call) the image differs."""
+    from PIL import Image
+
+    from softrepa.generate import generate_images
+
+    common = dict(prompts=["a red circle"], seeds=[0], steps=2, height=32, width=32, progress=False)
+    generate_images(pipe, out_dir=tmp_path / "vanilla", **common)
+    fam = family_of(pipe)
+    ref = pipe(prompt="a red circle", height=32, width=32, num_inference_steps=2,
+               generator=torch.Generator().manual_seed(0), **fam.guidance_kwargs(fam.sampling.cfg)).images[0]
+    vanilla = np.asarray(Image.open(tmp_path / "vanilla" / "00000_s0.png").convert("RGB"))
+    assert np.array_equal(vanilla, np.asarray(ref))
+    with attach(pipe, _tokens(pipe)):
+        generate_images(pipe, out_dir=tmp_path / "tokens", **common)
+        generate_images(pipe, out_dir=tmp_path / "cfg", cfg=3.0, **common)
+    for sub in ("tokens", "cfg"):
+        img = np.asarray(Image.open(tmp_path / sub / "00000_s0.png").convert("RGB"))
+        assert not np.array_equal(img, vanilla), sub
