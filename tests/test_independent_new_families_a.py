@@ -10,6 +10,8 @@ transformers directly (no `softrepa.tiny*`, no tests/conformance.py), and only s
 * a layer count beyond the model's depth is a softrepa error;
 * the stock pipeline with tokens gives other images, and after `remove()` exactly the images of a
   pipeline that never carried tokens.
+FLUX.3 is not registered (its only stock pipeline is a modular one, docs/families.md): the check here is
+that its model is refused with one softrepa error.
 """
 
 from __future__ import annotations
@@ -229,3 +231,17 @@ def test_stock_pipeline_differs_with_tokens_and_equals_a_never_attached_one_afte
     after = _images(pipe, kw)
     assert np.abs(with_tokens - reference).max() > 1e-4
     assert np.array_equal(after, reference)
+
+
+def test_flux3_is_left_out_cleanly():
+    """FLUX.3 is not registered (docs/families.md says why): a Flux3Transformer2DModel is refused with one
+    softrepa error, nothing is attached to it."""
+    from diffusers import Flux3Transformer2DModel
+
+    model = Flux3Transformer2DModel(in_channels=8, cond_in_channels=8, num_layers=1, num_single_layers=2,
+                                    attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                    timestep_channels=16, axes_dims_rope=(2, 2, 2, 2))
+    before = _module_state(model)
+    with pytest.raises(softrepa.SoftrepaError, match="Flux3Transformer2DModel"):
+        SoftTokens.for_model(model, SoftTokensConfig(num_layers=1))
+    assert _module_state(model)["hooks"] == before["hooks"]
