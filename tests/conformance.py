@@ -16,7 +16,7 @@ from typing import Any, Callable
 import pytest
 import torch
 
-from softrepa import tiny, tiny_crossattn
+from softrepa import tiny, tiny_crossattn, tiny_dit
 from softrepa.family import family_names
 
 
@@ -107,6 +107,16 @@ FAMILIES: dict[str, tuple[Variant, ...]] = {
                 call_kw={"num_frames": 5}, video=True),
     ),
     # --- end of issue 24 part B ---
+    # ---- issue 24 part A (FLUX.3, Qwen-Image 2.1, Z-Image): softrepa.tiny_dit
+    # Z-Image: guidance_scale > 0 runs both CFG branches in one batched call (prompts of different lengths)
+    "zimage": (Variant("zimage", "zimage", tiny_dit.tiny_zimage_pipeline, text_length=32,
+                       call_kw={"guidance_scale": 3.0}, cli=True),),
+    # Qwen-Image 2.1: no text length; true CFG needs one negative prompt per prompt (the pipeline does not
+    # broadcast one); built in memory (its processor needs torchvision to be saved and loaded: no CLI here);
+    # sides multiples of 32
+    "qwenimage21": (Variant("qwenimage21", "qwenimage21", tiny_dit.tiny_qwenimage21_pipeline, text_length=None,
+                            call_kw={"true_cfg_scale": 3.0, "negative_prompt": [" ", " "]}, edit_size=(64, 32)),),
+    # ---- end of issue 24 part A
 }
 
 

@@ -95,6 +95,8 @@ class Family:
             pipeline's `max_sequence_length`: T5 / Mistral / Qwen length, the length the family's
             recipe trains with), used alike by train, generate, edit, diagnose and the page; None
             for families whose pipelines take no text length (UNets: CLIP's fixed 77).
+        native_size: the pipeline's default image side in pixels, for families whose pipeline and
+            denoiser declare none (`default_sample_size`, `sample_size`; Z-Image: 1024); else None.
         repeated_blocks: class names of the blocks `compile_blocks` compiles when the diffusers
             model does not declare them itself (its `_repeated_blocks`).
         placement: where the tokens enter (`softrepa.templates.Placement`: template + block metadata).
@@ -117,6 +119,7 @@ class Family:
     sampling: SamplingDefaults = SamplingDefaults(30, 7.0)
     edit: EditPresets = EditPresets(50, 3.5, (33, 13.5), (30, 9.0))
     text_length: int | None = None
+    native_size: int | None = None
     repeated_blocks: tuple[str, ...] = ()
     placement: Placement
     block_list: str = "transformer_blocks"

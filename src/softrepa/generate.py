@@ -168,6 +168,9 @@ def generate_images(
 
 def native_resolution(pipe: Any) -> int:
     """The pipeline's default image side in pixels (SD3 / SDXL 1024, SD1.5 512 for the real models)."""
+    own = family_of(pipe).native_size  # a family whose pipeline declares no default size says it
+    if own:
+        return int(own)
     sample = getattr(pipe, "default_sample_size", None) or getattr(resolve_denoiser(pipe).config, "sample_size", None)
     if sample is None:  # no native square (Wan's call: 480 x 832): the call's default height
         return int(inspect.signature(pipe.__call__).parameters["height"].default)

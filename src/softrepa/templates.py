@@ -21,7 +21,8 @@ through `handle.add`, so `handle.remove()` restores the model bit for bit.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import inspect
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -42,6 +43,8 @@ TOKENS = "_tokens"
 BlockSelector = Callable[[nn.Module, TokenLayout], list[tuple[int, nn.Module]]]
 #: (rotary of the call, m, position, per-call state) -> the rotary with the tokens' m rows inserted
 RotaryRule = Callable[[Any, int, int, dict], Any]
+#: the same form for any further block argument that runs along the sequence (`Placement.grow`)
+RowRule = RotaryRule
 
 
 def per_layer(attr: str = "transformer_blocks") -> BlockSelector:
@@ -67,17 +70,26 @@ class Placement:
         timestep_rule: (denoiser, timestep argument) -> (B,) or scalar timesteps, applied before
             `timestep_scale`, for models whose timestep argument is not one value per sample on a fixed
             scale (Wan 2.2 TI2V: one per latent token; SANA: scaled by the model's `timestep_scale`).
+        timestep_arg: the denoiser's forward argument holding the timestep (Z-Image calls it `t`).
+        timestep_map: where a scale cannot say it, the map of that argument onto the 0..1000 scale
+            (Z-Image is called with 1 - sigma); used instead of `timestep_scale`.
         text_arg: the block argument carrying the text (dual-stream, cross-attention) or the joint
             sequence (single-stream); an IP-Adapter tuple (context, image embeds) gets them in its first part.
         position: rows kept before the tokens: cross-attention 1 keeps BOS first (UNets); dual-stream 0.
         text_start: single-stream only: (block, args, kwargs) -> the row where the text starts in the
-            joint sequence (the tokens go there).
+            joint sequence (the tokens go there); a callable with a fourth parameter also gets the
+            per-call state of `call_state` (Z-Image's image length is known to the denoiser call only).
         mask_arg: a block argument holding a text mask that must grow by m rows (None: no mask).
         mask_kind: "keep" (1 = attended; the tokens get 1) or "bias" (additive; the tokens get 0).
         rotary_arg: the block argument with the rotary embedding (None: no positions on the text).
         rotary: the family's rule for the m rows the tokens take in that embedding.
         call_state: (denoiser, args, kwargs, m) -> dict computed once per denoiser call, handed to
             `rotary` (FLUX.2 computes the tokens' rotary rows from the call's text ids there).
+        grow: further block arguments that run along the sequence and must follow the m inserted rows,
+            each `(name, rule)` with the rule `(value, m, at, state) -> grown value` (Qwen-Image 2.1's
+            per-row modulation selector, its attention segments); an argument passed as None is left.
+        rewrite_call: `(denoiser, args, kwargs) -> (args, kwargs)`: a change to the denoiser's own call
+            while tokens are on (Qwen-Image 2.1: its prefix KV cache would keep step 0's tokens).
         output_index: dual- / single-stream: where the stream sits in the block's output tuple
             (an output of None there — SD3's last `context_pre_only` block — has nothing to drop).
         broadcast_text: accept a text batch of 1 for B latents (the model broadcasts it; Qwen-Image's
@@ -99,6 +111,12 @@ class Placement:
     call_state: Callable[[nn.Module, tuple, dict, int], dict] | None = None
     output_index: int = 0
     broadcast_text: bool = False
+    timestep_arg: str = "timestep"
+    timestep_map: Callable[[torch.Tensor], torch.Tensor] | None = None
+    grow: tuple[tuple[str, RowRule], ...] = ()
+    rewrite_call: Callable[[nn.Module, tuple, dict], tuple[tuple, dict]] | None = None
+    # whether `text_start` takes the per-call state (computed once from its signature)
+    start_takes_state: bool = field(init=False, repr=False, compare=False, default=False)
 
     def __post_init__(self) -> None:
         if self.template not in TEMPLATES:
@@ -109,6 +127,9 @@ class Placement:
             raise ValueError("text_start is required by the single-stream template and only there")
         if (self.rotary is None) != (self.rotary_arg is None):
             raise ValueError("rotary and rotary_arg go together")
+        if self.text_start is not None:
+            takes = len(inspect.signature(self.text_start).parameters) >= 4
+            object.__setattr__(self, "start_takes_state", takes)  # frozen: set once, here
 
 
 # ------------------------------------------------------------------------------------ the hooks
@@ -135,15 +156,20 @@ def denoiser_pre_hook(handle: AttachHandle, placement: Placement, projection: Ca
         if not handle.enabled:
             handle.current = None
             return None
+        if placement.call_state is not None:  # first: it may refuse a call the placement cannot serve
+            state.update(placement.call_state(module, args, kwargs, handle.tokens.layout.num_tokens))
         sample = call_argument(module, args, kwargs, placement.sample_arg)
-        timestep = call_argument(module, args, kwargs, "timestep")
+        # a list of per-sample tensors (Z-Image's `x`): the batch is the list, dtype and device its first item's
+        b, first = (len(sample), sample[0]) if isinstance(sample, (list, tuple)) else (sample.shape[0], sample)
+        timestep = call_argument(module, args, kwargs, placement.timestep_arg)
         if timestep is None:
             raise SoftTokensError(f"{type(module).__name__} was called without a timestep")
         if placement.timestep_rule is not None:
             timestep = placement.timestep_rule(module, timestep)
-        if placement.timestep_scale != 1.0:
+        if placement.timestep_map is not None:
+            timestep = placement.timestep_map(torch.as_tensor(timestep))
+        elif placement.timestep_scale != 1.0:
             timestep = torch.as_tensor(timestep) * placement.timestep_scale
-        b = sample.shape[0]
         mask = None  # the unconditional rows, when they carry other tokens than the attached ones
         if handle.uncond_mode != "positive" and not handle.splitting:
             mask = handle.uncond_mask(b)
@@ -154,16 +180,16 @@ def denoiser_pre_hook(handle: AttachHandle, placement: Placement, projection: Ca
                 # all rows unconditional (a call mixing both was split before this hook): vanilla
                 handle.current = None
                 return None
-        kw = dict(projection=projection, dtype=sample.dtype, device=sample.device)
+        kw = dict(projection=projection, dtype=first.dtype, device=first.device)
         handle.current = handle.tokens(timestep, b, **kw)  # (B, num_sets, m, D)
         if mask is not None:  # "negative": AGSM's psi- on the unconditional rows
             negative = handle.uncond_tokens(timestep, b, **kw)
-            handle.current = torch.where(mask.to(sample.device).view(-1, 1, 1, 1), negative, handle.current)
+            handle.current = torch.where(mask.to(first.device).view(-1, 1, 1, 1), negative, handle.current)
         # this denoiser's own copy, read by its blocks: with two denoisers per step (Wan 2.2's experts)
         # checkpoint recomputation in the backward pass must see each one's tokens, not the last call's
         state[TOKENS] = handle.current
-        if placement.call_state is not None:
-            state.update(placement.call_state(module, args, kwargs, handle.tokens.layout.num_tokens))
+        if placement.rewrite_call is not None:
+            return placement.rewrite_call(module, args, kwargs)
         return None
 
     return hook
@@ -191,7 +217,10 @@ def block_pre_hook(handle: AttachHandle, placement: Placement, set_index: int, s
             mask = None if mask is None else mask.expand(b, *mask.shape[1:])
         if seq.shape[0] != b:
             raise RuntimeError(f"soft tokens were computed for a batch of {b} but block received {seq.shape[0]}")
-        at = p.text_start(block, args, kwargs) if p.text_start is not None else p.position
+        if p.text_start is None:
+            at = p.position
+        else:
+            at = p.text_start(block, args, kwargs, state) if p.start_takes_state else p.text_start(block, args, kwargs)
         where["at"] = at
         new = insert_rows(seq, toks[:, set_index].to(seq.dtype), at)  # (B, n + m, D)
         args, kwargs = replace_argument(block, args, kwargs, p.text_arg, new if rest is None else (new,) + rest)
@@ -199,6 +228,10 @@ def block_pre_hook(handle: AttachHandle, placement: Placement, set_index: int, s
             fill = mask.new_ones if p.mask_kind == "keep" else mask.new_zeros  # the tokens are always attended
             grown = insert_rows(mask, fill(mask.shape[:-1] + (m,)), at, dim=mask.ndim - 1)  # (..., n + m)
             args, kwargs = replace_argument(block, args, kwargs, p.mask_arg, grown)
+        for name, rule in p.grow:
+            value = call_argument(block, args, kwargs, name)
+            if value is not None:
+                args, kwargs = replace_argument(block, args, kwargs, name, rule(value, m, at, state))
         if p.rotary is not None:
             rotary = call_argument(block, args, kwargs, p.rotary_arg)
             if rotary is not None:

@@ -13,5 +13,7 @@ from . import qwenimage  # noqa: F401
 from . import flux2  # noqa: F401
 from . import sana  # noqa: F401
 from . import wan  # noqa: F401
+from . import zimage  # noqa: F401
+from . import qwenimage21  # noqa: F401
 
 __all__: list[str] = []
