@@ -151,8 +151,11 @@ def import_official(
 ) -> Path:
     """Read the authors' files, convert (`convert_official`, which takes `kwargs`), and save as a
     softrepa safetensors artefact; returns its path."""
-    from .artifact import save_soft_tokens
+    from .artifact import refuse_foreign, save_soft_tokens
 
+    out = Path(out).expanduser()
+    out = out / "tokens.safetensors" if out.is_dir() else out  # a folder: the file goes inside it
+    refuse_foreign(out if out.suffix == ".safetensors" else out.with_name(out.name + ".safetensors"))
     dc = load_official_tensor(dc_tokens_path, "dc_tokens")
     dct = load_official_tensor(dc_t_tokens_path, "dc_t_tokens") if dc_t_tokens_path else None
     tokens = convert_official(family, dc, dct, **kwargs)

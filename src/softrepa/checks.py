@@ -1,0 +1,232 @@
+"""Input checks shared by the entry points: every size bounded before it allocates, every value
+meaningful, every file read with a message that names it (issue 26).
+
+The command line, the config and the artefact readers call these *before* they build anything, so
+that a small input (a 136-byte option, a 100 KB tokens header, a 20 KB PNG) can never make softrepa
+allocate gigabytes, compute a silently wrong result or end in a traceback. Each error is one line
+naming the option / file / field, the value and the bound.
+
+The bounds (`LIMITS`) are far above any real use (the paper: 4 tokens, 5 layers, 100 buckets, 1024
+pixels, 28-50 steps, 512 text tokens) and far below what would exhaust a machine.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError, DatasetError, SoftTokensError, UsageError
+
+#: seeds of one `generate` call (refused above; the seed list is materialised, so this bounds its memory)
+MAX_SEEDS = 100_000
+#: images of one `generate` call (prompts x seeds)
+MAX_IMAGES = 1_000_000
+#: image side in pixels (`--size`, `resolution`): 8192 is 8x SD3's native 1024
+MAX_SIDE = 8192
+#: sampling / FlowEdit steps
+MAX_STEPS = 10_000
+#: text length in tokens (`--max-sequence-length`): T5's 512 is the largest a family uses
+MAX_TEXT_LENGTH = 4096
+#: soft tokens per set, time buckets (t lives on 0..1000), token sets, token / model width
+MAX_TOKENS, MAX_BUCKETS, MAX_SETS, MAX_WIDTH = 1024, 1000, 1024, 65536
+#: the largest soft-token parameter count a layout may declare (64M floats = 256 MB)
+MAX_TOKEN_PARAMS = 1 << 26
+#: seeds are 64-bit (torch.Generator.manual_seed)
+MAX_SEED = (1 << 64) - 1
+
+LIMITS = {"seeds": MAX_SEEDS, "images": MAX_IMAGES, "side": MAX_SIDE, "steps": MAX_STEPS,
+          "text_length": MAX_TEXT_LENGTH, "tokens": MAX_TOKENS, "buckets": MAX_BUCKETS, "sets": MAX_SETS,
+          "width": MAX_WIDTH, "token_params": MAX_TOKEN_PARAMS}
+
+
+# --------------------------------------------------------------------------- numbers
+def int_in(value: Any, option: str, lo: int, hi: int | None = None, error: type = UsageError) -> int:
+    """`value` as an int in [lo, hi], else `error` naming `option`, the value and the bound."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise error(f"{option}: expected an integer, got {value!r}")
+    if value < lo or (hi is not None and value > hi):
+        bound = f">= {lo}" if hi is None else f"between {lo} and {hi}"
+        raise error(f"{option} must be {bound}, got {value}")
+    return value
+
+
+def finite(value: Any, option: str, *, above: float | None = None, at_least: float | None = None,
+           error: type = UsageError) -> float:
+    """`value` as a finite float (> `above` / >= `at_least` when given), else `error` naming `option`."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise error(f"{option} must be a finite number, got {value!r}")
+    if above is not None and not value > above:
+        raise error(f"{option} must be > {above:g}, got {value}")
+    if at_least is not None and not value >= at_least:
+        raise error(f"{option} must be >= {at_least:g}, got {value}")
+    return float(value)
+
+
+def check_device(device: str | None, option: str = "--device") -> None:
+    """A torch device this build and machine have (`cuda:7` on a CPU build is one line, not a traceback)."""
+    if device is None:
+        return
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise UsageError(f"{option}: not a torch device: {device!r} (use cpu, cuda, cuda:1, mps)") from e
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise UsageError(f"{option} {device}: this torch build / machine has no CUDA device; use --device cpu")
+        if dev.index is not None and dev.index >= count:
+            raise UsageError(f"{option} {device}: only {count} CUDA device(s) here (cuda:0..cuda:{count - 1})")
+    elif dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UsageError(f"{option} {device}: MPS is not available here; use --device cpu")
+
+
+def check_sampling_args(args: Any) -> None:
+    """The options of generate / edit / diagnose that size or steer the work, before the model loads."""
+    check_device(getattr(args, "device", None))
+    if getattr(args, "max_sequence_length", None) is not None:
+        int_in(args.max_sequence_length, "--max-sequence-length", 1, MAX_TEXT_LENGTH)
+    if getattr(args, "steps", None) is not None:
+        int_in(args.steps, "--steps", 1, MAX_STEPS)
+    for name in ("cfg", "true_cfg", "src_cfg"):
+        if getattr(args, name, None) is not None:
+            finite(args.__dict__[name], "--" + {"src_cfg": "source-cfg"}.get(name, name.replace("_", "-")))
+    if getattr(args, "max_prompts", None) is not None:
+        int_in(args.max_prompts, "--max-prompts", 1)
+
+
+# --------------------------------------------------------------------------- files
+def read_text(path: str | os.PathLike, what: str = "file", error: type = DatasetError) -> str:
+    """A UTF-8 text file; a file that is not UTF-8 is one line naming it, the line and the byte."""
+    path = Path(path)
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise error(f"{what} {path}: not UTF-8 text (invalid byte on line {line}, byte {e.start}); "
+                    "save it as UTF-8") from e
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml's safe loader, refusing a mapping that names a key twice (PyYAML keeps the last silently)."""
+
+
+def _unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first on line {seen[key] + 1}, again on line "
+                    f"{key_node.start_mark.line + 1})", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        except TypeError:  # an unhashable key: the stock constructor reports it
+            break
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
+def load_yaml(text: str, source: str, error: type = ConfigError) -> Any:
+    """YAML (safe: no tags run code) with duplicate keys refused; errors name `source` and the line."""
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise error(f"{source}: invalid YAML{where}: {problem}") from e
+    except RecursionError as e:
+        raise error(f"{source}: YAML nested too deeply") from e
+
+
+def json_loads(text: str | bytes, source: str, error: type = DatasetError) -> Any:
+    """JSON with a deeply nested document (RecursionError) reported like any other malformed one."""
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as e:
+        detail = "nested too deeply" if isinstance(e, RecursionError) else str(e)
+        raise error(f"{source}: not valid JSON ({detail})") from e
+
+
+def check_out_folder(path: str | os.PathLike | None, option: str = "--out") -> None:
+    """An output folder that exists as a file is one clear line (not `[Errno 17] File exists`)."""
+    if path is None:
+        return
+    p = Path(path).expanduser()
+    for q in (p, *p.parents):
+        if q.exists():
+            if not q.is_dir():
+                raise UsageError(f"{option} {path}: {q} is a file, not a folder; choose another {option}")
+            return
+
+
+# --------------------------------------------------------------------------- tokens files
+def layout_fields(d: Any, source: str) -> None:
+    """The JSON layout of a tokens file: types and bounds, checked before anything is built from it."""
+    if not isinstance(d, dict):
+        raise SoftTokensError(f"{source}: the layout is not a JSON object")
+
+    def whole(name: str, lo: int, hi: int) -> None:
+        if name in d:
+            int_in(d[name], f"{source}: layout field {name!r}", lo, hi, error=SoftTokensError)
+
+    for name in ("token_dim", "model_dim"):
+        whole(name, 1, MAX_WIDTH)
+    whole("num_tokens", 1, MAX_TOKENS)
+    whole("time_buckets", 0, MAX_BUCKETS)
+    whole("model_depth", 0, MAX_SETS)
+    for name, kind in (("layers", int), ("blocks", str)):
+        value = d.get(name, [])
+        if not isinstance(value, list) or len(value) > MAX_SETS or not all(
+                isinstance(v, kind) and not isinstance(v, bool) for v in value):
+            raise SoftTokensError(f"{source}: layout field {name!r} must be a list of at most {MAX_SETS} "
+                                  f"{kind.__name__}s, got {str(value)[:80]}")
+    if any(not 0 <= v < MAX_SETS for v in d.get("layers", [])):
+        raise SoftTokensError(f"{source}: layout field 'layers' holds an index outside 0..{MAX_SETS - 1}")
+    for name in ("family", "token_space"):
+        if name in d and not isinstance(d[name], str):
+            raise SoftTokensError(f"{source}: layout field {name!r} must be a string, got {d[name]!r}")
+
+
+def tensor_shapes(path: str | os.PathLike, expected: dict[str, tuple[int, ...] | None]) -> None:
+    """Compare a safetensors file's own tensor shapes and dtypes (read from its header, nothing
+    loaded) with what the layout expects, before anything of that size is allocated.
+
+    Args:
+        path: the file.
+        expected: tensor name -> shape, or None where the layout has no such tensor.
+    """
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        names = set(f.keys())
+        for name, shape in expected.items():
+            if shape is None:
+                if name in names:
+                    raise SoftTokensError(f"{path}: field {name!r} present but layout says time_buckets=0")
+                continue
+            if name not in names:
+                raise SoftTokensError(f"{path}: missing tensor {name!r}")
+            part = f.get_slice(name)
+            got = tuple(part.get_shape())
+            if got != shape:
+                raise SoftTokensError(f"{path}: tensor {name!r} has shape {got}, layout expects {shape}")
+            dtype = str(part.get_dtype())
+            if dtype not in ("F16", "BF16", "F32", "F64"):
+                raise SoftTokensError(f"{path}: tensor {name!r} is {dtype}, expected floating point (F32); "
+                                      "token values are never cast from integers or booleans")
+
+
+__all__ = ["LIMITS", "MAX_IMAGES", "MAX_SEEDS", "MAX_SIDE", "MAX_STEPS", "MAX_TEXT_LENGTH", "check_device",
+           "check_out_folder", "check_sampling_args", "finite", "int_in", "json_loads", "layout_fields",
+           "load_yaml", "read_text", "tensor_shapes"]
