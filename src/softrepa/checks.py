@@ -170,6 +170,37 @@ def check_out_folder(path: str | os.PathLike | None, option: str = "--out") -> N
             return
 
 
+# --------------------------------------------------------------------------- images
+def image_size_ok(image: Any, path: Any) -> None:
+    """Refuse an image whose header declares more pixels than PIL's bomb limit, before it is decoded
+    (PIL only warns between 1x and 2x its `MAX_IMAGE_PIXELS`; a 48 KB PNG can declare 400 M pixels)."""
+    from PIL import Image
+
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and image.width * image.height > limit:
+        raise DatasetError(f"{path}: {image.width}x{image.height} pixels, above the limit of {limit} "
+                           "(PIL.Image.MAX_IMAGE_PIXELS; a decompression bomb?)")
+
+
+def upright_8bit(image: Any) -> Any:
+    """A decoded image turned as its EXIF orientation says and in an 8-bit mode, so that
+    `.convert("RGB")` keeps its values: 16-bit / 32-bit grayscale is scaled (not clipped to white),
+    float images taken as 0..1 (or 0..255 when they go above 1)."""
+    import numpy as np
+    from PIL import Image, ImageOps
+
+    image = ImageOps.exif_transpose(image)
+    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
+        arr = np.asarray(image, dtype=np.float64)
+        if image.mode == "F":
+            scale = 255.0 if arr.size and np.nanmax(arr) <= 1.0 else 1.0
+        else:  # "I" from a 16-bit PNG / TIFF holds 0..65535; 8-bit data in "I" stays as it is
+            scale = 1 / 257 if image.mode.startswith("I;16") or (arr.size and arr.max() > 255) else 1.0
+        arr = np.nan_to_num(arr * scale, nan=0.0).round().clip(0, 255).astype(np.uint8)
+        image = Image.fromarray(arr, mode="L")
+    return image
+
+
 # --------------------------------------------------------------------------- tokens files
 def layout_fields(d: Any, source: str) -> None:
     """The JSON layout of a tokens file: types and bounds, checked before anything is built from it."""
@@ -227,6 +258,6 @@ def tensor_shapes(path: str | os.PathLike, expected: dict[str, tuple[int, ...] |
                                       "token values are never cast from integers or booleans")
 
 
-__all__ = ["LIMITS", "MAX_IMAGES", "MAX_SEEDS", "MAX_SIDE", "MAX_STEPS", "MAX_TEXT_LENGTH", "check_device",
+__all__ = ["image_size_ok", "upright_8bit", "LIMITS", "MAX_IMAGES", "MAX_SEEDS", "MAX_SIDE", "MAX_STEPS", "MAX_TEXT_LENGTH", "check_device",
            "check_out_folder", "check_sampling_args", "finite", "int_in", "json_loads", "layout_fields",
            "load_yaml", "read_text", "tensor_shapes"]

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from ._version import __version__
 from .hooks import attached_handle
 from .backbone import TextCond, backbone_for
+from .checks import finite
 from .errors import DatasetError, RunFolderError, UsageError
 from .family import family_of, resolve_denoiser
 from .flowedit import EditConds, FlowEditParams, flowedit_latents, guidance_mode
@@ -313,7 +314,7 @@ def parse_cfgs(spec: str | float | Sequence[float] | None, default: float) -> li
     if spec is None:
         return [default]
     if isinstance(spec, (int, float)):
-        return [float(spec)]
+        return [finite(spec, "--target-cfg")]
     try:
         parts = spec.split(",") if isinstance(spec, str) else list(spec)
         vals = [float(v) for v in parts if str(v).strip()]
@@ -321,6 +322,8 @@ def parse_cfgs(spec: str | float | Sequence[float] | None, default: float) -> li
         raise UsageError(f"--target-cfg: cannot parse {spec!r} (use e.g. 13.5 or 9,11,13)") from e
     if not vals:
         raise UsageError(f"--target-cfg: no values in {spec!r}")
+    for v in vals:  # nan / inf wrote a black image and a NaN (not JSON) into metadata.jsonl
+        finite(v, "--target-cfg")
     return list(dict.fromkeys(vals))
 
 

@@ -649,7 +649,7 @@ def run_training(cfg: TrainConfig, resume: bool | str | None = None, overwrite: 
         check_free(cfg.output_dir)  # another process training here: say so (pid, host) before anything else
         if not overwrite:  # refuse in a second, before anything loads (overwrite deletes under the lock)
             claim_run_folder(cfg.output_dir, resume)
-    if cfg.data and isinstance(cfg.data, str) and "dataset" not in trainer_kwargs:
+    if isinstance(cfg.data, str) and "dataset" not in trainer_kwargs:  # '' too: never the current folder
         check_data_spec(cfg.data, "--data")  # before the model loads
     if cfg.model and "pipe" not in trainer_kwargs:
         from .loading import check_model  # the library's model-path check, shared by every command
