@@ -170,6 +170,17 @@ def check_out_folder(path: str | os.PathLike | None, option: str = "--out") -> N
             return
 
 
+def path_problem(path: Path) -> str | None:
+    """Why a path cannot name a file at all (too long, a NUL byte), or None (missing is not a problem here)."""
+    try:
+        os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except (OSError, ValueError) as e:
+        return f"unusable image path ({getattr(e, 'strerror', None) or e}): {str(path)[:60]}..."
+    return None
+
+
 # --------------------------------------------------------------------------- images
 def image_size_ok(image: Any, path: Any) -> None:
     """Refuse an image whose header declares more pixels than PIL's bomb limit, before it is decoded
@@ -260,4 +271,4 @@ def tensor_shapes(path: str | os.PathLike, expected: dict[str, tuple[int, ...] |
 
 __all__ = ["image_size_ok", "upright_8bit", "LIMITS", "MAX_IMAGES", "MAX_SEEDS", "MAX_SIDE", "MAX_STEPS", "MAX_TEXT_LENGTH", "check_device",
            "check_out_folder", "check_sampling_args", "finite", "int_in", "json_loads", "layout_fields",
-           "load_yaml", "read_text", "tensor_shapes"]
+           "load_yaml", "path_problem", "read_text", "tensor_shapes"]

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
+from .checks import path_problem
 from .errors import DatasetError
 
 logger = logging.getLogger("softrepa.data")
@@ -267,17 +268,6 @@ def _manifest_rows(path: Path, image_key: str, caption_key: str, log: SkipLog):
                 raise DatasetError(f"CSV manifest {str(path)!r}, line {reader.line_num}: {e}") from e
 
 
-def _path_problem(path: Path) -> str | None:
-    """Why a path cannot name a file at all (too long, a NUL byte), or None (missing is not a problem here)."""
-    try:
-        os.stat(path)
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    except (OSError, ValueError) as e:
-        return f"unusable image path ({getattr(e, 'strerror', None) or e}): {str(path)[:60]}..."
-    return None
-
-
 def manifest_records(
     path: str | os.PathLike,
     log: SkipLog,
@@ -303,7 +293,7 @@ def manifest_records(
             continue
         img = Path(image.strip()).expanduser()
         img = img if img.is_absolute() else base / img
-        problem = _path_problem(img)
+        problem = path_problem(img)
         if problem:  # a 300-character file name: this row is skipped, not the whole manifest
             log.skip("malformed_row", f"{path}:{n}: {problem}")
             continue
