@@ -265,7 +265,7 @@ def _manifest_rows(path: Path, image_key: str, caption_key: str, log: SkipLog):
                 for row in reader:
                     yield reader.line_num, row.get(image_key), [row.get(caption_key)]
             except csv.Error as e:  # e.g. a field over csv's 128 KB limit: the rest cannot be parsed reliably
-                raise DatasetError(f"CSV manifest {str(path)!r}, line {reader.line_num}: {e}") from e
+                raise DatasetError(f"CSV manifest {str(path)!r}, line {reader.line_num + 1}: {e}") from e
 
 
 def manifest_records(
