@@ -101,6 +101,25 @@ def check_sampling_args(args: Any) -> None:
         int_in(args.max_prompts, "--max-prompts", 1)
 
 
+def check_pipeline_size(pipe: Any, height: int, width: int, option: str = "--size") -> None:
+    """An image size the loaded model can render: sides multiples of its size multiple and, for
+    models with a bounded position table (SD3's `pos_embed_max_size`), within it — diffusers raises a
+    bare ValueError deep in the forward otherwise."""
+    from .edit import size_multiple
+    from .family import resolve_denoiser
+
+    multiple = size_multiple(pipe)
+    if height % multiple or width % multiple:
+        raise UsageError(f"{option} {height}x{width}: both sides must be multiples of {multiple} for this model")
+    config = resolve_denoiser(pipe).config
+    table = getattr(config, "pos_embed_max_size", None)
+    if table:
+        largest = int(table) * int(getattr(config, "patch_size", None) or 1) * int(pipe.vae_scale_factor)
+        if max(height, width) > largest:
+            raise UsageError(f"{option} {height}x{width}: this model renders at most {largest} pixels a side "
+                             f"(its pos_embed_max_size {table})")
+
+
 # --------------------------------------------------------------------------- files
 def read_text(path: str | os.PathLike, what: str = "file", error: type = DatasetError) -> str:
     """A UTF-8 text file; a file that is not UTF-8 is one line naming it, the line and the byte."""
@@ -269,6 +288,6 @@ def tensor_shapes(path: str | os.PathLike, expected: dict[str, tuple[int, ...] |
                                       "token values are never cast from integers or booleans")
 
 
-__all__ = ["image_size_ok", "upright_8bit", "LIMITS", "MAX_IMAGES", "MAX_SEEDS", "MAX_SIDE", "MAX_STEPS", "MAX_TEXT_LENGTH", "check_device",
+__all__ = ["image_size_ok", "upright_8bit", "LIMITS", "MAX_IMAGES", "MAX_SEEDS", "MAX_SIDE", "MAX_STEPS", "MAX_TEXT_LENGTH", "check_device", "check_pipeline_size",
            "check_out_folder", "check_sampling_args", "finite", "int_in", "json_loads", "layout_fields",
            "load_yaml", "path_problem", "read_text", "tensor_shapes"]

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from ._version import __version__
 from .hooks import attached_handle
 from .backbone import TextCond, backbone_for
-from .checks import finite, load_yaml, path_problem, read_text
+from .checks import check_pipeline_size, finite, load_yaml, path_problem, read_text
 from .errors import DatasetError, RunFolderError, UsageError
 from .family import family_of, resolve_denoiser
 from .flowedit import EditConds, FlowEditParams, flowedit_latents, guidance_mode
@@ -199,6 +199,7 @@ def edit_image(pipe: Any, image: Image.Image | str, source_prompt: str, target_p
     params.validate()
     src = open_image(image) if not isinstance(image, Image.Image) else image.convert("RGB")
     h, w = working_size(src.width, src.height, size_multiple(pipe), size, max_side=native_resolution(pipe))
+    check_pipeline_size(pipe, h, w)
     bb = backbone_for(pipe)
     z_src = encode_source(bb, image_to_pixels(src, (h, w)))  # (1, C, h/f, w/f)
     z = edit_latents(pipe, z_src, [source_prompt], [target_prompt], params, resolution=(h, w),

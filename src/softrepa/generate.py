@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from ._version import __version__
 from .artifact import load_into
 from .hooks import attached_handle
-from .checks import MAX_STEPS, int_in
+from .checks import MAX_STEPS, check_pipeline_size, int_in
 from .errors import RunFolderError, UsageError
 from .family import family_of, resolve_denoiser
 from .prompts import warn_long_prompts
@@ -126,6 +126,7 @@ def generate_images(
             "dtype": str(pipe.dtype).replace("torch.", ""),
             "softrepa_version": __version__,
         }
+        check_pipeline_size(pipe, settings["height"], settings["width"])  # not a ValueError deep in diffusers
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         # one writer per folder: two generations into it would interleave their metadata rows
