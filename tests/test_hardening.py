@@ -180,7 +180,7 @@ def test_structured_overrides_still_parse_and_bad_ones_are_config_errors():
                                                   "--lr", "1e-3", "--shared_noise", "no"]))
     assert cfg.tokens.layers == (0, 2) and cfg.validation.seeds == [0, 1] and cfg.data == {"type": "folder", "path": "x"}
     assert cfg.log_with is None and cfg.lr == 1e-3 and cfg.shared_noise is False
-    with pytest.raises(ConfigError, match=r"--tokens\.layers: invalid YAML"):
+    with pytest.raises(ConfigError, match=r"--tokens\.layers: not valid YAML"):
         load_config("toy_sd3", parse_overrides(["--tokens.layers", "[0, 2"]))
     with pytest.raises(ConfigError, match="max_steps: expected int"):
         load_config("toy_sd3", parse_overrides(["--max_steps", "`x"]))
@@ -194,7 +194,7 @@ def test_a_yaml_number_for_a_string_field_is_refused_not_renamed(tmp_path):
 
 
 @pytest.mark.parametrize("text,message", [
-    ("clip: [\n", r"m\.yaml: invalid YAML \(line 2\)"),
+    ("clip: [\n", r"m\.yaml: not valid YAML \(line 2\)"),
     ("clip: {a: 1}\nclip: {a: 2}\n", "duplicate key 'clip'"),
     (b"clip: '\xff'\n", r"metrics config .*m\.yaml: not UTF-8 text \(invalid byte on line 1"),
     ("- 1\n- 2\n", "expected a mapping of metric sections"),

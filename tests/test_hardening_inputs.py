@@ -151,7 +151,7 @@ def test_an_empty_data_never_scans_the_current_folder(tmp_path, monkeypatch):
 def test_duplicate_yaml_keys_are_reported(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("model: a\nloss:\n  tau: 0.1\n  tau: 0.2\n")
-    with pytest.raises(ConfigError, match=r"c\.yaml: invalid YAML \(line 4\): duplicate key 'tau' \(first on line 3"):
+    with pytest.raises(ConfigError, match=r"c\.yaml: not valid YAML \(line 4\): duplicate key 'tau' \(first on line 3"):
         load_config(cfg)
     from softrepa.edit import read_manifest
 

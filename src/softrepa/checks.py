@@ -105,13 +105,18 @@ def check_pipeline_size(pipe: Any, height: int, width: int, option: str = "--siz
     """An image size the loaded model can render: sides multiples of its size multiple and, for
     models with a bounded position table (SD3's `pos_embed_max_size`), within it — diffusers raises a
     bare ValueError deep in the forward otherwise."""
-    from .edit import size_multiple
-    from .family import resolve_denoiser
+    import math
 
-    multiple = size_multiple(pipe)
+    from .registry import resolve_denoiser
+
+    # `softrepa.edit.size_multiple`, computed here (edit imports this module): the VAE factor times the
+    # patch size, and the image processor's factor (FLUX packs 2 x 2 latents)
+    config = resolve_denoiser(pipe).config
+    multiple = int(pipe.vae_scale_factor) * int(getattr(config, "patch_size", None) or 1)
+    processor = getattr(getattr(pipe, "image_processor", None), "config", None)
+    multiple = math.lcm(multiple, int(getattr(processor, "vae_scale_factor", None) or multiple))
     if height % multiple or width % multiple:
         raise UsageError(f"{option} {height}x{width}: both sides must be multiples of {multiple} for this model")
-    config = resolve_denoiser(pipe).config
     table = getattr(config, "pos_embed_max_size", None)
     if table:
         largest = int(table) * int(getattr(config, "patch_size", None) or 1) * int(pipe.vae_scale_factor)
@@ -163,7 +168,7 @@ def load_yaml(text: str, source: str, error: type = ConfigError) -> Any:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark is not None else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise error(f"{source}: invalid YAML{where}: {problem}") from e
+        raise error(f"{source}: not valid YAML{where}: {problem}") from e
     except RecursionError as e:
         raise error(f"{source}: YAML nested too deeply") from e
 
