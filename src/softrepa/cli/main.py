@@ -21,10 +21,9 @@ import sys
 import traceback
 from typing import Callable, NamedTuple
 
-from .. import _interrupt
 from .._version import __version__
 from ..checks import check_out_folder
-from ..errors import SoftrepaError
+from ..errors import SoftrepaError, interrupt_state
 from ..toy import cli as toy_cli
 from ..toy import demo as toy_demo
 from . import diagnose, edit, evaluate, generate, push, tokens, train, ui
@@ -77,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    _interrupt.state["running"] = True  # Ctrl-C is a KeyboardInterrupt again, reported below
+    interrupt_state["running"] = True  # Ctrl-C is a KeyboardInterrupt again, reported below
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:
