@@ -138,6 +138,31 @@ def test_generate_sizes_steps_and_text_lengths_are_bounded(tmp_path, capsys, mon
     assert message in line
 
 
+@pytest.mark.parametrize("argv,message", [
+    (["--seed", "99999999999999999999999"], "--seed must be between"),
+    (["--bins", "100000000"], "--bins must be between 1 and 1000"),
+    (["--batch-size", "100000"], "--batch-size must be between 2 and 4096"),
+    (["--resolution", "100000"], "--resolution must be between 8 and 8192"),
+    (["--scale", "nan"], "--scale must be a finite number"),
+    (["--max-sequence-length", "0"], "--max-sequence-length must be between 1"),
+])
+def test_diagnose_options_are_bounded_before_the_model_loads(tmp_path, capsys, monkeypatch, argv, message):
+    import softrepa.cli.diagnose as diagnose
+
+    monkeypatch.setattr(diagnose, "run_diagnosis", lambda *a, **k: pytest.fail("the diagnosis ran"))
+    line = one_line_error(["diagnose", "--model", "@assets/toy_sd3", "--data", str(tmp_path), *argv, "--out",
+                           str(tmp_path / "d")], capsys)
+    assert message in line
+
+
+def test_an_edit_seed_beyond_64_bits_is_one_line(tmp_path, capsys, monkeypatch):
+    Image.new("RGB", (16, 16)).save(tmp_path / "a.png")
+    line = one_line_error(["edit", "--model", "@assets/toy_sd3", "--image", str(tmp_path / "a.png"), "--source-prompt",
+                           "a", "--target-prompt", "b", "--seed", str(1 << 70), "--out", str(tmp_path / "o")],
+                          capsys, monkeypatch)
+    assert "--seed must be between" in line
+
+
 def test_a_deeply_nested_layout_header_is_one_line(tmp_path, capsys):
     path = tokens_file(tmp_path / "deep.safetensors", raw_layout="[" * 100_000 + "]" * 100_000)
     assert "invalid 'softrepa_layout' metadata: not valid JSON (nested too deeply)" in one_line_error(

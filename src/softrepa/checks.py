@@ -28,6 +28,8 @@ MAX_SEEDS = 100_000
 MAX_IMAGES = 1_000_000
 #: image side in pixels (`--size`, `resolution`): 8192 is 8x SD3's native 1024
 MAX_SIDE = 8192
+#: images per training step (each step evaluates batch^2 image x caption pairs)
+MAX_BATCH = 4096
 #: sampling / FlowEdit steps
 MAX_STEPS = 10_000
 #: text length in tokens (`--max-sequence-length`): T5's 512 is the largest a family uses
@@ -97,6 +99,8 @@ def check_sampling_args(args: Any) -> None:
     for name in ("cfg", "true_cfg", "src_cfg"):
         if getattr(args, name, None) is not None:
             finite(args.__dict__[name], "--" + {"src_cfg": "source-cfg"}.get(name, name.replace("_", "-")))
+    if getattr(args, "seed", None) is not None:  # torch.Generator takes 64 bits; more was an OverflowError
+        int_in(args.seed, "--seed", -(1 << 63), MAX_SEED)
     if getattr(args, "max_prompts", None) is not None:
         int_in(args.max_prompts, "--max-prompts", 1)
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from .checks import MAX_SIDE, MAX_TEXT_LENGTH, finite, int_in, load_yaml, read_text
+from .checks import MAX_BATCH, MAX_SIDE, MAX_STEPS, MAX_TEXT_LENGTH, finite, int_in, load_yaml, read_text
 from .errors import ConfigError
 from .loss import binned_tau, linear_tau
 from .negatives import NegativesConfig
@@ -80,8 +80,7 @@ class LossConfig:
                 raise ConfigError("loss.tau_table is only used with loss.tau_schedule: calibrated")
             if not self.tau_table or not all(v > 0 for v in self.tau_table):
                 raise ConfigError(f"loss.tau_table must be a non-empty list of values > 0, got {self.tau_table}")
-        if self.tau_bins < 1:
-            raise ConfigError(f"loss.tau_bins must be >= 1, got {self.tau_bins}")
+        int_in(self.tau_bins, "loss.tau_bins", 1, 1000, error=ConfigError)  # bins of t in 0..1000
         if self.calibration_batches < 1:
             raise ConfigError(f"loss.calibration_batches must be >= 1, got {self.calibration_batches}")
         if self.contrastive_weight < 0:
@@ -210,6 +209,13 @@ class ValidationConfig:
             raise ConfigError("validation.every must be >= 0 (0 disables the grids)")
         if not self.prompts:
             raise ConfigError("validation.prompts must name at least one prompt")
+        int_in(self.steps, "validation.steps", 1, MAX_STEPS, error=ConfigError)
+        finite(self.guidance_scale, "validation.guidance_scale", error=ConfigError)
+        if self.resolution is not None:
+            int_in(self.resolution, "validation.resolution", 8, MAX_SIDE, error=ConfigError)
+        if len(self.seeds) * len(self.prompts) > 1024 or not all(0 <= s < 1 << 64 for s in self.seeds):
+            raise ConfigError(f"validation.seeds: at most 1024 images a grid, seeds in 0..2^64-1 "
+                              f"(got {len(self.seeds)} seeds x {len(self.prompts)} prompts)")
 
 
 @dataclass
@@ -295,6 +301,12 @@ class TrainConfig:
             if not ok:
                 raise ConfigError(msg)
         int_in(self.resolution, "resolution", 8, MAX_SIDE, error=ConfigError)
+        int_in(self.batch_size, "batch_size", 2, MAX_BATCH, error=ConfigError)  # batch^2 pairs per step
+        int_in(self.num_workers, "num_workers", 0, 256, error=ConfigError)  # each one a process
+        finite(self.weight_decay, "weight_decay", at_least=0, error=ConfigError)
+        if len(self.adam_betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.adam_betas):
+            raise ConfigError(f"adam_betas must be two numbers in [0, 1), got {self.adam_betas}")
+        finite(self.schedule.eta_min, "schedule.eta_min", at_least=0, error=ConfigError)
         if self.max_items is not None:
             int_in(self.max_items, "max_items", 1, error=ConfigError)  # -1 would drop the last image
         if self.max_sequence_length is not None:

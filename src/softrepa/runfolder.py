@@ -88,12 +88,17 @@ def read_rows(path: Path) -> list[dict]:
     """Rows of a metadata.jsonl; an unreadable (half-written) line is dropped with a warning."""
     rows = []
     if path.is_file():
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:
-                    log.warning("%s:%d: dropping an unreadable metadata line (interrupted write?)", path, n)
+        for n, raw in enumerate(path.read_bytes().splitlines(), 1):
+            if not raw.strip():
+                continue
+            try:
+                row = json.loads(raw.decode("utf-8"))
+            except (ValueError, RecursionError):  # not UTF-8 / not JSON: treated as a line cut by a kill
+                row = None
+            if isinstance(row, dict) and isinstance(row.get("file"), str):
+                rows.append(row)
+            else:
+                log.warning("%s:%d: dropping an unreadable metadata line (interrupted write?)", path, n)
     return rows
 
 
@@ -132,7 +137,7 @@ def finished_rows(out_dir: Path, settings: dict[str, Any], keys: Iterable[str]) 
                                  f"{k}={settings[k]!r}; choose another output folder or the same settings")
         if complete_image(Path(out_dir) / row["file"]):  # a truncated image is redone, not kept
             keep[row["file"]] = row
-    if meta.is_file() and len(keep) != len(meta.read_text(encoding="utf-8").strip().splitlines()):
+    if meta.is_file() and len(keep) != len(meta.read_bytes().strip().splitlines()):
         text = "".join(json.dumps(r) + "\n" for r in keep.values())
         atomic_write_bytes(meta, text.encode())
     return keep

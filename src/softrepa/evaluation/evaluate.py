@@ -202,7 +202,13 @@ def check_results_folder(out: str | Path, images: str | Path, overwrite: bool = 
 
     check_out_folder(out)
     old = Path(out) / "results.json"
-    if overwrite or not old.exists():
+    if overwrite:
+        return
+    if not old.exists():  # results.json is written first: the others without it are not softrepa's
+        theirs = [n for n in ("results.csv", "results.md", "per_image.csv") if (Path(out) / n).exists()]
+        if theirs:
+            raise RunFolderError(f"{out} holds {', '.join(theirs)} without a results.json, not softrepa's results; "
+                                 "choose another --out (or --overwrite to replace them)")
         return
     try:
         previous = json.loads(old.read_bytes()).get("images")
