@@ -163,6 +163,15 @@ def test_an_edit_seed_beyond_64_bits_is_one_line(tmp_path, capsys, monkeypatch):
     assert "--seed must be between" in line
 
 
+@pytest.mark.parametrize("size,message", [("33", "--size 33x33: both sides must be multiples of 8 for this model"),
+                                          ("64", "--size 64x64: this model renders at most 32 pixels a side")])
+def test_a_size_the_loaded_model_cannot_render_is_one_line(tmp_path, capsys, size, message):
+    """Checked once the model is known (diffusers raised a bare ValueError in its forward)."""
+    line = one_line_error(["generate", "--model", "@assets/toy_sd3", "--prompts", "x", "--steps", "1", "--size", size,
+                           "--no-progress", "--out", str(tmp_path / "g")], capsys)
+    assert message in line and not (tmp_path / "g" / "metadata.jsonl").exists()
+
+
 def test_a_deeply_nested_layout_header_is_one_line(tmp_path, capsys):
     path = tokens_file(tmp_path / "deep.safetensors", raw_layout="[" * 100_000 + "]" * 100_000)
     assert "invalid 'softrepa_layout' metadata: not valid JSON (nested too deeply)" in one_line_error(
