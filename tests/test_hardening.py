@@ -101,15 +101,15 @@ def test_size_cases_fail_in_bounded_memory_before_anything_loads(tmp_path):
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     res = json.loads(proc.stdout.strip().splitlines()[-1])
-    expected = {"info_huge_layout": "'token_dim' must be between 1 and 65536, got 50000000",
+    expected = {"info_huge_layout": "'token_dim' must be <= 65536 (1..65536), got 50000000",
                 "info_layout_vs_tensor": "tensor 'base' has shape (1, 2, 8), layout expects (1, 1024, 4096)",
                 "seeds": "--seeds: '0-1000000000' makes more than 100000 seeds",
                 "size": "--size: 100000x100000 is above the limit of 8192",
                 "bomb": "bomb.png: not a readable image file (DecompressionBombError",
                 "bomb_warned_by_pil": "10000x10000 pixels, above the limit",
-                "num_tokens": "num_tokens must be between 1 and 1024, got 100000000",
-                "time_buckets": "time_buckets must be between 0 and 1000",
-                "resolution": "resolution must be between 8 and 8192"}
+                "num_tokens": "num_tokens must be <= 1024 (1..1024), got 100000000",
+                "time_buckets": "time_buckets must be <= 1000 (0..1000)",
+                "resolution": "resolution must be <= 8192 (8..8192)"}
     for name, (code, err, grown_mb) in res.items():
         assert code == 2 and "Traceback" not in err and expected[name] in err, (name, err)
         assert grown_mb < 200, (name, grown_mb)
@@ -124,10 +124,10 @@ def test_generate_refuses_more_images_than_the_limit(tmp_path, capsys, monkeypat
 
 
 @pytest.mark.parametrize("option,value,message", [
-    ("--max-sequence-length", "0", "--max-sequence-length must be between 1 and 4096, got 0"),
-    ("--max-sequence-length", "10000000", "--max-sequence-length must be between 1 and 4096"),
-    ("--steps", "0", "--steps must be between 1 and 10000, got 0"),
-    ("--steps", "100000000", "--steps must be between 1 and 10000"),
+    ("--max-sequence-length", "0", "--max-sequence-length must be >= 1 (1..4096), got 0"),
+    ("--max-sequence-length", "10000000", "--max-sequence-length must be <= 4096 (1..4096)"),
+    ("--steps", "0", "--steps must be >= 1 (1..10000), got 0"),
+    ("--steps", "100000000", "--steps must be <= 10000 (1..10000)"),
     ("--seeds", "99999999999999999999", "does not fit in 64 bits"),
     ("--seeds", "9" * 5000, "cannot parse"),
     ("--size", "9" * 5000, "cannot parse"),
@@ -139,12 +139,12 @@ def test_generate_sizes_steps_and_text_lengths_are_bounded(tmp_path, capsys, mon
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--seed", "99999999999999999999999"], "--seed must be between"),
-    (["--bins", "100000000"], "--bins must be between 1 and 1000"),
-    (["--batch-size", "100000"], "--batch-size must be between 2 and 4096"),
-    (["--resolution", "100000"], "--resolution must be between 8 and 8192"),
+    (["--seed", "99999999999999999999999"], "--seed must be <= 18446744073709551615"),
+    (["--bins", "100000000"], "--bins must be <= 1000 (1..1000)"),
+    (["--batch-size", "100000"], "--batch-size must be <= 4096 (2..4096)"),
+    (["--resolution", "100000"], "--resolution must be <= 8192 (8..8192)"),
     (["--scale", "nan"], "--scale must be a finite number"),
-    (["--max-sequence-length", "0"], "--max-sequence-length must be between 1"),
+    (["--max-sequence-length", "0"], "--max-sequence-length must be >= 1 (1..4096)"),
 ])
 def test_diagnose_options_are_bounded_before_the_model_loads(tmp_path, capsys, monkeypatch, argv, message):
     import softrepa.cli.diagnose as diagnose
@@ -160,7 +160,7 @@ def test_an_edit_seed_beyond_64_bits_is_one_line(tmp_path, capsys, monkeypatch):
     line = one_line_error(["edit", "--model", "@assets/toy_sd3", "--image", str(tmp_path / "a.png"), "--source-prompt",
                            "a", "--target-prompt", "b", "--seed", str(1 << 70), "--out", str(tmp_path / "o")],
                           capsys, monkeypatch)
-    assert "--seed must be between" in line
+    assert "--seed must be <= 18446744073709551615" in line
 
 
 @pytest.mark.parametrize("size,message", [("33", "--size 33x33: both sides must be multiples of 8 for this model"),

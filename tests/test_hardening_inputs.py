@@ -78,7 +78,7 @@ def test_gif_tiff_and_bmp_in_an_image_folder_are_read(tmp_path, ext):
     (["--target-cfg", "nan"], "--target-cfg must be a finite number, got nan"),
     (["--target-cfg", "9,inf"], "--target-cfg must be a finite number, got inf"),
     (["--source-cfg", "nan"], "--source-cfg must be a finite number"),
-    (["--steps", "0"], "--steps must be between 1 and 10000, got 0"),
+    (["--steps", "0"], "--steps must be >= 1 (1..10000), got 0"),
 ])
 def test_edit_refuses_nan_inf_and_zero_steps_before_the_model_loads(tmp_path, capsys, monkeypatch, argv, message):
     Image.new("RGB", (16, 16)).save(tmp_path / "a.png")
@@ -90,7 +90,7 @@ def test_edit_refuses_nan_inf_and_zero_steps_before_the_model_loads(tmp_path, ca
 
 @pytest.mark.parametrize("argv,message", [
     (["--cfg", "nan"], "--cfg must be a finite number, got nan"), (["--true-cfg", "inf"], "--true-cfg must be"),
-    (["--steps", "0"], "--steps must be between 1"), (["--max-prompts", "0"], "--max-prompts must be >= 1, got 0"),
+    (["--steps", "0"], "--steps must be >= 1"), (["--max-prompts", "0"], "--max-prompts must be >= 1, got 0"),
 ])
 def test_generate_refuses_values_that_meant_something_else(tmp_path, capsys, monkeypatch, argv, message):
     line = one_line_error(["generate", *TOY, "--prompts", "x", *argv, "--out", str(tmp_path / "o")], capsys, monkeypatch)
@@ -122,11 +122,11 @@ def test_a_jsonl_prompt_that_is_not_a_string_names_its_line(tmp_path, row):
     (["--max_items", "-1"], "max_items must be >= 1, got -1"),
     (["--max_items", "0"], "max_items must be >= 1, got 0"),
     (["--lr", "inf"], "lr must be a finite number"),
-    (["--max_sequence_length", "0"], "max_sequence_length must be between 1"),
+    (["--max_sequence_length", "0"], "max_sequence_length must be >= 1"),
     (["--weight_decay", "nan"], "weight_decay must be a finite number"),
     (["--adam_betas", "[0.9, 1.5]"], "adam_betas must be two numbers in [0, 1)"),
     (["--schedule.eta_min", "inf"], "schedule.eta_min must be a finite number"),
-    (["--validation.steps", "0"], "validation.steps must be between 1"),
+    (["--validation.steps", "0"], "validation.steps must be >= 1"),
     (["--validation.guidance_scale", "nan"], "validation.guidance_scale must be a finite number"),
     (["--loss.tau_table", "[0.1, inf]", "--loss.tau_schedule", "calibrated"], "loss.tau_table must be a finite number"),
 ])
@@ -315,9 +315,9 @@ def test_parse_cfgs_and_size_refuse_what_would_be_silently_wrong():
 def test_softtokens_layout_bounds_hold_from_python_too():
     from softrepa.tokens import SoftTokensConfig, TokenLayout
 
-    with pytest.raises(SoftTokensError, match="token_dim must be between 1 and 65536"):
+    with pytest.raises(SoftTokensError, match="token_dim must be <= 65536"):
         TokenLayout("sd3", 50_000_000, 8, 2, 0, "block", (0,), (), 0)
-    with pytest.raises(SoftTokensError, match="num_tokens must be between 1 and 1024"):
+    with pytest.raises(SoftTokensError, match="num_tokens must be <= 1024"):
         SoftTokensConfig(num_tokens=100_000_000)
 
 

@@ -51,9 +51,11 @@ def int_in(value: Any, option: str, lo: int, hi: int | None = None, error: type 
     """`value` as an int in [lo, hi], else `error` naming `option`, the value and the bound."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise error(f"{option}: expected an integer, got {value!r}")
-    if value < lo or (hi is not None and value > hi):
-        bound = f">= {lo}" if hi is None else f"between {lo} and {hi}"
-        raise error(f"{option} must be {bound}, got {value}")
+    # the side that failed first, with the whole range: "--steps must be >= 1 (1..10000), got 0"
+    if value < lo:
+        raise error(f"{option} must be >= {lo}{'' if hi is None else f' ({lo}..{hi})'}, got {value}")
+    if hi is not None and value > hi:
+        raise error(f"{option} must be <= {hi} ({lo}..{hi}), got {value}")
     return value
 
 
