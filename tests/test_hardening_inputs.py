@@ -344,3 +344,17 @@ def test_evaluate_inputs_that_are_not_tables_are_one_line(tmp_path, capsys, name
     line = one_line_error(["evaluate", "--images", str(tmp_path), "--metrics", "world", "--out",
                            str(tmp_path / "ev")], capsys)
     assert re.search(message, line), line
+
+
+def test_a_layout_whose_fields_are_each_in_bounds_but_whose_product_is_huge_is_refused():
+    from softrepa.tokens import TokenLayout
+
+    with pytest.raises(SoftTokensError, match="parameters, above the limit of 67108864"):
+        TokenLayout("sd3", 65536, 65536, 1024, 1000, "block", tuple(range(24)), (), 0)
+
+
+def test_a_webdataset_brace_range_is_bounded(tmp_path):
+    from softrepa.data_sources import expand_shards
+
+    with pytest.raises(DatasetError, match=r"the range \{0\.\.999999999\} must name 1 to 1000000 shards"):
+        expand_shards(str(tmp_path / "{0..999999999}.tar"))

@@ -382,7 +382,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, Override):
             value = _structured(value, key)
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
+            got = repr(str(value)) if isinstance(value, Override) else type(value).__name__
+            raise ConfigError(f"{key}: expected a mapping, got {got}")
         return build_dataclass(tp, value, prefix=f"{key}.")
     if origin in (list, tuple):
         if isinstance(value, Override):
@@ -397,8 +398,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     if tp is bool:
         if isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "false", "no", "0"):
-            return value.lower() in ("true", "yes", "1")
+        if isinstance(value, str) and value.lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
+            return value.lower() in ("true", "yes", "on", "1")
         raise ConfigError(f"{key}: expected true/false, got {value!r}")
     if tp in (int, float):
         if isinstance(value, bool):

@@ -373,6 +373,8 @@ CAPTION_COLUMNS = ("text", "caption", "captions", "prompt")
 # random access (a seeded permutation per epoch, exact resume), so the shards are indexed once
 # (member offsets) and each sample is read by seeking to it; `webdataset` streams sequentially.
 SHARD_SEP = "::"
+#: shards one brace range may name
+MAX_SHARDS = 1_000_000
 
 
 def expand_shards(spec: str) -> list[Path]:
@@ -387,9 +389,11 @@ def expand_shards(spec: str) -> list[Path]:
     import glob
     import re
 
-    m = re.search(r"\{(\d+)\.\.(\d+)\}", spec)
+    m = re.search(r"\{(\d{1,12})\.\.(\d{1,12})\}", spec)
     if m:  # webdataset's brace notation, zero-padded to the width written
         lo, hi, width = int(m[1]), int(m[2]), len(m[1])
+        if not 0 < hi - lo + 1 <= MAX_SHARDS:  # {0..999999999} would be a list of 10^9 names
+            raise DatasetError(f"webdataset {spec!r}: the range {m[0]} must name 1 to {MAX_SHARDS} shards")
         names = [spec[:m.start()] + str(i).zfill(width) + spec[m.end():] for i in range(lo, hi + 1)]
         paths = [Path(n).expanduser() for n in names]
         missing = [str(p) for p in paths if not p.is_file()]

@@ -20,7 +20,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .checks import MAX_BUCKETS, MAX_SETS, MAX_TOKENS, MAX_WIDTH, finite, int_in
+from .checks import MAX_BUCKETS, MAX_SETS, MAX_TOKEN_PARAMS, MAX_TOKENS, MAX_WIDTH, finite, int_in
 from .errors import SoftTokensError
 from .registry import family_of, get_family, resolve_denoiser
 
@@ -124,6 +124,12 @@ class TokenLayout:
             raise SoftTokensError(f"time_buckets must be >= 0, got {self.time_buckets}")
         if self.token_space not in TOKEN_SPACES:
             raise SoftTokensError(f"token_space must be one of {TOKEN_SPACES}, got {self.token_space!r}")
+        if len(self.layers) > MAX_SETS:
+            raise SoftTokensError(f"layers: at most {MAX_SETS} token sets, got {len(self.layers)}")
+        sets = max(1, len(self.layers))
+        size = sets * self.num_tokens * self.token_dim + self.time_buckets * sets * self.model_dim
+        if size > MAX_TOKEN_PARAMS:  # each field within its bound, the product still a gigabyte tensor
+            raise SoftTokensError(f"this layout holds {size} parameters, above the limit of {MAX_TOKEN_PARAMS}")
         if bool(self.layers) == bool(self.blocks):
             raise SoftTokensError("a layout has either layers (one token set per block) or blocks (one set shared "
                                   f"by block groups), got layers={list(self.layers)}, blocks={list(self.blocks)}")
