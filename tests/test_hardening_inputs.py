@@ -255,7 +255,7 @@ def test_overwrite_removes_only_softreps_own_files_inside_the_artefact_folders(t
 
     run = tmp_path / "run"
     own = ["config.yaml", "tokens.safetensors", "metrics.jsonl", "checkpoints/step_0000002/state.pt",
-           "checkpoints/latest", "checkpoints/damaged.step_0000001/state.pt", "validation/step_0000002.png",
+           "checkpoints/latest", "checkpoints/damaged.step_0000001/state.pt", "checkpoints/.step_0000003.x1.tmp/a", "validation/step_0000002.png",
            "softrepa/1700000000/events.out.tfevents.1.host"]
     mine = ["checkpoints/README.md", "validation/notes.md", "validation/step_2_by_hand.png",
             "softrepa/my_analysis.ipynb", "checkpoints/mine/step_0000009/x", "notes.txt"]

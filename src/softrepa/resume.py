@@ -43,7 +43,7 @@ RUN_ARTEFACTS = ("config.yaml", "tokens.safetensors", "tokens.json", "metrics.js
 
 
 #: what softrepa writes inside the artefact folders (`--overwrite` deletes these and nothing else there)
-OWN_INSIDE = {"checkpoints": re.compile(r"(\.?step_\d+|damaged\.step_\d+|latest|\..*\.tmp)"),
+OWN_INSIDE = {"checkpoints": re.compile(r"step_\d+|\.step_\d+\..*|damaged\.step_\d+|latest|\..*\.tmp"),
               "validation": re.compile(r"step_\d+\.png|\..*\.tmp"),
               "softrepa": re.compile(r"events\.out\.tfevents\..*")}  # accelerate's tensorboard logs
 
@@ -58,8 +58,8 @@ def remove_own(path: Path) -> None:
     if own is None:  # pragma: no cover - every artefact folder is listed
         return
     for child in sorted(path.rglob("*"), key=lambda p: len(p.parts), reverse=True):
-        if own.fullmatch(child.name) and child.parent == path or (
-                path.name == "softrepa" and own.fullmatch(child.name)):
+        # checkpoints/ and validation/: their own top level only; softrepa/: the tracker's files at any depth
+        if own.fullmatch(child.name) and (child.parent == path or path.name == "softrepa"):
             shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
     logs = path.rglob("*") if path.name == "softrepa" else ()
     for child in sorted((p for p in logs if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
