@@ -16,7 +16,10 @@ Layers, each importing only those above it: `errors`, `family` (the registry) ->
 `runfolder`, `generate`, `edit`, `train`, `evaluation` -> `cli/` (argparse only).
 """
 
-from . import families  # noqa: F401  (registers the built-in model families)
+from .errors import guard_imports as _guard_imports
+
+_guard_imports()  # Ctrl-C during the imports below: one line and exit 130 at the command line (issue 26)
+from . import families  # noqa: E402,F401  (registers the built-in model families)
 from ._version import __version__
 from .artifact import load_into, load_soft_tokens, save_soft_tokens, token_sets_of
 from .branches import configure as set_uncond

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from ._version import __version__
+from .checks import json_loads, layout_fields, tensor_shapes
 from .hooks import AttachHandle, attach
 from .errors import SoftTokensError, UsageError
 from .family import resolve_denoiser
@@ -158,12 +159,12 @@ def provenance_of(path: str | os.PathLike) -> dict[str, Any]:
     if meta.get(WEIGHTS_PROBE_KEY):
         try:
             out["denoiser_weights_probe"] = json.loads(meta[WEIGHTS_PROBE_KEY])
-        except ValueError:
+        except (ValueError, RecursionError):
             pass
     if meta.get(TRAIN_CONFIG_KEY):
         try:
             out["train_config"] = json.loads(meta[TRAIN_CONFIG_KEY])
-        except ValueError:  # a damaged config must not make the tokens unloadable
+        except (ValueError, RecursionError):  # a damaged config must not make the tokens unloadable
             out["train_config"] = meta[TRAIN_CONFIG_KEY]
     return out
 
@@ -186,7 +187,7 @@ def check_base(tokens_source: str, meta: dict[str, str], model: Any) -> bool:
     probe = None
     try:
         probe = json.loads(meta[WEIGHTS_PROBE_KEY]) if meta.get(WEIGHTS_PROBE_KEY) else None
-    except ValueError:
+    except (ValueError, RecursionError):
         pass
     target_probe = weights_probe(model) if probe is not None else None
     if trained == target:
@@ -235,6 +236,7 @@ def save_soft_tokens(tokens: SoftTokens, path: str | os.PathLike, extra_metadata
     path = Path(path)
     if path.suffix != ".safetensors":
         path = path.with_name(path.name + ".safetensors")
+    refuse_foreign(path)
     tensors = {"base": tokens.base.detach().float().cpu().contiguous()}
     if tokens.time is not None:
         tensors["time"] = tokens.time.detach().float().cpu().contiguous()
@@ -277,6 +279,33 @@ def token_sets_of(path: str | os.PathLike) -> list[str]:
     if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
         raise SoftTokensError(f"{path}: '{SETS_KEY}' must be a list of set names, got {raw[:80]!r}")
     return names
+
+
+def refuse_foreign(path: Path) -> None:
+    """Never write over a file softrepa did not create: an existing `x.safetensors` must be a softrepa
+    tokens file and an existing `x.json` beside it softrepa's own layout copy (issue 26).
+
+    Raises:
+        SoftTokensError: naming the file and what it is not.
+    """
+    sidecar = path.with_suffix(".json")
+    if sidecar.exists():
+        try:
+            own = json.loads(sidecar.read_bytes())
+            own = isinstance(own, dict) and {"layout", "softrepa_version"} <= set(own)
+        except (OSError, ValueError, RecursionError):
+            own = False
+        if not own:
+            raise SoftTokensError(f"{sidecar} exists and is not softrepa's layout copy of {path.name}; it would be "
+                                  "overwritten: move it or choose another output name")
+    if path.exists():
+        try:
+            own = LAYOUT_KEY in read_metadata(path)
+        except SoftTokensError:
+            own = False
+        if not own:
+            raise SoftTokensError(f"{path} exists and is not a softrepa tokens file; it would be overwritten: "
+                                  "move it or choose another output name")
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
@@ -324,21 +353,30 @@ def load_soft_tokens(path: str | os.PathLike, device: str | torch.device | None 
     meta = read_metadata(path)
     if LAYOUT_KEY not in meta:
         raise SoftTokensError(f"{path}: safetensors file has no '{LAYOUT_KEY}' metadata; not a softrepa tokens file")
+    # types, bounds and the tensors' own shapes / dtypes first: a layout declaring a huge width
+    # must fail here, before SoftTokens(layout) allocates it (issue 26)
+    raw = json_loads(meta[LAYOUT_KEY], f"{path}: invalid '{LAYOUT_KEY}' metadata", error=SoftTokensError)
+    layout_fields(raw, str(path))
     try:
-        layout = TokenLayout.from_dict(json.loads(meta[LAYOUT_KEY]))
-    except (json.JSONDecodeError, TypeError) as e:
+        layout = TokenLayout.from_dict(raw)
+    except TypeError as e:
         raise SoftTokensError(f"{path}: invalid '{LAYOUT_KEY}' metadata: {e}") from e
     except SoftTokensError as e:
         raise SoftTokensError(f"{path}: {e}") from e
+    sets = layout.num_sets
+    names = token_sets_of(path)
+    if token_set is not None and token_set not in names:
+        raise SoftTokensError(f"{path}: no token set {token_set!r}; the file holds {', '.join(names)}")
+    base_shape = (sets, layout.num_tokens, layout.token_dim)
+    time_shape = (layout.time_buckets, sets, layout.model_dim) if layout.time_buckets else None
+    tensor_shapes(path, {"base": base_shape, "time": time_shape,
+                         **{f"{n}.base": base_shape for n in names[1:]}})  # every set, before loading any
     try:
         tensors = load_file(str(path))
     except Exception as e:
         raise SoftTokensError(f"{path}: cannot read tensors ({e}); the file may be truncated") from e
-    names = token_sets_of(path)
     base_key, time_key = "base", "time"
     if token_set is not None and token_set != names[0]:
-        if token_set not in names:
-            raise SoftTokensError(f"{path}: no token set {token_set!r}; the file holds {', '.join(names)}")
         base_key = f"{token_set}.base"
         time_key = f"{token_set}.time" if f"{token_set}.time" in tensors else "time"  # a shared time part
     tokens = SoftTokens(layout)

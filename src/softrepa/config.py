@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from .checks import MAX_BATCH, MAX_SIDE, MAX_STEPS, MAX_TEXT_LENGTH, finite, int_in, load_yaml, read_text
 from .errors import ConfigError
 from .loss import binned_tau, linear_tau
 from .negatives import NegativesConfig
@@ -63,8 +64,15 @@ class LossConfig:
     contrastive_weight: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.tau <= 0:
-            raise ConfigError(f"loss.tau must be > 0, got {self.tau}")
+        # NaN / inf / 0 switch the loss's signal off without a word: refused (issue 26)
+        finite(self.tau, "loss.tau", above=0, error=ConfigError)
+        finite(self.scale, "loss.scale", above=0, error=ConfigError)
+        finite(self.denoise_weight, "loss.denoise_weight", at_least=0, error=ConfigError)
+        finite(self.contrastive_weight, "loss.contrastive_weight", at_least=0, error=ConfigError)
+        for name, value in [("tau_min", self.tau_min), ("tau_max", self.tau_max),
+                            *(("tau_table", v) for v in self.tau_table or [])]:
+            if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value)):
+                raise ConfigError(f"loss.{name} must be a finite number > 0, got {value!r}")
         if self.tau_schedule not in TAU_SCHEDULES:
             raise ConfigError(f"loss.tau_schedule must be one of {'|'.join(TAU_SCHEDULES)}, got {self.tau_schedule!r}")
         if self.tau_table is not None:
@@ -72,8 +80,7 @@ class LossConfig:
                 raise ConfigError("loss.tau_table is only used with loss.tau_schedule: calibrated")
             if not self.tau_table or not all(v > 0 for v in self.tau_table):
                 raise ConfigError(f"loss.tau_table must be a non-empty list of values > 0, got {self.tau_table}")
-        if self.tau_bins < 1:
-            raise ConfigError(f"loss.tau_bins must be >= 1, got {self.tau_bins}")
+        int_in(self.tau_bins, "loss.tau_bins", 1, 1000, error=ConfigError)  # bins of t in 0..1000
         if self.calibration_batches < 1:
             raise ConfigError(f"loss.calibration_batches must be >= 1, got {self.calibration_batches}")
         if self.contrastive_weight < 0:
@@ -202,6 +209,13 @@ class ValidationConfig:
             raise ConfigError("validation.every must be >= 0 (0 disables the grids)")
         if not self.prompts:
             raise ConfigError("validation.prompts must name at least one prompt")
+        int_in(self.steps, "validation.steps", 1, MAX_STEPS, error=ConfigError)
+        finite(self.guidance_scale, "validation.guidance_scale", error=ConfigError)
+        if self.resolution is not None:
+            int_in(self.resolution, "validation.resolution", 8, MAX_SIDE, error=ConfigError)
+        if len(self.seeds) * len(self.prompts) > 1024 or not all(0 <= s < 1 << 64 for s in self.seeds):
+            raise ConfigError(f"validation.seeds: at most 1024 images a grid, seeds in 0..2^64-1 "
+                              f"(got {len(self.seeds)} seeds x {len(self.prompts)} prompts)")
 
 
 @dataclass
@@ -286,6 +300,21 @@ class TrainConfig:
         for ok, msg in checks:
             if not ok:
                 raise ConfigError(msg)
+        int_in(self.resolution, "resolution", 8, MAX_SIDE, error=ConfigError)
+        int_in(self.batch_size, "batch_size", 2, MAX_BATCH, error=ConfigError)  # batch^2 pairs per step
+        int_in(self.num_workers, "num_workers", 0, 256, error=ConfigError)  # each one a process
+        finite(self.weight_decay, "weight_decay", at_least=0, error=ConfigError)
+        if len(self.adam_betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.adam_betas):
+            raise ConfigError(f"adam_betas must be two numbers in [0, 1), got {self.adam_betas}")
+        finite(self.schedule.eta_min, "schedule.eta_min", at_least=0, error=ConfigError)
+        if self.max_items is not None:
+            int_in(self.max_items, "max_items", 1, error=ConfigError)  # -1 would drop the last image
+        if self.max_sequence_length is not None:
+            int_in(self.max_sequence_length, "max_sequence_length", 1, MAX_TEXT_LENGTH, error=ConfigError)
+        finite(self.lr, "lr", above=0, error=ConfigError)
+        if self.objective == "softrepa" and self.loss.contrastive_weight == 0 and self.loss.denoise_weight == 0:
+            raise ConfigError("loss.contrastive_weight and loss.denoise_weight are both 0: nothing would be learned "
+                              "(the positive-only control is objective: positive_only)")
         get_objective(self.objective).check_config(self)  # an unknown name lists the known ones
 
     def _unknown_trackers(self) -> list[str]:
@@ -311,11 +340,29 @@ def split_trackers(log_with: str | None) -> list[str]:
 
 
 # ---------------------------------------------------------------------------- loading
+class Override(str):
+    """A command-line override's text, typed by the field it sets (`_convert`), never guessed by YAML:
+    `--output_dir 0755` stays "0755", `--data no` stays "no", `--model @assets/toy_sd3` is a string."""
+
+
+def _structured(value: "Override", key: str) -> Any:
+    """An override for a list / mapping / free-form field: YAML flow syntax when it starts with [ or {."""
+    if value.lstrip()[:1] in ("[", "{"):
+        return load_yaml(str(value), f"--{key}")
+    return value
+
+
 def _convert(value: Any, tp: Any, key: str) -> Any:
     """Coerce a YAML / command-line value to the annotated type, or raise naming `key`."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if tp is Any:
+        if isinstance(value, Override):  # a free-form field (data): a mapping in flow syntax, else the text
+            try:  # `{000000..000009}.tar` is a shard pattern, not a broken mapping
+                parsed = _structured(value, key) if value.lstrip()[:1] == "{" else None
+            except ConfigError:
+                parsed = None
+            return parsed if isinstance(parsed, dict) else str(value)
         return value
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
         if value is None and type(None) in args:
@@ -332,10 +379,15 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
                 errors.append(str(e))
         raise ConfigError(f"{key}: cannot use {value!r} ({'; '.join(errors)})")
     if dataclasses.is_dataclass(tp):
+        if isinstance(value, Override):
+            value = _structured(value, key)
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
+            got = repr(str(value)) if isinstance(value, Override) else type(value).__name__
+            raise ConfigError(f"{key}: expected a mapping, got {got}")
         return build_dataclass(tp, value, prefix=f"{key}.")
     if origin in (list, tuple):
+        if isinstance(value, Override):
+            value = _structured(value, key)
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
@@ -346,8 +398,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     if tp is bool:
         if isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "false", "no", "0"):
-            return value.lower() in ("true", "yes", "1")
+        if isinstance(value, str) and value.lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
+            return value.lower() in ("true", "yes", "on", "1")
         raise ConfigError(f"{key}: expected true/false, got {value!r}")
     if tp in (int, float):
         if isinstance(value, bool):
@@ -364,6 +416,9 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     if tp is str:
         if isinstance(value, (dict, list)):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
+        if isinstance(value, (bool, int, float)):  # YAML 1.1 read `0755` as 493 and `yes` as true
+            raise ConfigError(f"{key}: expected a string, got the YAML {type(value).__name__} {value!r}; "
+                              "quote the value")
         return str(value)
     return value
 
@@ -395,7 +450,8 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """`["--loss.tau", "0.05", "--max_steps=10"]` -> nested dict (values parsed as YAML scalars)."""
+    """`["--loss.tau", "0.05", "--max_steps=10"]` -> nested dict of `Override` texts (typed by the schema
+    when the config is built: a string field keeps the text as typed)."""
     out: dict[str, Any] = {}
     i = 0
     while i < len(items):
@@ -411,7 +467,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
                 raise ConfigError(f"--{key} needs a value")
             raw = items[i + 1]
             i += 2
-        _set_dotted(out, key, yaml.safe_load(raw) if raw != "" else "")
+        _set_dotted(out, key, Override(raw))
     return out
 
 
@@ -448,10 +504,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any]
     values: dict[str, Any] = {}
     if path is not None:
         p = resolve_recipe(path)
-        try:
-            loaded = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: invalid YAML: {e}") from e
+        loaded = load_yaml(read_text(p, "config", error=ConfigError), str(p)) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{p}: expected a mapping at the top level")
         values = loaded

@@ -51,6 +51,7 @@ from .data_sources import (
     open_hf_dataset,
     shard_records,
 )
+from .checks import image_size_ok, upright_8bit
 from .errors import ConfigError, UsageError
 from .latent_cache import LatentCache, LatentCacheError
 
@@ -115,9 +116,10 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         path: image file path.
     """
     with Image.open(path) as im:
+        image_size_ok(im, path)  # a decompression bomb is refused before it is decoded
         im.load()
-        # copy: closing the file releases the decoded core of a file-backed image
-        return im.copy()
+        # a copy (closing the file releases the decoded core of a file-backed image), upright, 8-bit
+        return upright_8bit(im.copy())
 
 
 # --------------------------------------------------------------------------- dataset
@@ -253,8 +255,9 @@ class ShardPairDataset(PairDataset):
         if len(data) != size:
             raise OSError("the shard ends inside the sample")
         with Image.open(io.BytesIO(data)) as im:
+            image_size_ok(im, self.describe(record))
             im.load()
-            return im.copy()
+            return upright_8bit(im.copy())
 
     def describe(self, record: Record) -> str:
         shard = record.image.rpartition(SHARD_SEP)[0]
@@ -280,8 +283,9 @@ class HFPairDataset(PairDataset):
             value = Image.open(value)
         if not isinstance(value, Image.Image):
             raise TypeError(f"column {self.image_column!r} holds {type(value).__name__}, not an image")
+        image_size_ok(value, self.describe(record))
         value.load()
-        return value
+        return upright_8bit(value)
 
     def describe(self, record: Record) -> str:
         return f"row {record.image.rpartition(SHARD_SEP)[2]} of {self.source} (column {self.image_column!r})"
@@ -411,6 +415,8 @@ def build_dataset(
     """
     if isinstance(spec, Mapping):
         spec = dict(spec)
+    elif not str(spec).strip():  # Path("") is the current folder: never scan it by accident
+        raise DatasetError("data is empty: give the dataset with --data (or data: in the config)")
     else:
         hub = _hub_dataset_id(str(spec)) if str(spec).startswith("hf:") else None
         spec = {"type": "hf", "path": hub} if hub else _spec_from_path(Path(spec).expanduser(), images)
@@ -471,6 +477,8 @@ def check_data_spec(spec: Any, option: str = "--data") -> None:
     if not isinstance(spec, (str, os.PathLike)):
         return
     text = str(spec)
+    if not text.strip():
+        raise DatasetError(f"{option} is empty: give the dataset (a folder, manifest, COCO .json, shards or a Hub id)")
     path = Path(text).expanduser()
     if path.exists() or text.startswith(("hf:", "hf://")):
         return
@@ -478,4 +486,4 @@ def check_data_spec(spec: Any, option: str = "--data") -> None:
         expand_shards(text)
         return
     if _hub_dataset_id(text) is None:
-        raise FileNotFoundError(f"{option}: no such file or folder {text!r}")
+        raise FileNotFoundError(f"{option}: {text!r} does not exist (no such file or folder)")

@@ -32,11 +32,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
+from .checks import path_problem
 from .errors import DatasetError
 
 logger = logging.getLogger("softrepa.data")
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
+#: GIF (first frame), TIFF and BMP are read too: an image folder never leaves a file neither used nor counted
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".tif", ".tiff", ".bmp")
 
 
 @dataclass(frozen=True)
@@ -159,10 +161,19 @@ def coco_records(annotations: str | os.PathLike, images: str | os.PathLike | Non
             f"{str(ann_path)!r} is not a COCO captions file with 'images' and 'annotations' ({e!r})"
         ) from e
 
+    if not (isinstance(images_meta, list) and isinstance(anns, list)):
+        raise DatasetError(f"{str(ann_path)!r}: 'images' and 'annotations' must be lists (a COCO captions file)")
     captions: dict[object, list[str]] = {}
     for a in anns:
-        captions.setdefault(a.get("image_id"), []).append(a.get("caption"))
-    known = {m.get("id") for m in images_meta}
+        if not isinstance(a, dict) or not isinstance(a.get("image_id"), (int, str)):
+            log.skip("malformed_row", f"{ann_path}: annotation {str(a)[:80]}")
+            continue
+        captions.setdefault(a["image_id"], []).append(a.get("caption"))
+    for m in images_meta:
+        if not isinstance(m, dict):
+            log.skip("malformed_row", f"{ann_path}: image entry {str(m)[:80]}")
+    images_meta = [m for m in images_meta if isinstance(m, dict)]
+    known = {m.get("id") for m in images_meta if isinstance(m.get("id"), (int, str))}
     orphans = sum(len(v) for k, v in captions.items() if k not in known)
     if orphans:  # annotations that point at no image: count once, they are not samples
         log.counts["unknown_image_id"] += orphans
@@ -173,7 +184,9 @@ def coco_records(annotations: str | os.PathLike, images: str | os.PathLike | Non
         if not isinstance(name, str) or not name:
             log.skip("malformed_row", f"{ann_path}: image entry {meta!r}")
             continue
-        rec = _record(img_dir / name, clean_captions(captions.get(meta.get("id"), ())), name, log, check_files)
+        key = meta.get("id")
+        caps = captions.get(key, ()) if isinstance(key, (int, str)) else ()
+        rec = _record(img_dir / name, clean_captions(caps), name, log, check_files)
         if rec is not None:
             records.append(rec)
     return records
@@ -248,8 +261,11 @@ def _manifest_rows(path: Path, image_key: str, caption_key: str, log: SkipLog):
                     f"CSV manifest {str(path)!r} needs columns {image_key!r} and {caption_key!r}, "
                     f"has {reader.fieldnames}"
                 )
-            for n, row in enumerate(reader, 2):  # line 1 is the header
-                yield n, row.get(image_key), [row.get(caption_key)]
+            try:
+                for row in reader:
+                    yield reader.line_num, row.get(image_key), [row.get(caption_key)]
+            except csv.Error as e:  # e.g. a field over csv's 128 KB limit: the rest cannot be parsed reliably
+                raise DatasetError(f"CSV manifest {str(path)!r}, line {reader.line_num + 1}: {e}") from e
 
 
 def manifest_records(
@@ -277,6 +293,10 @@ def manifest_records(
             continue
         img = Path(image.strip()).expanduser()
         img = img if img.is_absolute() else base / img
+        problem = path_problem(img)
+        if problem:  # a 300-character file name: this row is skipped, not the whole manifest
+            log.skip("malformed_row", f"{path}:{n}: {problem}")
+            continue
         merged.setdefault(img, []).extend(c for c in caps if c is not None)
     records = []
     for img, caps in merged.items():
@@ -353,6 +373,8 @@ CAPTION_COLUMNS = ("text", "caption", "captions", "prompt")
 # random access (a seeded permutation per epoch, exact resume), so the shards are indexed once
 # (member offsets) and each sample is read by seeking to it; `webdataset` streams sequentially.
 SHARD_SEP = "::"
+#: shards one brace range may name
+MAX_SHARDS = 1_000_000
 
 
 def expand_shards(spec: str) -> list[Path]:
@@ -367,9 +389,11 @@ def expand_shards(spec: str) -> list[Path]:
     import glob
     import re
 
-    m = re.search(r"\{(\d+)\.\.(\d+)\}", spec)
+    m = re.search(r"\{(\d{1,12})\.\.(\d{1,12})\}", spec)
     if m:  # webdataset's brace notation, zero-padded to the width written
         lo, hi, width = int(m[1]), int(m[2]), len(m[1])
+        if not 0 < hi - lo + 1 <= MAX_SHARDS:  # {0..999999999} would be a list of 10^9 names
+            raise DatasetError(f"webdataset {spec!r}: the range {m[0]} must name 1 to {MAX_SHARDS} shards")
         names = [spec[:m.start()] + str(i).zfill(width) + spec[m.end():] for i in range(lo, hi + 1)]
         paths = [Path(n).expanduser() for n in names]
         missing = [str(p) for p in paths if not p.is_file()]
@@ -433,6 +457,7 @@ def shard_records(spec: str | os.PathLike, log: SkipLog, caption_key: str | None
         file_size = shard.stat().st_size
         end = 0  # where the last member's (padded) data ends
         cut: set[str] = set()  # samples with a member running past the end of the file
+        dup: set[str] = set()  # keys with two images or two captions (webdataset keeps the last silently)
         try:
             with tarfile.open(shard, "r:") as tar:  # "r:": uncompressed, so members can be seeked to
                 for m in tar:
@@ -444,9 +469,14 @@ def shard_records(spec: str | os.PathLike, log: SkipLog, caption_key: str | None
                         cut.add(key)
                         continue
                     s = samples.setdefault(key, {})
-                    if "." + ext in IMAGE_EXTENSIONS or ext in ("jpg", "jpeg", "png", "webp"):
+                    is_image = "." + ext in IMAGE_EXTENSIONS
+                    # the same member twice, or two images for one key: which one is meant? (reported)
+                    if ext in s.setdefault("exts", set()) or (is_image and "image" in s):
+                        dup.add(key)
+                    s["exts"].add(ext)
+                    if is_image:
                         s["image"] = (m.offset_data, m.size)
-                    elif ext in ("txt", "json"):
+                    elif ext == "txt" or (ext == "json" and "caption" not in s):  # .txt wins over .json
                         s["caption"] = (ext, tar.extractfile(m).read())
         except (tarfile.TarError, OSError, EOFError) as e:
             if not samples:
@@ -459,6 +489,9 @@ def shard_records(spec: str | os.PathLike, log: SkipLog, caption_key: str | None
         for key in sorted(cut):
             samples.pop(key, None)
             log.skip("truncated_shard", f"{shard}: sample {key} is cut short; the shard's earlier samples are used")
+        for key in sorted(dup - cut):
+            samples.pop(key, None)
+            log.skip("duplicate_key", f"{shard}: sample key {key!r} has two images or two captions")
         for key, s in samples.items():
             name = f"{shard.name}/{key}"
             if "image" not in s:

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from ._version import __version__
 from .hooks import attached_handle
 from .backbone import TextCond, backbone_for
+from .checks import check_pipeline_size, finite, load_yaml, path_problem, read_text
 from .errors import DatasetError, RunFolderError, UsageError
 from .family import family_of, resolve_denoiser
 from .flowedit import EditConds, FlowEditParams, flowedit_latents, guidance_mode
@@ -222,6 +223,7 @@ def edit_image(pipe: Any, image: Image.Image | str, source_prompt: str, target_p
     params.validate()
     src = open_image(image) if not isinstance(image, Image.Image) else image.convert("RGB")
     h, w = working_size(src.width, src.height, size_multiple(pipe), size, max_side=native_resolution(pipe))
+    check_pipeline_size(pipe, h, w)
     bb = backbone_for(pipe)
     z_src = encode_source(bb, image_to_pixels(src, (h, w)))  # (1, C, h/f, w/f)
     z = edit_latents(pipe, z_src, [source_prompt], [target_prompt], params, resolution=(h, w),
@@ -238,12 +240,7 @@ def _flowedit_yaml_rows(path: Path, text: str) -> list[tuple[str, dict[str, str]
     That file is a YAML list of entries {input_img (the authors' Data/flowedit.yaml: init_img),
     source_prompt, target_prompts: [..], target_codes: [..] (optional, one per target)}.
     """
-    import yaml
-
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise DatasetError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from e
+    data = load_yaml(text, str(path), error=DatasetError)  # duplicate keys reported, not last-wins
     if not isinstance(data, list):
         raise DatasetError(f"{path}: expected a YAML list of FlowEdit entries (input_img, source_prompt, "
                            f"target_prompts), got {type(data).__name__}")
@@ -295,7 +292,7 @@ def read_manifest(path: str | Path) -> list[dict[str, str]]:
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"--manifest: no such file {path}")
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path, "--manifest")  # not UTF-8: one line naming the file, line and byte
     is_yaml = path.suffix.lower() in (".yaml", ".yml")
     try:
         if is_yaml:
@@ -306,7 +303,7 @@ def read_manifest(path: str | Path) -> list[dict[str, str]]:
             data = json.loads(text)
             data = data.get("rows", data) if isinstance(data, dict) else data
             raw = list(enumerate(data, 1))
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, RecursionError) as e:
         raise DatasetError(f"{path}: not valid JSON ({e})") from e
     rows, missing = [], []
     for n, r in raw:
@@ -317,6 +314,8 @@ def read_manifest(path: str | Path) -> list[dict[str, str]]:
                 raise DatasetError(f"{path}: row {n} has no {key!r}")
         image = Path(r["image"]).expanduser()
         image = image if image.is_absolute() else path.parent / image
+        if path_problem(image):  # a 300-character name: this row, named (not an OSError for the manifest)
+            raise DatasetError(f"{path}: row {n}: {path_problem(image)}")
         if is_yaml and not image.is_file() and Path(r["image"]).expanduser().is_file():
             image = Path(r["image"]).expanduser()
         if not image.is_file():
@@ -337,7 +336,7 @@ def parse_cfgs(spec: str | float | Sequence[float] | None, default: float) -> li
     if spec is None:
         return [default]
     if isinstance(spec, (int, float)):
-        return [float(spec)]
+        return [finite(spec, "--target-cfg")]
     try:
         parts = spec.split(",") if isinstance(spec, str) else list(spec)
         vals = [float(v) for v in parts if str(v).strip()]
@@ -345,6 +344,8 @@ def parse_cfgs(spec: str | float | Sequence[float] | None, default: float) -> li
         raise UsageError(f"--target-cfg: cannot parse {spec!r} (use e.g. 13.5 or 9,11,13)") from e
     if not vals:
         raise UsageError(f"--target-cfg: no values in {spec!r}")
+    for v in vals:  # nan / inf wrote a black image and a NaN (not JSON) into metadata.jsonl
+        finite(v, "--target-cfg")
     return list(dict.fromkeys(vals))
 
 

@@ -17,6 +17,11 @@ The policy, library and command line alike:
 
 from __future__ import annotations
 
+import os
+import signal
+import sys
+import threading
+
 
 class SoftrepaError(Exception):
     """Base class of every error softrepa raises for a bad input, artefact or run state."""
@@ -64,6 +69,39 @@ class WeightsError(MetricError):
 
 class MissingDependencyError(SoftrepaError, ImportError):
     """An optional dependency a feature needs is not installed (the message names the pip extra)."""
+
+
+# --------------------------------------------------------------------------- Ctrl-C while importing
+# The console script imports `softrepa` (and with it torch, seconds) before any softrepa code can catch
+# anything, so a Ctrl-C in those seconds printed a long import traceback (issue 26). `guard_imports`
+# (called first in `softrepa/__init__.py`) installs, for the command line only, a SIGINT handler that
+# ends the process with the CLI's own line and exit code 130; once `softrepa.cli.main` runs
+# (`interrupt_state["running"]`), the handler raises `KeyboardInterrupt` as the default one does and
+# the CLI's policy takes over. A program that imports softrepa as a library keeps Python's handler.
+
+#: set by `softrepa.cli.main`: from then on Ctrl-C is a KeyboardInterrupt the CLI reports
+interrupt_state = {"running": False}
+
+
+def _is_command_line() -> bool:
+    # `softrepa ...` (console script) or `python -m softrepa` (argv[0] is "-m" while the package imports)
+    return os.path.basename(sys.argv[0] if sys.argv else "") in ("softrepa", "-m")
+
+
+def _handler(signum, frame):  # noqa: ANN001 - the signal module's signature
+    if interrupt_state["running"]:
+        raise KeyboardInterrupt
+    command = next((a for a in sys.argv[1:] if not a.startswith("-")), "")  # the CLI's own wording
+    sys.stderr.write(f"softrepa {command}: interrupted\n" if command else "softrepa: interrupted\n")
+    sys.stderr.flush()
+    os._exit(130)  # nothing has been written yet: no cleanup to run
+
+
+def guard_imports() -> None:
+    """Install the quiet handler when this process is the softrepa command line (main thread only)."""
+    if (_is_command_line() and threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
+        signal.signal(signal.SIGINT, _handler)
 
 
 __all__ = ["ConfigError", "DatasetError", "LatentCacheError", "MetricError", "MissingDependencyError",

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from ._version import __version__
 from .artifact import load_into
 from .hooks import attached_handle
+from .checks import MAX_STEPS, check_pipeline_size, int_in
 from .errors import RunFolderError, UsageError
 from .family import family_of, resolve_denoiser
 from .prompts import warn_long_prompts
@@ -131,7 +132,8 @@ def generate_images(
         if max_sequence_length is not None:
             call_kwargs["max_sequence_length"] = max_sequence_length
         settings = {
-            "cfg": float(cfg if cfg is not None else defaults.cfg), "steps": int(steps or defaults.steps),
+            "cfg": float(cfg if cfg is not None else defaults.cfg),
+            "steps": int_in(defaults.steps if steps is None else steps, "steps", 1, MAX_STEPS),  # 0 is not "default"
             "height": int(height or width or native), "width": int(width or height or native),
             "model": model or getattr(pipe.config, "_name_or_path", None) or type(pipe).__name__,
             "max_sequence_length": max_sequence_length, **tokens_record(pipe, tokens), "family": family.name,
@@ -140,6 +142,7 @@ def generate_images(
             "dtype": str(pipe.dtype).replace("torch.", ""),
             "softrepa_version": __version__,
         }
+        check_pipeline_size(pipe, settings["height"], settings["width"])  # not a ValueError deep in diffusers
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         # one writer per folder: two generations into it would interleave their metadata rows

@@ -198,8 +198,11 @@ def import_official(
             "negative" set, as an AGSM run of ours writes).
         **kwargs: `convert_official`'s `layers`, `blocks`, `model_dim`.
     """
-    from .artifact import save_soft_tokens
+    from .artifact import refuse_foreign, save_soft_tokens
 
+    out = Path(out).expanduser()
+    out = out / "tokens.safetensors" if out.is_dir() else out  # a folder: the file goes inside it
+    refuse_foreign(out if out.suffix == ".safetensors" else out.with_name(out.name + ".safetensors"))
     if method not in METHODS:
         raise SoftTokensError(f"method must be one of {list(METHODS)}, got {method!r}")
     names = ("dc_tokens", "dc_t_tokens") if method == "softrepa" else ("soft_tokens", "soft_t_tokens")

@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 from typing import Any, Sequence
 
+from .checks import MAX_SEED, MAX_SEEDS, MAX_SIDE, json_loads, read_text
 from .errors import DatasetError, UsageError
 
 log = logging.getLogger(__name__)
@@ -30,20 +31,26 @@ def parse_seeds(spec: str | int | Sequence[int]) -> list[int]:
     if isinstance(spec, int):
         return [spec]
     if not isinstance(spec, str):
-        return list(dict.fromkeys(int(s) for s in spec))
-    seeds: list[int] = []
+        seeds_list = list(dict.fromkeys(int(s) for s in spec))
+        if len(seeds_list) > MAX_SEEDS:
+            raise UsageError(f"seeds: {len(seeds_list)} seeds, more than the limit of {MAX_SEEDS} for one run")
+        return seeds_list
+    # refused before anything is materialised: "0-1000000000" would be a list of 10^9 ints (issue 26)
+    seeds: dict[int, None] = {}
     for part in (p.strip() for p in spec.split(",")):
-        m = re.fullmatch(r"(\d+)\s*-\s*(\d+)", part)
-        if m:
-            lo, hi = int(m.group(1)), int(m.group(2))
-            if hi < lo:
-                raise UsageError(f"--seeds: range {part!r} runs backwards")
-            seeds += range(lo, hi + 1)
-        elif re.fullmatch(r"\d+", part):
-            seeds.append(int(part))
-        else:
+        m = re.fullmatch(r"(\d{1,20})\s*-\s*(\d{1,20})", part) or re.fullmatch(r"(\d{1,20})()", part)
+        if not m:
             raise UsageError(f"--seeds: cannot parse {part!r} (use e.g. 0,1,2 or 0-9)")
-    return list(dict.fromkeys(seeds))
+        lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+        if hi < lo:
+            raise UsageError(f"--seeds: range {part!r} runs backwards")
+        if hi > MAX_SEED:
+            raise UsageError(f"--seeds: {hi} does not fit in 64 bits (seeds are 0..{MAX_SEED})")
+        if hi - lo + 1 + len(seeds) > MAX_SEEDS:
+            raise UsageError(f"--seeds: {part!r} makes more than {MAX_SEEDS} seeds, the limit of one run; "
+                             "split the range over several runs into the same --out (they resume)")
+        seeds.update(dict.fromkeys(range(lo, hi + 1)))
+    return list(seeds)
 
 
 def parse_size(spec: str | int | None) -> tuple[int, int] | None:
@@ -54,13 +61,14 @@ def parse_size(spec: str | int | None) -> tuple[int, int] | None:
     """
     if spec is None or spec == "":
         return None
-    if isinstance(spec, int):
-        return spec, spec
-    m = re.fullmatch(r"\s*(\d+)\s*(?:[xX]\s*(\d+))?\s*", str(spec))
+    m = re.fullmatch(r"\s*(\d{1,9})\s*(?:[xX]\s*(\d{1,9}))?\s*", str(spec))
     if not m or int(m.group(1)) <= 0 or (m.group(2) and int(m.group(2)) <= 0):
         raise UsageError(f"--size: cannot parse {spec!r} (use H or HxW, e.g. 1024 or 768x1024)")
     h = int(m.group(1))
-    return h, int(m.group(2) or h)
+    w = int(m.group(2) or h)
+    if max(h, w) > MAX_SIDE:  # 100000 x 100000 would be a 120 GB image buffer before any check
+        raise UsageError(f"--size: {h}x{w} is above the limit of {MAX_SIDE} pixels a side")
+    return h, w
 
 
 def read_prompts(spec: str, max_prompts: int | None = None) -> list[str]:
@@ -77,6 +85,8 @@ def read_prompts(spec: str, max_prompts: int | None = None) -> list[str]:
     """
     if not spec.strip():
         raise UsageError("--prompts: the prompt is empty; give the prompt text or a prompt file")
+    if max_prompts is not None and (isinstance(max_prompts, bool) or max_prompts < 1):
+        raise UsageError(f"--max-prompts must be >= 1, got {max_prompts}")  # 0 used to mean "all"
     path = Path(spec).expanduser()
     is_file_name = re.fullmatch(r"\S+\.(txt|jsonl|json)", spec.strip()) is not None
     if not path.is_file():
@@ -85,39 +95,40 @@ def read_prompts(spec: str, max_prompts: int | None = None) -> list[str]:
         prompts = [spec]
     elif path.suffix == ".jsonl":
         prompts = []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for n, line in enumerate(read_text(path, "--prompts").splitlines(), 1):
             if not line.strip():
                 continue
-            try:
-                row = json.loads(line)
-                prompts.append(str(row["prompt"]))
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise DatasetError(f"{path}:{n}: expected a JSON object with a \"prompt\" field ({e!r})") from e
+            row = json_loads(line, f"{path}:{n}")
+            prompt = row.get("prompt") if isinstance(row, dict) else None
+            if not isinstance(prompt, str) or not prompt.strip():  # {"prompt": null} is no prompt "None"
+                raise DatasetError(f"{path}:{n}: expected a JSON object with a non-empty string \"prompt\", "
+                                   f"got {line.strip()[:80]}")
+            prompts.append(prompt)
     elif path.suffix == ".json":
         prompts = _coco_prompts(path)
     else:
-        prompts = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        prompts = [ln.strip() for ln in read_text(path, "--prompts").splitlines() if ln.strip()]
     if not prompts:
         raise DatasetError(f"--prompts: {spec!r} holds no prompts")
-    return prompts[:max_prompts] if max_prompts else prompts
+    return prompts[:max_prompts] if max_prompts is not None else prompts
 
 
 def _coco_prompts(path: Path) -> list[str]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise DatasetError(f"{path}: not valid JSON ({e})") from e
+    data = json_loads(read_text(path, "--prompts"), str(path))
     if isinstance(data, list) and all(isinstance(p, str) for p in data):
         return [p.strip() for p in data if p.strip()]  # a plain JSON list of prompts
     if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
         raise DatasetError(f"{path}: expected a COCO captions file with 'images' and 'annotations' "
                            "(or a JSON list of prompts)")
+    images, anns = data["images"], data["annotations"]
+    if not (isinstance(images, list) and isinstance(anns, list) and all(isinstance(x, dict) for x in images + anns)):
+        raise DatasetError(f"{path}: 'images' and 'annotations' must be lists of objects (a COCO captions file)")
     first: dict[Any, str] = {}
-    for ann in data["annotations"]:  # annotation order decides which caption is "first"
-        cap = ann.get("caption")
-        if isinstance(cap, str) and cap.strip():
-            first.setdefault(ann.get("image_id"), " ".join(cap.split()))
-    return [first[im["id"]] for im in data["images"] if im.get("id") in first]
+    for ann in anns:  # annotation order decides which caption is "first"
+        cap, key = ann.get("caption"), ann.get("image_id")
+        if isinstance(cap, str) and cap.strip() and isinstance(key, (int, str)):
+            first.setdefault(key, " ".join(cap.split()))
+    return [first[im["id"]] for im in images if isinstance(im.get("id"), (int, str)) and im["id"] in first]
 
 
 def warn_long_prompts(pipe: Any, prompts: Sequence[str]) -> int:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Callable
@@ -39,6 +40,33 @@ logger = logging.getLogger(__name__)
 RUN_ARTEFACTS = ("config.yaml", "tokens.safetensors", "tokens.json", "metrics.jsonl", "curves.png", "checkpoints",
                  "validation", "softrepa",  # softrepa/: accelerate's tracker logs (project "softrepa")
                  "tokens_negative.safetensors", "tokens_negative.json")  # objective agsm's second set (psi-)
+
+
+#: what softrepa writes inside the artefact folders (`--overwrite` deletes these and nothing else there)
+OWN_INSIDE = {"checkpoints": re.compile(r"step_\d+|\.step_\d+\..*|damaged\.step_\d+|latest|\..*\.tmp"),
+              "validation": re.compile(r"step_\d+\.png|\..*\.tmp"),
+              "softrepa": re.compile(r"events\.out\.tfevents\..*")}  # accelerate's tensorboard logs
+
+
+def remove_own(path: Path) -> None:
+    """Delete a run artefact; of the artefact folders only what softrepa writes there (`OWN_INSIDE`):
+    a file of yours in `checkpoints/`, `validation/` or `softrepa/` stays, and so does its folder."""
+    own = OWN_INSIDE.get(path.name)
+    if not path.is_dir() or path.is_symlink():
+        path.unlink()
+        return
+    if own is None:  # pragma: no cover - every artefact folder is listed
+        return
+    for child in sorted(path.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        # checkpoints/ and validation/: their own top level only; softrepa/: the tracker's files at any depth
+        if own.fullmatch(child.name) and (child.parent == path or path.name == "softrepa"):
+            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+    logs = path.rglob("*") if path.name == "softrepa" else ()
+    for child in sorted((p for p in logs if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+        if not any(child.iterdir()):  # folders the removed logs leave empty
+            child.rmdir()
+    if not any(path.iterdir()):
+        path.rmdir()
 
 
 def claim_run_folder(out: str | os.PathLike, resume: bool | str | None = None, overwrite: bool = False) -> None:
@@ -75,8 +103,7 @@ def claim_run_folder(out: str | os.PathLike, resume: bool | str | None = None, o
     found = [name for name in RUN_ARTEFACTS if (out / name).exists()]
     if overwrite:
         for name in found:
-            path = out / name
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+            remove_own(out / name)
         logger.warning("--overwrite: removed the previous run's %s from %s", ", ".join(found), out)
         return
     what = "a resume from another run's checkpoint" if resume else "a new run"

@@ -23,6 +23,7 @@ from typing import Any, Iterable
 
 from PIL import Image, UnidentifiedImageError
 
+from .checks import image_size_ok, upright_8bit
 from .errors import DatasetError, RunFolderError, StorageError
 from .hooks import attached_handle
 
@@ -87,12 +88,17 @@ def read_rows(path: Path) -> list[dict]:
     """Rows of a metadata.jsonl; an unreadable (half-written) line is dropped with a warning."""
     rows = []
     if path.is_file():
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:
-                    log.warning("%s:%d: dropping an unreadable metadata line (interrupted write?)", path, n)
+        for n, raw in enumerate(path.read_bytes().splitlines(), 1):
+            if not raw.strip():
+                continue
+            try:
+                row = json.loads(raw.decode("utf-8"))
+            except (ValueError, RecursionError):  # not UTF-8 / not JSON: treated as a line cut by a kill
+                row = None
+            if isinstance(row, dict) and isinstance(row.get("file"), str):
+                rows.append(row)
+            else:
+                log.warning("%s:%d: dropping an unreadable metadata line (interrupted write?)", path, n)
     return rows
 
 
@@ -102,7 +108,7 @@ def append_row(path: Path, row: dict) -> None:
     Raises:
         StorageError: the append failed (a cut line is dropped by the next `read_rows`).
     """
-    line = json.dumps(row) + "\n"
+    line = json.dumps(row, allow_nan=False) + "\n"  # NaN is not JSON: a row never holds one
     try:
         with open(path, "a", encoding="utf-8") as f:
             f.write(line)
@@ -129,12 +135,27 @@ def finished_rows(out_dir: Path, settings: dict[str, Any], keys: Iterable[str]) 
             if k in settings and row.get(k) != settings[k]:
                 raise RunFolderError(f"{out_dir}: holds results made with {k}={row.get(k)!r}, this run uses "
                                  f"{k}={settings[k]!r}; choose another output folder or the same settings")
-        if (Path(out_dir) / row["file"]).is_file():
+        if complete_image(Path(out_dir) / row["file"]):  # a truncated image is redone, not kept
             keep[row["file"]] = row
-    if meta.is_file() and len(keep) != len(meta.read_text(encoding="utf-8").strip().splitlines()):
+    if meta.is_file() and len(keep) != len(meta.read_bytes().strip().splitlines()):
         text = "".join(json.dumps(r) + "\n" for r in keep.values())
         atomic_write_bytes(meta, text.encode())
     return keep
+
+
+def complete_image(path: Path) -> bool:
+    """The file exists and decodes to its end (a PNG cut by a crash or a copy fails its checks)."""
+    if not path.is_file():
+        return False
+    try:
+        with Image.open(path) as im:
+            im.verify()
+        with Image.open(path) as im:  # verify() misses a cut last IDAT chunk; decoding does not
+            im.load()
+        return True
+    except Exception as e:  # noqa: BLE001 - PIL raises many types for damaged files
+        log.warning("%s: damaged image (%s: %s); it is made again", path, type(e).__name__, e)
+        return False
 
 
 def png_bytes(image: Any) -> bytes:
@@ -171,12 +192,14 @@ def open_image(path: str | os.PathLike) -> Image.Image:
         raise FileNotFoundError(f"image not found: {path}")
     try:
         with Image.open(path) as im:
+            image_size_ok(im, path)  # before decoding: a bomb never allocates
             im.load()
+            im = upright_8bit(im)  # EXIF orientation, 16-bit grayscale scaled (not clipped to white)
             if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
                 rgba = im.convert("RGBA")
                 return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
             return im.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as e:
         raise DatasetError(f"{path}: not a readable image file ({type(e).__name__}: {e})") from e
 
 

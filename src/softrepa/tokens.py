@@ -20,6 +20,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from .checks import MAX_BUCKETS, MAX_SETS, MAX_TOKEN_PARAMS, MAX_TOKENS, MAX_WIDTH, finite, int_in
 from .errors import SoftTokensError
 from .registry import family_of, get_family, resolve_denoiser
 
@@ -61,15 +62,17 @@ class SoftTokensConfig:
         if self.layers is not None:
             self.layers = tuple(int(i) for i in self.layers)
         self.blocks = tuple(self.blocks)
-        if self.num_tokens <= 0:
-            raise SoftTokensError(f"num_tokens must be > 0, got {self.num_tokens}")
-        if self.layers is None and self.num_layers <= 0:
-            raise SoftTokensError(f"num_layers must be > 0, got {self.num_layers}")
+        # bounded before anything is allocated (issue 26: num_tokens 100000000 was an 8 GB tensor)
+        int_in(self.num_tokens, "num_tokens", 1, MAX_TOKENS, error=SoftTokensError)
+        if self.layers is None:
+            int_in(self.num_layers, "num_layers", 1, MAX_SETS, error=SoftTokensError)
+        int_in(self.time_buckets, "time_buckets", 0, MAX_BUCKETS, error=SoftTokensError)
+        finite(self.init_std, "init_std", above=0, error=SoftTokensError)
         if self.layers is not None:
             if not self.layers:
                 raise SoftTokensError("layers must name at least one block index")
-            if min(self.layers) < 0 or len(set(self.layers)) != len(self.layers):
-                raise SoftTokensError(f"layers must be distinct indices >= 0, got {list(self.layers)}")
+            if min(self.layers) < 0 or max(self.layers) >= MAX_SETS or len(set(self.layers)) != len(self.layers):
+                raise SoftTokensError(f"layers must be distinct indices in 0..{MAX_SETS - 1}, got {list(self.layers)}")
         if not self.blocks or not all(isinstance(b, str) for b in self.blocks):
             # which names are valid is the family's business (UNets: down / mid / up), checked at layout_for
             raise SoftTokensError(f"blocks must be a non-empty list of block-group names, got {list(self.blocks)}")
@@ -114,13 +117,19 @@ class TokenLayout:
         self.layers = tuple(int(i) for i in self.layers)
         self.blocks = tuple(self.blocks)
         family = get_family(self.family)  # unknown family: the error lists the known ones
-        for name in ("token_dim", "model_dim", "num_tokens"):
-            if int(getattr(self, name)) <= 0:
-                raise SoftTokensError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name, hi in (("token_dim", MAX_WIDTH), ("model_dim", MAX_WIDTH), ("num_tokens", MAX_TOKENS),
+                         ("time_buckets", MAX_BUCKETS)):
+            int_in(getattr(self, name), name, 0 if name == "time_buckets" else 1, hi, error=SoftTokensError)
         if self.time_buckets < 0:
             raise SoftTokensError(f"time_buckets must be >= 0, got {self.time_buckets}")
         if self.token_space not in TOKEN_SPACES:
             raise SoftTokensError(f"token_space must be one of {TOKEN_SPACES}, got {self.token_space!r}")
+        if len(self.layers) > MAX_SETS:
+            raise SoftTokensError(f"layers: at most {MAX_SETS} token sets, got {len(self.layers)}")
+        sets = max(1, len(self.layers))
+        size = sets * self.num_tokens * self.token_dim + self.time_buckets * sets * self.model_dim
+        if size > MAX_TOKEN_PARAMS:  # each field within its bound, the product still a gigabyte tensor
+            raise SoftTokensError(f"this layout holds {size} parameters, above the limit of {MAX_TOKEN_PARAMS}")
         if bool(self.layers) == bool(self.blocks):
             raise SoftTokensError("a layout has either layers (one token set per block) or blocks (one set shared "
                                   f"by block groups), got layers={list(self.layers)}, blocks={list(self.blocks)}")

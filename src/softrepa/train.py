@@ -637,6 +637,7 @@ def run_training(cfg: TrainConfig, resume: bool | str | None = None, overwrite: 
         ConfigError: resume and overwrite together; RunFolderError (RunFolderBusy): the folder
         holds another run or is in use; FileNotFoundError: a missing data or model path.
     """
+    from .checks import check_out_folder
     from .data import check_data_spec
     from .runlock import check_free
 
@@ -644,11 +645,12 @@ def run_training(cfg: TrainConfig, resume: bool | str | None = None, overwrite: 
         raise ConfigError("--resume continues the run in --out, --overwrite deletes it: give one of them")
     # Rank 0 only (torchrun / accelerate set RANK): another rank could meet rank 0's own lock or the
     # config.yaml rank 0 has just written, and take this run for another; rank 0 checks again under the lock.
+    check_out_folder(cfg.output_dir)  # a file there: one clear line, not [Errno 17]
     if int(os.environ.get("RANK", "0")) == 0:
         check_free(cfg.output_dir)  # another process training here: say so (pid, host) before anything else
         if not overwrite:  # refuse in a second, before anything loads (overwrite deletes under the lock)
             claim_run_folder(cfg.output_dir, resume)
-    if cfg.data and isinstance(cfg.data, str) and "dataset" not in trainer_kwargs:
+    if isinstance(cfg.data, str) and "dataset" not in trainer_kwargs:  # '' too: never the current folder
         check_data_spec(cfg.data, "--data")  # before the model loads
     if cfg.model and "pipe" not in trainer_kwargs:
         from .loading import check_model  # the library's model-path check, shared by every command

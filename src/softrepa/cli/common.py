@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from ..checks import check_sampling_args
 from ..loading import DTYPES, check_model, dtype_key
 from ..loading import load_model as _load_model
 
@@ -89,6 +90,7 @@ def load_model(args: argparse.Namespace) -> tuple[Any, Any]:
     Returns:
         (pipeline, attach handle or None).
     """
+    check_sampling_args(args)  # device, text length, steps, CFG: one line before the model loads
     return _load_model(args.model, tokens=args.tokens, device=args.device, dtype=args.dtype,
                        cpu_offload=getattr(args, "cpu_offload", False), compile=getattr(args, "compile", False),
                        vae_tiling=getattr(args, "vae_tiling", False), vae_slicing=getattr(args, "vae_slicing", False),

@@ -16,6 +16,7 @@ import shlex
 import sys
 
 from ..diagnosis import run_diagnosis
+from ..checks import MAX_BATCH, MAX_SIDE, check_sampling_args, finite, int_in
 from .common import add_dtype_argument, add_out_argument, add_progress_argument, text_length_help
 
 
@@ -47,6 +48,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # sizes and devices first: one line before the model loads (softrepa.checks)
+    check_sampling_args(args)
+    int_in(args.bins, "--bins", 1, 1000)
+    int_in(args.batch_size, "--batch-size", 2, MAX_BATCH)
+    if args.resolution is not None:
+        int_in(args.resolution, "--resolution", 8, MAX_SIDE)
+    finite(args.scale, "--scale", above=0)
     report = run_diagnosis(
         args.model, args.data, out=args.out, tokens=args.tokens, data_images=args.data_images, bins=args.bins,
         batches_per_bin=args.batches_per_bin, batch_size=args.batch_size, resolution=args.resolution, tau=args.tau,

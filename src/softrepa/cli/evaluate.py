@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..checks import check_device
 from ..errors import UsageError
 from ..evaluation import PAPER_METRICS, compare_runs, evaluate, metric_names, summary_lines
 from .common import add_dtype_argument, add_out_argument, add_progress_argument
@@ -57,6 +58,8 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     add_dtype_argument(parser, help="metric models' dtype (default: the metrics config's, else fp32)")
     add_progress_argument(parser)
     add_out_argument(parser, help="output folder for results.{json,csv,md} and per_image.csv")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the results of another image folder already in --out")
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
@@ -68,10 +71,12 @@ def run_evaluate(args: argparse.Namespace) -> int:
         raise UsageError(f"--metrics: unknown {unknown}; choose from {','.join(known)}")
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    check_device(args.device)
     res = evaluate(args.images, args.out, metrics=metrics, reference=args.reference, prompts=args.prompts,
                    reference_captions=args.reference_captions, config=args.metrics_config,
                    batch_size=args.batch_size, device=args.device,
-                   dtype=_EVAL_DTYPES[args.dtype] if args.dtype else None, progress=not args.no_progress)
+                   dtype=_EVAL_DTYPES[args.dtype] if args.dtype else None, progress=not args.no_progress,
+                   overwrite=args.overwrite)
     for line in summary_lines(res):
         print(line)
     print(f"wrote {args.out}/results.json, results.csv, results.md, per_image.csv")

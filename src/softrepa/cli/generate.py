@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..checks import MAX_IMAGES
 from ..errors import UsageError
 from ..generate import generate_comparison, generate_images
 from ..prompts import parse_seeds, parse_size, read_prompts
@@ -48,6 +49,9 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--compare needs --tokens")
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if len(prompts) * len(seeds) > MAX_IMAGES:
+        raise UsageError(f"--prompts x --seeds: {len(prompts)} x {len(seeds)} images, more than the limit of "
+                         f"{MAX_IMAGES} for one run; use --max-prompts or fewer seeds (runs into one --out resume)")
     pipe, _ = load_model(args)
     kw = dict(steps=args.steps, cfg=args.cfg, height=size[0] if size else None, width=size[1] if size else None,
               batch_size=args.batch_size, max_sequence_length=args.max_sequence_length, tokens=args.tokens,

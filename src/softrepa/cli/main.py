@@ -22,7 +22,8 @@ import traceback
 from typing import Callable, NamedTuple
 
 from .._version import __version__
-from ..errors import SoftrepaError
+from ..checks import check_out_folder
+from ..errors import SoftrepaError, interrupt_state
 from ..toy import cli as toy_cli
 from ..toy import demo as toy_demo
 from . import diagnose, edit, evaluate, generate, push, tokens, train, ui
@@ -75,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    interrupt_state["running"] = True  # Ctrl-C is a KeyboardInterrupt again, reported below
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:
@@ -85,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     show_traceback = args.traceback or args.verbose or getattr(args, "traceback_here", False)
     try:
+        if getattr(args, "out", None) and args.command != "import-official":  # its --out is a file
+            check_out_folder(args.out)  # an --out that is a file: one clear line, not [Errno 17]
         return int(COMMANDS[args.command].run(args) or 0)
     except (SoftrepaError, OSError) as e:  # OSError: missing files, permissions, full disks
         if show_traceback:

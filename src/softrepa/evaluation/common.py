@@ -264,10 +264,15 @@ def load_rgb(path: str | os.PathLike) -> Image.Image:
     Raises:
         MetricError: a file that is not a complete image (truncated, not an image), named.
     """
+    from ..checks import image_size_ok, upright_8bit
+    from ..errors import DatasetError
+
     try:
         with Image.open(path) as im:
-            return im.convert("RGB")
-    except (OSError, SyntaxError, ValueError) as e:  # PIL: UnidentifiedImageError / "image file is truncated"
+            image_size_ok(im, path)  # a bomb is refused before decoding
+            im.load()
+            return upright_8bit(im).convert("RGB")  # EXIF orientation; 16-bit grayscale scaled, not white
+    except (OSError, SyntaxError, ValueError, DatasetError, Image.DecompressionBombError) as e:  # PIL: UnidentifiedImageError / "image file is truncated"
         raise MetricError(f"{path}: not a readable image ({type(e).__name__}: {e})") from e
 
 

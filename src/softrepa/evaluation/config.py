@@ -31,12 +31,11 @@ _UNLISTED = ("device", "dtype")  # accepted, not named in the "known" list (they
 
 
 def _read_yaml(path: str | Path) -> tuple[str, dict]:
-    import yaml
-
+    from ..checks import load_yaml, read_text
     from ..config import resolve_recipe
 
     p = resolve_recipe(path)  # a file, or the packaged recipe name "metrics" (recipes/metrics.yaml)
-    data = yaml.safe_load(p.read_text()) or {}
+    data = load_yaml(read_text(p, "metrics config", error=ConfigError), str(p)) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: expected a mapping of metric sections")
     return str(p), data

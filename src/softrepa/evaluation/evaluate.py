@@ -26,6 +26,7 @@ Outputs in `--out` (`report.py`): results.json, results.csv, results.md (per met
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any, Sequence
@@ -115,7 +116,7 @@ def evaluate(images: str | Path, out: str | Path, *, metrics: Sequence[str] = PA
              reference: str | Path | None = None, prompts: str | Path | None = None,
              reference_captions: str | Path | None = None, config: dict | str | Path | None = None,
              batch_size: int = 16, device: str | None = None, dtype: str | None = None,
-             progress: bool = True) -> dict:
+             progress: bool = True, overwrite: bool = False) -> dict:
     """Score a folder of images and write results.{json,csv,md} and per_image.csv into `out`.
 
     Args:
@@ -132,6 +133,7 @@ def evaluate(images: str | Path, out: str | Path, *, metrics: Sequence[str] = PA
         device: "cpu", "cuda", ... (default: config "device", else cuda when available).
         dtype: model dtype (default: config "dtype", else float32).
         progress: show tqdm bars.
+        overwrite: replace results of another image folder already in `out` (refused without it).
     Returns:
         The results dict written to results.json: images, reference, n_images, prompts, run,
         settings, metrics (name -> mean / std / ci95 / count / note, or error), errors, config.
@@ -151,6 +153,7 @@ def evaluate(images: str | Path, out: str | Path, *, metrics: Sequence[str] = PA
     unknown = [m for m in metrics if m not in known]
     if unknown:
         raise UsageError(f"unknown metrics {unknown}; known: {list(known)}")
+    check_results_folder(out, images, overwrite)  # before any metric model loads
     cfg = load_metrics_config(config) if isinstance(config, (str, Path)) else load_metrics_config(overrides=config)
     device = device or cfg.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or cfg.get("dtype") or "float32"
@@ -187,4 +190,36 @@ def evaluate(images: str | Path, out: str | Path, *, metrics: Sequence[str] = PA
     return results
 
 
-__all__ = ["EvalItem", "PAPER_METRICS", "evaluate"]
+def check_results_folder(out: str | Path, images: str | Path, overwrite: bool = False) -> None:
+    """`out` may receive the results of `images`: refuse to replace another folder's results (or a
+    results.json softrepa did not write) unless `overwrite`; the same folder's results are redone.
+
+    Raises:
+        RunFolderError: naming both image folders and `--overwrite`.
+    """
+    from ..checks import check_out_folder
+    from ..errors import RunFolderError
+
+    check_out_folder(out)
+    old = Path(out) / "results.json"
+    if overwrite:
+        return
+    if not old.exists():  # results.json is written first: the others without it are not softrepa's
+        theirs = [n for n in ("results.csv", "results.md", "per_image.csv") if (Path(out) / n).exists()]
+        if theirs:
+            raise RunFolderError(f"{out} holds {', '.join(theirs)} without a results.json, not softrepa's results; "
+                                 "choose another --out (or --overwrite to replace them)")
+        return
+    try:
+        previous = json.loads(old.read_bytes()).get("images")
+    except (OSError, ValueError, RecursionError, AttributeError):
+        previous = None
+    if previous is None:
+        raise RunFolderError(f"{old} exists and is not softrepa's results file; choose another --out "
+                             "(or --overwrite to replace it)")
+    if Path(previous).expanduser().resolve() != Path(images).expanduser().resolve():
+        raise RunFolderError(f"{out} holds the results of {previous}, not of {images}; choose another --out or "
+                             "pass --overwrite to replace them")
+
+
+__all__ = ["EvalItem", "PAPER_METRICS", "check_results_folder", "evaluate"]

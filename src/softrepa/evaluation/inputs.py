@@ -19,6 +19,7 @@ captioned from. Every image needs a pair; the pairing used is recorded.
 from __future__ import annotations
 
 import csv
+import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +28,7 @@ from typing import Sequence
 from ..errors import DatasetError, UsageError
 from .common import MetricError
 
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 #: Metadata keys that hold the (target) guidance scale, in the order they are looked up.
 CFG_KEYS = ("tar_cfg", "target_guidance_scale", "tar_cfg_scale", "target_cfg", "guidance_scale", "cfg_scale", "cfg")
 
@@ -52,15 +53,26 @@ def _resolve(base: Path, p: str | None) -> Path | None:
 
 
 def _read_table(path: Path) -> list[dict]:
+    """Rows of a .jsonl / .json / .csv table; not UTF-8, not JSON or not rows: one line naming file and line."""
+    from ..checks import json_loads, read_text
+
+    if path.suffix not in (".jsonl", ".json", ".csv"):
+        raise DatasetError(f"{path}: prompts must be .txt, .jsonl, .json or .csv")
+    text = read_text(path, "table")
     if path.suffix == ".jsonl":
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    if path.suffix == ".json":
-        data = json.loads(path.read_text())
-        return data if isinstance(data, list) else [{"file": k, "prompt": v} for k, v in data.items()]
-    if path.suffix == ".csv":
-        with path.open(newline="") as f:
-            return list(csv.DictReader(f))
-    raise DatasetError(f"{path}: prompts must be .txt, .jsonl, .json or .csv")
+        rows = [json_loads(line, f"{path}:{n}") for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    elif path.suffix == ".json":
+        data = json_loads(text, str(path))
+        rows = data if isinstance(data, list) else (
+            [{"file": k, "prompt": v} for k, v in data.items()] if isinstance(data, dict) else None)
+    else:
+        try:
+            rows = list(csv.DictReader(io.StringIO(text, newline="")))
+        except csv.Error as e:
+            raise DatasetError(f"{path}: not a readable CSV table ({e})") from e
+    if rows is None or not all(isinstance(r, dict) for r in rows):
+        raise DatasetError(f"{path}: expected rows that are JSON objects (file, prompt, ...)")
+    return rows
 
 
 def list_images(folder: Path) -> list[Path]:
@@ -77,11 +89,15 @@ def coco_image_order(captions: str | Path) -> list[str]:
     Args:
         captions: a COCO captions JSON (e.g. captions_val2017.json).
     """
-    data = json.loads(Path(captions).read_text(encoding="utf-8"))
-    if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
-        raise DatasetError(f"{captions}: expected a COCO captions file with 'images' and 'annotations'")
-    has = {a.get("image_id") for a in data["annotations"] if isinstance(a.get("caption"), str) and a["caption"].strip()}
-    return [im["file_name"] for im in data["images"] if im.get("id") in has]
+    from ..checks import json_loads, read_text
+
+    data = json_loads(read_text(Path(captions), "--reference-captions"), str(captions))
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list) or not isinstance(
+            data.get("annotations"), list) or not all(isinstance(x, dict) for x in data["images"] + data["annotations"]):
+        raise DatasetError(f"{captions}: expected a COCO captions file with 'images' and 'annotations' (lists of objects)")
+    has = {a.get("image_id") for a in data["annotations"] if isinstance(a.get("image_id"), (int, str))
+           and isinstance(a.get("caption"), str) and a["caption"].strip()}
+    return [im.get("file_name") for im in data["images"] if isinstance(im.get("id"), (int, str)) and im["id"] in has]
 
 
 def read_items(images: str | Path, prompts: str | Path | None = None,
@@ -110,7 +126,9 @@ def read_items(images: str | Path, prompts: str | Path | None = None,
         if not pf.is_file():
             raise FileNotFoundError(f"prompt file not found: {pf}")
         if pf.suffix == ".txt":
-            lines = [s for s in pf.read_text().splitlines() if s.strip()]
+            from ..checks import read_text
+
+            lines = [s for s in read_text(pf, "--prompts").splitlines() if s.strip()]
             if len(lines) != len(rows):
                 raise DatasetError(f"{pf} has {len(lines)} prompts for {len(rows)} images")
             for r, text in zip(rows, lines):
