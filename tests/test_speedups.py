@@ -297,7 +297,6 @@ def _run(*cmd: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(list(cmd), cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
 
 
-@pytest.mark.slow
 def test_speed_precision_runs_on_cpu_and_skips_what_needs_a_gpu(tmp_path):
     out = tmp_path / "precision.md"
     proc = _run(sys.executable, "benchmarks/speed_precision.py", "--tiny", "--steps", "2", "--lockstep", "1",
@@ -312,7 +311,6 @@ def test_speed_precision_runs_on_cpu_and_skips_what_needs_a_gpu(tmp_path):
         assert "skipped: speed." in rows[skipped]
 
 
-@pytest.mark.slow
 def test_train_step_side_by_side_takes_the_speed_options(tmp_path):
     out = tmp_path / "step.md"
     proc = _run(sys.executable, "benchmarks/train_step.py", "--tiny", "--side-by-side", "--batch", "2",
@@ -324,7 +322,7 @@ def test_train_step_side_by_side_takes_the_speed_options(tmp_path):
     assert "| skipped | attention cudnn: speed.attention" in text and "| skipped | fp8: speed.fp8" in text
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # ~30 s: four stages, each its own process
 def test_gpu_suite_dry_run_runs_every_default_stage_on_cpu(tmp_path):
     proc = _run("bash", "benchmarks/gpu_suite.sh", "--dry-run",
                 env={"PYTHON": sys.executable, "OUT": str(tmp_path / "out")})
