@@ -132,6 +132,10 @@ def skip_reason(opt: dict, device) -> str | None:
     return None
 
 
+def _first_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:150]}"
+
+
 def trajectory(arm: Arm, tokens0, data, args) -> torch.Tensor:
     """The tokens (flat) after `--steps` AdamW steps of `arm` from `tokens0`."""
     tokens = copy.deepcopy(tokens0)
@@ -217,8 +221,18 @@ def main() -> None:
     opt = torch.optim.AdamW(tokens.parameters(), lr=1e-3, weight_decay=1e-4)
     for k in range(args.lockstep):
         batch = data[k % len(data)]
-        results = {a.name: a.step(tokens, batch, args.chunk, args.loss_kwargs) for a in [spread_arm] + arms}
-        loss, grad = ref.step(tokens, batch, args.chunk, args.loss_kwargs)  # last: its gradient is the one the optimizer takes
+        results = {}
+        for a in [spread_arm] + list(arms):
+            try:
+                results[a.name] = a.step(tokens, batch, args.chunk, args.loss_kwargs)
+            except Exception as e:  # an option that fails here is reported; the others go on
+                if a is spread_arm:
+                    raise
+                arms.remove(a)
+                skipped.append((a.name, f"failed at run time: {_first_line(e)}"))
+                print(f"{a.name} failed: {skipped[-1][1]}", file=sys.stderr, flush=True)
+        # the reference last: its gradient is the one the optimizer takes
+        loss, grad = ref.step(tokens, batch, args.chunk, args.loss_kwargs)
         for name, (l2, g2) in results.items():
             w = worst[name]
             w[0] = max(w[0], abs(l2 - loss) / max(abs(loss), 1e-12))
@@ -231,7 +245,15 @@ def main() -> None:
     theta_ref = trajectory(ref, tokens0, data, args)
     theta0 = torch.cat([p.detach().float().flatten() for p in tokens0.parameters()])
     moved = float((theta_ref - theta0).norm())
-    dist = {a.name: float((trajectory(a, tokens0, data, args) - theta_ref).norm()) for a in [spread_arm] + arms}
+    dist = {}
+    for a in [spread_arm] + list(arms):
+        try:
+            dist[a.name] = float((trajectory(a, tokens0, data, args) - theta_ref).norm())
+        except Exception as e:  # as in the lockstep: reported, the others go on
+            if a is spread_arm:
+                raise
+            arms.remove(a)
+            skipped.append((a.name, f"failed at run time (trajectory): {_first_line(e)}"))
     spread = dist[spread_arm.name]
 
     dev = torch.cuda.get_device_name(0) if device.type == "cuda" else \

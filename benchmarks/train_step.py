@@ -221,8 +221,18 @@ def side_by_side(args: argparse.Namespace) -> list[str]:
     peaks: dict = {a: 0.0 for a in arms}
     graphs_after_warmup = None
     for r in range(args.warmup + args.iters):
-        for arm in arms:
-            dt, peak = step(arm)
+        for arm in list(arms):
+            try:
+                dt, peak = step(arm)
+            except Exception as e:  # an option arm that fails here is reported; the others go on
+                if arm[3:] == ("auto", False):
+                    raise
+                arms.remove(arm)
+                times.pop(arm)
+                skipped.append(f"{SpeedConfig(attention=arm[3], fp8=arm[4]).describe()}: failed at run time: "
+                               f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:150]}")
+                print(f"arm {arm} failed: {skipped[-1]}", file=sys.stderr, flush=True)
+                continue
             if r == 0:
                 first[arm] = dt
             if r >= args.warmup:
