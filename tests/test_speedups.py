@@ -278,6 +278,9 @@ def test_the_trainer_runs_the_step_on_the_chosen_backend(toy_files, tmp_path, mo
     assert step == {(False, True)} and {c[1:] for c in calls if not c[0]} == {(True, True)}
     assert torch.backends.cuda.flash_sdp_enabled()  # and the flags are back after the step
     calls.clear()
+    assert main(_train(toy_files, tmp_path / "flash", "--speed.attention", "flash")) == 0  # torch's CPU kernel
+    assert {c[1:] for c in calls if c[0]} == {(True, False)}
+    calls.clear()
     assert main(_train(toy_files, tmp_path / "auto")) == 0
     assert {c[1:] for c in calls if c[0]} == {(True, True)}
 
