@@ -2,7 +2,7 @@
 # The GPU figures the issues leave open, in one prepared run (at most SUITE_BUDGET s, default 540).
 #
 # For a session lent a GPU through the `device` tool. The GPU machine has torch and transformers
-# but no diffusers (nor torchao), and no network: carry the wheels. Here, once, in the repo root:
+# but no diffusers (torchao: not known to be there either), and no network: carry the wheels. Here, once, in the repo root:
 #
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -26,6 +26,7 @@
 #   objective  AGSM vs SoftREPA step (issue 23; measured, not in the default list)
 #   bf16fp16   fp16 / bf16 against fp32 with tokens attached (issue 2; measured, not in the default list)
 set -uo pipefail
+start=$SECONDS  # the budget counts from here: wheel installs and imports included
 cd "$(dirname "$0")/.."
 [ "${1:-}" = "--dry-run" ] && DRY_RUN=1
 DRY_RUN=${DRY_RUN:-0}
@@ -73,7 +74,6 @@ else
   SMALL="--full --dtype bf16 --batch 4 --text-len 512"; SMALL_ITERS="--iters 3 --warmup 1"; PCHECK="--full"
 fi
 
-start=$SECONDS
 failed=""
 # stage NAME LIMIT command...: run with the smaller of LIMIT and what is left of the budget
 stage() {
