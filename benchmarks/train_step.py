@@ -3,12 +3,18 @@
     python benchmarks/train_step.py                    # reduced SD3 config on CPU
     python benchmarks/train_step.py --full --dtype bf16 --batch 4 8 16 --text-len 256 512 --chunk none 32
     python benchmarks/train_step.py --side-by-side --batch 4 --chunk none 8   # floor / eager / compiled
+    python benchmarks/train_step.py --full --dtype bf16 --side-by-side --batch 4 --chunk none \
+        --attention cudnn flash --fp8                     # + compiled arms with each speed option (issue 25)
 
 `--side-by-side` runs, in ONE process and alternating step by step, the floor (the same all-pairs
 forward + backward with the tokens disabled, gradients flowing to the text embeddings instead: the
 plain layout without any token plumbing), softrepa eager and softrepa compiled
 (`softrepa.compile_blocks`) for each pair chunk; it prints medians, the ratios compiled / eager and
 eager / floor, and the compile time (first compiled step minus the median compiled step).
+`--attention B [B ...]` adds, per chunk, a compiled arm with each SDPA backend (not "auto"), and
+`--fp8` one with float8 linear layers (`softrepa.speedups`) for each `--attention` value, auto
+included: the combinations the speed options make. An option the device lacks is skipped with the
+reason printed (the trainer's own `check_speed`); `benchmarks/speed_precision.py` says which pass.
 
 "all pairs" evaluates the B x B pairs in one forward + backward, the layout of the authors'
 trainer; "chunk K" is the exact two-pass scheme with K pairs per forward (softrepa.pairs). Each
@@ -33,6 +39,18 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from attach_overhead import REDUCED, SD3_MEDIUM  # noqa: E402
 from report import emit  # noqa: E402
+from speed_precision import TINY  # noqa: E402
+
+from softrepa.errors import SoftrepaError  # noqa: E402
+from softrepa.speedups import ATTENTION_BACKENDS  # noqa: E402
+
+
+def _config(args: argparse.Namespace) -> dict:
+    return SD3_MEDIUM if args.full else TINY if args.tiny else REDUCED
+
+
+def _name(args: argparse.Namespace) -> str:
+    return "SD3-medium" if args.full else "tiny SD3 (2 blocks, width 32)" if args.tiny else "reduced SD3 (8 blocks, width 384)"
 
 
 def one(args: argparse.Namespace) -> dict:
@@ -42,10 +60,11 @@ def one(args: argparse.Namespace) -> dict:
     from softrepa.backbone import TextCond
     from softrepa.families.sd3 import SD3Backbone as MMDiTBackbone
     from softrepa.pairs import PairBatch, contrastive_backward
+    from softrepa.speedups import SpeedConfig, attention_backend, check_speed, convert_fp8
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    cfg = SD3_MEDIUM if args.full else REDUCED
+    cfg = _config(args)
     torch.manual_seed(0)
     with torch.device(device):  # random init on the GPU: seconds instead of a minute for 2B params on CPU
         model = SD3Transformer2DModel(**cfg)
@@ -58,7 +77,7 @@ def one(args: argparse.Namespace) -> dict:
         vae = None
 
     bb = MMDiTBackbone(_Pipe())
-    tokens = SoftTokens.for_model(model, SoftTokensConfig()).to(device)
+    tokens = SoftTokens.for_model(model, SoftTokensConfig(num_layers=min(5, cfg["num_layers"]))).to(device)
     attach(model, tokens)
     B, lat = args.batch, args.resolution // 8
     text_len = 77 + args.text_len
@@ -71,13 +90,17 @@ def one(args: argparse.Namespace) -> dict:
     chunk = None if args.chunk == "none" else int(args.chunk)
     opt = torch.optim.AdamW(tokens.parameters(), lr=1e-3)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else torch.autocast(device.type, enabled=False)
+    attention = args.attention[0]
+    check_speed(SpeedConfig(attention=attention, fp8=args.fp8), device, half=dtype != torch.float32)
+    if args.fp8:
+        convert_fp8(model)
     times = []
     for i in range(args.warmup + args.iters):
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        with autocast:
+        with autocast, attention_backend(attention):
             contrastive_backward(bb, batch, pair_chunk=chunk)
         opt.step()
         if device.type == "cuda":
@@ -92,6 +115,7 @@ def one(args: argparse.Namespace) -> dict:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
         name = f"CPU {platform.machine()} ({torch.get_num_threads()} threads)"
     return {"batch": B, "text_len": args.text_len, "chunk": args.chunk, "ckpt": args.ckpt, "step_s": step,
+            "speed": SpeedConfig(attention=attention, fp8=args.fp8).describe(),
             "pairs_per_s": B * B / step, "peak_gib": peak, "device": name}
 
 
@@ -109,10 +133,11 @@ def side_by_side(args: argparse.Namespace) -> list[str]:
     from softrepa.backbone import TextCond
     from softrepa.families.sd3 import SD3Backbone
     from softrepa.pairs import PairBatch, contrastive_backward
+    from softrepa.speedups import SpeedConfig, attention_backend, check_speed, convert_fp8
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    cfg = SD3_MEDIUM if args.full else REDUCED
+    cfg = _config(args)
     torch.manual_seed(0)
     with torch.device(device):
         model = SD3Transformer2DModel(**cfg)
@@ -123,7 +148,7 @@ def side_by_side(args: argparse.Namespace) -> list[str]:
         vae = None
 
     bb = SD3Backbone(_Pipe())
-    tokens = SoftTokens.for_model(model, SoftTokensConfig()).to(device)
+    tokens = SoftTokens.for_model(model, SoftTokensConfig(num_layers=min(5, cfg["num_layers"]))).to(device)
     handle = attach(model, tokens)
     B, lat, text_len = args.batch, args.resolution // 8, 77 + args.text_len
     g = torch.Generator().manual_seed(0)
@@ -136,19 +161,28 @@ def side_by_side(args: argparse.Namespace) -> list[str]:
     floor_batch = PairBatch(batch.latents, floor_cond, batch.captions, batch.t, batch.noise)
     autocast = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32
                 else torch.autocast(device.type, enabled=False))
-    compiled = None
+    compiled = fp8 = None
+
+    def use_fp8(on: bool) -> None:
+        nonlocal fp8
+        if on:  # converted once, then the same float8 modules re-installed: compiled code keeps its cache
+            fp8 = fp8 or convert_fp8(model)
+            fp8.apply()
+        elif fp8 is not None:
+            fp8.remove()
 
     def use_compiled(on: bool) -> None:
         nonlocal compiled
         if on and compiled is None:
             # dynamo's cache outlives remove(): re-wrapping recompiles nothing
-            compiled = compile_blocks(model, CompileConfig(mode=args.compile_mode))
+            compiled = compile_blocks(model, CompileConfig(mode=args.compile_mode, backend=args.compile_backend))
         elif not on and compiled is not None:
             compiled.remove()
             compiled = None
 
-    def step(arm: tuple[str, str, bool]) -> tuple[float, float]:
-        kind, chunk, on = arm
+    def step(arm: tuple[str, str, bool, str, bool]) -> tuple[float, float]:
+        kind, chunk, on, attention, with_fp8 = arm
+        use_fp8(with_fp8)  # before compiling: the blocks are traced with the modules of this arm
         use_compiled(on)
         tokens.zero_grad(set_to_none=True)
         floor_cond.embeds.grad = None
@@ -156,7 +190,7 @@ def side_by_side(args: argparse.Namespace) -> list[str]:
             torch.cuda.reset_peak_memory_stats()
         _sync(device)
         t0 = time.perf_counter()
-        with autocast:
+        with autocast, attention_backend(attention):
             if kind == "floor":
                 with handle.disabled():
                     contrastive_backward(bb, floor_batch, pair_chunk=None)
@@ -167,18 +201,38 @@ def side_by_side(args: argparse.Namespace) -> list[str]:
         peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
         return dt, peak
 
-    arms = [] if args.no_floor else [("floor", "none", False)]
+    arms = [] if args.no_floor else [("floor", "none", False, "auto", False)]
+    options = [(a, False) for a in args.attention if a != "auto"] + [(a, True) for a in args.attention if args.fp8]
+    skipped = []
+    for attention, with_fp8 in list(options):  # what this device lacks: skipped, the reason printed
+        try:
+            check_speed(SpeedConfig(attention=attention, fp8=with_fp8), device, half=dtype != torch.float32)
+        except SoftrepaError as e:
+            options.remove((attention, with_fp8))
+            skipped.append(f"{SpeedConfig(attention=attention, fp8=with_fp8).describe()}: {e}")
+            print(f"skip {skipped[-1]}", file=sys.stderr, flush=True)
     for c in args.chunk:
-        arms += [("softrepa", c, False), ("softrepa", c, True)]
+        arms += [("softrepa", c, False, "auto", False), ("softrepa", c, True, "auto", False)]
+        arms += [("softrepa", c, True, a, f) for a, f in options]
     if args.compiled_floor:
-        arms.insert(1, ("floor", "none", True))
+        arms.insert(1, ("floor", "none", True, "auto", False))
     first: dict = {}
     times: dict = {a: [] for a in arms}
     peaks: dict = {a: 0.0 for a in arms}
     graphs_after_warmup = None
     for r in range(args.warmup + args.iters):
-        for arm in arms:
-            dt, peak = step(arm)
+        for arm in list(arms):
+            try:
+                dt, peak = step(arm)
+            except Exception as e:  # an option arm that fails here is reported; the others go on
+                if arm[3:] == ("auto", False):
+                    raise
+                arms.remove(arm)
+                times.pop(arm)
+                skipped.append(f"{SpeedConfig(attention=arm[3], fp8=arm[4]).describe()}: failed at run time: "
+                               f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:150]}")
+                print(f"arm {arm} failed: {skipped[-1]}", file=sys.stderr, flush=True)
+                continue
             if r == 0:
                 first[arm] = dt
             if r >= args.warmup:
@@ -189,27 +243,29 @@ def side_by_side(args: argparse.Namespace) -> list[str]:
             graphs_after_warmup = counters["stats"]["unique_graphs"]
     recompiled = counters["stats"]["unique_graphs"] - (graphs_after_warmup or 0)
     med = {a: statistics.median(v) for a, v in times.items()}
-    floor = med.get(("floor", "none", False))
+    floor = med.get(("floor", "none", False, "auto", False))
     dev = torch.cuda.get_device_name(0) if device.type == "cuda" else \
         f"CPU {platform.machine()} ({torch.get_num_threads()} threads)"
-    lines = [f"config: {'SD3-medium' if args.full else 'reduced SD3 (8 blocks, width 384)'}, random weights, "
-             f"{args.resolution} px, T5 {args.text_len}, {args.dtype}, B = {B} ({B * B} pairs), tokens m=4 L=5 "
+    lines = [f"config: {_name(args)}, random weights, "
+             f"{args.resolution} px, T5 {args.text_len}, {args.dtype}, B = {B} ({B * B} pairs), tokens m=4 L={min(5, cfg['num_layers'])} "
              f"with time buckets, device: {dev}; one process, arms alternated step by step, median of "
              f"{args.iters} steps after {args.warmup} warm-up round(s); compile mode "
              f"{args.compile_mode or 'default'}; graphs compiled after the warm-up: "
              f"{recompiled}", "",
-             "| arm | pairs/forward | step s | pairs/s | vs floor | compiled / eager | compile s | peak GiB |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| arm | speed options | pairs/forward | step s | pairs/s | vs floor | compiled / eager | compile s | "
+             "peak GiB |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for arm in arms:
-        kind, chunk, on = arm
+        kind, chunk, on, attention, with_fp8 = arm
         name = f"{kind} {'compiled' if on else 'eager'}"
-        eager = med.get((kind, chunk, False))
+        eager = med.get((kind, chunk, False, "auto", False))
         speedup = f"{eager / med[arm]:.2f}x" if on and eager else ""
         comp = f"{first[arm] - med[arm]:.0f}" if on else ""
         per = "all" if chunk == "none" else chunk
         vs_floor = f"{floor / med[arm]:.2f}x" if floor else "n/a"
-        lines.append(f"| {name} | {per} | {med[arm]:.3f} | {B * B / med[arm]:.1f} | {vs_floor} | "
+        lines.append(f"| {name} | {SpeedConfig(attention=attention, fp8=with_fp8).describe()} | {per} | {med[arm]:.3f} | {B * B / med[arm]:.1f} | {vs_floor} | "
                      f"{speedup} | {comp} | {'n/a' if device.type != 'cuda' else f'{peaks[arm]:.2f}'} |")
+    lines += [f"| skipped | {s} | | | | | | | |" for s in skipped]
     return lines
 
 
@@ -232,9 +288,14 @@ def main() -> None:
     ap.add_argument("--compiled-floor", action="store_true", help="side by side: also the compiled floor")
     ap.add_argument("--compile-mode", default=None, choices=[None, "default", "max-autotune-no-cudagraphs"],
                     help="side by side: torch.compile mode of the compiled arms (default: inductor's default)")
+    ap.add_argument("--tiny", action="store_true", help="2 blocks, width 32: the suite's CPU dry run")
+    ap.add_argument("--attention", nargs="+", default=["auto"], choices=list(ATTENTION_BACKENDS),
+                    help="SDPA backend(s): one run uses the first; side by side adds a compiled arm per backend")
+    ap.add_argument("--fp8", action="store_true", help="float8 linear layers (torchao; CUDA capability >= 8.9)")
+    ap.add_argument("--compile-backend", default="inductor", help="side by side: torch.compile backend")
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    args.resolution = args.resolution or (512 if args.full else 128)
+    args.resolution = args.resolution or (512 if args.full else 64 if args.tiny else 128)
     if args.side_by_side:
         lines = []
         for B in args.batch:
@@ -253,7 +314,9 @@ def main() -> None:
             for c in args.chunk:
                 cmd = [sys.executable, __file__, "--one", "--batch", str(B), "--text-len", str(L), "--chunk", c,
                        "--dtype", args.dtype, "--iters", str(args.iters), "--warmup", str(args.warmup),
-                       "--resolution", str(args.resolution)] + (["--full"] if args.full else []) + (["--ckpt"] if args.ckpt else [])
+                       "--resolution", str(args.resolution), "--attention", args.attention[0]] + \
+                    (["--full"] if args.full else []) + (["--ckpt"] if args.ckpt else []) + \
+                    (["--tiny"] if args.tiny else []) + (["--fp8"] if args.fp8 else [])
                 proc = subprocess.run(cmd, capture_output=True, text=True)
                 line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
                 if not line:
@@ -263,8 +326,9 @@ def main() -> None:
                     rows.append(json.loads(line[0][7:]))
                 print(rows[-1], file=sys.stderr)
     dev = next((r["device"] for r in rows if "device" in r), "?")
-    head = (f"config: {'SD3-medium' if args.full else 'reduced SD3 (8 blocks, width 384)'}, random weights, "
-            f"{args.resolution} px, {args.dtype}, grad checkpointing {'on' if args.ckpt else 'off'}, device: {dev}")
+    head = (f"config: {_name(args)}, random weights, "
+            f"{args.resolution} px, {args.dtype}, grad checkpointing {'on' if args.ckpt else 'off'}, speed options: "
+            f"{next((r['speed'] for r in rows if 'speed' in r), '?')}, device: {dev}")
     lines = [head, "", "| B | pairs | T5 len | pairs/forward | step s | pairs/s | peak GiB |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         mode = "all (authors' layout)" if r["chunk"] == "none" else r["chunk"]

@@ -23,6 +23,7 @@ from .errors import ConfigError
 from .loss import binned_tau, linear_tau
 from .negatives import NegativesConfig
 from .objectives import get_objective
+from .speedups import SpeedConfig
 from .tokens import SoftTokensConfig
 
 
@@ -237,6 +238,7 @@ class TrainConfig:
         compile: regional `torch.compile` of the denoiser's repeated blocks (`softrepa.compile_blocks`);
             the first step compiles, later steps reuse the code.
         compile_mode: torch.compile mode (None: default; "max-autotune-no-cudagraphs").
+        speed: speed options of the step, all off by default (`softrepa.speedups.SpeedConfig`).
     """
 
     model: str = ""
@@ -265,6 +267,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     compile: bool = False
     compile_mode: str | None = None
+    speed: SpeedConfig = field(default_factory=SpeedConfig)
     max_sequence_length: int | None = None  # None: the family's text_length
     seed: int = 0
     num_workers: int = 2

@@ -113,7 +113,7 @@ def claim_run_folder(out: str | os.PathLike, resume: bool | str | None = None, o
 
 #: what may change when a run is resumed: its length, logging and validation, not what it learns
 RESUMABLE_FIELDS = ("max_steps", "log_every", "checkpoint_every", "keep_checkpoints", "num_workers", "log_with",
-                    "validation", "output_dir", "compile", "compile_mode")
+                    "validation", "output_dir", "compile", "compile_mode", "speed")
 
 
 def saved_run_config(resume: bool | str, output_dir: str | os.PathLike | None) -> Path | None:

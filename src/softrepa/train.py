@@ -41,6 +41,7 @@ from .runfolder import append_row, atomic_write_bytes, png_bytes
 from .resume import (check_resumable, claim_run_folder, drop_abandoned, newest_intact, saved_run_config,
                      saved_tau_table, trim_metrics)
 from .runlock import RunLock
+from .speedups import attention_backend, check_speed, convert_fp8
 from .artifact import model_name, provenance_metadata, save_soft_tokens
 from .negatives import CaptionNegatives
 from .objectives import Objective, get_objective
@@ -151,6 +152,8 @@ class Trainer:
         cfg = self.cfg
         # the saved config must still find its files when resumed from another directory
         absolute_paths(cfg)
+        # an option this device lacks (flash / cuDNN attention, fp8) fails now, not after minutes of loading
+        check_speed(cfg.speed, self.device, half=cfg.mixed_precision != "no" or cfg.weights_dtype in ("bf16", "fp16"))
         # the data before the model: a bad --data is reported in seconds, not after minutes of loading
         self.dataset = dataset if dataset is not None else build_dataset(
             cfg.data, cfg.resolution, seed=cfg.seed, images=cfg.data_images, max_items=cfg.max_items)
@@ -329,7 +332,7 @@ class Trainer:
         distributed = self.world > 1
         self.optimizer.zero_grad(set_to_none=True)
         use_set = self._use_set if len(self.token_sets) > 1 or self.ema_sets is not None else None
-        with self._autocast():
+        with self._autocast(), attention_backend(cfg.speed.attention):  # forward and backward
             out = objective_backward(
                 self.backbone, pb, self.objective, pair_chunk=cfg.pair_chunk, distributed=distributed,
                 grad_multiplier=self._loss_scale(), use_set=use_set)
@@ -373,7 +376,9 @@ class Trainer:
         if self.is_main and (self.lock is None or not self.lock.held):  # a second train() call
             self.lock = RunLock(self.out).acquire()
         try:
-            return self._train(resume, overwrite)
+            # fp8 swaps the frozen Linear modules for this run only; the originals are back when it returns
+            with convert_fp8(self.backbone.denoiser) if self.cfg.speed.fp8 else nullcontext():
+                return self._train(resume, overwrite)
         finally:
             if self.lock is not None:
                 self.lock.release()
