@@ -8,6 +8,7 @@ Arms (each judged on the same (prompt, seed) pairs of two declared prompt sets):
   SoftREPA (paper)      the recipe with the authors' loss settings: tau 0.07 constant, no hard negatives
   SoftREPA (calibrated tau)  calibrated tau, in-batch negatives only (which part carries the gain?)
   SoftREPA (recipe)     the miniature recipe as shipped (calibrated tau + hard negatives)
+  AGSM                  SoftREPA's successor on the same recipe (softrepa.toy.effect.AGSM_ARM)
 
     python benchmarks/effect_controls.py --split validation --out /tmp/controls_val   # recipe choice
     python benchmarks/effect_controls.py --split test --out /tmp/controls_test        # reported once
@@ -30,7 +31,7 @@ import torch
 def main(argv: list[str] | None = None) -> int:
     from softrepa.pipeline import load_pipeline, resolve_model_path
     from softrepa.config import load_config
-    from softrepa.toy.effect import (POSITIVE_ONLY, PROMPT_SETS, TEST_SEEDS, VALIDATION_SEEDS, Arm,
+    from softrepa.toy.effect import (AGSM_ARM, POSITIVE_ONLY, PROMPT_SETS, TEST_SEEDS, VALIDATION_SEEDS, Arm,
                                      comparison_table, initial_tokens, judge_arm, reference_images, sampling_length, summary,
                                      train_arm)
     from softrepa.toy.world import export_image_folder
@@ -69,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         Arm("SoftREPA (calibrated tau)", {"loss": {"tau_schedule": "calibrated"}, "negatives": {"per_image": 0}},
             note="calibrated tau, in-batch negatives"),
         Arm("SoftREPA (recipe)", {}, note=f"recipes/{recipe}.yaml as shipped"),
+        Arm("AGSM", AGSM_ARM, note="AGSM (issue 23): psi+ / psi-, EMA-guided targets, official tau 0.1 / gammas, "
+                                   "in-batch captions, the recipe's lr and steps"),
         Arm("SoftREPA (calibrated tau + hard negatives)",
             {"loss": {"tau_schedule": "calibrated"}, "negatives": {"per_image": 2, "swap": TOY_SWAPS}},
             note="calibrated tau, 2 hard-negative captions per image"),

@@ -84,6 +84,10 @@ class Arm:
 
 
 POSITIVE_ONLY = {"loss": {"contrastive_weight": 0.0, "denoise_weight": 1.0}, "negatives": {"per_image": 0}}
+#: AGSM on the miniature recipe (same tokens, data, lr and steps): in-batch captions only (AGSM has no
+#: hard negatives), the official tau 0.1 / gamma_pos 1 / gamma_neg 0.1; EMA decay chosen on
+#: validation seeds among 0.9999 (official) and 0.99 (docs/effect.md, "AGSM")
+AGSM_ARM = {"objective": "agsm", "negatives": {"per_image": 0}, "agsm": {"ema_decay": 0.99}}
 
 
 def train_arm(pipe: Any, recipe: str, overrides: dict[str, Any], data: Path, out: Path) -> Path:
