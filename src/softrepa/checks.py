@@ -118,14 +118,20 @@ def check_pipeline_size(pipe: Any, height: int, width: int, option: str = "--siz
     # `softrepa.edit.size_multiple`, computed here (edit imports this module): the VAE factor times the
     # patch size, and the image processor's factor (FLUX packs 2 x 2 latents)
     config = resolve_denoiser(pipe).config
-    multiple = int(pipe.vae_scale_factor) * int(getattr(config, "patch_size", None) or 1)
+    # video pipelines (Wan) name the spatial factor apart and patch (t, h, w): the spatial parts count
+    factor = getattr(pipe, "vae_scale_factor", None) or getattr(pipe, "vae_scale_factor_spatial", None)
+    if not factor:
+        return  # a pipeline that does not say: its own call checks the size
+    patch = getattr(config, "patch_size", None) or 1
+    patch = max(int(p) for p in patch[-2:]) if isinstance(patch, (list, tuple)) else int(patch)
+    multiple = int(factor) * patch
     processor = getattr(getattr(pipe, "image_processor", None), "config", None)
     multiple = math.lcm(multiple, int(getattr(processor, "vae_scale_factor", None) or multiple))
     if height % multiple or width % multiple:
         raise UsageError(f"{option} {height}x{width}: both sides must be multiples of {multiple} for this model")
     table = getattr(config, "pos_embed_max_size", None)
     if table:
-        largest = int(table) * int(getattr(config, "patch_size", None) or 1) * int(pipe.vae_scale_factor)
+        largest = int(table) * patch * int(factor)
         if max(height, width) > largest:
             raise UsageError(f"{option} {height}x{width}: this model renders at most {largest} pixels a side "
                              f"(its pos_embed_max_size {table})")
