@@ -278,8 +278,11 @@ def test_ctrl_c_during_the_imports_is_one_line_and_exit_130():
     env = dict(os.environ, PYTHONPATH=SRC, OMP_NUM_THREADS="1")
     interrupted = 0
     for delay in (0.15, 0.3, 0.45, 0.6, 0.8):
+        # the child starts with Ctrl-C's default disposition, as from a shell: a SIGINT ignored in
+        # this test process (an earlier test or the runner may set that) would be inherited
         proc = subprocess.Popen([sys.executable, "-m", "softrepa", "info", "x.safetensors"], env=env,
-                                stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+                                stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         time.sleep(delay)
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=60)
