@@ -263,3 +263,16 @@ def test_agsm_trains_through_both_a14b_experts(tmp_path):
     tokens = softrepa.load_soft_tokens(out / "tokens.safetensors")
     fresh = SoftTokens.for_model(pipe, SoftTokensConfig(num_layers=2, init="normal"), seed=0)
     assert tokens.layout == fresh.layout
+
+
+def test_edit_image_with_explicit_params_is_refused_in_one_line():
+    """FlowEdit is refused for the video family also when the caller passes its own settings."""
+    from PIL import Image
+
+    from softrepa.edit import edit_image
+    from softrepa.errors import UsageError
+    from softrepa.flowedit import FlowEditParams
+    from softrepa.tiny_crossattn import tiny_wan_pipeline
+
+    with pytest.raises(UsageError, match="Wan is a video family"):
+        edit_image(tiny_wan_pipeline(), Image.new("RGB", (32, 32)), "a", "b", FlowEditParams(steps=4, n_max=3))

@@ -218,8 +218,10 @@ def edit_image(pipe: Any, image: Image.Image | str, source_prompt: str, target_p
         >>> softrepa.load_into(pipe, "tokens.safetensors")
         >>> edited = edit_image(pipe, "cat.png", "a cat on a sofa", "a dog on a sofa")  # n_max 30, CFG 9
     """
+    family = family_of(pipe)
+    _ = family.edit  # a family without FlowEdit (Wan: video) refuses in one line, whatever `params` says
     if params is None:
-        params = FlowEditParams.preset(family_of(pipe), with_tokens=_tokens_active(pipe))
+        params = FlowEditParams.preset(family, with_tokens=_tokens_active(pipe))
     params.validate()
     src = open_image(image) if not isinstance(image, Image.Image) else image.convert("RGB")
     h, w = working_size(src.width, src.height, size_multiple(pipe), size, max_side=native_resolution(pipe))
