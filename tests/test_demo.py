@@ -35,6 +35,23 @@ def test_demo_smoke(tmp_path):
               "--max-prompts", "3", "--validation.steps", "4", "--loss.calibration_batches", "2"])
 
 
+def test_demo_agsm_arm(tmp_path):
+    """`softrepa demo --agsm`: a fourth arm trained with AGSM (one file holding psi+ and psi-), judged
+    on the same pairs, named in the report's headline."""
+    import softrepa
+
+    out = tmp_path / "demo"
+    rc = main(["demo", "--agsm", "--out", str(out), "--train-images", "32", "--max-steps", "2", "--seeds", "0",
+               "--max-prompts", "2", "--validation.steps", "4", "--loss.calibration_batches", "2"])
+    assert rc == 0
+    js = json.loads((out / "results.json").read_text())
+    assert set(js["results"]) == {"vanilla", "positive-only", "SoftREPA", "AGSM"}
+    assert {k: len(v["outcomes"]) for k, v in js["results"]["AGSM"].items()} == {"train_pairs": 2, "heldout_pairs": 2}
+    assert js["summary"]["agsm"]["vs_vanilla"]["n"] == 4
+    assert "AGSM vs vanilla" in (out / "report.md").read_text()
+    assert softrepa.token_sets_of(out / "train_agsm" / "tokens.safetensors") == ["positive", "negative"]
+
+
 def test_comparison_table_counts_and_tests_pairs():
     """The demo / controls table: accuracy, paired delta, up/down counts and McNemar p from outcomes."""
     from softrepa.stats import mcnemar_exact
