@@ -83,4 +83,19 @@ def flow_edit_model(backbone: Backbone, sigmas: torch.Tensor, *, embedded: bool 
     return denoise, sigmas, flow_add_noise
 
 
-__all__ = ["FLOWEDIT_FLUX_DEV", "FlowBackbone", "flow_edit_model"]
+def latent_stats(vae: Any, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std (1, C, 1, 1) of a video VAE's latents (`latents_mean` /
+    `latents_std` in its config: Qwen-Image's, Wan's), in `like`'s dtype and device; the families
+    that train on one-frame clips normalise with them as their pipelines decode.
+
+    Example:
+        >>> mean, std = latent_stats(pipe.vae, z)   # z: (B, C, h, w)
+        >>> x = (z - mean) / std
+    """
+    cfg = vae.config
+    mean = torch.tensor(cfg.latents_mean, device=like.device, dtype=like.dtype).view(1, -1, 1, 1)  # (1, C, 1, 1)
+    std = torch.tensor(cfg.latents_std, device=like.device, dtype=like.dtype).view(1, -1, 1, 1)
+    return mean, std
+
+
+__all__ = ["FLOWEDIT_FLUX_DEV", "FlowBackbone", "flow_edit_model", "latent_stats"]

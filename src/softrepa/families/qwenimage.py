@@ -51,7 +51,7 @@ from torch import nn
 
 from ..backbone import TextCond
 from ..family import EditPresets, Family, SamplingDefaults, register_family
-from ..flow import FlowBackbone, flow_edit_model
+from ..flow import FlowBackbone, flow_edit_model, latent_stats
 from ..templates import DUAL_STREAM, Placement
 
 #: mask key of `TextCond.extra`: 1 for prompt tokens, 0 for padding
@@ -101,12 +101,6 @@ class QwenImageBackbone(FlowBackbone):
         return TextCond(padded.to(self.dtype), None, {MASK: full})
 
     # ---------------------------------------------------------------- latents: one-frame clips, normalised
-    def _latent_stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        cfg = self.vae.config
-        mean = torch.tensor(cfg.latents_mean, device=like.device, dtype=like.dtype).view(1, -1, 1, 1)  # (1, C, 1, 1)
-        std = torch.tensor(cfg.latents_std, device=like.device, dtype=like.dtype).view(1, -1, 1, 1)
-        return mean, std
-
     def vae_input(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, 3, 1, H, W): one-frame clips for the 3-D VAE (sides multiples of 16)."""
         return pixels.unsqueeze(2)
@@ -114,11 +108,11 @@ class QwenImageBackbone(FlowBackbone):
     def latents_from_vae(self, z: torch.Tensor) -> torch.Tensor:
         """(B, C, 1, h, w) VAE latent -> (B, C, h, w), normalised per channel (as the pipeline decodes)."""
         z = z[:, :, 0]  # (B, C, h, w)
-        mean, std = self._latent_stats(z)
+        mean, std = latent_stats(self.vae, z)
         return (z - mean) / std
 
     def vae_from_latents(self, x: torch.Tensor) -> torch.Tensor:
-        mean, std = self._latent_stats(x)
+        mean, std = latent_stats(self.vae, x)
         return (x * std + mean).unsqueeze(2)  # (B, C, 1, h, w)
 
     def vae_output(self, decoded: torch.Tensor) -> torch.Tensor:

@@ -47,7 +47,7 @@ from torch import nn
 from ..backbone import TextCond
 from ..errors import SoftrepaError, SoftTokensError
 from ..family import EditPresets, Family, SamplingDefaults, register_family
-from ..flow import FlowBackbone, flow_edit_model
+from ..flow import FlowBackbone, flow_edit_model, latent_stats
 from ..flowedit import flow_sigmas
 from ..templates import SINGLE_STREAM, Placement, insert_rows, per_layer
 
@@ -106,12 +106,6 @@ class QwenImage21Backbone(FlowBackbone):
         return TextCond(padded.to(self.dtype), None, {MASK: full, PAD_TO: pad_to})
 
     # ---------------------------------------------------------------- latents: one-frame clips, normalised
-    def _latent_stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        cfg = self.vae.config
-        mean = torch.tensor(cfg.latents_mean, device=like.device, dtype=like.dtype).view(1, -1, 1, 1)  # (1, C, 1, 1)
-        std = torch.tensor(cfg.latents_std, device=like.device, dtype=like.dtype).view(1, -1, 1, 1)
-        return mean, std
-
     def vae_input(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, C_in, 1, H, W): one-frame clips; an RGBA VAE gets alpha 1 (opaque)."""
         if int(self.vae.config.in_channels) == 4:
@@ -119,11 +113,11 @@ class QwenImage21Backbone(FlowBackbone):
         return pixels.unsqueeze(2)
 
     def latents_from_vae(self, z: torch.Tensor) -> torch.Tensor:
-        mean, std = self._latent_stats(z[:, :, 0])
+        mean, std = latent_stats(self.vae, z[:, :, 0])
         return (z[:, :, 0] - mean) / std  # (B, C, h, w)
 
     def vae_from_latents(self, x: torch.Tensor) -> torch.Tensor:
-        mean, std = self._latent_stats(x)
+        mean, std = latent_stats(self.vae, x)
         return (x * std + mean).unsqueeze(2)  # (B, C, 1, h, w)
 
     def vae_output(self, decoded: torch.Tensor) -> torch.Tensor:

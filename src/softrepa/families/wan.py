@@ -47,7 +47,7 @@ from torch import nn
 from ..backbone import TextCond
 from ..errors import SoftTokensError, UsageError
 from ..family import EditPresets, Family, SamplingDefaults, register_family
-from ..flow import FlowBackbone
+from ..flow import FlowBackbone, latent_stats
 from ..templates import CROSS_ATTENTION, Placement, per_layer
 from ..tokens import TokenLayout
 
@@ -93,21 +93,15 @@ class WanBackbone(FlowBackbone):
         return TextCond(embeds.to(self.dtype))
 
     # ---------------------------------------------------------------- latents: one-frame clips, normalised
-    def _latent_stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        cfg = self.vae.config
-        mean = torch.tensor(cfg.latents_mean, device=like.device, dtype=like.dtype).view(1, -1, 1, 1)  # (1, C, 1, 1)
-        std = torch.tensor(cfg.latents_std, device=like.device, dtype=like.dtype).view(1, -1, 1, 1)
-        return mean, std
-
     def vae_input(self, pixels: torch.Tensor) -> torch.Tensor:
         return pixels.unsqueeze(2)  # (B, 3, 1, H, W)
 
     def latents_from_vae(self, z: torch.Tensor) -> torch.Tensor:
-        mean, std = self._latent_stats(z)
+        mean, std = latent_stats(self.vae, z)
         return (z[:, :, 0] - mean) / std  # (B, C, h, w)
 
     def vae_from_latents(self, x: torch.Tensor) -> torch.Tensor:
-        mean, std = self._latent_stats(x)
+        mean, std = latent_stats(self.vae, x)
         return (x * std + mean).unsqueeze(2)  # (B, C, 1, h, w)
 
     def vae_output(self, decoded: torch.Tensor) -> torch.Tensor:
