@@ -25,6 +25,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from attach_overhead import REDUCED, SD3_MEDIUM  # noqa: E402
 from report import emit  # noqa: E402
+from train_step import random_step_inputs  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:
@@ -33,27 +34,12 @@ def _sync(device: torch.device) -> None:
 
 
 def run(args: argparse.Namespace) -> list[str]:
-    from diffusers import SD3Transformer2DModel
-
     from softrepa import SoftTokens, SoftTokensConfig, attach
-    from softrepa.backbone import TextCond
-    from softrepa.families.sd3 import SD3Backbone
     from softrepa.objectives import AGSM, SoftREPA
-    from softrepa.pairs import PairBatch, objective_backward
+    from softrepa.pairs import objective_backward
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     cfg = SD3_MEDIUM if args.full else REDUCED
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = SD3Transformer2DModel(**cfg)
-    model = model.to(dtype).eval().requires_grad_(False)
-
-    class _Pipe:  # the backbone needs only the denoiser for the loss
-        transformer = model
-        vae = None
-
-    bb = SD3Backbone(_Pipe())
+    device, dtype, model, bb, batch = random_step_inputs(args, cfg)
     pos = SoftTokens.for_model(model, SoftTokensConfig()).to(device)
     neg = copy.deepcopy(pos)
     neg.time = pos.time  # one shared time part, as the trainer's AGSM sets
@@ -64,13 +50,7 @@ def run(args: argparse.Namespace) -> list[str]:
     def use_set(name: str, reference: bool):
         return handle.carrying((ema if reference else sets)[name])
 
-    B, lat, text_len = args.batch, args.resolution // 8, 77 + args.text_len
-    g = torch.Generator().manual_seed(0)
-    cond = TextCond(torch.randn(B, text_len, cfg["joint_attention_dim"], generator=g).to(device, dtype),
-                    torch.randn(B, cfg["pooled_projection_dim"], generator=g).to(device, dtype))
-    batch = PairBatch(torch.randn(B, 16, lat, lat, generator=g).to(device, dtype), cond,
-                      [f"caption {i}" for i in range(B)], torch.full((B,), 500.0, device=device),
-                      torch.randn(1, 16, lat, lat, generator=g).to(device, dtype))
+    B = args.batch
     chunk = None if args.chunk == "none" else int(args.chunk)
     params = {id(p): p for s in sets.values() for p in s.parameters()}
     ema_params = {id(p): p for s in ema.values() for p in s.parameters()}

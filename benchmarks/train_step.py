@@ -53,40 +53,49 @@ def _name(args: argparse.Namespace) -> str:
     return "SD3-medium" if args.full else "tiny SD3 (2 blocks, width 32)" if args.tiny else "reduced SD3 (8 blocks, width 384)"
 
 
-def one(args: argparse.Namespace) -> dict:
+def random_step_inputs(args: argparse.Namespace, cfg: dict) -> tuple:
+    """(device, dtype, model, backbone, batch): a random-weight SD3 transformer of config `cfg` (frozen,
+    on the GPU when there is one) and a random batch of `args.batch` images and captions at
+    `args.resolution` px with T5 length `args.text_len`; shared by this script and objective_step.py."""
     from diffusers import SD3Transformer2DModel
 
-    from softrepa import SoftTokens, SoftTokensConfig, attach
     from softrepa.backbone import TextCond
-    from softrepa.families.sd3 import SD3Backbone as MMDiTBackbone
-    from softrepa.pairs import PairBatch, contrastive_backward
-    from softrepa.speedups import SpeedConfig, attention_backend, check_speed, convert_fp8
+    from softrepa.families.sd3 import SD3Backbone
+    from softrepa.pairs import PairBatch
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    cfg = _config(args)
     torch.manual_seed(0)
     with torch.device(device):  # random init on the GPU: seconds instead of a minute for 2B params on CPU
         model = SD3Transformer2DModel(**cfg)
     model = model.to(dtype).eval().requires_grad_(False)
-    if args.ckpt:
-        model.enable_gradient_checkpointing()
 
     class _Pipe:  # the backbone needs only the denoiser for the loss
         transformer = model
         vae = None
 
-    bb = MMDiTBackbone(_Pipe())
-    tokens = SoftTokens.for_model(model, SoftTokensConfig(num_layers=min(5, cfg["num_layers"]))).to(device)
-    attach(model, tokens)
-    B, lat = args.batch, args.resolution // 8
-    text_len = 77 + args.text_len
+    B, lat, text_len = args.batch, args.resolution // 8, 77 + args.text_len
     g = torch.Generator().manual_seed(0)
     cond = TextCond(torch.randn(B, text_len, cfg["joint_attention_dim"], generator=g).to(device, dtype),
                     torch.randn(B, cfg["pooled_projection_dim"], generator=g).to(device, dtype))
     batch = PairBatch(torch.randn(B, 16, lat, lat, generator=g).to(device, dtype), cond,
                       [f"caption {i}" for i in range(B)], torch.full((B,), 500.0, device=device),
                       torch.randn(1, 16, lat, lat, generator=g).to(device, dtype))
+    return device, dtype, model, SD3Backbone(_Pipe()), batch
+
+
+def one(args: argparse.Namespace) -> dict:
+    from softrepa import SoftTokens, SoftTokensConfig, attach
+    from softrepa.pairs import contrastive_backward
+    from softrepa.speedups import SpeedConfig, attention_backend, check_speed, convert_fp8
+
+    cfg = _config(args)
+    device, dtype, model, bb, batch = random_step_inputs(args, cfg)
+    if args.ckpt:
+        model.enable_gradient_checkpointing()
+    tokens = SoftTokens.for_model(model, SoftTokensConfig(num_layers=min(5, cfg["num_layers"]))).to(device)
+    attach(model, tokens)
+    B = args.batch
     chunk = None if args.chunk == "none" else int(args.chunk)
     opt = torch.optim.AdamW(tokens.parameters(), lr=1e-3)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else torch.autocast(device.type, enabled=False)
@@ -126,37 +135,19 @@ def _sync(device: torch.device) -> None:
 
 def side_by_side(args: argparse.Namespace) -> list[str]:
     """Floor, eager and compiled steps of one batch size, alternated in one process (see the docstring)."""
-    from diffusers import SD3Transformer2DModel
     from torch._dynamo.utils import counters
 
     from softrepa import CompileConfig, SoftTokens, SoftTokensConfig, attach, compile_blocks
     from softrepa.backbone import TextCond
-    from softrepa.families.sd3 import SD3Backbone
     from softrepa.pairs import PairBatch, contrastive_backward
     from softrepa.speedups import SpeedConfig, attention_backend, check_speed, convert_fp8
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     cfg = _config(args)
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = SD3Transformer2DModel(**cfg)
-    model = model.to(dtype).eval().requires_grad_(False)
-
-    class _Pipe:
-        transformer = model
-        vae = None
-
-    bb = SD3Backbone(_Pipe())
+    device, dtype, model, bb, batch = random_step_inputs(args, cfg)
+    cond = batch.cond
     tokens = SoftTokens.for_model(model, SoftTokensConfig(num_layers=min(5, cfg["num_layers"]))).to(device)
     handle = attach(model, tokens)
-    B, lat, text_len = args.batch, args.resolution // 8, 77 + args.text_len
-    g = torch.Generator().manual_seed(0)
-    cond = TextCond(torch.randn(B, text_len, cfg["joint_attention_dim"], generator=g).to(device, dtype),
-                    torch.randn(B, cfg["pooled_projection_dim"], generator=g).to(device, dtype))
-    batch = PairBatch(torch.randn(B, 16, lat, lat, generator=g).to(device, dtype), cond,
-                      [f"caption {i}" for i in range(B)], torch.full((B,), 500.0, device=device),
-                      torch.randn(1, 16, lat, lat, generator=g).to(device, dtype))
+    B = args.batch
     floor_cond = TextCond(cond.embeds.clone().requires_grad_(True), cond.pooled)
     floor_batch = PairBatch(batch.latents, floor_cond, batch.captions, batch.t, batch.noise)
     autocast = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32
