@@ -116,6 +116,12 @@ FAMILIES: dict[str, tuple[Variant, ...]] = {
     # sides multiples of 32
     "qwenimage21": (Variant("qwenimage21", "qwenimage21", tiny_dit.tiny_qwenimage21_pipeline, text_length=None,
                             call_kw={"true_cfg_scale": 3.0, "negative_prompt": [" ", " "]}, edit_size=(64, 32)),),
+    # FLUX.3: the modular pipeline (one prompt per call, CFG through its guider; `Flux3Family.render`),
+    # base and step-distilled (flow map, no guider); in memory only, as Qwen-Image 2.1 (no CLI here)
+    "flux3": (
+        Variant("flux3", "flux3", tiny_dit.tiny_flux3_pipeline, text_length=160, call_kw={"guidance_scale": 3.0}),
+        Variant("flux3-distilled", "flux3", lambda: tiny_dit.tiny_flux3_pipeline(distilled=True), text_length=160),
+    ),
     # ---- end of issue 24 part A
 }
 

@@ -364,12 +364,15 @@ def test_stock_pipeline_generates_with_the_tokens_and_is_vanilla_after_remove(v:
     skip_video(v, "the stock call returns .frames, not .images")
     pipe = v.build()
     pipe.set_progress_bar_config(disable=True)
-    kw = dict(height=RES, width=RES, num_inference_steps=2, output_type="np", **v.text_kw, **v.call_kw)
+    family = family_of(pipe)
 
     def generate():
-        # a copy: a pipeline may write into the list it is given (ZImagePipeline 0.42.1 puts its chat
-        # template into the caller's prompts), which would change every later call's prompts
-        return pipe(prompt=list(PROMPTS), generator=[torch.Generator().manual_seed(s) for s in (0, 1)], **kw).images
+        # the stock call as the family makes it (`Family.render`: one batched `pipe(...)` call, FLUX.3's
+        # modular pipeline one call per prompt); a copy of the prompts: a pipeline may write into the list
+        # it is given (ZImagePipeline 0.42.1 puts its chat template into the caller's prompts)
+        images = family.render(pipe, list(PROMPTS), [torch.Generator().manual_seed(s) for s in (0, 1)], steps=2,
+                               height=RES, width=RES, call_kwargs={**v.text_kw, **v.call_kw}, output_type="np")
+        return np.stack(images)
 
     plain = generate()
     tokens = _tokens(pipe)

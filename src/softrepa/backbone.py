@@ -209,12 +209,16 @@ class Backbone:
         Raises:
             SoftrepaError: the pipeline lacks a component of `text_parts` (one message for every family).
         """
+        self.require_text_parts()
+        return encode_prompt(self.pipe, prompts, device=self.device, max_sequence_length=self.max_sequence_length)
+
+    def require_text_parts(self) -> None:
+        """Raise `SoftrepaError` naming the components of `text_parts` the pipeline lacks."""
         missing = [(name, what) for name, what in self.text_parts if getattr(self.pipe, name, None) is None]
         if missing:
             raise SoftrepaError(f"{self._family.title}: the pipeline has no {', '.join(n for n, _ in missing)} "
                                 f"({', '.join(w for _, w in missing)}), which prompts need: load the pipeline with "
                                 "its text encoders")
-        return encode_prompt(self.pipe, prompts, device=self.device, max_sequence_length=self.max_sequence_length)
 
     # ---------------------------------------------------------------- family-specific
     def encode_prompts(self, prompts: Sequence[str], resolution: int | None = None) -> TextCond:

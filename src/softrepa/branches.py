@@ -18,6 +18,13 @@ Where the unconditional rows are is the pipeline's business, told by the family'
   name, but registering one rewrites `forward` and leaves a bound method behind on removal, which
   would break "detaching restores the model exactly"; an instance attribute we delete does not).
 
+* "guider": one call per branch, each prepared by the modular pipeline's guider (FLUX.3's
+  `Flux3ModularPipeline` with diffusers' `ClassifierFreeGuidance`): the guider counts the batches it
+  prepares in a step and says whether the current one `is_conditional`; we read that by wrapping
+  the guider's `prepare_models` / `cleanup_models` (instance attributes, deleted on removal, as for
+  `cache_context`). A pipeline without a guider (FLUX.3's step-distilled one) has no unconditional
+  branch, and generate says the choice had no effect.
+
 Callers that build the rows themselves (FlowEdit) name them with `handle.uncond_rows(mask)`.
 
 "none" on a batched call cannot be done by inserting something into the unconditional rows (any
@@ -38,7 +45,7 @@ from torch import nn
 from .errors import UsageError
 
 UNCOND_CHOICES = ("positive", "negative", "none")
-CFG_BRANCHES = ("batch", "calls")
+CFG_BRANCHES = ("batch", "calls", "guider")
 
 #: (batch size) -> (B,) bool mask of the unconditional rows of this call, or None (no such rows)
 RowRule = Callable[[int], "torch.Tensor | None"]
@@ -88,8 +95,38 @@ def install_call_probe(denoiser: nn.Module, handle: Any) -> Callable[[], None]:
     return remove
 
 
+def install_guider_probe(pipeline: Any, handle: Any) -> Callable[[], None]:
+    """Record in `handle.branch` whether the batch the pipeline's guider prepared is the conditional one
+    ("cond" / "uncond", None outside a prepared call). Returns the function that removes the probe;
+    a pipeline without a guider gets none (it runs no unconditional branch)."""
+    guider = getattr(pipeline, "guider", None)
+    if guider is None:
+        return lambda: None
+    if "prepare_models" in vars(guider):
+        raise UsageError(f"{type(guider).__name__}.prepare_models is already wrapped (another attachment?)")
+    prepare, cleanup = guider.prepare_models, guider.cleanup_models  # the class's methods, bound
+
+    def prepare_models(denoiser: nn.Module) -> None:
+        prepare(denoiser)  # counts this batch: `is_conditional` is now about it
+        handle.branch = "cond" if guider.is_conditional else "uncond"
+
+    def cleanup_models(denoiser: nn.Module) -> None:
+        cleanup(denoiser)
+        handle.branch = None
+
+    guider.prepare_models, guider.cleanup_models = prepare_models, cleanup_models
+
+    def remove() -> None:
+        vars(guider).pop("prepare_models", None)
+        vars(guider).pop("cleanup_models", None)
+        handle.branch = None
+
+    return remove
+
+
 def call_rule(handle: Any) -> RowRule:
-    """Every row is unconditional in a call made inside `cache_context("uncond")`."""
+    """Every row is unconditional in a call made inside `cache_context("uncond")` (or a guider's
+    unconditional batch)."""
     def rule(batch: int) -> torch.Tensor | None:
         return torch.ones(batch, dtype=torch.bool) if handle.branch == "uncond" else None
 
@@ -213,6 +250,9 @@ def configure(handle: Any, target: Any, mode: str, negative: Any = None) -> None
             for model in models:
                 handle.add_remover(install_call_probe(model, handle))
             handle.rows_rule = call_rule(handle)
+        elif kind == "guider":
+            handle.add_remover(install_guider_probe(target, handle))
+            handle.rows_rule = call_rule(handle)
         else:
             raise UsageError(f"--uncond-tokens {mode}: softrepa does not know where {family.title}'s pipeline "
                              "puts its unconditional rows; use the default (tokens on both branches)")
@@ -234,4 +274,4 @@ def configure(handle: Any, target: Any, mode: str, negative: Any = None) -> None
 
 
 __all__ = ["configure", "CFG_BRANCHES", "UNCOND_CHOICES", "batch_rule", "call_rule", "check_choice", "install_call_probe",
-           "put_rows", "split_post_hook", "split_pre_hook", "take_rows"]
+           "install_guider_probe", "put_rows", "split_post_hook", "split_pre_hook", "take_rows"]

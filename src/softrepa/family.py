@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from torch import nn
 
@@ -110,7 +110,7 @@ class Family:
 
     Extension points (methods): `matches`, `widths` / `describe`, `layout_for` / `check_layout` /
     `check_fits`, `projection`, `install_hooks`, `backbone`, `edit_model`, `run_settings`,
-    `guidance_kwargs`, `resolve_text_length`; the backbone's `encode_source` is FlowEdit's source.
+    `guidance_kwargs`, `render`, `resolve_text_length`; the backbone's `encode_source` is FlowEdit's source.
     """
 
     name: str = ""
@@ -226,6 +226,29 @@ class Family:
             arguments (Qwen-Image: `true_cfg_scale` and a negative prompt) overrides this.
         """
         return {"guidance_scale": cfg}
+
+    def render(self, pipe: Any, prompts: Sequence[str], generators: Sequence[Any], *, steps: int, height: int,
+               width: int, call_kwargs: dict[str, Any], output_type: str = "pil") -> list:
+        """One image per prompt (a video: its list of frames) through the stock pipeline's own call.
+
+        Args:
+            pipe: the loaded pipeline (tokens attached or not: the call is the same).
+            prompts: the prompts, one image each.
+            generators: one `torch.Generator` per prompt.
+            steps, height, width: the sampling steps and image size.
+            call_kwargs: further arguments of the call (`guidance_kwargs`, a negative prompt, ...).
+            output_type: "pil" or "np" (the validation grid takes arrays).
+        Returns:
+            The pipeline's images (or videos) in prompt order.
+
+        Default: `pipe(prompt=[...], generator=[...], ...)` — a classic diffusers pipeline, one call for
+        the batch. A family whose stock pipeline is called differently (FLUX.3's modular pipeline: one
+        prompt per call, the CFG scale on its guider) overrides this; callers never branch on it.
+        """
+        result = pipe(prompt=list(prompts), num_inference_steps=steps, height=height, width=width,
+                      generator=list(generators), output_type=output_type, **call_kwargs)
+        images = getattr(result, "images", None)
+        return list(images) if images is not None else list(result.frames)  # a video pipeline: frames
 
     @property
     def text_length_option(self) -> bool:

@@ -98,4 +98,19 @@ def latent_stats(vae: Any, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return mean, std
 
 
-__all__ = ["FLOWEDIT_FLUX_DEV", "FlowBackbone", "flow_edit_model", "latent_stats"]
+def batch_norm_stats(vae: Any, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std (1, 4C, 1, 1) of the latent batch norm of FLUX.2's VAE (`AutoencoderKLFlux2.bn`, over
+    2 x 2 latent patches), in `like`'s dtype and device; FLUX.2 and FLUX.3 normalise their patch latents
+    with them as their pipelines encode and decode.
+
+    Example:
+        >>> mean, std = batch_norm_stats(pipe.vae, patches)   # patches: (B, 4C, h, w)
+        >>> x = (patches - mean) / std
+    """
+    bn = vae.bn
+    mean = bn.running_mean.view(1, -1, 1, 1)
+    std = torch.sqrt(bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps)
+    return mean.to(like.device, like.dtype), std.to(like.device, like.dtype)
+
+
+__all__ = ["FLOWEDIT_FLUX_DEV", "FlowBackbone", "batch_norm_stats", "flow_edit_model", "latent_stats"]

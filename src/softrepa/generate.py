@@ -240,10 +240,10 @@ def _render(pipe, todo, out: Path, settings: dict, batch_size: int, progress: bo
             chunk = todo[start:start + batch_size]
             # one CPU generator per image: the image depends on its seed only, not on the batch/device
             gens = [torch.Generator().manual_seed(int(s)) for _, _, s in chunk]
-            result = pipe(prompt=[p for _, p, _ in chunk], num_inference_steps=settings["steps"],
-                          height=settings["height"], width=settings["width"],
-                          generator=gens, output_type="pil", **call_kwargs)  # CFG: in call_kwargs
-            images = getattr(result, "images", None) or result.frames  # a video pipeline: lists of frames
+            # the family calls its stock pipeline (CFG in call_kwargs); a video: lists of frames
+            images = family_of(pipe).render(pipe, [p for _, p, _ in chunk], gens, steps=settings["steps"],
+                                            height=settings["height"], width=settings["width"],
+                                            call_kwargs=call_kwargs)
             for (i, p, s), im in zip(chunk, images):
                 name = image_name(i, s)
                 video = write_video(pipe, out, name, im) if isinstance(im, list) else {}

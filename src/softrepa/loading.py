@@ -55,12 +55,13 @@ def check_model(model: str) -> None:
     Raises:
         FileNotFoundError: a local path without a `model_index.json`.
     """
-    from .pipeline import resolve_model_path
+    from .pipeline import INDEX_FILES, resolve_model_path
 
     path = resolve_model_path(model)
     looks_local = Path(path).exists() or path.startswith((".", "/", "~")) or re.search(r"[\\/].*[\\/]", path)
-    if looks_local and not (Path(path).expanduser() / "model_index.json").is_file():
-        raise FileNotFoundError(f"--model {model}: no diffusers pipeline there (no model_index.json)")
+    if looks_local and not any((Path(path).expanduser() / index).is_file() for index in INDEX_FILES):
+        raise FileNotFoundError(f"--model {model}: no diffusers pipeline there (no model_index.json or "
+                                "modular_model_index.json)")
 
 
 def quiet_loading_bars() -> None:
@@ -128,6 +129,9 @@ def load_model(model: str, *, tokens: str | Path | None = None, device: str | to
     # with offload the weights stay on the CPU and accelerate moves each model in when it runs
     pipe = load_pipeline(model, torch_dtype, "cpu" if cpu_offload else device)
     if cpu_offload:
+        if not hasattr(pipe, "enable_model_cpu_offload"):  # a modular pipeline offloads through its ComponentsManager
+            raise UsageError(f"--cpu-offload: {type(pipe).__name__} has no model CPU offload; load it with a diffusers "
+                             "ComponentsManager (enable_auto_cpu_offload) and attach with softrepa.load_into")
         pipe.enable_model_cpu_offload(device=device)
     if vae_tiling:
         pipe.vae.enable_tiling()

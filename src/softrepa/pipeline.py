@@ -1,4 +1,10 @@
-"""Loading a diffusers pipeline by hub id, local folder or `@assets/<name>` (the bundled miniatures)."""
+"""Loading a diffusers pipeline by hub id, local folder or `@assets/<name>` (the bundled miniatures).
+
+Classic pipelines (`model_index.json`) load through `DiffusionPipeline.from_pretrained`. Models that
+diffusers ships only as a *modular* pipeline (FLUX.3: `Flux3ModularPipeline`, no classic class) load
+through `ModularPipeline.from_pretrained` and `load_components`: a local folder with a
+`modular_model_index.json` (and no loadable classic index), or a hub id the classic loader refuses.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +16,13 @@ from typing import Any
 import torch
 
 ASSETS_PREFIX = "@assets/"
+#: the files that make a folder a diffusers pipeline (classic, modular)
+INDEX_FILES = ("model_index.json", "modular_model_index.json")
+#: blocks of a modular pipeline that rewrite the prompt with a language model before it is encoded
+#: (FLUX.3's `prompt_upsampler`). softrepa removes them from the pipelines it loads: the tokens are
+#: trained on the captions as written, and prompt following is judged against the prompt as written;
+#: an LLM's expansion would condition the image on other text (and load a second multi-GB model).
+PROMPT_REWRITERS = ("prompt_upsampler",)
 
 
 def resolve_model_path(model: str) -> str:
@@ -20,7 +33,7 @@ def resolve_model_path(model: str) -> str:
     """
     if model.startswith(ASSETS_PREFIX):
         path = Path(__file__).resolve().parent / "assets" / model[len(ASSETS_PREFIX):]
-        if not (path / "model_index.json").is_file():
+        if not any((path / index).is_file() for index in INDEX_FILES):
             raise FileNotFoundError(f"--model {model}: no bundled pipeline at {path}")
         return str(path)
     return model
@@ -56,13 +69,44 @@ def load_pipeline(model: str, dtype: torch.dtype = torch.float32, device: str | 
             kw.update(no_checker)
     else:
         kw.update(no_checker)
+    modular_only = os.path.isfile(os.path.join(model, INDEX_FILES[1])) and not os.path.isfile(index)
     try:
-        pipe = DiffusionPipeline.from_pretrained(model, **kw)
-    except OSError as e:
+        pipe = load_modular(model, dtype) if modular_only else DiffusionPipeline.from_pretrained(model, **kw)
+    except (OSError, ValueError, AttributeError) as e:
         where = "local folder" if os.path.isdir(model) else "hub id (offline machines need a local folder)"
-        raise FileNotFoundError(f"--model {model}: cannot load a diffusers pipeline from this {where}: {e}") from e
+        classic = e
+        if not modular_only and not os.path.isdir(model):
+            try:  # a hub repo of a model diffusers ships only as a modular pipeline
+                pipe = load_modular(model, dtype)
+            except Exception:  # noqa: BLE001  (the classic loader's error is the one to report)
+                pipe = None
+            if pipe is not None:
+                pipe.set_progress_bar_config(disable=True)
+                return pipe.to(device)
+        raise FileNotFoundError(f"--model {model}: cannot load a diffusers pipeline from this {where}: "
+                                f"{classic}") from classic
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
 
-__all__ = ["ASSETS_PREFIX", "load_pipeline", "resolve_model_path"]
+def load_modular(model: str, dtype: torch.dtype) -> Any:
+    """A modular pipeline (`ModularPipeline.from_pretrained`) with its components loaded in `dtype`,
+    without the prompt-rewriting blocks of `PROMPT_REWRITERS` (and without loading their models).
+
+    Example:
+        >>> pipe = load_modular("/models/flux3", torch.bfloat16)   # a Flux3ModularPipeline
+        >>> image = pipe(prompt="a red cube", output="images")[0]
+    """
+    from diffusers import ModularPipeline
+
+    pipe = ModularPipeline.from_pretrained(model)
+    for name in PROMPT_REWRITERS:
+        pipe.blocks.sub_blocks.pop(name, None)
+    # the components the remaining blocks use (a removed rewriter's model is not loaded)
+    needed = {spec.name for spec in pipe.blocks.expected_components
+              if spec.default_creation_method == "from_pretrained"}
+    pipe.load_components(names=sorted(needed & set(pipe.pretrained_component_names)), torch_dtype=dtype)
+    return pipe
+
+
+__all__ = ["ASSETS_PREFIX", "INDEX_FILES", "PROMPT_REWRITERS", "load_modular", "load_pipeline", "resolve_model_path"]

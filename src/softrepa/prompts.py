@@ -131,6 +131,15 @@ def _coco_prompts(path: Path) -> list[str]:
     return [first[im["id"]] for im in images if isinstance(im.get("id"), (int, str)) and im["id"] in first]
 
 
+def prompt_tokenizer(pipe: Any) -> Any:
+    """The pipeline's first tokenizer, or None: its `tokenizer`, or that processor's own tokenizer where the
+    component is a multimodal processor (FLUX.3's Qwen3-VL `tokenizer` component)."""
+    tok = getattr(pipe, "tokenizer", None)
+    if tok is not None and not hasattr(tok, "model_max_length"):
+        tok = getattr(tok, "tokenizer", None)
+    return tok
+
+
 def warn_long_prompts(pipe: Any, prompts: Sequence[str]) -> int:
     """Log one warning for prompts longer than the CLIP tokenizer limit (the pipeline truncates them).
 
@@ -140,7 +149,7 @@ def warn_long_prompts(pipe: Any, prompts: Sequence[str]) -> int:
     Returns:
         The number of prompts that will be truncated.
     """
-    tok = getattr(pipe, "tokenizer", None)
+    tok = prompt_tokenizer(pipe)
     if tok is None:
         return 0
     limit = tok.model_max_length
@@ -164,7 +173,7 @@ def check_prompt_length(pipe: Any, prompt: str, what: str = "prompt") -> None:
     Raises:
         UsageError: the prompt is longer than the tokenizer's `model_max_length` (both counts named).
     """
-    tok = getattr(pipe, "tokenizer", None)
+    tok = prompt_tokenizer(pipe)
     if tok is None:
         return
     n, limit = len(tok(prompt, truncation=False).input_ids), int(tok.model_max_length)

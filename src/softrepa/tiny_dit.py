@@ -2,8 +2,9 @@
 
 As `softrepa.tiny`: random weights, tokenizers from vocabularies generated in memory, ordinary
 diffusers / transformers objects that `save_pretrained` and the stock `from_pretrained` round-trip.
-Here: Z-Image (`ZImagePipeline`) and Qwen-Image 2.1 (`QwenImage21Pipeline`, in memory only: its
-Qwen3-VL processor cannot be saved and loaded back without torchvision here).
+Here: Z-Image (`ZImagePipeline`), Qwen-Image 2.1 (`QwenImage21Pipeline`) and FLUX.3
+(`Flux3ModularPipeline`); the last two in memory only: their Qwen3-VL processor cannot be saved and
+loaded back without torchvision here.
 """
 
 from __future__ import annotations
@@ -163,4 +164,64 @@ def tiny_qwenimage21_pipeline(*, num_layers: int = 3, seed: int = 0):
                                transformer=transformer)
 
 
-__all__ = ["make_qwen3_chat_tokenizer", "make_qwen3vl_processor", "tiny_qwenimage21_pipeline", "tiny_zimage_pipeline"]
+def tiny_flux3_pipeline(*, distilled: bool = False, num_layers: int = 1, num_single_layers: int = 3, seed: int = 0):
+    """A complete tiny `Flux3ModularPipeline` (random weights), built from diffusers' own `Flux3AutoBlocks`
+    without the prompt upsampler (softrepa encodes prompts as written: `softrepa.pipeline.PROMPT_REWRITERS`).
+
+    Args:
+        distilled: the step-distilled flow-map model (`flow_map=True`) in `Flux3DistilledModularPipeline`
+            (no guider: sampled without CFG).
+        num_layers: per-mode blocks (per token mode).
+        num_single_layers: joint single-stream blocks (the ones tokens enter).
+        seed: weights seed.
+
+    Text encoder: a `Qwen3VLForConditionalGeneration` with a 32-layer, width-16 language model (the
+    pipeline stacks hidden layers 4, 8, ..., 32: text width 128) and a one-block vision tower the
+    text-to-image call never runs; processor: `make_qwen3vl_processor` (in memory only, as for Qwen-Image
+    2.1). VAE: FLUX.2's factor-2 `AutoencoderKLFlux2` with non-trivial latent batch-norm statistics.
+    Transformer: width 32 (2 heads x 16, rotary axes 4 x 4), 2 x 2 packed patches (16 channels).
+    Scheduler: the pipeline's constant shift 6.93. Sides must be multiples of 4.
+
+    Example:
+        >>> pipe = tiny_flux3_pipeline()
+        >>> image = pipe(prompt="a red circle", height=32, width=32, num_inference_steps=2, output="images")[0]
+    """
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux3Transformer2DModel
+    from diffusers.modular_pipelines import Flux3AutoBlocks, Flux3DistilledAutoBlocks
+    from diffusers.modular_pipelines.flux3.image_processor import Flux3ImageProcessor
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    proc = make_qwen3vl_processor()
+    ids = {f"{name}_id": getattr(proc, f"{name}_id") for name in _VISION_TOKENS}
+    torch.manual_seed(seed + 1)
+    te_config = Qwen3VLConfig(
+        text_config=dict(vocab_size=len(proc.tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=32,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=8, pad_token_id=0,
+                         rope_scaling={"rope_type": "default", "mrope_section": [1, 1, 2], "mrope_interleaved": True}),
+        vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=1, out_hidden_size=16,
+                           deepstack_visual_indexes=[]),
+        **ids)
+    text_encoder = Qwen3VLForConditionalGeneration(te_config).eval()
+    torch.manual_seed(seed + 4)
+    vae = AutoencoderKLFlux2(block_out_channels=(16, 32), latent_channels=4, layers_per_block=1, norm_num_groups=8,
+                             sample_size=32, down_block_types=("DownEncoderBlock2D",) * 2,
+                             up_block_types=("UpDecoderBlock2D",) * 2).eval()
+    with torch.no_grad():  # latent statistics as a trained VAE has them (identity at init)
+        vae.bn.running_mean.copy_(0.1 * torch.randn(vae.bn.num_features))
+        vae.bn.running_var.copy_(0.5 + torch.rand(vae.bn.num_features))
+    torch.manual_seed(seed)
+    transformer = Flux3Transformer2DModel(in_channels=16, cond_in_channels=16, num_layers=num_layers,
+                                          num_single_layers=num_single_layers, attention_head_dim=16,
+                                          num_attention_heads=2, joint_attention_dim=8 * 16, timestep_channels=32,
+                                          axes_dims_rope=(4, 4, 4, 4), flow_map=distilled).eval()
+    blocks = Flux3DistilledAutoBlocks() if distilled else Flux3AutoBlocks()
+    blocks.sub_blocks.pop("prompt_upsampler", None)
+    pipe = blocks.init_pipeline()
+    pipe.update_components(transformer=transformer, vae=vae, text_encoder=text_encoder, tokenizer=proc,
+                           scheduler=FlowMatchEulerDiscreteScheduler(shift=6.93),
+                           image_processor=Flux3ImageProcessor(vae_scale_factor=4, vae_latent_channels=4))
+    return pipe
+
+
+__all__ = ["make_qwen3_chat_tokenizer", "make_qwen3vl_processor", "tiny_flux3_pipeline", "tiny_qwenimage21_pipeline",
+           "tiny_zimage_pipeline"]

@@ -599,10 +599,10 @@ class Trainer:
                 gens = [torch.Generator().manual_seed(seed) for _ in v.prompts]
                 with nullcontext() if enabled else self.handle.disabled():  # disabled: the exact vanilla model
                     # the family names the pipeline's CFG arguments (Qwen-Image: true_cfg_scale + negative)
-                    out = self.pipe(list(v.prompts), num_inference_steps=v.steps, height=res, width=res,
-                                    generator=gens, output_type="np",
-                                    **family_of(self.pipe).guidance_kwargs(v.guidance_scale))
-                ims += to_pil(out.images)
+                    family = family_of(self.pipe)
+                    out = family.render(self.pipe, list(v.prompts), gens, steps=v.steps, height=res, width=res,
+                                        call_kwargs=family.guidance_kwargs(v.guidance_scale), output_type="np")
+                ims += to_pil(out)  # arrays (H, W, 3) in [0, 1] or PIL images
             rows.append(ims)
             labels.append("tokens" if enabled else "vanilla")
         cols = [f"{p[:24]} s{s}" for s in v.seeds for p in v.prompts]

@@ -15,5 +15,6 @@ from . import sana  # noqa: F401
 from . import wan  # noqa: F401
 from . import zimage  # noqa: F401
 from . import qwenimage21  # noqa: F401
+from . import flux3  # noqa: F401
 
 __all__: list[str] = []

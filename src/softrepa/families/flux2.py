@@ -9,23 +9,10 @@ the text stream and dropped from the block's text output (the single-stream bloc
 dual-stream block, so the tokens have left the stream before them): the dual-stream template, one
 token set per selected block; what differs from FLUX.1 is position, latents and the text encoder.
 
-Positions. FLUX.2 ids have four axes (T, H, W, L). The pipeline's text ids are (0, 0, 0, l) for
-l = 0 .. n_txt - 1 — the text is a *sequence* on the L axis, not FLUX.1's all-zero ids — and the
-image ids are (0, h, w, 0). The model computes rotary (cos, sin) once from (text ids, image ids)
-and hands them to every block. The m tokens get the ids of m text positions just *before* the
-first text token on the sequence axis: the first text id with L = l_0 - m .. l_0 - 1
-(`token_ids`). Why: rotary attention depends only on differences of ids, so with these ids (i) no
-existing pair of positions changes its offset — text-text and text-image offsets are the vanilla
-model's — and (ii) the tokens stand where m extra text tokens prepended to the prompt would stand,
-which is what Algorithm 1 does (prepend to the text) and how the text encoder's own sequence is
-laid out. Giving every token the first text id (FLUX.1's rule) would instead put m tokens at the
-same position as the first text token (the BOS of the chat template), and appending them after
-the padded text (L = n_txt ..) would make their distance to the prompt depend on the padding
-length. FLUX.2 has no text attention mask (padding is attended to), so nothing else follows.
-
-The token rows are computed once per call by the model's own `pos_embed` from the call's `txt_ids`
-(the placement's `call_state`, kept in this attachment's hooks; nothing is stored on the model), and
-prepended to the rotary of each selected block by its pre-hook.
+Positions. FLUX.2 ids have four axes (T, H, W, L): text (0, 0, 0, l) for l = 0 .. n_txt - 1 — a
+*sequence* on the L axis, not FLUX.1's all-zero ids — and image (0, h, w, 0). The m tokens take the
+ids of m text positions just before the first text token (`softrepa.rotary`, which says why; FLUX.3
+shares the rule). FLUX.2 has no text attention mask (padding is attended to), so nothing else follows.
 
 Latents. The model's latent is the VAE latent in 2 x 2 patches (4C channels, half the side),
 normalised by the VAE's batch-norm statistics, then packed to (B, h * w, 4C) with ids (0, h, w, 0).
@@ -53,9 +40,9 @@ from torch import nn
 
 from ..backbone import TextCond
 from ..family import Family, SamplingDefaults, register_family
-from ..flow import FLOWEDIT_FLUX_DEV, FlowBackbone, flow_edit_model
+from ..flow import FLOWEDIT_FLUX_DEV, FlowBackbone, batch_norm_stats, flow_edit_model
 from ..flowedit import flow_sigmas
-from ..hooks import call_argument
+from ..rotary import prepend_token_rows, token_ids, token_rotary  # noqa: F401  (token_ids: re-exported)
 from ..templates import DUAL_STREAM, Placement
 
 
@@ -76,25 +63,18 @@ class Flux2Backbone(FlowBackbone):
         return TextCond(embeds.to(self.dtype))
 
     # ---------------------------------------------------------------- latents: patches + batch norm
-    def _bn(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The VAE's latent batch-norm mean and std, each (1, 4C, 1, 1) in `like`'s device / dtype."""
-        bn = self.vae.bn
-        mean = bn.running_mean.view(1, -1, 1, 1)
-        std = torch.sqrt(bn.running_var.view(1, -1, 1, 1) + self.vae.config.batch_norm_eps)
-        return mean.to(like.device, like.dtype), std.to(like.device, like.dtype)
-
     def latents_from_vae(self, z: torch.Tensor) -> torch.Tensor:
         """(B, C, H/f, W/f) VAE latent -> (B, 4C, H/2f, W/2f) model latent (2 x 2 patches, batch-normed).
 
         FlowEdit's source (`encode_source`) is the posterior *mode* through this map, as the pipeline
         encodes reference images."""
         patches = self.pipe._patchify_latents(z)  # (B, 4C, H/2f, W/2f)
-        mean, std = self._bn(patches)
+        mean, std = batch_norm_stats(self.vae, patches)
         return (patches - mean) / std
 
     def vae_from_latents(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 4C, h, w) model latents -> (B, C, 2h, 2w) VAE latents."""
-        mean, std = self._bn(x)
+        mean, std = batch_norm_stats(self.vae, x)
         return self.pipe._unpatchify_latents(x * std + mean)
 
     # ---------------------------------------------------------------- the model call
@@ -118,30 +98,6 @@ class Flux2Backbone(FlowBackbone):
                             encoder_hidden_states=cond.embeds, txt_ids=txt_ids, img_ids=img_ids,
                             return_dict=False)[0]  # (B, h * w, 4C)
         return out.transpose(1, 2).reshape(b, c, h, w)  # (B, 4C, h, w)
-
-
-def token_ids(txt_ids: torch.Tensor, m: int) -> torch.Tensor:
-    """(m, 4) ids of the soft tokens: the first text id with the sequence axis L moved back by m .. 1.
-
-    Args:
-        txt_ids: (n_txt, 4) or (B, n_txt, 4) text ids of the call (T, H, W, L).
-        m: number of tokens.
-    """
-    first = (txt_ids[0] if txt_ids.ndim == 3 else txt_ids)[:1]  # (1, 4)
-    offsets = torch.zeros(m, first.shape[-1], dtype=first.dtype, device=first.device)  # (m, 4)
-    offsets[:, -1] = torch.arange(-m, 0, dtype=first.dtype, device=first.device)
-    return first + offsets  # (m, 4): L = l_0 - m .. l_0 - 1
-
-
-def token_rotary(model: nn.Module, args: tuple, kwargs: dict, m: int) -> dict:
-    """Per call: the rotary (cos, sin) rows of the tokens' ids, each (m, d), from the call's text ids."""
-    txt_ids = call_argument(model, args, kwargs, "txt_ids")  # (n_txt, 4) or (B, n_txt, 4)
-    return {"rotary": model.pos_embed(token_ids(txt_ids, m))}
-
-
-def prepend_token_rows(rotary: tuple, m: int, at: int, state: dict) -> tuple:
-    """The block's rotary (cos, sin), each (n_txt + n_img, d), with the tokens' rows of this call first."""
-    return tuple(torch.cat([t.to(r.device, r.dtype), r], dim=0) for t, r in zip(state["rotary"], rotary))
 
 
 class Flux2Family(Family):
