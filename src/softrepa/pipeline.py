@@ -99,13 +99,12 @@ def load_modular(model: str, dtype: torch.dtype) -> Any:
     """
     from diffusers import ModularPipeline
 
-    pipe = ModularPipeline.from_pretrained(model)
+    # configs only: the pipeline class and its default blocks for this folder (`blocks` is a copy)
+    blocks = ModularPipeline.from_pretrained(model).blocks
     for name in PROMPT_REWRITERS:
-        pipe.blocks.sub_blocks.pop(name, None)
-    # the components the remaining blocks use (a removed rewriter's model is not loaded)
-    needed = {spec.name for spec in pipe.blocks.expected_components
-              if spec.default_creation_method == "from_pretrained"}
-    pipe.load_components(names=sorted(needed & set(pipe.pretrained_component_names)), torch_dtype=dtype)
+        blocks.sub_blocks.pop(name, None)
+    pipe = blocks.init_pipeline(model)  # expects only the remaining blocks' components
+    pipe.load_components(torch_dtype=dtype)
     return pipe
 
 

@@ -66,8 +66,10 @@ PAD_MULTIPLE, HIDDEN_LAYERS, IMAGE_ROPE_SCALE = 80, (4, 8, 12, 16, 20, 24, 28, 3
 
 
 def pipeline_steps(pipe: Any) -> Iterator[Any]:
-    """Every block of a modular pipeline, depth first (the text step, the latents step, the denoise loop)."""
-    stack = [getattr(pipe, "blocks", None)]
+    """Every block of a modular pipeline, depth first (the text step, the latents step, the denoise loop).
+    The pipeline's own blocks (`_blocks`): its public `blocks` is a deep copy, on which setting a loop's
+    progress bar would change nothing."""
+    stack = [getattr(pipe, "_blocks", None)]
     while stack:
         block = stack.pop()
         if block is None:
