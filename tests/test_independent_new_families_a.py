@@ -10,8 +10,8 @@ transformers directly (no `softrepa.tiny*`, no tests/conformance.py), and only s
 * a layer count beyond the model's depth is a softrepa error;
 * the stock pipeline with tokens gives other images, and after `remove()` exactly the images of a
   pipeline that never carried tokens.
-FLUX.3 is not registered (its only stock pipeline is a modular one, docs/families.md): the check here is
-that its model is refused with one softrepa error.
+FLUX.3's stock pipeline is the modular `Flux3ModularPipeline` (no classic class): it is assembled from
+diffusers' `Flux3AutoBlocks` and called the modular way, one prompt per call.
 """
 
 from __future__ import annotations
@@ -133,10 +133,71 @@ def qwenimage21_model_call(pipe, seed=0):
     return call
 
 
+def build_flux3():
+    """Flux3ModularPipeline from Flux3AutoBlocks without the prompt upsampler (an LLM the text-to-image check
+    does not need): Qwen3-VL text encoder (16 layers: the text step stacks layers 4, 8, 12, 16) and processor,
+    FLUX.2's AutoencoderKLFlux2, Flux3Transformer2DModel (1 per-mode block, 4 joint blocks)."""
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux3Transformer2DModel
+    from diffusers.modular_pipelines import Flux3AutoBlocks
+
+    pipe21 = build_qwenimage21()  # its processor (same Qwen3-VL kind; no torchvision needed)
+    proc = pipe21.processor
+    torch.manual_seed(13)
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+    te = Qwen3VLForConditionalGeneration(Qwen3VLConfig(
+        text_config=dict(vocab_size=len(proc.tokenizer), hidden_size=12, intermediate_size=24, num_hidden_layers=16,
+                         num_attention_heads=2, num_key_value_heads=2, head_dim=6, pad_token_id=0,
+                         rope_scaling={"rope_type": "default", "mrope_section": [1, 1, 1], "mrope_interleaved": True}),
+        vision_config=dict(depth=1, hidden_size=8, intermediate_size=16, num_heads=1, out_hidden_size=12,
+                           deepstack_visual_indexes=[]),
+        **{name: getattr(proc, name) for name in ("image_token_id", "video_token_id", "vision_start_token_id",
+                                                  "vision_end_token_id")})).eval()
+    vae = AutoencoderKLFlux2(block_out_channels=(8, 16), latent_channels=2, layers_per_block=1, norm_num_groups=4,
+                             down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2).eval()
+    tr = Flux3Transformer2DModel(in_channels=8, cond_in_channels=8, num_layers=1, num_single_layers=4,
+                                 attention_head_dim=8, num_attention_heads=3, joint_attention_dim=4 * 12,
+                                 timestep_channels=16, axes_dims_rope=(2, 2, 2, 2)).eval()
+    blocks = Flux3AutoBlocks()
+    blocks.sub_blocks.pop("prompt_upsampler")
+    pipe = blocks.init_pipeline()
+    pipe.update_components(transformer=tr, vae=vae, text_encoder=te, tokenizer=proc,
+                           scheduler=FlowMatchEulerDiscreteScheduler(shift=6.93))
+    return pipe
+
+
+def flux3_model_call(pipe, seed=0):
+    """The denoiser's call as the modular pipeline's denoise step makes it: packed latents, text ids (0,0,0,l)."""
+    g = torch.Generator().manual_seed(seed)
+    c = pipe.transformer.config
+    n = 7
+    txt_ids = torch.zeros(n, 4)
+    txt_ids[:, 3] = torch.arange(n)
+    hh, ww = torch.meshgrid(torch.arange(2.0), torch.arange(4.0), indexing="ij")
+    img_ids = torch.stack([torch.zeros(8), hh.flatten() * 0.5, ww.flatten() * 0.5, torch.zeros(8)], dim=1)
+    kw = dict(hidden_states=torch.randn(2, 8, c.in_channels, generator=g),
+              encoder_hidden_states=torch.randn(2, n, c.joint_attention_dim, generator=g),
+              timestep=torch.tensor([0.2, 0.7]), img_ids=img_ids, txt_ids=txt_ids)
+
+    def call():
+        return pipe.transformer(**kw, return_dict=False)[0]
+
+    return call
+
+
+def _images_modular(pipe, kw):
+    """The modular pipeline takes one prompt per call; the CFG scale is its guider's."""
+    pipe.guider.guidance_scale = kw["guidance_scale"]
+    out = [pipe(prompt=p, height=RES, width=RES, num_inference_steps=2, output_type="np", output="images",
+                text_encoder_out_layers=(4, 8, 12, 16), generator=torch.Generator().manual_seed(s))[0]
+           for p, s in (("a red circle", 0), ("two small blue squares on the left", 1))]
+    return np.stack(out)
+
+
 FAMILIES = {
     "zimage": (build_zimage, zimage_model_call, {"guidance_scale": 2.5, "max_sequence_length": 48}, 4),
     "qwenimage21": (build_qwenimage21, qwenimage21_model_call,
                     {"true_cfg_scale": 2.5, "negative_prompt": ["", "blurry"]}, 5),
+    "flux3": (build_flux3, flux3_model_call, {"guidance_scale": 2.5}, 4),
 }
 
 
@@ -158,6 +219,8 @@ def _module_state(model: torch.nn.Module) -> dict:
 
 
 def _images(pipe, kw):
+    if type(pipe).__name__ == "Flux3ModularPipeline":
+        return _images_modular(pipe, kw)
     return pipe(prompt=["a red circle", "two small blue squares on the left"], height=RES, width=RES,
                 num_inference_steps=2, output_type="np",
                 generator=[torch.Generator().manual_seed(s) for s in (0, 1)], **kw).images
@@ -223,7 +286,7 @@ def test_stock_pipeline_differs_with_tokens_and_equals_a_never_attached_one_afte
     never = build()  # same seeds: the same weights, never touched by softrepa
     pipe = build()
     for p in (never, pipe):
-        p.set_progress_bar_config(disable=True)
+        p.set_progress_bar_config(disable=True)  # a modular pipeline: its top-level blocks only
     reference = _images(never, kw)
     handle = attach(pipe, _tokens(pipe))
     with_tokens = _images(pipe, kw)
@@ -231,17 +294,3 @@ def test_stock_pipeline_differs_with_tokens_and_equals_a_never_attached_one_afte
     after = _images(pipe, kw)
     assert np.abs(with_tokens - reference).max() > 1e-4
     assert np.array_equal(after, reference)
-
-
-def test_flux3_is_left_out_cleanly():
-    """FLUX.3 is not registered (docs/families.md says why): a Flux3Transformer2DModel is refused with one
-    softrepa error, nothing is attached to it."""
-    from diffusers import Flux3Transformer2DModel
-
-    model = Flux3Transformer2DModel(in_channels=8, cond_in_channels=8, num_layers=1, num_single_layers=2,
-                                    attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
-                                    timestep_channels=16, axes_dims_rope=(2, 2, 2, 2))
-    before = _module_state(model)
-    with pytest.raises(softrepa.SoftrepaError, match="Flux3Transformer2DModel"):
-        SoftTokens.for_model(model, SoftTokensConfig(num_layers=1))
-    assert _module_state(model)["hooks"] == before["hooks"]
