@@ -52,8 +52,8 @@ def _inputs(model, n_txt=6, h=4, w=6, seed=0, cond=False):
 
 def reference_forward(model, tokens, inp):
     """The joint blocks run by hand from the inputs the model hands joint block 0: at each selected block the
-    tokens are m text rows in front of the text, with the first text row's modulation and the rotary of ids
-    (0, 0, 0, -m .. -1) computed by the model's pos_embed, and are dropped after the block."""
+    tokens are m text rows in front of the text, with the first text row's modulation and the rotary of the
+    first text id (0, 0, 0, 0), computed here by the model's pos_embed, and are dropped after the block."""
     seen = {}
     hook = model.single_transformer_blocks[0].register_forward_pre_hook(
         lambda mod, args, kwargs: seen.update(kwargs), with_kwargs=True)
@@ -63,7 +63,7 @@ def reference_forward(model, tokens, inp):
         hook.remove()
     lay, b = tokens.layout, inp["hidden_states"].shape[0]
     toks = tokens(inp["timestep"] * 1000, b, projection=model.context_embedder)  # (B, sets, m, D)
-    ids = torch.tensor([[0.0, 0.0, 0.0, float(-M + i)] for i in range(M)])  # (m, 4)
+    ids = torch.zeros(M, 4)  # (m, 4): the first text token's id, m times
     cos, sin = model.pos_embed(ids)  # (m, d) each
     text, content = seen["encoder_hidden_states"], seen["hidden_states"]
     for k, block in enumerate(model.single_transformer_blocks):

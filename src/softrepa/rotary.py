@@ -1,20 +1,21 @@
-"""Rotary rows for soft tokens in models whose text is a *sequence* on one rotary axis (FLUX.2, FLUX.3).
+"""The rotary rows soft tokens take in the joint blocks of FLUX-style models: two rules, shared by families.
 
-Both models give every text token 4-axis ids (T, H, W, L) = (0, 0, 0, l) for l = 0 .. n_txt - 1 and
-compute rotary (cos, sin) once per call from (text ids, image ids), handing the concatenation to
-every joint block. The m tokens of a block get the ids of m text positions just *before* the first
-text token on the sequence axis: the first text id with L = l_0 - m .. l_0 - 1 (`token_ids`).
+FLUX.1, FLUX.2 and FLUX.3 compute rotary (cos, sin) once per call from 4-axis (or 3-axis) ids of the
+text and the image and hand the concatenation, text first, to every joint block. A selected block sees
+m + n_txt text rows, so its pre-hook prepends m rotary rows (a placement's `rotary` rule).
 
-Why this rule: rotary attention depends only on differences of ids, so (i) no existing pair of
-positions changes its offset — text-text and text-image offsets are the vanilla model's — and (ii)
-the tokens stand where m extra text tokens prepended to the prompt would stand, which is what
-Algorithm 1 does (prepend to the text). Giving every token the first text id (FLUX.1's rule, whose
-text ids are all zero) would put m tokens at the position of the first text token, and appending
-them after the padded text would make their distance to the prompt depend on the padding length.
-
-The rows are computed once per denoiser call by the model's own `pos_embed` from the call's
-`txt_ids` (a placement's `call_state`, kept in the attachment's hooks: nothing is stored on the
-model) and prepended to the rotary of each selected block by its pre-hook (a placement's `rotary`).
+* `first_text_rows` (FLUX.1, FLUX.3): m copies of the first text row. FLUX.1's text ids are all zero,
+  so the tokens take the position of every text token. FLUX.3's text ids are (0, 0, 0, l) and its
+  reference images sit at L = -1, -2, ... with their (h, w) grid: the negative L axis is where the model
+  puts reference images, so the tokens take the first text token's id and relate to the prompt, the
+  image and every reference exactly as that token does; they add no new position.
+* `token_ids` / `token_rotary` / `prepend_token_rows` (FLUX.2): the ids of m text positions just *before*
+  the first text token on the sequence axis, L = l_0 - m .. l_0 - 1. FLUX.2's text ids are also
+  (0, 0, 0, l) but nothing else lives at negative L there, so the tokens stand where m more text tokens
+  in front of the prompt would stand, and no existing pair of positions changes its offset (rotary
+  attention depends only on differences of ids). Its rows are computed once per denoiser call by the
+  model's own `pos_embed` from the call's `txt_ids` (a placement's `call_state`, kept in the
+  attachment's hooks: nothing is stored on the model).
 """
 
 from __future__ import annotations
@@ -23,6 +24,11 @@ import torch
 from torch import nn
 
 from .hooks import call_argument
+
+
+def first_text_rows(rotary: tuple, m: int, at: int, state: dict) -> tuple:
+    """The block's rotary (cos, sin), each (n_txt + n_img, d), with m copies of the first text row in front."""
+    return tuple(torch.cat([r[:1].expand(m, -1), r], dim=0) for r in rotary)  # each (m + n_txt + n_img, d)
 
 
 def token_ids(txt_ids: torch.Tensor, m: int) -> torch.Tensor:
@@ -55,4 +61,4 @@ def prepend_token_rows(rotary: tuple, m: int, at: int, state: dict) -> tuple:
     return tuple(torch.cat([t.to(r.device, r.dtype), r], dim=0) for t, r in zip(state["rotary"], rotary))
 
 
-__all__ = ["prepend_token_rows", "token_ids", "token_rotary"]
+__all__ = ["first_text_rows", "prepend_token_rows", "token_ids", "token_rotary"]

@@ -33,6 +33,7 @@ from ..backbone import TextCond
 from ..family import Family, SamplingDefaults, register_family
 from ..flow import FLOWEDIT_FLUX_DEV, FlowBackbone, flow_edit_model
 from ..flowedit import flow_sigmas
+from ..rotary import first_text_rows
 from ..templates import DUAL_STREAM, Placement
 
 
@@ -74,12 +75,6 @@ class FluxBackbone(FlowBackbone):
                             img_ids=img_ids, return_dict=False)[0]  # (B, h/2 * w/2, 4C)
         f = int(pipe.vae_scale_factor)
         return pipe._unpack_latents(out, h * f, w * f, f)  # (B, C, h, w)
-
-
-def first_text_rows(rotary: tuple, m: int, at: int, state: dict) -> tuple:
-    """The rotary (cos, sin), each (n_txt + n_img, d), with m rows of the first text position before
-    the text's (FLUX.1's text ids are all zero, so that is the position of every text token)."""
-    return tuple(torch.cat([r[:1].expand(m, -1), r], dim=0) for r in rotary)  # each (m + n_txt + n_img, d)
 
 
 class FluxFamily(Family):

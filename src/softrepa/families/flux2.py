@@ -11,8 +11,8 @@ token set per selected block; what differs from FLUX.1 is position, latents and 
 
 Positions. FLUX.2 ids have four axes (T, H, W, L): text (0, 0, 0, l) for l = 0 .. n_txt - 1 — a
 *sequence* on the L axis, not FLUX.1's all-zero ids — and image (0, h, w, 0). The m tokens take the
-ids of m text positions just before the first text token (`softrepa.rotary`, which says why; FLUX.3
-shares the rule). FLUX.2 has no text attention mask (padding is attended to), so nothing else follows.
+ids of m text positions just before the first text token (`softrepa.rotary` says why, and why FLUX.3
+takes another rule). FLUX.2 has no text attention mask (padding is attended to), so nothing else follows.
 
 Latents. The model's latent is the VAE latent in 2 x 2 patches (4C channels, half the side),
 normalised by the VAE's batch-norm statistics, then packed to (B, h * w, 4C) with ids (0, h, w, 0).

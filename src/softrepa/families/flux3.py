@@ -14,11 +14,11 @@ Two block arguments run along the text and must grow with the m rows:
 * `temb_mod_context` (B, n_txt, 3D): FLUX.3 modulates per token. Every text row carries the same
   values (the embedding of timestep 0, expanded over the text), so the tokens get a copy of the first
   row (`text_modulation_rows`) — they are modulated exactly as text;
-* the rotary (cos, sin) of the joint sequence [text, image, references]: FLUX.3's text ids are
-  (0, 0, 0, l), a sequence on the L axis as in FLUX.2, so the tokens take the ids just before the first
-  text token (`softrepa.rotary`, shared with FLUX.2). Reference images sit on L = -1, -2, ... with their
-  (h, w) grid; a token may share an id with one reference patch, as text position 0 already shares
-  (0, 0, 0, 0) with the image's first patch in the vanilla model — rotary ids are not unique in FLUX.3.
+* the rotary (cos, sin) of the joint sequence [text, image, references]: m copies of the first text
+  row (`softrepa.rotary.first_text_rows`, as FLUX.1). FLUX.3's text ids are (0, 0, 0, l) as FLUX.2's,
+  but FLUX.2's rule (ids just before the prompt, L = -m .. -1) would put the tokens where FLUX.3 puts
+  its reference images (L = -1, -2, ... with their (h, w) grid): with the first text id they relate to
+  the prompt, the image and every reference as the prompt's first token does (`softrepa.rotary`).
 There is no text attention mask (the padding of the text window is attended to).
 
 Text. The pipeline encodes one prompt per call with Qwen3-VL through its chat template, stacks eight
@@ -56,7 +56,7 @@ from ..errors import SoftrepaError
 from ..family import EditPresets, Family, SamplingDefaults, register_family
 from ..flow import FlowBackbone, batch_norm_stats, flow_edit_model
 from ..flowedit import flow_sigmas
-from ..rotary import prepend_token_rows, token_rotary
+from ..rotary import first_text_rows
 from ..templates import DUAL_STREAM, Placement, insert_rows, per_layer
 
 #: key of `TextCond.extra`: (N,) the text window (padded length) of each prompt
@@ -235,7 +235,7 @@ class Flux3Family(Family):
     native_size = 1024  # Flux3PrepareLatentsStep's default height and width
     block_list = "single_transformer_blocks"
     placement = Placement(DUAL_STREAM, select=per_layer("single_transformer_blocks"), timestep_scale=1000.0,
-                          rotary_arg="image_rotary_emb", rotary=prepend_token_rows, call_state=token_rotary,
+                          rotary_arg="image_rotary_emb", rotary=first_text_rows,
                           grow=(("temb_mod_context", text_modulation_rows),))
 
     def matches(self, denoiser: nn.Module) -> bool:
