@@ -276,3 +276,30 @@ def test_edit_image_with_explicit_params_is_refused_in_one_line():
 
     with pytest.raises(UsageError, match="Wan is a video family"):
         edit_image(tiny_wan_pipeline(), Image.new("RGB", (32, 32)), "a", "b", FlowEditParams(steps=4, n_max=3))
+
+
+def test_checkpointing_and_compilation_reach_both_a14b_experts(tmp_path):
+    """The trainer turns gradient checkpointing on for every denoiser the family runs, and regional
+    compilation of the pipeline covers both experts' blocks (the low-noise expert was missed before)."""
+    from softrepa.compilation import compile_blocks
+    from softrepa.config import load_config, parse_overrides
+    from softrepa.train import Trainer
+    from tests.conftest import write_square_images
+
+    pipe = tiny_wan_pipeline(two_experts=True)
+    write_square_images(tmp_path / "data")
+    cfg = load_config(None, parse_overrides([
+        "--model", "tiny", "--data", str(tmp_path / "data"), "--output_dir", str(tmp_path / "run"),
+        "--resolution", "32", "--batch_size", "3", "--max_steps", "1", "--num_workers", "0",
+        "--tokens.num_layers", "2", "--gradient_checkpointing", "true", "--max_sequence_length", "16"]))
+    trainer = Trainer(cfg, pipe=pipe)
+    assert pipe.transformer.gradient_checkpointing and pipe.transformer_2.gradient_checkpointing
+    trainer.handle.remove()
+    compiled = compile_blocks(pipe)
+    try:
+        per_expert = len(pipe.transformer.blocks)
+        assert len(compiled) == 2 * per_expert
+        assert all("forward" in b.__dict__ for b in (*pipe.transformer.blocks, *pipe.transformer_2.blocks))
+    finally:
+        compiled.remove()
+    assert not any("forward" in b.__dict__ for b in (*pipe.transformer.blocks, *pipe.transformer_2.blocks))

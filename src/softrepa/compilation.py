@@ -121,7 +121,8 @@ def compile_blocks(model_or_pipeline: Any, config: CompileConfig | None = None) 
     The first call of each new shape compiles (seconds to minutes); later calls reuse the code.
 
     Args:
-        model_or_pipeline: a denoiser of a registered family, or a pipeline holding one.
+        model_or_pipeline: a denoiser of a registered family, or a pipeline holding one (then every
+            denoiser of the pipeline the family uses: both experts of Wan 2.2 A14B).
         config: `CompileConfig` (default: inductor, static shapes, fullgraph).
     Returns:
         A `CompiledBlocks`; `.remove()` gives the blocks their eager forward back.
@@ -133,7 +134,10 @@ def compile_blocks(model_or_pipeline: Any, config: CompileConfig | None = None) 
     """
     config = config or CompileConfig()
     denoiser = resolve_denoiser(model_or_pipeline)
-    blocks = repeated_blocks(denoiser)
+    # a pipeline: every denoiser its family runs (Wan 2.2 A14B's two experts); a bare model: itself
+    models = ([denoiser] if model_or_pipeline is denoiser
+              else family_of(denoiser).denoisers(model_or_pipeline, denoiser))
+    blocks = [b for m in models for b in repeated_blocks(m)]
     if any("forward" in b.__dict__ for b in blocks):
         raise SoftTokensError(f"{type(denoiser).__name__}: its blocks are already compiled (or their forward "
                               "was replaced); call .remove() on the earlier CompiledBlocks first")

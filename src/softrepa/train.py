@@ -175,8 +175,9 @@ class Trainer:
         self.backbone: Backbone = backbone_for(pipe, max_sequence_length=cfg.max_sequence_length)
         self.backbone.freeze()
         self.backbone.denoiser.eval()
-        if cfg.gradient_checkpointing:
-            self.backbone.denoiser.enable_gradient_checkpointing()
+        if cfg.gradient_checkpointing:  # every denoiser the family runs (Wan 2.2 A14B: both experts)
+            for denoiser in family_of(pipe).denoisers(pipe, self.backbone.denoiser):
+                denoiser.enable_gradient_checkpointing()
         self.objective_class = get_objective(cfg.objective)
         # one SoftTokens per token set of the objective; the first is `self.tokens` (attached, saved as
         # tokens.safetensors, used for validation). Further sets draw their own base tokens (seed + k)
@@ -200,7 +201,7 @@ class Trainer:
             self.ema_params = _unique_parameters(self.ema_sets.values())
         self.handle = attach(pipe, self.tokens)
         # regional compilation after attach or before makes no difference: the hooks stay eager
-        self.compiled = (compile_blocks(self.backbone.denoiser, CompileConfig(mode=cfg.compile_mode))
+        self.compiled = (compile_blocks(pipe, CompileConfig(mode=cfg.compile_mode))  # every denoiser of the pipe
                          if cfg.compile else None)
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, betas=tuple(cfg.adam_betas),
                                            weight_decay=cfg.weight_decay)
