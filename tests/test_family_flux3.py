@@ -274,6 +274,18 @@ def test_generate_images_in_memory_vanilla_is_the_stock_call_and_tokens_differ(p
     assert not np.array_equal(img, vanilla)
 
 
+def _save_folder(pipe, path):
+    """`save_pretrained` of a tiny FLUX.3 pipeline: the Qwen3-VL processor cannot be saved and loaded back
+    without torchvision here, so the folder holds its plain tokenizer (the processor is put back after)."""
+    proc = pipe.tokenizer
+    pipe.update_components(tokenizer=proc.tokenizer)
+    try:
+        pipe.save_pretrained(str(path), overwrite_modular_index=True)
+    finally:
+        pipe.update_components(tokenizer=proc)
+    return proc
+
+
 def test_a_saved_modular_folder_loads_without_the_prompt_upsampler(tmp_path):
     """`load_pipeline` on a folder with a `modular_model_index.json` (FLUX.3 has no classic pipeline class):
     a `Flux3ModularPipeline` with its weights, without the prompt upsampler block (prompts are encoded as
@@ -283,10 +295,7 @@ def test_a_saved_modular_folder_loads_without_the_prompt_upsampler(tmp_path):
     from softrepa.pipeline import load_pipeline
 
     source = tiny_flux3_pipeline()
-    proc = source.tokenizer
-    source.update_components(tokenizer=proc.tokenizer)
-    source.save_pretrained(str(tmp_path / "flux3"), overwrite_modular_index=True)
-    source.update_components(tokenizer=proc)
+    proc = _save_folder(source, tmp_path / "flux3")
     assert not (tmp_path / "flux3" / "model_index.json").exists()
     check_model(str(tmp_path / "flux3"))  # a modular index is a pipeline folder
     loaded = load_pipeline(str(tmp_path / "flux3"))
@@ -298,3 +307,74 @@ def test_a_saved_modular_folder_loads_without_the_prompt_upsampler(tmp_path):
     kw = dict(prompt="a red circle", height=32, width=32, num_inference_steps=2, output="images", output_type="np")
     got = loaded(generator=torch.Generator().manual_seed(0), **kw)[0]
     assert np.array_equal(got, source(generator=torch.Generator().manual_seed(0), **kw)[0])
+
+
+@pytest.fixture(scope="module")
+def cli_folder(tmp_path_factory):
+    """A saved FLUX.3 folder (see `_save_folder`), large random tokens and a three-image dataset."""
+    from tests.conftest import write_square_images
+
+    root = tmp_path_factory.mktemp("flux3_cli")
+    pipe = tiny_flux3_pipeline()
+    proc = _save_folder(pipe, root / "model")
+    softrepa.save_soft_tokens(_tokens(pipe), root / "t.safetensors")
+    write_square_images(root / "data")
+    return root, proc
+
+
+@pytest.fixture
+def processor_back(cli_folder, monkeypatch):
+    """softrepa's own `load_pipeline` on the saved folder, then the in-memory processor put back (the one
+    step a machine with torchvision does not need)."""
+    import softrepa.pipeline
+    import softrepa.train
+
+    real = softrepa.pipeline.load_pipeline
+
+    def load(*args, **kwargs):
+        pipe = real(*args, **kwargs)
+        pipe.update_components(tokenizer=cli_folder[1])
+        return pipe
+
+    monkeypatch.setattr(softrepa.pipeline, "load_pipeline", load)
+    monkeypatch.setattr(softrepa.train, "load_pipeline", load)
+    return cli_folder[0]
+
+
+def test_train_generate_and_edit_through_the_cli_on_a_saved_folder(processor_back, tmp_path):
+    """The CLI on a saved modular folder: one training step writes FLUX.3 tokens; `generate --compare`
+    renders vanilla (the stock call at the family's defaults, bit for bit) and tokens images that differ;
+    `edit` with tokens writes an image of the source's size."""
+    import json
+
+    from PIL import Image
+
+    from softrepa.cli import main
+
+    root = processor_back
+    assert main(["train", "--model", str(root / "model"), "--data", str(root / "data"), "--output_dir",
+                 str(tmp_path / "run"), "--resolution", "32", "--batch_size", "3", "--max_steps", "1",
+                 "--num_workers", "0", "--checkpoint_every", "1", "--log_every", "1", "--validation.every", "0",
+                 "--tokens.num_layers", "2", "--tokens.init", "normal", "--loss.tau", "2.0",
+                 "--max_sequence_length", "160", "--no-progress"]) == 0
+    assert softrepa.load_soft_tokens(tmp_path / "run" / "tokens.safetensors").layout.family == "flux3"
+
+    assert main(["generate", "--model", str(root / "model"), "--tokens", str(root / "t.safetensors"), "--prompts",
+                 "a red circle", "--seeds", "0", "--steps", "2", "--size", "32", "--compare", "--no-progress",
+                 "--out", str(tmp_path / "gen")]) == 0
+    a, b = (tmp_path / "gen" / sub / "00000_s0.png" for sub in ("vanilla", "tokens"))
+    assert a.read_bytes() != b.read_bytes()
+    row = json.loads((tmp_path / "gen" / "vanilla" / "metadata.jsonl").read_text().splitlines()[0])
+    assert (row["cfg"], row["steps"], row["family"], row["max_sequence_length"]) == (3.5, 2, "flux3", 8192)
+    from softrepa.pipeline import load_pipeline
+
+    pipe = load_pipeline(str(root / "model"))
+    ref = pipe(prompt="a red circle", height=32, width=32, num_inference_steps=2, output="images",
+               generator=torch.Generator().manual_seed(0))[0]
+    assert np.array_equal(np.asarray(Image.open(a).convert("RGB")), np.asarray(ref))
+
+    Image.fromarray((np.random.RandomState(0).rand(20, 30, 3) * 255).astype(np.uint8)).save(tmp_path / "src.png")
+    assert main(["edit", "--model", str(root / "model"), "--image", str(tmp_path / "src.png"), "--steps", "4",
+                 "--tokens", str(root / "t.safetensors"), "--source-prompt", "a red circle", "--target-prompt",
+                 "a blue square", "--n-max", "3", "--no-progress", "--out", str(tmp_path / "edits")]) == 0
+    assert Image.open(tmp_path / "edits" / "src.png").size == (30, 20)
