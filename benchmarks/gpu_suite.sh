@@ -25,6 +25,9 @@
 #   sample     sampling step (one forward, CFG batch 2), 1024 px, T5 256: stock / tokens x eager / compiled
 #   objective  AGSM vs SoftREPA step (issue 23; measured, not in the default list)
 #   bf16fp16   fp16 / bf16 against fp32 with tokens attached (issue 2; measured, not in the default list)
+#   families   per family at its real configuration (random weights): attach overhead and one training
+#              step (issue 24; not in the default list: it needs a device call of its own,
+#              `STAGES=families bash benchmarks/gpu_suite.sh`, and FAMILIES="flux3 sd3 ..." picks some)
 set -uo pipefail
 start=$SECONDS  # the budget counts from here: wheel installs and imports included
 cd "$(dirname "$0")/.."
@@ -65,6 +68,7 @@ if [ "$DRY_RUN" = 1 ]; then
   TRAIN="--tiny --text-len 8"; B4="--batch 2 --iters 1 --warmup 1"; B16="--batch 3 --chunk 4 --iters 1 --warmup 1"
   PREC="--tiny --steps 2 --lockstep 1"; SAMPLE="--resolution 32 --text-len 16 --iters 1 --warmup 1"
   SMALL="--resolution 32 --text-len 8 --batch 2"; SMALL_ITERS="--iters 1 --warmup 1"; PCHECK=$SMALL
+  FAM="--tiny --iters 1 --warmup 1"
 else
   TRAIN="--full --dtype bf16 --text-len 512"; B4="--batch 4 --iters 3 --warmup 1"
   B16="--batch 16 --chunk 16 --iters 2 --warmup 1"
@@ -72,6 +76,7 @@ else
   # 50 steps alone would take ~2 minutes
   PREC="--full --resolution 256 --text-len 256 --steps 50 --lockstep 5"; SAMPLE="--full --dtype bf16 --iters 10 --warmup 3"
   SMALL="--full --dtype bf16 --batch 4 --text-len 512"; SMALL_ITERS="--iters 3 --warmup 1"; PCHECK="--full"
+  FAM="--iters 5 --warmup 2 --timeout 150"
 fi
 
 failed=""
@@ -109,6 +114,8 @@ stage sample 120 $PY attach_overhead.py $SAMPLE --compile --out "$OUT/sample_ste
 stage objective 120 $PY objective_step.py $SMALL --chunk none $SMALL_ITERS --out "$OUT/objective_step_${card}_b4.md"
 # shellcheck disable=SC2086
 stage bf16fp16 90 $PY precision_check.py $PCHECK --out "$OUT/precision_check_${card}.md"
+# shellcheck disable=SC2086
+stage families 540 $PY family_step.py $FAM ${FAMILIES:+--families $FAMILIES} --out "$OUT/family_step_${card}.md"
 
 echo "done in $((SECONDS - start)) s; tables in $OUT${failed:+; FAILED:$failed}"
 [ -z "$failed" ]
