@@ -1,6 +1,7 @@
 """FLUX.3 family (tiny random Flux3ModularPipeline), what is specific to it: the tokens as m text rows of the
-joint blocks (per-token text modulation and rotary grown, FLUX.2's rotary ids), the per-mode blocks left
-alone, the backbone's prompts (one window of 80s per prompt, as the pipeline) and model call, the modular
+joint blocks (per-token text modulation and rotary grown, the first text row's rotary), the per-mode blocks left
+alone, the backbone's prompts (one window of 80s per prompt, as the pipeline) and model call (also under
+gradient checkpointing with mixed windows), the modular
 pipeline's call per prompt with the CFG scale on its guider, the unconditional branch found through the
 guider, modular loading, FlowEdit's grid, the recipe and one training step of each objective. What every
 family does (detach, gradients, checkpointing, chunked == plain, the stock pipeline, FlowEdit identities)
@@ -196,6 +197,16 @@ def test_the_guiders_unconditional_call_carries_the_chosen_tokens(pipe, tmp_path
         finally:
             probe.remove()
         assert handle.uncond_calls == 2  # one unconditional call per step
+        # a call outside the guider (the backbone's) is never a branch: the tokens are on it
+        probe = pipe.transformer.single_transformer_blocks[0].register_forward_pre_hook(
+            lambda mod, args, kwargs: seen.append(kwargs["encoder_hidden_states"].shape[1]), with_kwargs=True)
+        try:
+            with torch.no_grad():
+                bb = backbone_for(pipe)
+                bb.denoise(torch.randn(1, 16, 4, 4), torch.tensor([500.0]), bb.encode_prompts(["a red circle"]))
+        finally:
+            probe.remove()
+        assert seen[-1] == 80 + M and handle.branch is None
     with softrepa.load_into(pipe, path):
         generate_images(pipe, out_dir=tmp_path / "positive", **common)
     n = 80  # the prompt's window
@@ -378,3 +389,62 @@ def test_train_generate_and_edit_through_the_cli_on_a_saved_folder(processor_bac
                  "--tokens", str(root / "t.safetensors"), "--source-prompt", "a red circle", "--target-prompt",
                  "a blue square", "--n-max", "3", "--no-progress", "--out", str(tmp_path / "edits")]) == 0
     assert Image.open(tmp_path / "edits" / "src.png").size == (30, 20)
+
+
+def test_mixed_windows_under_gradient_checkpointing_give_the_plain_gradients():
+    """One denoise over prompts of different windows makes one model call per window before the backward;
+    with checkpointing each call's blocks are recomputed with their own call's tokens (`CallFrames`), so
+    the token gradients equal those without checkpointing (they differed by twice their size before)."""
+    pipe = tiny_flux3_pipeline()
+    bb = backbone_for(pipe)
+    cond = bb.encode_prompts(["a small blue square " * 8, "a red circle", "a green triangle"])
+    assert cond.extra["length"].tolist() == [160, 80, 80]
+    g = torch.Generator().manual_seed(2)
+    x, t = torch.randn(3, 16, 4, 4, generator=g), torch.tensor([100.0, 500.0, 900.0])
+    grads = []
+    for checkpointing in (False, True):
+        tokens = _tokens(pipe, scale=3.0, time_buckets=100)
+        if checkpointing:
+            pipe.transformer.enable_gradient_checkpointing()
+        try:
+            with attach(pipe, tokens):
+                bb.denoise(x, t, cond).pow(2).mean().backward()
+        finally:
+            pipe.transformer.disable_gradient_checkpointing()
+        grads.append([p.grad.clone() for p in tokens.parameters()])
+    for plain, ckpt in zip(*grads):
+        torch.testing.assert_close(ckpt, plain, rtol=1e-5, atol=1e-7)
+
+
+def test_a_modular_folder_missing_a_component_is_one_named_error_and_offload_is_refused_early(tmp_path):
+    """diffusers only logs a component that fails to load: `load_pipeline` names it instead. `--cpu-offload`
+    on a modular folder is refused before anything loads."""
+    import shutil
+
+    from softrepa.pipeline import load_pipeline
+
+    _save_folder(tiny_flux3_pipeline(), tmp_path / "flux3")
+    from softrepa.errors import UsageError
+
+    with pytest.raises(UsageError, match="modular pipeline, which has no model CPU offload"):
+        softrepa.load_model(str(tmp_path / "flux3"), device="cuda", cpu_offload=True)
+    shutil.rmtree(tmp_path / "flux3" / "transformer")
+    with pytest.raises(FileNotFoundError, match="transformer did not load"):
+        load_pipeline(str(tmp_path / "flux3"))
+
+
+def test_the_distilled_pipeline_samples_with_its_own_defaults(tmp_path):
+    """`generate` on the step-distilled pipeline (no guider): 16 steps and no CFG recorded, the image the stock
+    call gives with its defaults."""
+    from PIL import Image
+
+    from softrepa.generate import generate_images
+
+    pipe = tiny_flux3_pipeline(distilled=True)
+    fam = family_of(pipe)
+    assert (fam.sampling_for(pipe).steps, fam.sampling_for(pipe).cfg) == (16, 1.0)
+    assert (fam.sampling_for(tiny_flux3_pipeline()).steps, fam.sampling_for(tiny_flux3_pipeline()).cfg) == (50, 3.5)
+    rows = generate_images(pipe, ["a red circle"], [0], tmp_path, height=32, width=32, progress=False)
+    assert (rows[0]["steps"], rows[0]["cfg"]) == (16, 1.0)
+    ref = pipe(prompt="a red circle", height=32, width=32, output="images", generator=torch.Generator().manual_seed(0))
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "00000_s0.png").convert("RGB")), np.asarray(ref[0]))

@@ -19,11 +19,11 @@ Where the unconditional rows are is the pipeline's business, told by the family'
   would break "detaching restores the model exactly"; an instance attribute we delete does not).
 
 * "guider": one call per branch, each prepared by the modular pipeline's guider (FLUX.3's
-  `Flux3ModularPipeline` with diffusers' `ClassifierFreeGuidance`): the guider counts the batches it
-  prepares in a step and says whether the current one `is_conditional`; we read that by wrapping
-  the guider's `prepare_models` / `cleanup_models` (instance attributes, deleted on removal, as for
-  `cache_context`). A pipeline without a guider (FLUX.3's step-distilled one) has no unconditional
-  branch, and generate says the choice had no effect.
+  `Flux3ModularPipeline` with diffusers' `ClassifierFreeGuidance`): the guider names each batch it
+  prepares (`pred_cond`, `pred_uncond`, ...) and calls `prepare_models` before each batch's call; we
+  read the names by wrapping its `prepare_inputs` / `prepare_models` (instance attributes, deleted on
+  removal, as for `cache_context`). A pipeline without a guider (FLUX.3's step-distilled one), or CFG
+  at scale 1, has no unconditional branch, and generate says the choice had no effect.
 
 Callers that build the rows themselves (FlowEdit) name them with `handle.uncond_rows(mask)`.
 
@@ -95,30 +95,49 @@ def install_call_probe(denoiser: nn.Module, handle: Any) -> Callable[[], None]:
     return remove
 
 
-def install_guider_probe(pipeline: Any, handle: Any) -> Callable[[], None]:
-    """Record in `handle.branch` whether the batch the pipeline's guider prepared is the conditional one
-    ("cond" / "uncond", None outside a prepared call). Returns the function that removes the probe;
-    a pipeline without a guider gets none (it runs no unconditional branch)."""
+def install_guider_probe(pipeline: Any, handle: Any, models: list[nn.Module]) -> Callable[[], None]:
+    """Record in `handle.branch` which batch the pipeline's guider prepared for the denoiser call in
+    flight: "uncond" for the batch the guider names `pred_uncond`, "cond" for every other one (the
+    conditional batch, and perturbed conditional ones of PAG-style guiders), None between calls.
+
+    A guider's `prepare_inputs` returns one batch per prediction, each carrying its name (the guider's
+    `_identifier_key`), and the pipeline calls `prepare_models` once before each batch's denoiser call:
+    the k-th `prepare_models` of a step is the k-th batch. A forward hook on each denoiser (run also
+    when the call raises) clears the branch, so a call outside the guider never counts as a branch.
+    Returns the function that removes the probe; a pipeline without a guider gets none."""
     guider = getattr(pipeline, "guider", None)
     if guider is None:
         return lambda: None
-    if "prepare_models" in vars(guider):
-        raise UsageError(f"{type(guider).__name__}.prepare_models is already wrapped (another attachment?)")
-    prepare, cleanup = guider.prepare_models, guider.cleanup_models  # the class's methods, bound
+    if "prepare_models" in vars(guider) or "prepare_inputs" in vars(guider):
+        raise UsageError(f"{type(guider).__name__} is already probed (another attachment?)")
+    prepare_inputs, prepare_models = guider.prepare_inputs, guider.prepare_models  # the class's, bound
+    key = getattr(guider, "_identifier_key", "__guidance_identifier__")
+    step = {"names": [], "next": 0}
 
-    def prepare_models(denoiser: nn.Module) -> None:
-        prepare(denoiser)  # counts this batch: `is_conditional` is now about it
-        handle.branch = "cond" if guider.is_conditional else "uncond"
+    def probed_inputs(*args: Any, **kwargs: Any) -> Any:
+        batches = prepare_inputs(*args, **kwargs)
+        step["names"] = [getattr(b, key, None) if not isinstance(b, dict) else b.get(key) for b in batches]
+        step["next"] = 0
+        return batches
 
-    def cleanup_models(denoiser: nn.Module) -> None:
-        cleanup(denoiser)
+    def probed_models(denoiser: nn.Module) -> None:
+        prepare_models(denoiser)
+        names, k = step["names"], step["next"]
+        step["next"] += 1
+        handle.branch = "uncond" if k < len(names) and names[k] == "pred_uncond" else "cond"
+
+    guider.prepare_inputs, guider.prepare_models = probed_inputs, probed_models
+
+    def clear(module: nn.Module, args: tuple, output: Any) -> None:
         handle.branch = None
 
-    guider.prepare_models, guider.cleanup_models = prepare_models, cleanup_models
+    hooks = [m.register_forward_hook(clear, always_call=True) for m in models]
 
     def remove() -> None:
+        vars(guider).pop("prepare_inputs", None)
         vars(guider).pop("prepare_models", None)
-        vars(guider).pop("cleanup_models", None)
+        for h in hooks:
+            h.remove()
         handle.branch = None
 
     return remove
@@ -251,7 +270,7 @@ def configure(handle: Any, target: Any, mode: str, negative: Any = None) -> None
                 handle.add_remover(install_call_probe(model, handle))
             handle.rows_rule = call_rule(handle)
         elif kind == "guider":
-            handle.add_remover(install_guider_probe(target, handle))
+            handle.add_remover(install_guider_probe(target, handle, models))
             handle.rows_rule = call_rule(handle)
         else:
             raise UsageError(f"--uncond-tokens {mode}: softrepa does not know where {family.title}'s pipeline "

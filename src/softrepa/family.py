@@ -227,6 +227,11 @@ class Family:
         """
         return {"guidance_scale": cfg}
 
+    def sampling_for(self, pipe: Any) -> SamplingDefaults:
+        """The sampling defaults of this pipeline: the family's `sampling`, unless the pipeline is a variant
+        that samples otherwise (FLUX.3's step-distilled pipeline: its 16 steps, no CFG)."""
+        return self.sampling
+
     def render(self, pipe: Any, prompts: Sequence[str], generators: Sequence[Any], *, steps: int, height: int,
                width: int, call_kwargs: dict[str, Any], output_type: str = "pil") -> list:
         """One image per prompt (a video: its list of frames) through the stock pipeline's own call.

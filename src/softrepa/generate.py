@@ -113,7 +113,7 @@ def generate_images(
     stack = contextlib.ExitStack()
     try:
         family = family_of(pipe)
-        defaults = family.sampling  # the paper's steps and CFG (Table 4)
+        defaults = family.sampling_for(pipe)  # the paper's steps and CFG (Table 4), or the pipeline's own
         native = native_resolution(pipe)
         # the family maps the CFG scale onto its pipeline's arguments; explicit call_kwargs win
         call_kwargs = {**family.guidance_kwargs(float(cfg if cfg is not None else defaults.cfg)),

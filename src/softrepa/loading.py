@@ -64,6 +64,14 @@ def check_model(model: str) -> None:
                                 "modular_model_index.json)")
 
 
+def _modular_folder(model: str) -> bool:
+    """A local folder holding only a modular pipeline (`modular_model_index.json`, no `model_index.json`)."""
+    from .pipeline import INDEX_FILES, resolve_model_path
+
+    path = Path(resolve_model_path(model)).expanduser()
+    return (path / INDEX_FILES[1]).is_file() and not (path / INDEX_FILES[0]).is_file()
+
+
 def quiet_loading_bars() -> None:
     """Silence diffusers' / transformers' "Loading ..." progress bars."""
     import diffusers.utils.logging as dlog  # here: importing diffusers costs seconds, `--help` must not
@@ -117,6 +125,10 @@ def load_model(model: str, *, tokens: str | Path | None = None, device: str | to
         raise UsageError("--cpu-offload needs a CUDA --device")
     check_model(model)
     check_choice(uncond_tokens)
+    if cpu_offload and _modular_folder(model):  # refused before minutes of loading
+        raise UsageError(f"--cpu-offload: {model} is a modular pipeline, which has no model CPU offload; load it "
+                         "with a diffusers ComponentsManager (enable_auto_cpu_offload) and attach with "
+                         "softrepa.load_into")
     if tokens:
         load_soft_tokens(tokens)  # a bad tokens file fails before the (slow) model load
         if uncond_tokens == "negative" and "negative" not in token_sets_of(tokens)[1:]:

@@ -71,27 +71,38 @@ def load_pipeline(model: str, dtype: torch.dtype = torch.float32, device: str | 
         kw.update(no_checker)
     modular_only = os.path.isfile(os.path.join(model, INDEX_FILES[1])) and not os.path.isfile(index)
     try:
-        pipe = load_modular(model, dtype) if modular_only else DiffusionPipeline.from_pretrained(model, **kw)
+        pipe = (load_modular(model, dtype, variant) if modular_only
+                else DiffusionPipeline.from_pretrained(model, **kw))
     except (OSError, ValueError, AttributeError) as e:
         where = "local folder" if os.path.isdir(model) else "hub id (offline machines need a local folder)"
-        classic = e
-        if not modular_only and not os.path.isdir(model):
-            try:  # a hub repo of a model diffusers ships only as a modular pipeline
-                pipe = load_modular(model, dtype)
-            except Exception:  # noqa: BLE001  (the classic loader's error is the one to report)
-                pipe = None
-            if pipe is not None:
-                pipe.set_progress_bar_config(disable=True)
-                return pipe.to(device)
-        raise FileNotFoundError(f"--model {model}: cannot load a diffusers pipeline from this {where}: "
-                                f"{classic}") from classic
+        # a folder or repo that also holds a modular index, the classic one failing (a model diffusers
+        # ships only as a modular pipeline, e.g. FLUX.3): load it as such; anything else keeps its error
+        if modular_only or not has_modular_index(model):
+            raise FileNotFoundError(f"--model {model}: cannot load a diffusers pipeline from this {where}: {e}") from e
+        pipe = load_modular(model, dtype, variant)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
 
-def load_modular(model: str, dtype: torch.dtype) -> Any:
+def has_modular_index(model: str) -> bool:
+    """Whether a local folder or a hub repo (the cache first: offline machines) has a `modular_model_index.json`."""
+    if os.path.isdir(model):
+        return os.path.isfile(os.path.join(model, INDEX_FILES[1]))
+    from huggingface_hub import hf_hub_download
+
+    try:
+        hf_hub_download(model, INDEX_FILES[1])
+    except Exception:  # noqa: BLE001  (not there, no network, no such repo: all "no")
+        return False
+    return True
+
+
+def load_modular(model: str, dtype: torch.dtype, variant: str | None = None) -> Any:
     """A modular pipeline (`ModularPipeline.from_pretrained`) with its components loaded in `dtype`,
     without the prompt-rewriting blocks of `PROMPT_REWRITERS` (and without loading their models).
+
+    Raises:
+        FileNotFoundError: a component the pipeline needs did not load (diffusers only logs that).
 
     Example:
         >>> pipe = load_modular("/models/flux3", torch.bfloat16)   # a Flux3ModularPipeline
@@ -104,8 +115,17 @@ def load_modular(model: str, dtype: torch.dtype) -> Any:
     for name in PROMPT_REWRITERS:
         blocks.sub_blocks.pop(name, None)
     pipe = blocks.init_pipeline(model)  # expects only the remaining blocks' components
-    pipe.load_components(torch_dtype=dtype)
+    from diffusers.utils import deprecation_utils
+
+    kw: dict[str, Any] = {"dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype": dtype}
+    if variant:
+        kw["variant"] = variant
+    pipe.load_components(**kw)
+    missing = [name for name in pipe.pretrained_component_names if getattr(pipe, name, None) is None]
+    if missing:
+        raise FileNotFoundError(f"{model}: the modular pipeline's {', '.join(missing)} did not load (see the "
+                                "diffusers warnings above)")
     return pipe
 
 
-__all__ = ["ASSETS_PREFIX", "INDEX_FILES", "PROMPT_REWRITERS", "load_modular", "load_pipeline", "resolve_model_path"]
+__all__ = ["ASSETS_PREFIX", "INDEX_FILES", "PROMPT_REWRITERS", "has_modular_index", "load_modular", "load_pipeline", "resolve_model_path"]

@@ -22,6 +22,7 @@ through `handle.add`, so `handle.remove()` restores the model bit for bit.
 from __future__ import annotations
 
 import inspect
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -147,12 +148,43 @@ def remove_rows(x: torch.Tensor, at: int, m: int) -> torch.Tensor:
     return torch.cat([x[:, :at], x[:, at + m:]], dim=1)
 
 
+class CallFrames:
+    """The per-call state of each denoiser call, for blocks that run again in the backward pass.
+
+    Gradient checkpointing re-runs a block (with its hooks) during backward, long after its call: by
+    then `state` holds the *last* call's tokens. A backbone that makes several calls before one
+    backward (FLUX.3: one per text window; two experts or two chunks) would re-run early blocks with
+    the wrong call's tokens (other rows, other timesteps). So, while a call is in flight with
+    gradients on, each block remembers its call's state under the text tensor it received — the very
+    object the checkpoint re-supplies on recomputation (diffusers checkpoints with
+    `use_reentrant=False`) — and a block run outside any call looks its state up there. Entries are
+    keyed by `id` and dropped when the tensor is freed (`weakref.finalize`); nothing is stored on the
+    model or on the tensor.
+    """
+
+    def __init__(self) -> None:
+        self.in_call = False
+        self._frames: dict[int, tuple[Any, dict]] = {}
+
+    def remember(self, key: torch.Tensor, frame: dict) -> None:
+        k = id(key)
+        if k not in self._frames:
+            weakref.finalize(key, self._frames.pop, k, None)
+        self._frames[k] = (weakref.ref(key), frame)
+
+    def recall(self, key: torch.Tensor) -> dict | None:
+        entry = self._frames.get(id(key))
+        return entry[1] if entry is not None and entry[0]() is key else None
+
+
 def denoiser_pre_hook(handle: AttachHandle, placement: Placement, projection: Callable | None,
-                      state: dict) -> Callable:
+                      state: dict, frames: CallFrames | None = None) -> Callable:
     """Denoiser pre-hook: this call's tokens (B, num_sets, m, D) into `handle.current`, and the
     placement's per-call state into `state` (both cleared when the handle is disabled)."""
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
         state.clear()
+        if frames is not None:
+            frames.in_call = True  # until the denoiser's forward hook (`call_end_hook`)
         if not handle.enabled:
             handle.current = None
             return None
@@ -195,21 +227,37 @@ def denoiser_pre_hook(handle: AttachHandle, placement: Placement, projection: Ca
     return hook
 
 
+def call_end_hook(frames: CallFrames) -> Callable:
+    """Denoiser forward hook (also on an exception): the call is over; later block runs are recomputations."""
+    def hook(module: nn.Module, args: tuple, output: Any) -> None:
+        frames.in_call = False
+
+    return hook
+
+
 def block_pre_hook(handle: AttachHandle, placement: Placement, set_index: int, state: dict,
-                   where: dict) -> Callable:
+                   where: dict, frames: CallFrames | None = None) -> Callable:
     """Block pre-hook: token set `set_index` inserted into the block's text (and its mask and rotary
-    rows); the insertion row is left in `where` for the post-hook."""
+    rows); the insertion row and whether tokens went in are left in `where` for the post-hook."""
     p = placement
 
     def hook(block: nn.Module, args: tuple, kwargs: dict) -> Any:
-        toks = state.get(TOKENS)  # (B, num_sets, m, D)
+        value = call_argument(block, args, kwargs, p.text_arg)
+        seq, rest = (value[0], tuple(value[1:])) if isinstance(value, tuple) else (value, None)  # (B | 1, n, D)
+        frame = state
+        if frames is not None and isinstance(seq, torch.Tensor):
+            if frames.in_call:
+                if torch.is_grad_enabled():  # this block may run again in backward (checkpointing)
+                    frames.remember(seq, dict(state))
+            else:  # a recomputation in the backward pass: the state of the call this input came from
+                frame = frames.recall(seq) or state
+        toks = frame.get(TOKENS)  # (B, num_sets, m, D)
+        where["active"] = toks is not None
         if toks is None:
             return None
         b, m = toks.shape[0], toks.shape[2]
-        value = call_argument(block, args, kwargs, p.text_arg)
         if value is None:
             raise SoftTokensError(f"{type(block).__name__} was called without {p.text_arg}")
-        seq, rest = (value[0], tuple(value[1:])) if isinstance(value, tuple) else (value, None)  # (B | 1, n, D)
         mask = call_argument(block, args, kwargs, p.mask_arg) if p.mask_arg else None
         if p.broadcast_text and seq.shape[0] == 1 and b > 1:
             # one prompt for a batch of latents: the model broadcasts the text over the batch, so do we
@@ -220,7 +268,7 @@ def block_pre_hook(handle: AttachHandle, placement: Placement, set_index: int, s
         if p.text_start is None:
             at = p.position
         else:
-            at = p.text_start(block, args, kwargs, state) if p.start_takes_state else p.text_start(block, args, kwargs)
+            at = p.text_start(block, args, kwargs, frame) if p.start_takes_state else p.text_start(block, args, kwargs)
         where["at"] = at
         new = insert_rows(seq, toks[:, set_index].to(seq.dtype), at)  # (B, n + m, D)
         args, kwargs = replace_argument(block, args, kwargs, p.text_arg, new if rest is None else (new,) + rest)
@@ -231,11 +279,11 @@ def block_pre_hook(handle: AttachHandle, placement: Placement, set_index: int, s
         for name, rule in p.grow:
             value = call_argument(block, args, kwargs, name)
             if value is not None:
-                args, kwargs = replace_argument(block, args, kwargs, name, rule(value, m, at, state))
+                args, kwargs = replace_argument(block, args, kwargs, name, rule(value, m, at, frame))
         if p.rotary is not None:
             rotary = call_argument(block, args, kwargs, p.rotary_arg)
             if rotary is not None:
-                args, kwargs = replace_argument(block, args, kwargs, p.rotary_arg, p.rotary(rotary, m, at, state))
+                args, kwargs = replace_argument(block, args, kwargs, p.rotary_arg, p.rotary(rotary, m, at, frame))
         return args, kwargs
 
     return hook
@@ -247,7 +295,7 @@ def block_post_hook(handle: AttachHandle, placement: Placement, state: dict, whe
     idx = placement.output_index
 
     def hook(block: nn.Module, args: tuple, output: Any) -> Any:
-        if state.get(TOKENS) is None:
+        if not where.get("active"):  # the pre-hook inserted nothing (its call had no tokens)
             return None
         if not isinstance(output, tuple):
             return remove_rows(output, where["at"], m)
@@ -270,18 +318,20 @@ def install(denoiser: nn.Module, handle: AttachHandle, placement: Placement, pro
         SoftTokensError: the layout selects no block of this model.
     """
     state: dict = {}  # per-call values of this attachment (FLUX.2's rotary rows); dropped with the hooks
+    frames = CallFrames()  # each call's state, for its blocks' recomputation under checkpointing
     blocks = placement.select(denoiser, handle.tokens.layout)
     if not blocks:
         raise SoftTokensError(f"the token layout selects no block of {type(denoiser).__name__} that reads text")
-    handle.add(denoiser.register_forward_pre_hook(denoiser_pre_hook(handle, placement, projection, state),
+    handle.add(denoiser.register_forward_pre_hook(denoiser_pre_hook(handle, placement, projection, state, frames),
                                                   with_kwargs=True))
+    handle.add(denoiser.register_forward_hook(call_end_hook(frames), always_call=True))
     for set_index, block in blocks:
         where: dict = {}
-        handle.add(block.register_forward_pre_hook(block_pre_hook(handle, placement, set_index, state, where),
-                                                   with_kwargs=True))
+        handle.add(block.register_forward_pre_hook(
+            block_pre_hook(handle, placement, set_index, state, where, frames), with_kwargs=True))
         if placement.template != CROSS_ATTENTION:  # a cross-attention block never returns its context
             handle.add(block.register_forward_hook(block_post_hook(handle, placement, state, where)))
 
 
-__all__ = ["CROSS_ATTENTION", "DUAL_STREAM", "SINGLE_STREAM", "TEMPLATES", "Placement", "install", "insert_rows",
+__all__ = ["CallFrames", "CROSS_ATTENTION", "DUAL_STREAM", "SINGLE_STREAM", "TEMPLATES", "Placement", "install", "insert_rows",
            "per_layer", "remove_rows"]

@@ -12,8 +12,9 @@ only to itself, and the tokens are about how the text meets the image.
 
 Two block arguments run along the text and must grow with the m rows:
 * `temb_mod_context` (B, n_txt, 3D): FLUX.3 modulates per token. Every text row carries the same
-  values (the embedding of timestep 0, expanded over the text), so the tokens get a copy of the first
-  row (`text_modulation_rows`) — they are modulated exactly as text;
+  values (the embedding of timestep 0 — plus that of the target timestep for a flow-map model —,
+  expanded over the text), so the tokens get a copy of the first row (`text_modulation_rows`): they
+  are modulated exactly as text;
 * the rotary (cos, sin) of the joint sequence [text, image, references]: m copies of the first text
   row (`softrepa.rotary.first_text_rows`, as FLUX.1). FLUX.3's text ids are (0, 0, 0, l) as FLUX.2's,
   but FLUX.2's rule (ids just before the prompt, L = -m .. -1) would put the tokens where FLUX.3 puts
@@ -38,7 +39,9 @@ Sampling. The stock pipeline is modular: one prompt per call, CFG through its gu
 guider; `--uncond-tokens` finds the unconditional call through the guider (`softrepa.branches`).
 The step-distilled model (`flow_map=True`, `Flux3DistilledModularPipeline`, 16 steps, no CFG) is
 called with the timestep each step jumps to; training and FlowEdit use its instantaneous velocity
-(`target_timestep` = `timestep`: a jump of length zero).
+(`target_timestep` = `timestep`: a jump of length zero), the velocity the loss's target eps - x0 is.
+Whether the released distilled weights are accurate at zero-length jumps is not verified (no weights
+here); its pipeline only ever asks for jumps to the next of its 16 grid points.
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ from torch import nn
 
 from ..backbone import TextCond
 from ..errors import SoftrepaError
-from ..family import EditPresets, Family, SamplingDefaults, register_family
+from ..family import EditPresets, Family, SamplingDefaults, register_family, resolve_denoiser
 from ..flow import FlowBackbone, batch_norm_stats, flow_edit_model
 from ..flowedit import flow_sigmas
 from ..rotary import first_text_rows
@@ -185,7 +188,8 @@ class Flux3Backbone(FlowBackbone):
 
 def text_modulation_rows(mod: torch.Tensor, m: int, at: int, state: dict) -> torch.Tensor:
     """(B, n_txt, 3D) per-token text modulation with m copies of its first row inserted at `at`: every
-    text row has the same values (timestep 0), so the tokens are modulated as text."""
+    text row has the same values (timestep 0, plus the target timestep of a flow map), so the tokens are
+    modulated as text."""
     return insert_rows(mod, mod[:, :1].expand(-1, m, -1), at)  # (B, n_txt + m, 3D)
 
 
@@ -240,6 +244,13 @@ class Flux3Family(Family):
 
     def matches(self, denoiser: nn.Module) -> bool:
         return isinstance(denoiser, Flux3Transformer2DModel)
+
+    def sampling_for(self, pipe: Any) -> SamplingDefaults:
+        """The step-distilled pipeline (no guider): its 16 steps (Flux3DistilledModularPipeline's default) and no
+        CFG (recorded as 1.0, the scale that guides nothing)."""
+        if getattr(pipe, "guider", None) is None and resolve_denoiser(pipe).config.flow_map:
+            return SamplingDefaults(steps=16, cfg=1.0)
+        return self.sampling
 
     def backbone(self, pipe: Any, **kwargs: Any) -> Flux3Backbone:
         return Flux3Backbone(pipe, **kwargs)

@@ -94,7 +94,8 @@ def model_defaults(pipe: Any, miniature: bool, max_sequence_length: int | None =
                         cfg=cfg.validation.guidance_scale, size=cfg.resolution,
                         max_sequence_length=sampling_length(pipe, cfg) if max_sequence_length is None else length,
                         **common)
-    return Defaults(prompt="a red cube on top of a blue sphere", steps=family.sampling.steps, cfg=family.sampling.cfg,
+    sampling = family.sampling_for(pipe)
+    return Defaults(prompt="a red cube on top of a blue sphere", steps=sampling.steps, cfg=sampling.cfg,
                     size=native_resolution(pipe), max_sequence_length=length, **common)
 
 
