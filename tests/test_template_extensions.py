@@ -2,7 +2,8 @@
 model against a computation by hand: a timestep argument of another name and meaning (`timestep_arg`,
 `timestep_map`), per-sample list inputs, a text start known only to the denoiser call (`text_start`
 with the call state), further per-row block arguments (`grow`) and a change to the denoiser's own call
-while tokens are on (`rewrite_call`)."""
+while tokens are on (`rewrite_call`); and the per-call state blocks recomputed under checkpointing get
+(`CallFrames`)."""
 
 from __future__ import annotations
 
@@ -120,3 +121,21 @@ def test_three_argument_text_start_still_works_and_fourth_gets_the_state():
     assert not three.start_takes_state and four.start_takes_state
     with pytest.raises(ValueError, match="text_start"):
         Placement(SINGLE_STREAM)
+
+
+def test_call_frames_recall_only_the_same_tensor_and_forget_it_when_freed():
+    """`CallFrames` (the state a block recomputed under checkpointing gets): found by the very tensor object
+    the block received, not by an equal one; dropped when that tensor is freed."""
+    import gc
+
+    from softrepa.templates import CallFrames
+
+    frames = CallFrames()
+    a, b = torch.zeros(2, 3), torch.zeros(2, 3)  # equal values, different objects
+    frames.remember(a, {"k": 1})
+    assert frames.recall(a) == {"k": 1} and frames.recall(b) is None
+    frames.remember(a, {"k": 2})  # the latest call that saw this tensor
+    assert frames.recall(a) == {"k": 2}
+    del a
+    gc.collect()
+    assert frames._frames == {}
