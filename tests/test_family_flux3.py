@@ -446,5 +446,48 @@ def test_the_distilled_pipeline_samples_with_its_own_defaults(tmp_path):
     assert (fam.sampling_for(tiny_flux3_pipeline()).steps, fam.sampling_for(tiny_flux3_pipeline()).cfg) == (50, 3.5)
     rows = generate_images(pipe, ["a red circle"], [0], tmp_path, height=32, width=32, progress=False)
     assert (rows[0]["steps"], rows[0]["cfg"]) == (16, 1.0)
+    # a CFG asked of a pipeline without a guider is not applied: recorded as 1.0, with a warning
+    assert fam.applied_cfg(pipe, 3.5) == 1.0 and fam.applied_cfg(tiny_flux3_pipeline(), 3.5) == 3.5
+    rows = generate_images(pipe, ["a red circle"], [0], tmp_path / "cfg", cfg=3.5, height=32, width=32, progress=False)
+    assert rows[0]["cfg"] == 1.0
     ref = pipe(prompt="a red circle", height=32, width=32, output="images", generator=torch.Generator().manual_seed(0))
     assert np.array_equal(np.asarray(Image.open(tmp_path / "00000_s0.png").convert("RGB")), np.asarray(ref[0]))
+
+
+def test_reentrant_checkpointing_with_several_calls_is_refused_not_guessed():
+    """Reentrant checkpointing hands a recomputed block a detached copy of its input: with several calls before
+    the backward (mixed windows) the block cannot be matched to its call, and that is one softrepa error, not
+    silently wrong gradients."""
+    import functools
+
+    pipe = tiny_flux3_pipeline()
+    bb = backbone_for(pipe)
+    cond = bb.encode_prompts(["a small blue square " * 8, "a red circle"])
+    x, t = torch.randn(2, 16, 4, 4), torch.tensor([100.0, 500.0])
+    pipe.transformer.enable_gradient_checkpointing(
+        functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=True))
+    try:
+        with attach(pipe, _tokens(pipe, scale=3.0)):
+            out = bb.denoise(x.requires_grad_(True), t, cond)
+            with pytest.raises(softrepa.SoftTokensError, match="cannot tell which of 2 denoiser calls"):
+                out.pow(2).mean().backward()
+    finally:
+        pipe.transformer.disable_gradient_checkpointing()
+
+
+def test_the_modular_fallback_is_only_for_models_without_a_classic_class(tmp_path):
+    """A folder with both indexes whose classic load fails keeps its own error when the classic class exists
+    (a broken classic pipeline), and is loaded as a modular one when diffusers has no such class (FLUX.3)."""
+    import json
+
+    from softrepa.pipeline import classic_class_exists, has_modular_index, load_pipeline
+
+    _save_folder(tiny_flux3_pipeline(), tmp_path / "m")
+    assert has_modular_index(str(tmp_path / "m")) and not classic_class_exists(str(tmp_path / "m"))
+    index = {"_class_name": "Flux3Pipeline", "_diffusers_version": "0.42.1", "transformer": ["diffusers", "X"]}
+    (tmp_path / "m" / "model_index.json").write_text(json.dumps(index))
+    assert type(load_pipeline(str(tmp_path / "m"))).__name__ == "Flux3ModularPipeline"
+    (tmp_path / "m" / "model_index.json").write_text(json.dumps({**index, "_class_name": "FluxPipeline"}))
+    assert classic_class_exists(str(tmp_path / "m"))
+    with pytest.raises(FileNotFoundError, match="cannot load a diffusers pipeline"):
+        load_pipeline(str(tmp_path / "m"))

@@ -186,3 +186,36 @@ def test_carrying_swaps_the_tokens_for_a_block_only_and_refuses_another_layout()
         with handle.carrying(_tokens(layers=(0,))):
             pass
     handle.remove()
+
+
+def test_a_call_without_tokens_is_recomputed_without_them_under_checkpointing():
+    """Two calls before one backward, the first with the tokens disabled: under gradient checkpointing its
+    blocks are re-run without tokens (an empty call state is a state, not "none remembered"), so every
+    gradient equals the one without checkpointing."""
+    from softrepa.backbone import backbone_for
+
+    pipe = softrepa.tiny.tiny_sd3_pipeline(num_layers=4)
+    model = pipe.transformer
+    bb = backbone_for(pipe, max_sequence_length=16)
+    cond = bb.encode_prompts(["a red circle"])
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 16, 4, 4, generator=g)
+    grads = []
+    for checkpointing in (False, True):
+        tokens = SoftTokens.for_model(pipe, softrepa.SoftTokensConfig(num_layers=2), seed=0)
+        model.requires_grad_(True)
+        model.zero_grad(set_to_none=True)
+        if checkpointing:
+            model.enable_gradient_checkpointing()
+        try:
+            with softrepa.attach(pipe, tokens) as handle:
+                with handle.disabled():
+                    first = bb.denoise(x, torch.tensor([300.0]), cond)
+                second = bb.denoise(x, torch.tensor([700.0]), cond)
+                (first.pow(2).mean() + second.pow(2).mean()).backward()
+        finally:
+            model.disable_gradient_checkpointing()
+            model.requires_grad_(False)
+        grads.append([p.grad.clone() for p in (*tokens.parameters(), model.proj_out.weight)])
+    for plain, ckpt in zip(*grads):
+        torch.testing.assert_close(ckpt, plain, rtol=1e-5, atol=1e-7)

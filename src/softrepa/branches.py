@@ -110,15 +110,18 @@ def install_guider_probe(pipeline: Any, handle: Any, models: list[nn.Module]) ->
         return lambda: None
     if "prepare_models" in vars(guider) or "prepare_inputs" in vars(guider):
         raise UsageError(f"{type(guider).__name__} is already probed (another attachment?)")
-    prepare_inputs, prepare_models = guider.prepare_inputs, guider.prepare_models  # the class's, bound
+    prepare_models = guider.prepare_models  # the class's, bound
     key = getattr(guider, "_identifier_key", "__guidance_identifier__")
     step = {"names": [], "next": 0}
 
-    def probed_inputs(*args: Any, **kwargs: Any) -> Any:
-        batches = prepare_inputs(*args, **kwargs)
-        step["names"] = [getattr(b, key, None) if not isinstance(b, dict) else b.get(key) for b in batches]
-        step["next"] = 0
-        return batches
+    def probe(prepare: Callable) -> Callable:
+        def probed_inputs(*args: Any, **kwargs: Any) -> Any:
+            batches = prepare(*args, **kwargs)
+            step["names"] = [getattr(b, key, None) if not isinstance(b, dict) else b.get(key) for b in batches]
+            step["next"] = 0
+            return batches
+
+        return probed_inputs
 
     def probed_models(denoiser: nn.Module) -> None:
         prepare_models(denoiser)
@@ -126,7 +129,11 @@ def install_guider_probe(pipeline: Any, handle: Any, models: list[nn.Module]) ->
         step["next"] += 1
         handle.branch = "uncond" if k < len(names) and names[k] == "pred_uncond" else "cond"
 
-    guider.prepare_inputs, guider.prepare_models = probed_inputs, probed_models
+    # both ways a modular pipeline asks for the batches (FLUX.3 uses the first)
+    inputs = [n for n in ("prepare_inputs", "prepare_inputs_from_block_state") if hasattr(guider, n)]
+    for name in inputs:
+        setattr(guider, name, probe(getattr(guider, name)))
+    guider.prepare_models = probed_models
 
     def clear(module: nn.Module, args: tuple, output: Any) -> None:
         handle.branch = None
@@ -134,8 +141,8 @@ def install_guider_probe(pipeline: Any, handle: Any, models: list[nn.Module]) ->
     hooks = [m.register_forward_hook(clear, always_call=True) for m in models]
 
     def remove() -> None:
-        vars(guider).pop("prepare_inputs", None)
-        vars(guider).pop("prepare_models", None)
+        for name in (*inputs, "prepare_models"):
+            vars(guider).pop(name, None)
         for h in hooks:
             h.remove()
         handle.branch = None

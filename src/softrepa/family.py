@@ -232,6 +232,12 @@ class Family:
         that samples otherwise (FLUX.3's step-distilled pipeline: its 16 steps, no CFG)."""
         return self.sampling
 
+    def applied_cfg(self, pipe: Any, cfg: float) -> float:
+        """The CFG scale a sampling call of `pipe` actually uses when asked for `cfg` (recorded in the run's
+        metadata): `cfg`, unless the pipeline samples without guidance (FLUX.3's step-distilled one: 1.0,
+        with a warning when another scale was asked for)."""
+        return float(cfg)
+
     def render(self, pipe: Any, prompts: Sequence[str], generators: Sequence[Any], *, steps: int, height: int,
                width: int, call_kwargs: dict[str, Any], output_type: str = "pil") -> list:
         """One image per prompt (a video: its list of frames) through the stock pipeline's own call.

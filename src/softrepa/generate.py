@@ -116,8 +116,8 @@ def generate_images(
         defaults = family.sampling_for(pipe)  # the paper's steps and CFG (Table 4), or the pipeline's own
         native = native_resolution(pipe)
         # the family maps the CFG scale onto its pipeline's arguments; explicit call_kwargs win
-        call_kwargs = {**family.guidance_kwargs(float(cfg if cfg is not None else defaults.cfg)),
-                       **dict(call_kwargs or {})}
+        cfg = family.applied_cfg(pipe, float(cfg if cfg is not None else defaults.cfg))
+        call_kwargs = {**family.guidance_kwargs(cfg), **dict(call_kwargs or {})}
         if true_cfg is not None:
             if "true_cfg_scale" in call_kwargs:  # the family already guides with true CFG (Qwen-Image: --cfg)
                 raise UsageError(f"--true-cfg: {family.title} already uses two-branch CFG; set it with --cfg")

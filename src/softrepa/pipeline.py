@@ -53,6 +53,8 @@ def load_pipeline(model: str, dtype: torch.dtype = torch.float32, device: str | 
     if variant:
         kw["variant"] = variant
     model = resolve_model_path(model)
+    if model.startswith("~"):
+        model = os.path.expanduser(model)  # a quoted ~/folder, as `check_model` reads it
     index = os.path.join(model, "model_index.json")
     # SD1.5-style pipelines would load (and apply) a safety checker; others only warn about the
     # keyword, so a local folder gets it only when its index has one. Hub ids always get it.
@@ -75,26 +77,45 @@ def load_pipeline(model: str, dtype: torch.dtype = torch.float32, device: str | 
                 else DiffusionPipeline.from_pretrained(model, **kw))
     except (OSError, ValueError, AttributeError) as e:
         where = "local folder" if os.path.isdir(model) else "hub id (offline machines need a local folder)"
-        # a folder or repo that also holds a modular index, the classic one failing (a model diffusers
-        # ships only as a modular pipeline, e.g. FLUX.3): load it as such; anything else keeps its error
-        if modular_only or not has_modular_index(model):
+        # a model diffusers ships only as a modular pipeline (FLUX.3): a modular index and no classic
+        # pipeline class to load; any other failure keeps its own error
+        if modular_only or not has_modular_index(model) or classic_class_exists(model):
             raise FileNotFoundError(f"--model {model}: cannot load a diffusers pipeline from this {where}: {e}") from e
         pipe = load_modular(model, dtype, variant)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
 
-def has_modular_index(model: str) -> bool:
-    """Whether a local folder or a hub repo (the cache first: offline machines) has a `modular_model_index.json`."""
-    if os.path.isdir(model):
-        return os.path.isfile(os.path.join(model, INDEX_FILES[1]))
-    from huggingface_hub import hf_hub_download
+def _index(model: str, name: str) -> dict | None:
+    """The JSON index file `name` of a local folder or a hub repo (through huggingface_hub: its cache when
+    offline), or None when there is none or it cannot be read."""
+    path = os.path.join(model, name)
+    if not os.path.isdir(model):
+        from huggingface_hub import hf_hub_download
 
+        try:
+            path = hf_hub_download(model, name)
+        except Exception:  # noqa: BLE001  (not there, no network, no such repo: all "none")
+            return None
     try:
-        hf_hub_download(model, INDEX_FILES[1])
-    except Exception:  # noqa: BLE001  (not there, no network, no such repo: all "no")
-        return False
-    return True
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def has_modular_index(model: str) -> bool:
+    """Whether a local folder or a hub repo has a `modular_model_index.json`."""
+    return _index(model, INDEX_FILES[1]) is not None
+
+
+def classic_class_exists(model: str) -> bool:
+    """Whether the folder's / repo's `model_index.json` names a pipeline class this diffusers has (then a
+    failed classic load is that pipeline's own error, not a model shipped only as a modular pipeline)."""
+    import diffusers
+
+    entries = _index(model, INDEX_FILES[0])
+    return entries is not None and hasattr(diffusers, str(entries.get("_class_name", "")))
 
 
 def load_modular(model: str, dtype: torch.dtype, variant: str | None = None) -> Any:
@@ -128,4 +149,4 @@ def load_modular(model: str, dtype: torch.dtype, variant: str | None = None) -> 
     return pipe
 
 
-__all__ = ["ASSETS_PREFIX", "INDEX_FILES", "PROMPT_REWRITERS", "has_modular_index", "load_modular", "load_pipeline", "resolve_model_path"]
+__all__ = ["ASSETS_PREFIX", "INDEX_FILES", "PROMPT_REWRITERS", "classic_class_exists", "has_modular_index", "load_modular", "load_pipeline", "resolve_model_path"]

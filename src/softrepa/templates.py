@@ -39,6 +39,8 @@ TEMPLATES = (DUAL_STREAM, SINGLE_STREAM, CROSS_ATTENTION)
 MASK_KINDS = ("keep", "bias")
 #: key of a denoiser's per-call state holding its call's tokens (B, num_sets, m, D)
 TOKENS = "_tokens"
+#: key of a denoiser's per-call state holding the call's number (`CallFrames.calls`)
+CALL = "_call"
 
 #: (denoiser, layout) -> [(token-set index, block)]: the blocks that get tokens and which set each gets
 BlockSelector = Callable[[nn.Module, TokenLayout], list[tuple[int, nn.Module]]]
@@ -159,11 +161,15 @@ class CallFrames:
     object the checkpoint re-supplies on recomputation (diffusers checkpoints with
     `use_reentrant=False`) — and a block run outside any call looks its state up there. Entries are
     keyed by `id` and dropped when the tensor is freed (`weakref.finalize`); nothing is stored on the
-    model or on the tensor.
+    model or on the tensor. Where the lookup cannot work (reentrant checkpointing or saved-tensor hooks
+    hand the block a copy) and several calls' states are alive, the block refuses rather than guess
+    (`state_for_recompute`); with one call per backward the current state is the right one.
     """
 
     def __init__(self) -> None:
         self.in_call = False
+        self.grad = False  # whether the call in flight builds a graph
+        self.calls = 0  # denoiser calls so far: each call's state carries its number (CALL)
         self._frames: dict[int, tuple[Any, dict]] = {}
 
     def remember(self, key: torch.Tensor, frame: dict) -> None:
@@ -176,6 +182,20 @@ class CallFrames:
         entry = self._frames.get(id(key))
         return entry[1] if entry is not None and entry[0]() is key else None
 
+    def state_for_recompute(self, key: torch.Tensor, state: dict) -> dict:
+        """The state of the call `key` came from; `state` (the last call's) when none was remembered and at
+        most one call's state is alive. An empty state is a state (a call without tokens)."""
+        found = self.recall(key)
+        if found is not None:
+            return found
+        alive = {frame.get(CALL) for _, frame in self._frames.values()}
+        if len(alive) > 1:
+            raise SoftTokensError(
+                "a block re-run in the backward pass (gradient checkpointing) came with a copy of its input, so "
+                f"softrepa cannot tell which of {len(alive)} denoiser calls it belongs to: use diffusers' default "
+                "non-reentrant checkpointing without saved-tensor hooks, or one denoiser call per backward")
+        return state
+
 
 def denoiser_pre_hook(handle: AttachHandle, placement: Placement, projection: Callable | None,
                       state: dict, frames: CallFrames | None = None) -> Callable:
@@ -185,6 +205,11 @@ def denoiser_pre_hook(handle: AttachHandle, placement: Placement, projection: Ca
         state.clear()
         if frames is not None:
             frames.in_call = True  # until the denoiser's forward hook (`call_end_hook`)
+            # a call that builds a graph: its blocks may be re-run in backward (reentrant checkpointing runs
+            # them under no_grad in the forward pass, so the blocks cannot tell by themselves)
+            frames.grad = torch.is_grad_enabled()
+            frames.calls += 1
+            state[CALL] = frames.calls
         if not handle.enabled:
             handle.current = None
             return None
@@ -247,10 +272,10 @@ def block_pre_hook(handle: AttachHandle, placement: Placement, set_index: int, s
         frame = state
         if frames is not None and isinstance(seq, torch.Tensor):
             if frames.in_call:
-                if torch.is_grad_enabled():  # this block may run again in backward (checkpointing)
+                if frames.grad:  # this block may run again in backward (checkpointing)
                     frames.remember(seq, dict(state))
             else:  # a recomputation in the backward pass: the state of the call this input came from
-                frame = frames.recall(seq) or state
+                frame = frames.state_for_recompute(seq, state)
         toks = frame.get(TOKENS)  # (B, num_sets, m, D)
         where["active"] = toks is not None
         if toks is None:

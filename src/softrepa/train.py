@@ -601,8 +601,9 @@ class Trainer:
                 with nullcontext() if enabled else self.handle.disabled():  # disabled: the exact vanilla model
                     # the family names the pipeline's CFG arguments (Qwen-Image: true_cfg_scale + negative)
                     family = family_of(self.pipe)
+                    guidance = family.guidance_kwargs(family.applied_cfg(self.pipe, v.guidance_scale))
                     out = family.render(self.pipe, list(v.prompts), gens, steps=v.steps, height=res, width=res,
-                                        call_kwargs=family.guidance_kwargs(v.guidance_scale), output_type="np")
+                                        call_kwargs=guidance, output_type="np")
                 ims += to_pil(out)  # arrays (H, W, 3) in [0, 1] or PIL images
             rows.append(ims)
             labels.append("tokens" if enabled else "vanilla")

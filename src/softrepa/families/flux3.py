@@ -47,6 +47,7 @@ here); its pipeline only ever asks for jumps to the next of its 16 grid points.
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -61,6 +62,8 @@ from ..flow import FlowBackbone, batch_norm_stats, flow_edit_model
 from ..flowedit import flow_sigmas
 from ..rotary import first_text_rows
 from ..templates import DUAL_STREAM, Placement, insert_rows, per_layer
+
+log = logging.getLogger(__name__)
 
 #: key of `TextCond.extra`: (N,) the text window (padded length) of each prompt
 LENGTH = "length"
@@ -244,6 +247,16 @@ class Flux3Family(Family):
 
     def matches(self, denoiser: nn.Module) -> bool:
         return isinstance(denoiser, Flux3Transformer2DModel)
+
+    def applied_cfg(self, pipe: Any, cfg: float) -> float:
+        """A pipeline without a guider (the step-distilled one) samples without CFG: 1.0, and a warning when
+        another scale was asked for (it would be ignored)."""
+        if getattr(pipe, "guider", None) is not None:
+            return float(cfg)
+        if float(cfg) != 1.0:
+            log.warning("CFG %.2f ignored: %s has no guider (the step-distilled FLUX.3 samples without CFG)",
+                        float(cfg), type(pipe).__name__)
+        return 1.0
 
     def sampling_for(self, pipe: Any) -> SamplingDefaults:
         """The step-distilled pipeline (no guider): its 16 steps (Flux3DistilledModularPipeline's default) and no
