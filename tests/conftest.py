@@ -91,3 +91,22 @@ def write_square_images(folder, colours=None):
         Image.fromarray(a).save(folder / f"{i}.png")
         (folder / f"{i}.txt").write_text(f"a {name} square\n")
     return folder
+
+
+def one_training_step(tmp_path, pipe, objective: str, *overrides: str) -> tuple:
+    """One step of the one trainer on an in-memory `pipe` (three square images, 2 token blocks, tau 2):
+    (the tokens file, the metrics.jsonl rows). `overrides` are further `--key value` training options."""
+    import json
+
+    from softrepa.config import load_config, parse_overrides
+    from softrepa.train import run_training
+
+    write_square_images(tmp_path / "data")
+    cfg = load_config(None, parse_overrides([
+        "--model", "tiny", "--data", str(tmp_path / "data"), "--output_dir", str(tmp_path / "run"),
+        "--resolution", "32", "--batch_size", "3", "--max_steps", "1", "--num_workers", "0",
+        "--checkpoint_every", "1", "--log_every", "1", "--validation.every", "0", "--tokens.num_layers", "2",
+        "--tokens.init", "normal", "--loss.tau", "2.0", "--objective", objective, *overrides]))
+    path = run_training(cfg, progress=False, pipe=pipe)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    return path, rows

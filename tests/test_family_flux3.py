@@ -248,21 +248,11 @@ def test_recipe():
 def test_one_training_step_with_each_objective(tmp_path, objective, distilled):
     """The one trainer on this family's tiny pipelines (in memory): one step of each objective writes a
     tokens file of this family and a finite loss."""
-    import json
+    from tests.conftest import one_training_step
 
-    from softrepa.config import load_config, parse_overrides
-    from softrepa.train import run_training
-    from tests.conftest import write_square_images
-
-    write_square_images(tmp_path / "data")
-    cfg = load_config(None, parse_overrides([
-        "--model", "tiny", "--data", str(tmp_path / "data"), "--output_dir", str(tmp_path / "run"),
-        "--resolution", "32", "--batch_size", "3", "--max_steps", "1", "--num_workers", "0",
-        "--checkpoint_every", "1", "--log_every", "1", "--validation.every", "0", "--tokens.num_layers", "2",
-        "--tokens.init", "normal", "--loss.tau", "2.0", "--objective", objective, "--max_sequence_length", "160"]))
-    path = run_training(cfg, progress=False, pipe=tiny_flux3_pipeline(distilled=distilled))
+    path, rows = one_training_step(tmp_path, tiny_flux3_pipeline(distilled=distilled), objective,
+                                   "--max_sequence_length", "160")
     assert softrepa.load_soft_tokens(path).layout.family == "flux3"
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1] and np.isfinite(rows[0]["loss"])
 
 
@@ -443,7 +433,8 @@ def test_the_distilled_pipeline_samples_with_its_own_defaults(tmp_path):
     pipe = tiny_flux3_pipeline(distilled=True)
     fam = family_of(pipe)
     assert (fam.sampling_for(pipe).steps, fam.sampling_for(pipe).cfg) == (16, 1.0)
-    assert (fam.sampling_for(tiny_flux3_pipeline()).steps, fam.sampling_for(tiny_flux3_pipeline()).cfg) == (50, 3.5)
+    base = fam.sampling_for(tiny_flux3_pipeline())
+    assert (base.steps, base.cfg) == (50, 3.5)
     rows = generate_images(pipe, ["a red circle"], [0], tmp_path, height=32, width=32, progress=False)
     assert (rows[0]["steps"], rows[0]["cfg"]) == (16, 1.0)
     # a CFG asked of a pipeline without a guider is not applied: recorded as 1.0, with a warning

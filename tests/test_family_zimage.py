@@ -193,19 +193,8 @@ def test_family_metadata_and_recipe(pipe):
 def test_one_training_step_with_each_objective(tmp_path, objective):
     """The one trainer on this family's tiny pipeline (in memory): one step of each objective writes a
     tokens file of this family and a finite loss."""
-    import json
+    from tests.conftest import one_training_step
 
-    from softrepa.config import load_config, parse_overrides
-    from softrepa.train import run_training
-    from tests.conftest import write_square_images
-
-    write_square_images(tmp_path / "data")
-    cfg = load_config(None, parse_overrides([
-        "--model", "tiny", "--data", str(tmp_path / "data"), "--output_dir", str(tmp_path / "run"),
-        "--resolution", "32", "--batch_size", "3", "--max_steps", "1", "--num_workers", "0",
-        "--checkpoint_every", "1", "--log_every", "1", "--validation.every", "0", "--tokens.num_layers", "2",
-        "--tokens.init", "normal", "--loss.tau", "2.0", "--objective", objective]))
-    path = run_training(cfg, progress=False, pipe=tiny_zimage_pipeline(num_layers=3))
+    path, rows = one_training_step(tmp_path, tiny_zimage_pipeline(num_layers=3), objective)
     assert softrepa.load_soft_tokens(path).layout.family == "zimage"
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1] and np.isfinite(rows[0]["loss"])

@@ -278,9 +278,24 @@ def make_chat_tokenizer(model_max_length: int = 512):
     return tok
 
 
+def tiny_flux2_vae(seed: int = 4):
+    """FLUX.2's VAE (`AutoencoderKLFlux2`, also FLUX.3's), tiny: factor 2, 4 latent channels, with latent
+    batch-norm statistics as a trained VAE has them (identity at init), drawn after `torch.manual_seed(seed)`."""
+    from diffusers import AutoencoderKLFlux2
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKLFlux2(block_out_channels=(16, 32), latent_channels=4, layers_per_block=1, norm_num_groups=8,
+                             sample_size=32, down_block_types=("DownEncoderBlock2D",) * 2,
+                             up_block_types=("UpDecoderBlock2D",) * 2).eval()
+    with torch.no_grad():
+        vae.bn.running_mean.copy_(0.1 * torch.randn(vae.bn.num_features))
+        vae.bn.running_var.copy_(0.5 + torch.rand(vae.bn.num_features))
+    return vae
+
+
 def _tiny_flux2_parts(guidance_embeds: bool, num_layers: int, num_single_layers: int, seed: int):
     """The FLUX.2 transformer (text width 48), factor-2 VAE and scheduler both tiny FLUX.2 pipelines share."""
-    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
 
     torch.manual_seed(seed)
     transformer = Flux2Transformer2DModel(
@@ -288,13 +303,7 @@ def _tiny_flux2_parts(guidance_embeds: bool, num_layers: int, num_single_layers:
         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=3 * 16, timestep_guidance_channels=32,
         axes_dims_rope=(4, 4, 4, 4), guidance_embeds=guidance_embeds,
     ).eval()
-    torch.manual_seed(seed + 4)
-    vae = AutoencoderKLFlux2(block_out_channels=(16, 32), latent_channels=4, layers_per_block=1, norm_num_groups=8,
-                             sample_size=32, down_block_types=("DownEncoderBlock2D",) * 2,
-                             up_block_types=("UpDecoderBlock2D",) * 2).eval()
-    with torch.no_grad():  # latent statistics as a trained VAE has them (identity at init)
-        vae.bn.running_mean.copy_(0.1 * torch.randn(vae.bn.num_features))
-        vae.bn.running_var.copy_(0.5 + torch.rand(vae.bn.num_features))
+    vae = tiny_flux2_vae(seed + 4)
     # dynamic shifting as FLUX.2-dev's scheduler (the pipeline computes mu itself)
     return transformer, vae, FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, shift=3.0)
 

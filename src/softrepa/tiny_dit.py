@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .tiny import make_qwen2_tokenizer, tiny_vae
+from .tiny import make_qwen2_tokenizer, tiny_flux2_vae, tiny_vae
 
 #: A Qwen3-style chat template (user turn, assistant prompt, the `enable_thinking` switch the Z-Image
 #: pipeline passes), short enough that the prompt fits the tiny text lengths of the tests.
@@ -116,6 +116,25 @@ def make_qwen3vl_processor():
     return proc
 
 
+def tiny_qwen3vl_text_encoder(proc, *, hidden: int, layers: int, mrope: tuple[int, int, int], seed: int):
+    """A `Qwen3VLForConditionalGeneration` for `proc` (`make_qwen3vl_processor`): a `layers`-layer, `hidden`-wide
+    language model (2 heads of hidden / 2, interleaved multimodal rotary sections `mrope` summing to a quarter
+    of hidden) and a one-block vision tower text-to-image calls never run; drawn after `torch.manual_seed(seed)`."""
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    ids = {f"{name}_id": getattr(proc, f"{name}_id") for name in _VISION_TOKENS}
+    torch.manual_seed(seed)
+    config = Qwen3VLConfig(
+        text_config=dict(vocab_size=len(proc.tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1, head_dim=hidden // 2,
+                         pad_token_id=0,
+                         rope_scaling={"rope_type": "default", "mrope_section": list(mrope), "mrope_interleaved": True}),
+        vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=1, out_hidden_size=hidden,
+                           deepstack_visual_indexes=[]),
+        **ids)
+    return Qwen3VLForConditionalGeneration(config).eval()
+
+
 def tiny_qwenimage21_pipeline(*, num_layers: int = 3, seed: int = 0):
     """A complete tiny `QwenImage21Pipeline` (random weights).
 
@@ -138,19 +157,9 @@ def tiny_qwenimage21_pipeline(*, num_layers: int = 3, seed: int = 0):
     """
     from diffusers import (AutoencoderKLQwenImage21, FlowMatchEulerDiscreteScheduler, QwenImage21Pipeline,
                            QwenImage21Transformer2DModel)
-    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
     proc = make_qwen3vl_processor()
-    ids = {f"{name}_id": getattr(proc, f"{name}_id") for name in _VISION_TOKENS}
-    torch.manual_seed(seed + 1)
-    te_config = Qwen3VLConfig(
-        text_config=dict(vocab_size=len(proc.tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, head_dim=16, pad_token_id=0,
-                         rope_scaling={"rope_type": "default", "mrope_section": [2, 3, 3], "mrope_interleaved": True}),
-        vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=1, out_hidden_size=32,
-                           deepstack_visual_indexes=[]),
-        **ids)
-    text_encoder = Qwen3VLForConditionalGeneration(te_config).eval()
+    text_encoder = tiny_qwen3vl_text_encoder(proc, hidden=32, layers=2, mrope=(2, 3, 3), seed=seed + 1)
     torch.manual_seed(seed + 4)
     vae = AutoencoderKLQwenImage21(base_dim=8, decoder_base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1, 1],
                                    num_res_blocks=1, temperal_downsample=[False] * 4, in_channels=3, out_channels=3,
@@ -186,29 +195,13 @@ def tiny_flux3_pipeline(*, distilled: bool = False, num_layers: int = 1, num_sin
         >>> pipe = tiny_flux3_pipeline()
         >>> image = pipe(prompt="a red circle", height=32, width=32, num_inference_steps=2, output="images")[0]
     """
-    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux3Transformer2DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, Flux3Transformer2DModel
     from diffusers.modular_pipelines import Flux3AutoBlocks, Flux3DistilledAutoBlocks
     from diffusers.modular_pipelines.flux3.image_processor import Flux3ImageProcessor
-    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
     proc = make_qwen3vl_processor()
-    ids = {f"{name}_id": getattr(proc, f"{name}_id") for name in _VISION_TOKENS}
-    torch.manual_seed(seed + 1)
-    te_config = Qwen3VLConfig(
-        text_config=dict(vocab_size=len(proc.tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=32,
-                         num_attention_heads=2, num_key_value_heads=1, head_dim=8, pad_token_id=0,
-                         rope_scaling={"rope_type": "default", "mrope_section": [1, 1, 2], "mrope_interleaved": True}),
-        vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=1, out_hidden_size=16,
-                           deepstack_visual_indexes=[]),
-        **ids)
-    text_encoder = Qwen3VLForConditionalGeneration(te_config).eval()
-    torch.manual_seed(seed + 4)
-    vae = AutoencoderKLFlux2(block_out_channels=(16, 32), latent_channels=4, layers_per_block=1, norm_num_groups=8,
-                             sample_size=32, down_block_types=("DownEncoderBlock2D",) * 2,
-                             up_block_types=("UpDecoderBlock2D",) * 2).eval()
-    with torch.no_grad():  # latent statistics as a trained VAE has them (identity at init)
-        vae.bn.running_mean.copy_(0.1 * torch.randn(vae.bn.num_features))
-        vae.bn.running_var.copy_(0.5 + torch.rand(vae.bn.num_features))
+    text_encoder = tiny_qwen3vl_text_encoder(proc, hidden=16, layers=32, mrope=(1, 1, 2), seed=seed + 1)
+    vae = tiny_flux2_vae(seed + 4)
     torch.manual_seed(seed)
     transformer = Flux3Transformer2DModel(in_channels=16, cond_in_channels=16, num_layers=num_layers,
                                           num_single_layers=num_single_layers, attention_head_dim=16,
@@ -223,5 +216,5 @@ def tiny_flux3_pipeline(*, distilled: bool = False, num_layers: int = 1, num_sin
     return pipe
 
 
-__all__ = ["make_qwen3_chat_tokenizer", "make_qwen3vl_processor", "tiny_flux3_pipeline", "tiny_qwenimage21_pipeline",
-           "tiny_zimage_pipeline"]
+__all__ = ["make_qwen3_chat_tokenizer", "make_qwen3vl_processor", "tiny_flux3_pipeline", "tiny_qwen3vl_text_encoder",
+           "tiny_qwenimage21_pipeline", "tiny_zimage_pipeline"]
